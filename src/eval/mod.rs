@@ -1,0 +1,4 @@
+//! Evaluation: classification metrics and their plots.
+
+pub mod metrics;
+pub mod plot;

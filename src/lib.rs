@@ -1,0 +1,17 @@
+//! protloc: fine-tune protein language models (ProtBERT, ESM-2) to predict subcellular
+//! localization from sequence, evaluate them, and predict at scale.
+//!
+//! Layout: `data` (readers, splits, stats) -> `tokenize` (vocab, truncation, batching) ->
+//! `model` (BERT / ESM-2 encoders, heads, checkpoint loading) -> `train` / `eval` / `infer`,
+//! with `cli` wiring them to the `protloc` binary.
+
+pub mod artifacts;
+pub mod cli;
+pub mod data;
+pub mod demo;
+pub mod eval;
+pub mod infer;
+pub mod model;
+pub mod progress;
+pub mod tokenize;
+pub mod train;
