@@ -1,1 +1,253 @@
-//! TODO
+//! Encoders (BERT, ESM-2), classification heads, and loading/saving whole models.
+//!
+//! A *base model* is a pretrained encoder (a Hugging Face directory or hub id) or
+//! `scratch:SIZE`; a *run directory* is what `protloc train` writes: the encoder plus a
+//! classifier head, with labels and preprocessing settings in `config.json`.
+
+pub mod bert;
+pub mod config;
+pub mod esm;
+pub mod head;
+pub mod loader;
+pub mod nn;
+pub mod ops;
+pub mod params;
+
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+pub use config::{Arch, EncoderConfig};
+pub use head::{ClassifierHead, Pool};
+pub use params::ParamStore;
+
+use crate::tokenize::{Batch, Tokenizer, Truncation};
+
+/// A BERT or ESM-2 encoder.
+pub enum Encoder {
+    Bert(bert::Bert),
+    Esm(esm::Esm),
+}
+
+impl Encoder {
+    pub fn new(b: &params::Builder, cfg: &EncoderConfig) -> candle_core::Result<Self> {
+        let arch = cfg.arch().map_err(candle_core::Error::msg)?;
+        let b = b.pp(arch.prefix());
+        Ok(match arch {
+            Arch::Bert => Encoder::Bert(bert::Bert::new(&b, cfg)?),
+            Arch::Esm => Encoder::Esm(esm::Esm::new(&b, cfg)?),
+        })
+    }
+
+    /// Last hidden states [B, T, H]. `rng` enables dropout (training).
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.forward(ids, attention_mask, rng),
+            Encoder::Esm(m) => m.forward(ids, attention_mask, rng),
+        }
+    }
+
+    /// Freezes the embeddings and the first `n` layers (they get no gradient).
+    pub fn freeze(&mut self, n: usize) {
+        match self {
+            Encoder::Bert(m) => m.freeze(n),
+            Encoder::Esm(m) => m.freeze(n),
+        }
+    }
+
+    pub fn config(&self) -> &EncoderConfig {
+        match self {
+            Encoder::Bert(m) => m.config(),
+            Encoder::Esm(m) => m.config(),
+        }
+    }
+
+    /// Mean of the last hidden states over residue tokens: [B, H].
+    pub fn embed(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        let hidden = self.forward(&batch.ids, &batch.attention_mask, None)?;
+        ops::masked_mean(&hidden, &batch.residue_mask)
+    }
+}
+
+/// Encoder sizes for `scratch:SIZE` (ProtBERT-style BERT from random initialisation).
+pub fn scratch_config(size: &str) -> Result<EncoderConfig> {
+    let (hidden, layers, heads) = match size {
+        "tiny" => (64, 2, 4),
+        "small" => (128, 4, 4),
+        "base" => (256, 6, 8),
+        other => bail!("unknown scratch size {other:?} (choose scratch:tiny, scratch:small or scratch:base)"),
+    };
+    Ok(EncoderConfig {
+        model_type: "bert".into(),
+        vocab_size: crate::tokenize::PROTBERT_VOCAB.len(),
+        hidden_size: hidden,
+        num_hidden_layers: layers,
+        num_attention_heads: heads,
+        intermediate_size: hidden * 4,
+        max_position_embeddings: 1026,
+        layer_norm_eps: 1e-12,
+        hidden_dropout_prob: 0.1,
+        attention_probs_dropout_prob: 0.0,
+        pad_token_id: Some(0),
+        type_vocab_size: 2,
+        hidden_act: "gelu".into(),
+        position_embedding_type: "absolute".into(),
+        initializer_range: 0.02,
+        token_dropout: false,
+        mask_token_id: None,
+        emb_layer_norm_before: None,
+    })
+}
+
+/// An encoder ready to use or fine-tune, with its tokenizer and parameters.
+pub struct BaseModel {
+    pub cfg: EncoderConfig,
+    pub tokenizer: Tokenizer,
+    pub store: ParamStore,
+    pub encoder: Encoder,
+    /// Where it came from (path, hub id or `scratch:SIZE`), for provenance.
+    pub source: String,
+}
+
+/// Loads a base model (`scratch:SIZE`, a local HF directory or a hub id). Parameters the
+/// encoder needs must all be in the checkpoint; extra tensors (pretraining heads) are ignored.
+pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
+    if let Some(size) = spec.strip_prefix("scratch:") {
+        let cfg = scratch_config(size)?;
+        let store = ParamStore::new(Default::default(), spec, seed, device, DType::F32);
+        let encoder = Encoder::new(&store.initialising(), &cfg)?;
+        return Ok(BaseModel { cfg, tokenizer: Tokenizer::protbert_default(), store, encoder, source: spec.into() });
+    }
+    let files = loader::resolve(spec)?;
+    let cfg = loader::read_config(&files.config)?;
+    let tokenizer = Tokenizer::from_file(&files.vocab)?;
+    check_vocab(&cfg, &tokenizer, &files.vocab)?;
+    let arch = cfg.arch().map_err(anyhow::Error::msg)?;
+    let tensors = loader::read_weights(&files.weights, arch, device)?;
+    let store = ParamStore::new(tensors, files.weights.display().to_string(), seed, device, DType::F32);
+    let encoder = Encoder::new(&store.strict(), &cfg)?;
+    tracing::debug!(unused = ?store.unused_source_names(), "tensors not used by the encoder");
+    Ok(BaseModel { cfg, tokenizer, store, encoder, source: spec.into() })
+}
+
+fn check_vocab(cfg: &EncoderConfig, tok: &Tokenizer, path: &Path) -> Result<()> {
+    if tok.vocab_size() > cfg.vocab_size {
+        bail!(
+            "{}: {} tokens but config.json says vocab_size {}",
+            path.display(),
+            tok.vocab_size(),
+            cfg.vocab_size
+        );
+    }
+    Ok(())
+}
+
+/// Fine-tuning settings stored in a run directory's `config.json` under `"protloc"`.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TaskConfig {
+    pub labels: Vec<String>,
+    pub pool: Pool,
+    pub truncate: Truncation,
+    pub max_residues: usize,
+    pub head_dropout: f64,
+    /// The base model the run started from.
+    pub base_model: String,
+    pub protloc_version: String,
+}
+
+/// Encoder + classifier head + everything needed to preprocess input the same way as in
+/// training.
+pub struct SequenceClassifier {
+    pub base: BaseModel,
+    pub head: ClassifierHead,
+    pub task: TaskConfig,
+}
+
+impl SequenceClassifier {
+    /// Puts a freshly initialised head on `base`.
+    pub fn new(base: BaseModel, task: TaskConfig) -> Result<Self> {
+        let head = ClassifierHead::new(
+            &base.store.initialising().pp("classifier"),
+            base.cfg.hidden_size,
+            task.labels.len(),
+            task.head_dropout,
+        )?;
+        base.store.release_source();
+        Ok(Self { base, head, task })
+    }
+
+    /// Logits [B, C]; `rng` enables dropout (training).
+    pub fn forward(&self, batch: &Batch, mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
+        let hidden = self.base.encoder.forward(&batch.ids, &batch.attention_mask, rng.as_deref_mut())?;
+        let pooled = head::pool(&hidden, &batch.residue_mask, self.task.pool)?;
+        self.head.forward(&pooled, rng)
+    }
+
+    /// Class probabilities [B, C] (inference).
+    pub fn predict_proba(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        ops::softmax_last_dim(&self.forward(batch, None)?)
+    }
+
+    /// Loads a run directory written by `protloc train`.
+    pub fn load(dir: &Path, device: &Device) -> Result<Self> {
+        let files = loader::from_dir(dir)?;
+        let text = std::fs::read_to_string(&files.config)?;
+        let value: serde_json::Value = serde_json::from_str(&text)
+            .with_context(|| format!("{}: invalid JSON", files.config.display()))?;
+        let task: TaskConfig = match value.get("protloc") {
+            Some(v) => serde_json::from_value(v.clone())
+                .with_context(|| format!("{}: invalid \"protloc\" section", files.config.display()))?,
+            None => bail!(
+                "{}: not a protloc run directory (config.json has no \"protloc\" section); fine-tune one with `protloc train`",
+                dir.display()
+            ),
+        };
+        let cfg = loader::read_config(&files.config)?;
+        let tokenizer = Tokenizer::from_file(&files.vocab)?;
+        check_vocab(&cfg, &tokenizer, &files.vocab)?;
+        let arch = cfg.arch().map_err(anyhow::Error::msg)?;
+        let tensors = loader::read_weights(&files.weights, arch, device)?;
+        let store = ParamStore::new(tensors, files.weights.display().to_string(), 0, device, DType::F32);
+        let encoder = Encoder::new(&store.strict(), &cfg)?;
+        let head = ClassifierHead::new(&store.strict().pp("classifier"), cfg.hidden_size, task.labels.len(), task.head_dropout)?;
+        store.release_source();
+        let base = BaseModel { cfg, tokenizer, store, encoder, source: dir.display().to_string() };
+        Ok(Self { base, head, task })
+    }
+
+    /// Writes `config.json`, `vocab.txt` and `model.safetensors` into `dir` atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut config = serde_json::to_value(&self.base.cfg)?;
+        let obj = config.as_object_mut().context("config is an object")?;
+        let id2label: serde_json::Map<String, serde_json::Value> = self
+            .task
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (i.to_string(), l.clone().into()))
+            .collect();
+        let label2id: serde_json::Map<String, serde_json::Value> =
+            self.task.labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
+        obj.insert("architectures".into(), serde_json::json!(["ProtlocForSequenceClassification"]));
+        obj.insert("num_labels".into(), self.task.labels.len().into());
+        obj.insert("id2label".into(), id2label.into());
+        obj.insert("label2id".into(), label2id.into());
+        obj.insert("protloc".into(), serde_json::to_value(&self.task)?);
+        crate::artifacts::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
+        crate::artifacts::write_atomic(&dir.join("vocab.txt"), self.base.tokenizer.to_vocab_txt().as_bytes())?;
+        crate::artifacts::save_safetensors_atomic(&dir.join("model.safetensors"), &self.base.store.tensors())?;
+        // A stale .bin from an earlier run would be ignored (safetensors wins), but remove it
+        // so the directory is unambiguous.
+        let _ = std::fs::remove_file(dir.join("pytorch_model.bin"));
+        Ok(())
+    }
+}

@@ -1,0 +1,148 @@
+//! BERT encoder (ProtBERT, AntiBERTy): post-LayerNorm transformer with learned absolute
+//! positions. Tensor names follow Hugging Face `BertModel`.
+
+use candle_core::{Result, Tensor};
+use rand_chacha::ChaCha8Rng;
+
+use super::config::EncoderConfig;
+use super::nn::{self, Embedding, LayerNorm, Linear};
+use super::ops;
+use super::params::Builder;
+
+pub(crate) fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
+    match act {
+        "gelu" => x.gelu_erf(),
+        "relu" => x.relu(),
+        _ => x.gelu(), // gelu_new / gelu_pytorch_tanh: tanh approximation
+    }
+}
+
+struct Embeddings {
+    word: Embedding,
+    position: Embedding,
+    token_type: Embedding,
+    norm: LayerNorm,
+}
+
+struct Layer {
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    attn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    out_norm: LayerNorm,
+}
+
+/// A BERT encoder; `forward` returns the last hidden states [B, T, hidden].
+pub struct Bert {
+    cfg: EncoderConfig,
+    embeddings: Embeddings,
+    layers: Vec<Layer>,
+}
+
+impl Bert {
+    pub fn new(b: &Builder, cfg: &EncoderConfig) -> Result<Self> {
+        let std = cfg.initializer_range;
+        let h = cfg.hidden_size;
+        let e = b.pp("embeddings");
+        let embeddings = Embeddings {
+            word: Embedding::new(&e.pp("word_embeddings"), cfg.vocab_size, h, std)?,
+            position: Embedding::new(&e.pp("position_embeddings"), cfg.max_position_embeddings, h, std)?,
+            token_type: Embedding::new(&e.pp("token_type_embeddings"), cfg.type_vocab_size, h, std)?,
+            norm: LayerNorm::new(&e.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = b.pp("encoder.layer").pp(i);
+                let a = l.pp("attention");
+                Ok(Layer {
+                    query: Linear::new(&a.pp("self.query"), h, h, std)?,
+                    key: Linear::new(&a.pp("self.key"), h, h, std)?,
+                    value: Linear::new(&a.pp("self.value"), h, h, std)?,
+                    attn_out: Linear::new(&a.pp("output.dense"), h, h, std)?,
+                    attn_norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size, std)?,
+                    output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h, std)?,
+                    out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { cfg: cfg.clone(), embeddings, layers })
+    }
+
+    /// Cuts the embeddings and the first `n` layers out of the autograd graph.
+    pub fn freeze(&mut self, n: usize) {
+        let e = &mut self.embeddings;
+        e.word = e.word.detached();
+        e.position = e.position.detached();
+        e.token_type = e.token_type.detached();
+        e.norm = e.norm.detached();
+        for l in self.layers.iter_mut().take(n) {
+            *l = Layer {
+                query: l.query.detached(),
+                key: l.key.detached(),
+                value: l.value.detached(),
+                attn_out: l.attn_out.detached(),
+                attn_norm: l.attn_norm.detached(),
+                intermediate: l.intermediate.detached(),
+                output: l.output.detached(),
+                out_norm: l.out_norm.detached(),
+            };
+        }
+    }
+
+    /// `ids` [B, T] u32, `attention_mask` [B, T] (1 = token, 0 = padding).
+    /// `rng` enables dropout (training); `None` is deterministic inference.
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds the model's {} positions",
+                self.cfg.max_position_embeddings
+            );
+        }
+        let e = &self.embeddings;
+        let positions = e.position.weight.narrow(0, 0, t)?;
+        let token_type = e.token_type.weight.narrow(0, 0, 1)?;
+        let x = e.word.forward(ids)?.broadcast_add(&positions)?.broadcast_add(&token_type)?;
+        let mut x = ops::dropout(&e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, rng.as_deref_mut())?;
+        let bias = nn::mask_bias(attention_mask)?;
+        for layer in &self.layers {
+            x = self.layer_forward(layer, &x, &bias, rng.as_deref_mut())?;
+        }
+        Ok(x)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let heads = self.cfg.num_attention_heads;
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        let q = nn::split_heads(&(l.query.forward(x)? * scale)?, heads)?;
+        let k = nn::split_heads(&l.key.forward(x)?, heads)?;
+        let v = nn::split_heads(&l.value.forward(x)?, heads)?;
+        let attn_p = self.cfg.attention_probs_dropout_prob;
+        let ctx = nn::attention(&q, &k, &v, bias, attn_p, rng.as_deref_mut())?;
+        let p = self.cfg.hidden_dropout_prob;
+        let attn = ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())?;
+        let x = l.attn_norm.forward(&(attn + x)?)?;
+        let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;
+        let out = ops::dropout(&l.output.forward(&inter)?, p, rng.as_deref_mut())?;
+        l.out_norm.forward(&(out + x)?)
+    }
+
+    pub fn config(&self) -> &EncoderConfig {
+        &self.cfg
+    }
+}

@@ -1,0 +1,193 @@
+//! ESM-2 encoder: pre-LayerNorm transformer with rotary positions, `token_dropout`
+//! embedding scaling and a final `emb_layer_norm_after`. Tensor names follow Hugging Face
+//! `EsmModel`.
+
+use candle_core::{DType, Result, Tensor, D};
+use rand_chacha::ChaCha8Rng;
+
+use super::bert::activation;
+use super::config::EncoderConfig;
+use super::nn::{self, Embedding, LayerNorm, Linear};
+use super::ops;
+use super::params::Builder;
+
+/// ESM-2 was pretrained masking 15% of tokens, 80% of those with `<mask>`; with
+/// `token_dropout` the embeddings are rescaled by the observed mask ratio.
+const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
+
+struct Layer {
+    attn_norm: LayerNorm,
+    query: Linear,
+    key: Linear,
+    value: Linear,
+    attn_out: Linear,
+    ffn_norm: LayerNorm,
+    intermediate: Linear,
+    output: Linear,
+    /// Rotary frequencies as stored in the checkpoint (ESM-2 releases store them at reduced
+    /// precision, and transformers uses the stored values); computed when absent.
+    inv_freq: Vec<f32>,
+}
+
+/// An ESM-2 encoder; `forward` returns the last hidden states [B, T, hidden].
+pub struct Esm {
+    cfg: EncoderConfig,
+    word: Embedding,
+    emb_norm_before: Option<LayerNorm>,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+}
+
+impl Esm {
+    pub fn new(b: &Builder, cfg: &EncoderConfig) -> Result<Self> {
+        let std = cfg.initializer_range;
+        let h = cfg.hidden_size;
+        let eps = cfg.layer_norm_eps;
+        let word = Embedding::new(&b.pp("embeddings.word_embeddings"), cfg.vocab_size, h, std)?;
+        let emb_norm_before = if cfg.emb_layer_norm_before.unwrap_or(false) {
+            Some(LayerNorm::new(&b.pp("embeddings.layer_norm"), h, eps)?)
+        } else {
+            None
+        };
+        let layers = (0..cfg.num_hidden_layers)
+            .map(|i| {
+                let l = b.pp("encoder.layer").pp(i);
+                let a = l.pp("attention");
+                Ok(Layer {
+                    attn_norm: LayerNorm::new(&a.pp("LayerNorm"), h, eps)?,
+                    query: Linear::new(&a.pp("self.query"), h, h, std)?,
+                    key: Linear::new(&a.pp("self.key"), h, h, std)?,
+                    value: Linear::new(&a.pp("self.value"), h, h, std)?,
+                    attn_out: Linear::new(&a.pp("output.dense"), h, h, std)?,
+                    ffn_norm: LayerNorm::new(&l.pp("LayerNorm"), h, eps)?,
+                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size, std)?,
+                    output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h, std)?,
+                    inv_freq: match a.pp("self.rotary_embeddings").buffer("inv_freq")? {
+                        Some(t) => t.to_dtype(DType::F32)?.to_vec1()?,
+                        None => default_inv_freq(cfg.head_dim()),
+                    },
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let final_norm = LayerNorm::new(&b.pp("encoder.emb_layer_norm_after"), h, eps)?;
+        Ok(Self { cfg: cfg.clone(), word, emb_norm_before, layers, final_norm })
+    }
+
+    /// Cuts the embeddings and the first `n` layers out of the autograd graph.
+    pub fn freeze(&mut self, n: usize) {
+        self.word = self.word.detached();
+        if let Some(norm) = &self.emb_norm_before {
+            self.emb_norm_before = Some(norm.detached());
+        }
+        for l in self.layers.iter_mut().take(n) {
+            *l = Layer {
+                attn_norm: l.attn_norm.detached(),
+                query: l.query.detached(),
+                key: l.key.detached(),
+                value: l.value.detached(),
+                attn_out: l.attn_out.detached(),
+                ffn_norm: l.ffn_norm.detached(),
+                intermediate: l.intermediate.detached(),
+                output: l.output.detached(),
+                inv_freq: l.inv_freq.clone(),
+            };
+        }
+    }
+
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (_, t) = ids.dims2()?;
+        let mask = attention_mask.to_dtype(DType::F32)?;
+        let mut x = self.word.forward(ids)?;
+        if self.cfg.token_dropout {
+            x = self.token_dropout_scale(ids, &mask, &x)?;
+        }
+        if let Some(norm) = &self.emb_norm_before {
+            x = norm.forward(&x)?;
+        }
+        // Padding positions are zeroed, as in HF `EsmEmbeddings`.
+        x = x.broadcast_mul(&mask.unsqueeze(2)?.to_dtype(x.dtype())?)?;
+        let bias = nn::mask_bias(attention_mask)?;
+        for layer in &self.layers {
+            let (cos, sin) = rotary_tables(t, &layer.inv_freq, x.device())?;
+            x = self.layer_forward(layer, &x, &bias, &cos, &sin, rng.as_deref_mut())?;
+        }
+        self.final_norm.forward(&x)
+    }
+
+    /// Zeroes `<mask>` embeddings and rescales by (1 - 0.12) / (1 - observed mask ratio).
+    fn token_dropout_scale(&self, ids: &Tensor, mask: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let Some(mask_id) = self.cfg.mask_token_id else { return Ok(x.clone()) };
+        let is_mask = ids.eq(mask_id)?.to_dtype(DType::F32)?; // [B, T]
+        let keep = (1.0 - &is_mask)?;
+        let lengths = mask.sum_keepdim(1)?.clamp(1.0, f64::MAX)?; // [B, 1]
+        let observed = is_mask.sum_keepdim(1)?.broadcast_div(&lengths)?;
+        let scale = ((1.0 - observed)?.recip()? * (1.0 - MASK_RATIO_TRAIN))?; // [B, 1]
+        let factor = keep.broadcast_mul(&scale)?.unsqueeze(2)?.to_dtype(x.dtype())?;
+        x.broadcast_mul(&factor)
+    }
+
+    fn layer_forward(
+        &self,
+        l: &Layer,
+        x: &Tensor,
+        bias: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let heads = self.cfg.num_attention_heads;
+        let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
+        let h = l.attn_norm.forward(x)?;
+        let q = nn::split_heads(&(l.query.forward(&h)? * scale)?, heads)?;
+        let k = nn::split_heads(&l.key.forward(&h)?, heads)?;
+        let v = nn::split_heads(&l.value.forward(&h)?, heads)?;
+        let q = apply_rotary(&q, cos, sin)?;
+        let k = apply_rotary(&k, cos, sin)?;
+        let p_attn = self.cfg.attention_probs_dropout_prob;
+        let ctx = nn::attention(&q, &k, &v, bias, p_attn, rng.as_deref_mut())?;
+        let p = self.cfg.hidden_dropout_prob;
+        let x = (ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())? + x)?;
+        let h = l.ffn_norm.forward(&x)?;
+        let inter = activation(&l.intermediate.forward(&h)?, &self.cfg.hidden_act)?;
+        ops::dropout(&l.output.forward(&inter)?, p, rng.as_deref_mut())? + x
+    }
+
+    pub fn config(&self) -> &EncoderConfig {
+        &self.cfg
+    }
+}
+
+fn default_inv_freq(dim: usize) -> Vec<f32> {
+    (0..dim / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32)).collect()
+}
+
+/// cos/sin tables [T, head_dim] for rotary embeddings (frequencies duplicated across the two
+/// halves, as in HF `RotaryEmbedding`).
+fn rotary_tables(t: usize, inv_freq: &[f32], dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+    let half = inv_freq.len();
+    let dim = 2 * half;
+    let mut angles = Vec::with_capacity(t * dim);
+    for pos in 0..t {
+        for j in 0..dim {
+            angles.push(pos as f32 * inv_freq[j % half]);
+        }
+    }
+    let angles = Tensor::from_vec(angles, (t, dim), dev)?;
+    Ok((angles.cos()?, angles.sin()?))
+}
+
+/// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]. `x`: [B, H, T, D].
+fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let d = x.dim(D::Minus1)?;
+    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
+    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
+    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
+    let cos = cos.to_dtype(x.dtype())?;
+    let sin = sin.to_dtype(x.dtype())?;
+    x.broadcast_mul(&cos)?.broadcast_add(&rotated.broadcast_mul(&sin)?)
+}

@@ -1,0 +1,115 @@
+//! Small layers over [`ops`](super::ops) with parameters from a [`Builder`].
+
+use candle_core::{Result, Tensor};
+
+use super::ops;
+use super::params::{Builder, Init};
+
+/// `y = x W^T + b`, with HF names `weight` [out, in] and `bias` [out].
+#[derive(Clone, Debug)]
+pub struct Linear {
+    pub weight: Tensor,
+    pub bias: Option<Tensor>,
+}
+
+impl Linear {
+    pub fn new(b: &Builder, in_dim: usize, out_dim: usize, init_std: f64) -> Result<Self> {
+        Ok(Self {
+            weight: b.get((out_dim, in_dim), "weight", Init::Normal(init_std))?,
+            bias: Some(b.get(out_dim, "bias", Init::Zeros)?),
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::linear(x, &self.weight, self.bias.as_ref())
+    }
+
+    /// A copy whose tensors are cut from the autograd graph (frozen).
+    pub fn detached(&self) -> Self {
+        Self { weight: self.weight.detach(), bias: self.bias.as_ref().map(Tensor::detach) }
+    }
+}
+
+/// Layer normalisation with HF names `weight`/`bias` (old checkpoints' `gamma`/`beta` are
+/// renamed on load).
+#[derive(Clone, Debug)]
+pub struct LayerNorm {
+    pub weight: Tensor,
+    pub bias: Tensor,
+    pub eps: f64,
+}
+
+impl LayerNorm {
+    pub fn new(b: &Builder, dim: usize, eps: f64) -> Result<Self> {
+        Ok(Self {
+            weight: b.get(dim, "weight", Init::Ones)?,
+            bias: b.get(dim, "bias", Init::Zeros)?,
+            eps,
+        })
+    }
+
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        ops::layer_norm(x, &self.weight, &self.bias, self.eps)
+    }
+
+    pub fn detached(&self) -> Self {
+        Self { weight: self.weight.detach(), bias: self.bias.detach(), eps: self.eps }
+    }
+}
+
+/// Lookup table `weight` [num, dim].
+#[derive(Clone, Debug)]
+pub struct Embedding {
+    pub weight: Tensor,
+}
+
+impl Embedding {
+    pub fn new(b: &Builder, num: usize, dim: usize, init_std: f64) -> Result<Self> {
+        Ok(Self { weight: b.get((num, dim), "weight", Init::Normal(init_std))? })
+    }
+
+    /// `ids` [B, T] (u32) -> [B, T, dim].
+    pub fn forward(&self, ids: &Tensor) -> Result<Tensor> {
+        let (b, t) = ids.dims2()?;
+        let flat = self.weight.index_select(&ids.flatten_all()?, 0)?;
+        flat.reshape((b, t, self.weight.dim(1)?))
+    }
+
+    pub fn detached(&self) -> Self {
+        Self { weight: self.weight.detach() }
+    }
+}
+
+/// Multi-head attention core shared by BERT and ESM-2.
+///
+/// `q`, `k`, `v`: [B, heads, T, head_dim] (q already scaled); `mask_bias`: [B, 1, 1, T]
+/// additive (0 for real keys, [`ops::MASK_NEG`] for padding). Returns [B, T, heads*head_dim].
+/// `rng` enables dropout on the attention probabilities (training only).
+pub fn attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask_bias: &Tensor,
+    dropout_p: f64,
+    rng: Option<&mut rand_chacha::ChaCha8Rng>,
+) -> Result<Tensor> {
+    let (b, h, t, d) = q.dims4()?;
+    let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(mask_bias)?;
+    let probs = ops::dropout(&ops::softmax_last_dim(&scores)?, dropout_p, rng)?;
+    let ctx = probs.matmul(v)?; // [B, h, T, d]
+    ctx.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
+}
+
+/// [B, T, heads*head_dim] -> [B, heads, T, head_dim], contiguous.
+pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()
+}
+
+/// Additive key mask [B, 1, 1, T] from an attention mask [B, T] (1.0 = real token).
+pub fn mask_bias(attention_mask: &Tensor) -> Result<Tensor> {
+    let (b, t) = attention_mask.dims2()?;
+    let m = attention_mask.to_dtype(candle_core::DType::F32)?;
+    // 1 -> 0, 0 -> MASK_NEG
+    ((m - 1.0)? * (-(ops::MASK_NEG as f64)))?.reshape((b, 1, 1, t))
+}

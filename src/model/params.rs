@@ -1,0 +1,221 @@
+//! Parameter store: named trainable variables, filled from a checkpoint or initialised
+//! from a seeded RNG.
+//!
+//! candle's `VarMap`/`VarBuilder` initialise from the device RNG, which cannot be seeded on
+//! CPU, and `VarMap::load` only fills variables that already exist. This store makes both
+//! explicit: every parameter is requested by name with its shape; if the checkpoint has it,
+//! it is used (shape-checked), otherwise it is either initialised deterministically or
+//! reported as missing, depending on the builder's mode.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use candle_core::{DType, Device, Result, Shape, Tensor, Var};
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use rand_distr::{Distribution, Normal};
+
+/// How a parameter is initialised when the checkpoint does not provide it.
+#[derive(Debug, Clone, Copy)]
+pub enum Init {
+    /// Normal(0, std), as BERT/ESM initialise linear and embedding weights.
+    Normal(f64),
+    Zeros,
+    Ones,
+}
+
+struct Inner {
+    vars: BTreeMap<String, Var>,
+    /// Non-trainable tensors from the checkpoint that the model uses (e.g. ESM-2's stored
+    /// rotary `inv_freq`); saved with the model.
+    buffers: BTreeMap<String, Tensor>,
+    source: HashMap<String, Tensor>,
+    source_name: String,
+    rng: ChaCha8Rng,
+}
+
+/// Shared store of all parameters of a model. Cloning shares the store.
+#[derive(Clone)]
+pub struct ParamStore {
+    inner: Arc<Mutex<Inner>>,
+    device: Device,
+    dtype: DType,
+}
+
+impl ParamStore {
+    /// `source` holds checkpoint tensors (possibly empty); `source_name` names it in errors.
+    pub fn new(
+        source: HashMap<String, Tensor>,
+        source_name: impl Into<String>,
+        seed: u64,
+        device: &Device,
+        dtype: DType,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Mutex::new(Inner {
+                vars: BTreeMap::new(),
+                buffers: BTreeMap::new(),
+                source,
+                source_name: source_name.into(),
+                rng: ChaCha8Rng::seed_from_u64(seed),
+            })),
+            device: device.clone(),
+            dtype,
+        }
+    }
+
+    /// A builder that requires every parameter to come from the checkpoint.
+    pub fn strict(&self) -> Builder {
+        Builder { store: self.clone(), prefix: String::new(), allow_init: false }
+    }
+
+    /// A builder that initialises parameters the checkpoint lacks.
+    pub fn initialising(&self) -> Builder {
+        Builder { store: self.clone(), prefix: String::new(), allow_init: true }
+    }
+
+    /// All parameters, sorted by name.
+    pub fn vars(&self) -> Vec<(String, Var)> {
+        let inner = self.inner.lock().expect("param store lock");
+        inner.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+    }
+
+    /// Parameter and buffer tensors by name, for saving.
+    pub fn tensors(&self) -> HashMap<String, Tensor> {
+        let mut out: HashMap<String, Tensor> =
+            self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let inner = self.inner.lock().expect("param store lock");
+        out.extend(inner.buffers.iter().map(|(k, t)| (k.clone(), t.clone())));
+        out
+    }
+
+    /// Names present in the checkpoint but never requested (e.g. pretraining heads).
+    pub fn unused_source_names(&self) -> Vec<String> {
+        let inner = self.inner.lock().expect("param store lock");
+        let mut names: Vec<String> = inner
+            .source
+            .keys()
+            .filter(|k| !inner.vars.contains_key(*k) && !inner.buffers.contains_key(*k))
+            .cloned()
+            .collect();
+        names.sort();
+        names
+    }
+
+    /// Drops the checkpoint tensors (they are copied into the variables).
+    pub fn release_source(&self) {
+        self.inner.lock().expect("param store lock").source.clear();
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    pub fn num_parameters(&self) -> usize {
+        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+    }
+}
+
+/// Hands out parameters under a name prefix (`encoder.layer.3.` ...).
+#[derive(Clone)]
+pub struct Builder {
+    store: ParamStore,
+    prefix: String,
+    allow_init: bool,
+}
+
+impl Builder {
+    /// A builder for the sub-module `name`.
+    pub fn pp(&self, name: impl std::fmt::Display) -> Builder {
+        let prefix = if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        };
+        Builder { store: self.store.clone(), prefix, allow_init: self.allow_init }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.store.device
+    }
+
+    /// Whether the checkpoint holds `name` under this prefix.
+    pub fn contains(&self, name: &str) -> bool {
+        let full = self.full_name(name);
+        self.store.inner.lock().expect("param store lock").source.contains_key(&full)
+    }
+
+    fn full_name(&self, name: &str) -> String {
+        if self.prefix.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{}", self.prefix, name)
+        }
+    }
+
+    /// A non-trainable tensor from the checkpoint, if it has one under this name.
+    pub fn buffer(&self, name: &str) -> Result<Option<Tensor>> {
+        let full = self.full_name(name);
+        let mut inner = self.store.inner.lock().expect("param store lock");
+        let Some(t) = inner.source.get(&full).cloned() else { return Ok(None) };
+        let t = t.to_device(&self.store.device)?;
+        inner.buffers.insert(full, t.clone());
+        Ok(Some(t))
+    }
+
+    /// The parameter `name` with `shape`: from the checkpoint, else initialised (or an error
+    /// naming the tensor when this builder is strict).
+    pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
+        let shape: Shape = shape.into();
+        let full = self.full_name(name);
+        let mut inner = self.store.inner.lock().expect("param store lock");
+        if let Some(var) = inner.vars.get(&full) {
+            return Ok(var.as_tensor().clone());
+        }
+        let (dev, dtype) = (&self.store.device, self.store.dtype);
+        let tensor = match inner.source.get(&full) {
+            Some(t) => {
+                if t.shape() != &shape {
+                    candle_core::bail!(
+                        "{}: tensor '{}' has shape {:?} but the model config expects {:?}",
+                        inner.source_name,
+                        full,
+                        t.dims(),
+                        shape.dims()
+                    );
+                }
+                t.to_device(dev)?.to_dtype(dtype)?
+            }
+            None if self.allow_init => init_tensor(&mut inner.rng, &shape, init, dev, dtype)?,
+            None => candle_core::bail!(
+                "{}: missing tensor '{}' (shape {:?}); is this checkpoint the architecture its config.json says?",
+                inner.source_name,
+                full,
+                shape.dims()
+            ),
+        };
+        let var = Var::from_tensor(&tensor)?;
+        let out = var.as_tensor().clone();
+        inner.vars.insert(full, var);
+        Ok(out)
+    }
+}
+
+fn init_tensor(
+    rng: &mut ChaCha8Rng,
+    shape: &Shape,
+    init: Init,
+    dev: &Device,
+    dtype: DType,
+) -> Result<Tensor> {
+    let t = match init {
+        Init::Zeros => Tensor::zeros(shape, DType::F32, dev)?,
+        Init::Ones => Tensor::ones(shape, DType::F32, dev)?,
+        Init::Normal(std) => {
+            let normal = Normal::new(0.0f32, std as f32).map_err(candle_core::Error::wrap)?;
+            let data: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(rng)).collect();
+            Tensor::from_vec(data, shape, dev)?
+        }
+    };
+    t.to_dtype(dtype)
+}

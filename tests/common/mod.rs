@@ -1,0 +1,34 @@
+//! Helpers shared by integration tests.
+#![allow(dead_code)]
+
+use std::path::PathBuf;
+
+/// `../shared` beside the repository (real data and checkpoints). Tests that need it fail
+/// with a clear message when it is missing instead of silently skipping.
+pub fn shared_dir() -> PathBuf {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../shared");
+    assert!(
+        dir.join("README.md").is_file(),
+        "../shared is missing at {}: these tests need the shared DeepLoc data and checkpoints beside the repository (see README)",
+        dir.display()
+    );
+    dir
+}
+
+pub fn shared(path: &str) -> PathBuf {
+    let p = shared_dir().join(path);
+    assert!(p.exists(), "{} is missing from ../shared", p.display());
+    p
+}
+
+pub fn fixture(path: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(path)
+}
+
+/// ||a - b|| / ||b||.
+pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+    let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
+    (num / den.max(1e-30)).sqrt()
+}
