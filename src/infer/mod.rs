@@ -1,1 +1,86 @@
-//! TODO
+//! Batched inference: class probabilities and embeddings for many proteins, grouped by a
+//! token budget and sorted by length so padding stays small.
+
+pub mod output;
+pub mod predict;
+
+use anyhow::Result;
+use candle_core::Device;
+use indicatif::ProgressBar;
+
+use crate::model::{Encoder, SequenceClassifier};
+use crate::tokenize::{Batch, BatchPlan, Encoded};
+
+/// Batch sizing for inference.
+#[derive(Debug, Clone, Copy)]
+pub struct BatchLimits {
+    /// Padded tokens per batch (members x longest member).
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+}
+
+impl Default for BatchLimits {
+    fn default() -> Self {
+        Self { max_batch_tokens: 8192, max_batch_size: 64 }
+    }
+}
+
+/// Runs `f` on token-budget batches of `encoded` and returns its per-protein rows in input
+/// order.
+fn batched_rows(
+    encoded: &[Encoded],
+    pad_id: u32,
+    limits: BatchLimits,
+    device: &Device,
+    progress: Option<&ProgressBar>,
+    mut f: impl FnMut(&Batch) -> candle_core::Result<Vec<Vec<f32>>>,
+) -> Result<Vec<Vec<f32>>> {
+    let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
+    let plan = BatchPlan::token_budget(&lengths, limits.max_batch_tokens, limits.max_batch_size);
+    let mut out: Vec<Vec<f32>> = vec![Vec::new(); encoded.len()];
+    for group in plan {
+        let items: Vec<&Encoded> = group.iter().map(|&i| &encoded[i]).collect();
+        let batch = Batch::collate(&items, pad_id, device)?;
+        let rows = f(&batch)?;
+        for (i, row) in group.iter().zip(rows) {
+            out[*i] = row;
+        }
+        if let Some(pb) = progress {
+            pb.inc(group.len() as u64);
+        }
+    }
+    Ok(out)
+}
+
+/// Class probabilities per protein, in input order.
+pub fn class_probabilities(
+    model: &SequenceClassifier,
+    encoded: &[Encoded],
+    limits: BatchLimits,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<Vec<f32>>> {
+    let device = model.base.store.device().clone();
+    batched_rows(encoded, model.base.tokenizer.pad_id, limits, &device, progress, |b| {
+        model.predict_proba(b)?.to_vec2()
+    })
+}
+
+/// Mean-pooled residue embeddings per protein, in input order.
+pub fn mean_embeddings(
+    encoder: &Encoder,
+    pad_id: u32,
+    device: &Device,
+    encoded: &[Encoded],
+    limits: BatchLimits,
+    progress: Option<&ProgressBar>,
+) -> Result<Vec<Vec<f32>>> {
+    batched_rows(encoded, pad_id, limits, device, progress, |b| encoder.embed(b)?.to_vec2())
+}
+
+/// Index of the largest value.
+pub fn argmax(row: &[f32]) -> usize {
+    row.iter()
+        .enumerate()
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+        .0
+}

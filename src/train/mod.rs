@@ -1,1 +1,417 @@
-//! TODO
+//! Fine-tuning: data preparation, the training loop, per-epoch validation, checkpoints.
+
+pub mod optim;
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::data::{self, ReadOptions, Record};
+use crate::infer::{self, BatchLimits};
+use crate::model::{self, Pool, SequenceClassifier, TaskConfig};
+use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
+use optim::{AdamW, AdamWConfig, LinearSchedule};
+
+/// Everything `protloc train` takes. Saved as `training_args.json`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainArgs {
+    pub model: String,
+    pub data: PathBuf,
+    pub output: PathBuf,
+    pub epochs: usize,
+    pub batch_size: usize,
+    pub lr: f64,
+    /// Learning rate of the new classifier head (defaults to `lr`).
+    pub head_lr: Option<f64>,
+    pub weight_decay: f64,
+    pub warmup_ratio: f64,
+    /// Residues kept per protein (default: what the model's positions allow).
+    pub max_residues: Option<usize>,
+    pub truncate: Truncation,
+    pub freeze_layers: usize,
+    pub grad_accum: usize,
+    pub max_grad_norm: f64,
+    /// Dropout for the head; when given explicitly also overrides the encoder's dropout.
+    pub dropout: Option<f64>,
+    pub val_fraction: f64,
+    pub seed: u64,
+    pub limit: Option<usize>,
+    pub max_steps: Option<usize>,
+    pub pool: Pool,
+    pub skip_invalid: bool,
+    /// Token budget of validation batches.
+    pub eval_batch_tokens: usize,
+}
+
+impl TrainArgs {
+    /// Defaults that match the reference workflow where it makes sense on a CPU.
+    pub fn new(model: &str, data: PathBuf, output: PathBuf) -> Self {
+        Self {
+            model: model.into(),
+            data,
+            output,
+            epochs: 3,
+            batch_size: 4,
+            lr: 2e-5,
+            head_lr: None,
+            weight_decay: 0.01,
+            warmup_ratio: 0.1,
+            max_residues: None,
+            truncate: Truncation::HeadTail,
+            freeze_layers: 0,
+            grad_accum: 1,
+            max_grad_norm: 1.0,
+            dropout: None,
+            val_fraction: 0.1,
+            seed: 42,
+            limit: None,
+            max_steps: None,
+            pool: Pool::Cls,
+            skip_invalid: false,
+            eval_batch_tokens: 8192,
+        }
+    }
+
+    fn validate(&self) -> Result<()> {
+        if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 {
+            bail!("--epochs, --batch-size and --grad-accum must be at least 1");
+        }
+        if !(self.lr > 0.0) || self.head_lr.is_some_and(|l| !(l > 0.0)) {
+            bail!("learning rates must be positive");
+        }
+        if !(0.0..1.0).contains(&self.val_fraction) {
+            bail!("--val-fraction must be in [0, 1), got {}", self.val_fraction);
+        }
+        if !(0.0..=1.0).contains(&self.warmup_ratio) {
+            bail!("--warmup-ratio must be in [0, 1], got {}", self.warmup_ratio);
+        }
+        if self.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
+            bail!("--dropout must be in [0, 1)");
+        }
+        if self.max_residues == Some(0) {
+            bail!("--max-residues must be at least 1");
+        }
+        Ok(())
+    }
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EpochMetrics {
+    pub epoch: usize,
+    pub step: usize,
+    pub train_loss: f64,
+    pub val_loss: Option<f64>,
+    pub val_accuracy: Option<f64>,
+    pub lr: f64,
+    pub elapsed_s: f64,
+}
+
+/// What a finished run reports.
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainSummary {
+    pub epochs: Vec<EpochMetrics>,
+    pub best_epoch: usize,
+    pub steps: usize,
+    pub train_records: usize,
+    pub val_records: usize,
+    pub trainable_parameters: usize,
+    pub total_parameters: usize,
+}
+
+/// Encoded training example.
+struct Example {
+    enc: Encoded,
+    label: u32,
+}
+
+/// Labels used for class indices: the ten DeepLoc locations, in their canonical order.
+pub fn default_labels() -> Vec<String> {
+    data::DEEPLOC_LOCATIONS.iter().map(|s| s.to_string()).collect()
+}
+
+fn encode_examples(model: &model::BaseModel, records: &[&Record], labels: &[String], max_res: usize, policy: Truncation) -> Result<Vec<Example>> {
+    records
+        .iter()
+        .map(|r| {
+            let loc = r.location.as_deref().with_context(|| format!("{}: record {} has no label", r.pos, r.id))?;
+            let label = labels.iter().position(|l| l == loc).with_context(|| format!("{}: unknown label {loc}", r.pos))? as u32;
+            Ok(Example { enc: model.tokenizer.encode(&r.sequence, max_res, policy), label })
+        })
+        .collect()
+}
+
+/// Residues per protein: explicit, or the model's positions minus the two special tokens,
+/// capped at 1,022 (ESM-2's training length).
+pub fn effective_max_residues(cfg: &model::EncoderConfig, requested: Option<usize>) -> Result<usize> {
+    let limit = cfg.max_tokens().saturating_sub(2);
+    match requested {
+        Some(n) if cfg.arch().ok() == Some(model::Arch::Bert) && n > limit => bail!(
+            "--max-residues {n} exceeds what this BERT's {} position embeddings allow ({limit})",
+            cfg.max_tokens()
+        ),
+        Some(n) => Ok(n),
+        None => Ok(limit.min(1022)),
+    }
+}
+
+/// Which parameters are frozen: embeddings and the first `n` layers.
+fn is_frozen(name: &str, prefix: &str, n: usize) -> bool {
+    if n == 0 {
+        return false;
+    }
+    if name.starts_with(&format!("{prefix}.embeddings.")) {
+        return true;
+    }
+    let layer_prefix = format!("{prefix}.encoder.layer.");
+    name.strip_prefix(&layer_prefix)
+        .and_then(|rest| rest.split('.').next())
+        .and_then(|i| i.parse::<usize>().ok())
+        .is_some_and(|i| i < n)
+}
+
+/// Runs `protloc train`.
+pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
+    args.validate()?;
+    let device = Device::Cpu;
+    let t0 = Instant::now();
+
+    // Data.
+    let opts = ReadOptions { skip_invalid: args.skip_invalid, require_labels: true };
+    let mut dataset = data::read_dataset(&args.data, opts)?;
+    for w in &dataset.skipped {
+        tracing::warn!("skipped: {w}");
+    }
+    if let Some(n) = args.limit {
+        dataset.records.truncate(n);
+    }
+    let (train_pool, _test) = data::split::train_test(&dataset.records);
+    if train_pool.is_empty() {
+        bail!("{}: no training records (all records are tagged test?)", args.data.display());
+    }
+    let (train_idx, val_idx) =
+        data::split::stratified_validation(&dataset.records, &train_pool, args.val_fraction, args.seed)
+            .map_err(anyhow::Error::msg)?;
+
+    // Model.
+    let mut base = model::load_base(&args.model, args.seed, &device)?;
+    if let Some(p) = args.dropout {
+        base.cfg.hidden_dropout_prob = p;
+        base.cfg.attention_probs_dropout_prob = p;
+        // The encoder copied its config at construction; rebuild it from the same store
+        // (parameters are shared, nothing is re-read).
+        base.encoder = model::Encoder::new(&base.store.initialising(), &base.cfg)?;
+    }
+    let layers = base.cfg.num_hidden_layers;
+    if args.freeze_layers > layers {
+        bail!("--freeze-layers {} but the model has only {layers} layers", args.freeze_layers);
+    }
+    base.encoder.freeze(args.freeze_layers);
+    let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
+    let labels = default_labels();
+    let task = TaskConfig {
+        labels: labels.clone(),
+        pool: args.pool,
+        truncate: args.truncate,
+        max_residues: max_res,
+        head_dropout: args.dropout.unwrap_or(0.1),
+        base_model: args.model.clone(),
+        protloc_version: env!("CARGO_PKG_VERSION").into(),
+    };
+    let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
+    let model = SequenceClassifier::new(base, task)?;
+
+    let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
+    let train_set = encode_examples(&model.base, &pick(&train_idx), &labels, max_res, args.truncate)?;
+    let val_set = encode_examples(&model.base, &pick(&val_idx), &labels, max_res, args.truncate)?;
+
+    // Optimizer.
+    let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
+    let mut params = Vec::new();
+    let mut total_params = 0;
+    for (name, var) in model.base.store.vars() {
+        total_params += var.elem_count();
+        if is_frozen(&name, prefix, args.freeze_layers) {
+            continue;
+        }
+        let scale = if name.starts_with("classifier.") { head_lr_scale } else { 1.0 };
+        let wd = if optim::no_decay(&name) { 0.0 } else { args.weight_decay };
+        params.push((name, var, scale, wd));
+    }
+    let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
+    let mut opt = AdamW::new(AdamWConfig::default(), params)?;
+    let steps_per_epoch = train_set.len().div_ceil(args.batch_size).div_ceil(args.grad_accum);
+    let mut total_steps = steps_per_epoch * args.epochs;
+    if let Some(m) = args.max_steps {
+        total_steps = total_steps.min(m);
+    }
+    let schedule = LinearSchedule {
+        peak_lr: args.lr,
+        warmup_steps: (args.warmup_ratio * total_steps as f64).round() as usize,
+        total_steps,
+    };
+
+    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
+    crate::artifacts::write_atomic(&args.output.join("training_args.json"), serde_json::to_string_pretty(args)?.as_bytes())?;
+    let metrics_path = args.output.join("metrics.jsonl");
+    // A new run starts a new log.
+    let _ = std::fs::remove_file(&metrics_path);
+    tracing::info!(
+        train = train_set.len(),
+        val = val_set.len(),
+        trainable,
+        total = total_params,
+        steps = total_steps,
+        max_residues = max_res,
+        "starting training"
+    );
+
+    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_d20f_u64);
+    let mut step = 0usize;
+    let mut history = Vec::new();
+    let mut best: Option<(f64, f64, usize)> = None; // (accuracy, -loss, epoch)
+    let limits = BatchLimits { max_batch_tokens: args.eval_batch_tokens, max_batch_size: 64 };
+    'epochs: for epoch in 1..=args.epochs {
+        let mut order: Vec<usize> = (0..train_set.len()).collect();
+        order.shuffle(&mut shuffle_rng);
+        let batches = BatchPlan::fixed(&order, args.batch_size);
+        let pb = crate::progress::bar(batches.len() as u64, &format!("epoch {epoch}/{}", args.epochs), "batches");
+        let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+        let mut acc: Vec<Option<Tensor>> = vec![None; opt.slots().len()];
+        for (bi, group) in batches.iter().enumerate() {
+            let items: Vec<&Encoded> = group.iter().map(|&i| &train_set[i].enc).collect();
+            let targets: Vec<u32> = group.iter().map(|&i| train_set[i].label).collect();
+            let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &device)?;
+            let targets = Tensor::new(targets, &device)?;
+            let logits = model.forward(&batch, Some(&mut dropout_rng))?;
+            let loss = model::ops::cross_entropy(&logits, &targets)?;
+            let loss_value = loss.to_scalar::<f32>()? as f64;
+            if !loss_value.is_finite() {
+                bail!("loss became {loss_value} at epoch {epoch}, batch {bi}: lower --lr or check the input");
+            }
+            loss_sum += loss_value * group.len() as f64;
+            loss_n += group.len();
+            let grads = (loss / args.grad_accum as f64)?.backward()?;
+            for (a, g) in acc.iter_mut().zip(opt.collect_grads(&grads)) {
+                if let Some(g) = g {
+                    optim::accumulate(a, &g)?;
+                }
+            }
+            let boundary = (bi + 1) % args.grad_accum == 0 || bi + 1 == batches.len();
+            if boundary {
+                let step_grads: Vec<Option<Tensor>> = acc.iter_mut().map(Option::take).collect();
+                let norm = opt.grad_norm(&step_grads)?;
+                if !norm.is_finite() {
+                    bail!("gradient norm became {norm} at epoch {epoch}, batch {bi}: lower --lr or check the input");
+                }
+                let lr = schedule.lr(step);
+                opt.step(&step_grads, lr, optim::clip_scale(norm, args.max_grad_norm))?;
+                step += 1;
+                pb.set_prefix(format!("loss {:.4} lr {lr:.2e}", loss_sum / loss_n as f64));
+            }
+            pb.inc(1);
+            if args.max_steps.is_some_and(|m| step >= m) {
+                pb.finish_and_clear();
+                let m = finish_epoch(&model, &val_set, limits, epoch, step, loss_sum / loss_n.max(1) as f64, schedule.lr(step.saturating_sub(1)), &t0)?;
+                record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
+                break 'epochs;
+            }
+        }
+        pb.finish_and_clear();
+        let m = finish_epoch(&model, &val_set, limits, epoch, step, loss_sum / loss_n.max(1) as f64, schedule.lr(step.saturating_sub(1)), &t0)?;
+        record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
+    }
+
+    let best_epoch = best.map_or(history.len(), |b| b.2);
+    Ok(TrainSummary {
+        epochs: history,
+        best_epoch,
+        steps: step,
+        train_records: train_set.len(),
+        val_records: val_set.len(),
+        trainable_parameters: trainable,
+        total_parameters: total_params,
+    })
+}
+
+#[allow(clippy::too_many_arguments)]
+fn finish_epoch(
+    model: &SequenceClassifier,
+    val: &[Example],
+    limits: BatchLimits,
+    epoch: usize,
+    step: usize,
+    train_loss: f64,
+    lr: f64,
+    t0: &Instant,
+) -> Result<EpochMetrics> {
+    let (val_loss, val_accuracy) = if val.is_empty() {
+        (None, None)
+    } else {
+        let encoded: Vec<Encoded> = val.iter().map(|e| e.enc.clone()).collect();
+        let probs = infer::class_probabilities(model, &encoded, limits, None)?;
+        let mut loss = 0f64;
+        let mut correct = 0usize;
+        for (p, e) in probs.iter().zip(val) {
+            loss -= (p[e.label as usize].max(1e-12) as f64).ln();
+            correct += usize::from(infer::argmax(p) == e.label as usize);
+        }
+        (Some(loss / val.len() as f64), Some(correct as f64 / val.len() as f64))
+    };
+    Ok(EpochMetrics { epoch, step, train_loss, val_loss, val_accuracy, lr, elapsed_s: t0.elapsed().as_secs_f64() })
+}
+
+/// Prints the metric lines (in the reference's exact wording), logs JSON, keeps the best
+/// checkpoint (highest validation accuracy, ties broken by lower validation loss; without a
+/// validation set the latest epoch is kept).
+fn record_epoch(
+    model: &SequenceClassifier,
+    args: &TrainArgs,
+    metrics_path: &std::path::Path,
+    m: EpochMetrics,
+    history: &mut Vec<EpochMetrics>,
+    best: &mut Option<(f64, f64, usize)>,
+) -> Result<()> {
+    println!("Epoch {} (step {}):", m.epoch, m.step);
+    println!("Training Loss: {}", m.train_loss);
+    if let (Some(acc), Some(loss)) = (m.val_accuracy, m.val_loss) {
+        println!("Validation Accuracy: {acc}");
+        println!("Validation loss: {loss}");
+    }
+    crate::artifacts::append_json_line(metrics_path, &serde_json::to_value(&m)?)?;
+    let key = (m.val_accuracy.unwrap_or(0.0), -m.val_loss.unwrap_or(0.0), m.epoch);
+    let improved = match best {
+        None => true,
+        Some(b) => m.val_accuracy.is_none() || (key.0, key.1) > (b.0, b.1),
+    };
+    if improved {
+        model.save(&args.output)?;
+        *best = Some(key);
+        tracing::info!(epoch = m.epoch, "saved best model to {}", args.output.display());
+    }
+    history.push(m);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_parameter_names() {
+        assert!(is_frozen("bert.embeddings.word_embeddings.weight", "bert", 2));
+        assert!(is_frozen("bert.encoder.layer.1.output.dense.weight", "bert", 2));
+        assert!(!is_frozen("bert.encoder.layer.2.output.dense.weight", "bert", 2));
+        assert!(!is_frozen("bert.encoder.layer.10.output.dense.weight", "bert", 2));
+        assert!(!is_frozen("classifier.weight", "bert", 2));
+        assert!(!is_frozen("bert.embeddings.word_embeddings.weight", "bert", 0));
+        assert!(!is_frozen("esm.encoder.emb_layer_norm_after.weight", "esm", 6));
+    }
+}

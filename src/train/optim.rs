@@ -1,0 +1,249 @@
+//! AdamW with decoupled weight decay, fused into one in-place pass per parameter.
+//!
+//! `candle_nn::AdamW` allocates about ten temporaries per tensor per step (measured: 12 s a
+//! step at 420M parameters). Here the moments live in plain `Vec<f32>`s and one kernel
+//! updates parameter, moments and applies gradient clipping and weight decay in place,
+//! split over rayon threads. The update rule is PyTorch's `torch.optim.AdamW`.
+
+use std::cell::RefCell;
+
+use anyhow::{bail, Result};
+use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
+use rayon::prelude::*;
+
+/// Hyper-parameters shared by all parameter groups.
+#[derive(Debug, Clone, Copy)]
+pub struct AdamWConfig {
+    pub beta1: f64,
+    pub beta2: f64,
+    pub eps: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+    }
+}
+
+/// One optimised tensor with its own learning-rate multiplier and weight decay.
+pub struct ParamSlot {
+    pub name: String,
+    pub var: Var,
+    /// Multiplies the scheduled learning rate (e.g. a larger rate for the new head).
+    pub lr_scale: f64,
+    pub weight_decay: f64,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+pub struct AdamW {
+    cfg: AdamWConfig,
+    slots: Vec<ParamSlot>,
+    step: u64,
+}
+
+impl AdamW {
+    /// `params`: (name, var, lr multiplier, weight decay).
+    pub fn new(cfg: AdamWConfig, params: Vec<(String, Var, f64, f64)>) -> Result<Self> {
+        let slots = params
+            .into_iter()
+            .map(|(name, var, lr_scale, weight_decay)| {
+                if var.dtype() != candle_core::DType::F32 {
+                    bail!("{name}: AdamW supports f32 parameters only");
+                }
+                let n = var.elem_count();
+                Ok(ParamSlot { name, var, lr_scale, weight_decay, m: vec![0.0; n], v: vec![0.0; n] })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { cfg, slots, step: 0 })
+    }
+
+    pub fn slots(&self) -> &[ParamSlot] {
+        &self.slots
+    }
+
+    pub fn steps_taken(&self) -> u64 {
+        self.step
+    }
+
+    /// Gradients from a backward pass, aligned with [`Self::slots`].
+    pub fn collect_grads(&self, grads: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
+        self.slots.iter().map(|s| grads.get(s.var.as_tensor()).cloned()).collect()
+    }
+
+    /// L2 norm over all gradients (missing gradients count as zero). `grads` is aligned
+    /// with [`Self::slots`].
+    pub fn grad_norm(&self, grads: &[Option<Tensor>]) -> Result<f64> {
+        let mut total = 0f64;
+        for g in grads.iter().flatten() {
+            {
+                let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
+                total += v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+            }
+        }
+        Ok(total.sqrt())
+    }
+
+    /// One update with learning rate `lr`; gradients are multiplied by `grad_scale` first
+    /// (clipping). Parameters without a gradient are left untouched (PyTorch does the same).
+    pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
+        if grads.len() != self.slots.len() {
+            bail!("AdamW: {} gradients for {} parameters", grads.len(), self.slots.len());
+        }
+        self.step += 1;
+        let t = self.step as i32;
+        let bc1 = 1.0 - self.cfg.beta1.powi(t);
+        let bc2 = 1.0 - self.cfg.beta2.powi(t);
+        for (slot, grad) in self.slots.iter_mut().zip(grads) {
+            let Some(grad) = grad else { continue };
+            let grad = grad.contiguous()?;
+            let kernel = AdamWKernel {
+                m: RefCell::new(&mut slot.m),
+                v: RefCell::new(&mut slot.v),
+                h: Hyper {
+                lr: (lr * slot.lr_scale) as f32,
+                wd: slot.weight_decay as f32,
+                beta1: self.cfg.beta1 as f32,
+                beta2: self.cfg.beta2 as f32,
+                eps: self.cfg.eps as f32,
+                bc1: bc1 as f32,
+                bc2_sqrt: bc2.sqrt() as f32,
+                grad_scale: grad_scale as f32,
+                },
+            };
+            slot.var.as_tensor().inplace_op2(&grad, &kernel)?;
+        }
+        Ok(())
+    }
+}
+
+struct AdamWKernel<'a> {
+    m: RefCell<&'a mut Vec<f32>>,
+    v: RefCell<&'a mut Vec<f32>>,
+    h: Hyper,
+}
+
+#[derive(Clone, Copy)]
+struct Hyper {
+    lr: f32,
+    wd: f32,
+    beta1: f32,
+    beta2: f32,
+    eps: f32,
+    bc1: f32,
+    bc2_sqrt: f32,
+    grad_scale: f32,
+}
+
+/// Elements per rayon task: large enough to amortise scheduling, small enough to split
+/// big matrices over both cores.
+const CHUNK: usize = 1 << 15;
+
+impl InplaceOp2 for AdamWKernel<'_> {
+    fn name(&self) -> &'static str {
+        "fused-adamw"
+    }
+
+    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
+            candle_core::bail!("fused-adamw: f32 tensors only")
+        };
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+            candle_core::bail!("fused-adamw: contiguous tensors only")
+        };
+        let p = &mut p[p0..p1];
+        let g = &g[g0..g1];
+        let mut m = self.m.borrow_mut();
+        let mut v = self.v.borrow_mut();
+        if p.len() != g.len() || p.len() != m.len() {
+            candle_core::bail!("fused-adamw: size mismatch");
+        }
+        let k = self.h;
+        let step_size = k.lr / k.bc1;
+        let decay = 1.0 - k.lr * k.wd;
+        p.par_chunks_mut(CHUNK)
+            .zip(g.par_chunks(CHUNK))
+            .zip(m.par_chunks_mut(CHUNK))
+            .zip(v.par_chunks_mut(CHUNK))
+            .for_each(|(((p, g), m), v)| {
+                for i in 0..p.len() {
+                    let gi = g[i] * k.grad_scale;
+                    m[i] = k.beta1 * m[i] + (1.0 - k.beta1) * gi;
+                    v[i] = k.beta2 * v[i] + (1.0 - k.beta2) * gi * gi;
+                    let denom = v[i].sqrt() / k.bc2_sqrt + k.eps;
+                    p[i] = p[i] * decay - step_size * m[i] / denom;
+                }
+            });
+        Ok(())
+    }
+}
+
+/// Linear warm-up to the peak rate, then linear decay to zero (the HF default schedule).
+#[derive(Debug, Clone, Copy)]
+pub struct LinearSchedule {
+    pub peak_lr: f64,
+    pub warmup_steps: usize,
+    pub total_steps: usize,
+}
+
+impl LinearSchedule {
+    /// Learning rate for the optimizer step with 0-based index `step`.
+    pub fn lr(&self, step: usize) -> f64 {
+        if step < self.warmup_steps {
+            return self.peak_lr * (step + 1) as f64 / self.warmup_steps as f64;
+        }
+        let remaining = self.total_steps.saturating_sub(step) as f64;
+        let decay_steps = (self.total_steps - self.warmup_steps.min(self.total_steps)).max(1) as f64;
+        self.peak_lr * (remaining / decay_steps).clamp(0.0, 1.0)
+    }
+}
+
+/// Clipping factor for `max_norm` (1.0 when the norm is within bounds or clipping is off).
+pub fn clip_scale(norm: f64, max_norm: f64) -> f64 {
+    if max_norm > 0.0 && norm > max_norm {
+        max_norm / (norm + 1e-6)
+    } else {
+        1.0
+    }
+}
+
+/// Whether a parameter is exempt from weight decay (biases and LayerNorm, as HF Trainer).
+pub fn no_decay(name: &str) -> bool {
+    name.ends_with(".bias") || name.contains("LayerNorm") || name.contains("layer_norm")
+}
+
+/// Adds `b` into `a` (gradient accumulation).
+pub fn accumulate(acc: &mut Option<Tensor>, g: &Tensor) -> candle_core::Result<()> {
+    *acc = Some(match acc.take() {
+        Some(a) => (a + g)?,
+        None => g.clone(),
+    });
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn schedule_warms_up_then_decays_to_zero() {
+        let s = LinearSchedule { peak_lr: 1.0, warmup_steps: 4, total_steps: 12 };
+        assert_eq!(s.lr(0), 0.25);
+        assert_eq!(s.lr(3), 1.0);
+        assert_eq!(s.lr(4), 1.0);
+        assert!((s.lr(8) - 0.5).abs() < 1e-12);
+        assert_eq!(s.lr(12), 0.0);
+        let flat = LinearSchedule { peak_lr: 2.0, warmup_steps: 0, total_steps: 2 };
+        assert_eq!(flat.lr(0), 2.0);
+    }
+
+    #[test]
+    fn clip_and_decay_rules() {
+        assert_eq!(clip_scale(0.5, 1.0), 1.0);
+        assert!((clip_scale(4.0, 1.0) - 0.25).abs() < 1e-6);
+        assert_eq!(clip_scale(4.0, 0.0), 1.0);
+        assert!(no_decay("bert.encoder.layer.0.output.LayerNorm.weight"));
+        assert!(no_decay("classifier.bias"));
+        assert!(!no_decay("classifier.weight"));
+    }
+}
