@@ -1,1 +1,172 @@
-//! TODO
+//! `protloc predict` and `protloc embed`: stream proteins from a file in chunks, so memory
+//! stays constant however large the input.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+
+use super::output::{Format, Prediction, PredictionWriter};
+use super::{argmax, class_probabilities, mean_embeddings, BatchLimits};
+use crate::data::{self, fasta::FastaStream, DataError, ReadOptions, Record};
+use crate::model::{self, SequenceClassifier};
+use crate::tokenize::{Encoded, Truncation};
+
+/// Proteins read and processed per chunk. Within a chunk, batches are length-sorted.
+pub const CHUNK: usize = 2048;
+
+/// Iterates over the records of a FASTA (streamed) or CSV/TSV (read whole) file.
+pub fn record_source(path: &Path, skip_invalid: bool) -> Result<Box<dyn Iterator<Item = Result<Record, DataError>>>> {
+    if data::table::TableKind::from_path(path).is_some() {
+        let ds = data::read_dataset(path, ReadOptions { skip_invalid, require_labels: false })?;
+        for s in &ds.skipped {
+            tracing::warn!("skipped: {s}");
+        }
+        return Ok(Box::new(ds.records.into_iter().map(Ok)));
+    }
+    let stream = FastaStream::open(path)?;
+    if skip_invalid {
+        Ok(Box::new(stream.filter(|r| match r {
+            Err(DataError::Invalid { .. }) => {
+                if let Err(e) = r {
+                    tracing::warn!("skipped: {e}");
+                }
+                false
+            }
+            _ => true,
+        })))
+    } else {
+        Ok(Box::new(stream))
+    }
+}
+
+/// Calls `f` with consecutive chunks of at most `CHUNK` records (`limit` caps the total).
+fn for_each_chunk(
+    source: impl Iterator<Item = Result<Record, DataError>>,
+    limit: Option<usize>,
+    mut f: impl FnMut(&[Record]) -> Result<()>,
+) -> Result<usize> {
+    let mut chunk = Vec::with_capacity(CHUNK);
+    let mut total = 0;
+    for rec in source.take(limit.unwrap_or(usize::MAX)) {
+        chunk.push(rec?);
+        if chunk.len() == CHUNK {
+            f(&chunk)?;
+            total += chunk.len();
+            chunk.clear();
+        }
+    }
+    if !chunk.is_empty() {
+        f(&chunk)?;
+        total += chunk.len();
+    }
+    Ok(total)
+}
+
+/// Opens the output (a file written atomically at the end, or stdout).
+fn with_output<T>(output: Option<&Path>, f: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<T> {
+    match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut lock = std::io::BufWriter::new(stdout.lock());
+            let r = f(&mut lock)?;
+            lock.flush()?;
+            Ok(r)
+        }
+        Some(path) => {
+            let mut result = None;
+            crate::artifacts::write_atomic_with(path, |file| {
+                let mut w = std::io::BufWriter::new(file);
+                result = Some(f(&mut w)?);
+                w.flush()?;
+                Ok(())
+            })?;
+            Ok(result.expect("set by the closure"))
+        }
+    }
+}
+
+pub struct PredictArgs {
+    pub model: PathBuf,
+    pub input: PathBuf,
+    pub output: Option<PathBuf>,
+    pub format: Option<Format>,
+    pub limit: Option<usize>,
+    pub limits: BatchLimits,
+    pub skip_invalid: bool,
+}
+
+/// Predicts the location of every protein in `args.input`; returns how many.
+pub fn predict(args: &PredictArgs) -> Result<usize> {
+    let model = SequenceClassifier::load(&args.model, &Device::Cpu)?;
+    let format = args.format.unwrap_or_else(|| args.output.as_deref().map_or(Format::Tsv, Format::from_path));
+    let source = record_source(&args.input, args.skip_invalid)?;
+    let labels = model.task.labels.clone();
+    let pb = crate::progress::bar(0, "predicting", "proteins");
+    let n = with_output(args.output.as_deref(), |out| {
+        let mut writer = PredictionWriter::new(out, format, &labels)?;
+        let n = for_each_chunk(source, args.limit, |chunk| {
+            pb.inc_length(chunk.len() as u64);
+            let enc: Vec<Encoded> =
+                chunk.iter().map(|r| model.base.tokenizer.encode(&r.sequence, model.task.max_residues, model.task.truncate)).collect();
+            let probs = class_probabilities(&model, &enc, args.limits, Some(&pb))?;
+            for ((rec, e), p) in chunk.iter().zip(&enc).zip(&probs) {
+                let best = argmax(p);
+                writer.write(&Prediction {
+                    id: &rec.id,
+                    prediction: &labels[best],
+                    confidence: p[best],
+                    length: e.total_residues,
+                    residues_used: e.used_residues,
+                    probabilities: (&labels, p),
+                })?;
+            }
+            Ok(())
+        })?;
+        writer.finish()?;
+        Ok(n)
+    })?;
+    pb.finish_and_clear();
+    Ok(n)
+}
+
+pub struct EmbedArgs {
+    pub model: String,
+    pub input: PathBuf,
+    pub output: Option<PathBuf>,
+    pub truncate: Truncation,
+    pub max_residues: Option<usize>,
+    pub limit: Option<usize>,
+    pub limits: BatchLimits,
+    pub skip_invalid: bool,
+}
+
+/// Writes one JSON line `{"id", "length", "residues_used", "embedding"}` per protein: the
+/// mean of the final hidden states over residue tokens (the ProtTrans convention).
+pub fn embed(args: &EmbedArgs) -> Result<usize> {
+    let base = model::load_base(&args.model, 0, &Device::Cpu)
+        .with_context(|| format!("cannot load model {}", args.model))?;
+    let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
+    let source = record_source(&args.input, args.skip_invalid)?;
+    let pb = crate::progress::bar(0, "embedding", "proteins");
+    let n = with_output(args.output.as_deref(), |out| {
+        for_each_chunk(source, args.limit, |chunk| {
+            pb.inc_length(chunk.len() as u64);
+            let enc: Vec<Encoded> = chunk.iter().map(|r| base.tokenizer.encode(&r.sequence, max_res, args.truncate)).collect();
+            let emb = mean_embeddings(&base.encoder, base.tokenizer.pad_id, base.store.device(), &enc, args.limits, Some(&pb))?;
+            for ((rec, e), v) in chunk.iter().zip(&enc).zip(&emb) {
+                let line = serde_json::json!({
+                    "id": rec.id,
+                    "length": e.total_residues,
+                    "residues_used": e.used_residues,
+                    "embedding": v,
+                });
+                writeln!(out, "{line}")?;
+            }
+            Ok(())
+        })
+    })?;
+    pb.finish_and_clear();
+    Ok(n)
+}
