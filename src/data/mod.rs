@@ -125,3 +125,94 @@ pub fn read_dataset(path: &Path, opts: ReadOptions) -> Result<Dataset, DataError
         None => fasta::read_fasta(path, opts),
     }
 }
+
+/// Shorthand for a [`DataError::Invalid`] at `file:line`.
+pub(crate) fn invalid(file: &Path, line: usize, msg: impl Into<String>) -> DataError {
+    DataError::Invalid {
+        pos: SourcePos {
+            file: file.to_path_buf(),
+            line,
+        },
+        msg: msg.into(),
+    }
+}
+
+/// Checks shared by every reader once a record has been parsed: duplicate ids, missing labels,
+/// and the `skip_invalid` policy. Readers hand it per-record results; structural errors that
+/// make the rest of the file unreadable must be returned by the reader directly instead.
+pub(crate) struct Collector {
+    path: PathBuf,
+    opts: ReadOptions,
+    records: Vec<Record>,
+    skipped: Vec<String>,
+    /// Kept so that a file whose records are all invalid reports the real problem, not "empty".
+    first_error: Option<DataError>,
+    /// id -> line of its first occurrence, so duplicate errors can point at both.
+    seen: std::collections::HashMap<String, usize>,
+    /// Format-specific advice appended to "missing label" errors.
+    label_hint: &'static str,
+}
+
+impl Collector {
+    pub(crate) fn new(path: &Path, opts: ReadOptions, label_hint: &'static str) -> Self {
+        Collector {
+            label_hint,
+            path: path.to_path_buf(),
+            opts,
+            records: Vec::new(),
+            skipped: Vec::new(),
+            first_error: None,
+            seen: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Accepts a record or a record-level error. Returns `Err` when reading must stop
+    /// (an invalid record without `skip_invalid`).
+    pub(crate) fn push(&mut self, item: Result<Record, DataError>) -> Result<(), DataError> {
+        match item.and_then(|r| self.check(r)) {
+            Ok(record) => {
+                self.seen.insert(record.id.clone(), record.pos.line);
+                self.records.push(record);
+                Ok(())
+            }
+            Err(e) if self.opts.skip_invalid => {
+                self.skipped.push(e.to_string());
+                self.first_error.get_or_insert(e);
+                Ok(())
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    fn check(&self, record: Record) -> Result<Record, DataError> {
+        if let Some(first) = self.seen.get(&record.id) {
+            return Err(invalid(
+                &self.path,
+                record.pos.line,
+                format!("duplicate id {:?} (first seen at line {first})", record.id),
+            ));
+        }
+        if self.opts.require_labels && record.location.is_none() {
+            return Err(invalid(
+                &self.path,
+                record.pos.line,
+                format!(
+                    "record {:?} has no location label, but labels are required ({})",
+                    record.id, self.label_hint
+                ),
+            ));
+        }
+        Ok(record)
+    }
+
+    /// Ends reading: an empty result is an error (the first skipped problem if any, else `Empty`).
+    pub(crate) fn finish(self) -> Result<Dataset, DataError> {
+        if self.records.is_empty() {
+            return Err(self.first_error.unwrap_or(DataError::Empty(self.path)));
+        }
+        Ok(Dataset {
+            records: self.records,
+            skipped: self.skipped,
+        })
+    }
+}

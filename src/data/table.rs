@@ -1,5 +1,306 @@
-//! TODO (stub until the data branch lands)
-use super::*;
-pub enum TableKind { Csv, Tsv }
-impl TableKind { pub fn from_path(_p: &Path) -> Option<Self> { None } }
-pub fn read_table(_path: &Path, _k: TableKind, _opts: ReadOptions) -> Result<Dataset, DataError> { unimplemented!() }
+//! CSV/TSV input with a header row.
+//!
+//! Columns are found by header name (case-insensitive, surrounding spaces ignored), so column
+//! order and extra columns (DeepLoc 2.0's `partition`, `kingdom`, ...) do not matter:
+//!
+//! | meaning  | accepted header names (first present wins) | required |
+//! | -------- | ------------------------------------------ | -------- |
+//! | id       | `id`, `accession`, `name`, `entry`          | yes |
+//! | sequence | `sequence`                                  | yes |
+//! | label    | `label`, `location`                         | only with `require_labels` |
+//! | membrane | `membrane`: `M`/`S`/`U`, `1`/`1.0`/`0`/`0.0`, empty = unknown | no |
+//! | split    | `split`, `set`: `test` marks the record as test data | no |
+
+use std::path::Path;
+
+use super::labels::{canonical_label, valid_labels_list};
+use super::{
+    invalid, validate_sequence, Collector, DataError, Dataset, Membrane, ReadOptions, Record,
+    SourcePos,
+};
+
+const ID_COLUMNS: [&str; 4] = ["id", "accession", "name", "entry"];
+const SEQUENCE_COLUMNS: [&str; 1] = ["sequence"];
+const LABEL_COLUMNS: [&str; 2] = ["label", "location"];
+const MEMBRANE_COLUMNS: [&str; 1] = ["membrane"];
+const SPLIT_COLUMNS: [&str; 2] = ["split", "set"];
+
+const LABEL_HINT: &str = "fill the 'label' column";
+
+/// Field delimiter of a table file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableKind {
+    Csv,
+    Tsv,
+}
+
+impl TableKind {
+    /// Guesses the kind from the extension (`.csv`; `.tsv` or `.tab`; case-insensitive).
+    /// `None` means "not a table" (callers then treat the file as FASTA).
+    pub fn from_path(path: &Path) -> Option<TableKind> {
+        let ext = path.extension()?.to_str()?.to_ascii_lowercase();
+        match ext.as_str() {
+            "csv" => Some(TableKind::Csv),
+            "tsv" | "tab" => Some(TableKind::Tsv),
+            _ => None,
+        }
+    }
+
+    fn delimiter(self) -> u8 {
+        match self {
+            TableKind::Csv => b',',
+            TableKind::Tsv => b'\t',
+        }
+    }
+}
+
+/// Column positions resolved from the header row.
+struct Columns {
+    id: usize,
+    sequence: usize,
+    label: Option<usize>,
+    membrane: Option<usize>,
+    split: Option<usize>,
+}
+
+impl Columns {
+    fn resolve(headers: &csv::StringRecord, path: &Path) -> Result<Columns, DataError> {
+        let find = |names: &[&str]| {
+            names.iter().find_map(|want| {
+                headers
+                    .iter()
+                    .position(|h| h.trim().eq_ignore_ascii_case(want))
+            })
+        };
+        let require = |names: &[&str]| {
+            find(names).ok_or_else(|| {
+                let found: Vec<&str> = headers.iter().collect();
+                invalid(
+                    path,
+                    1,
+                    format!(
+                        "header row has no {} column (found: {})",
+                        names
+                            .iter()
+                            .map(|n| format!("'{n}'"))
+                            .collect::<Vec<_>>()
+                            .join(" or "),
+                        found.join(", ")
+                    ),
+                )
+            })
+        };
+        Ok(Columns {
+            id: require(&ID_COLUMNS)?,
+            sequence: require(&SEQUENCE_COLUMNS)?,
+            label: find(&LABEL_COLUMNS),
+            membrane: find(&MEMBRANE_COLUMNS),
+            split: find(&SPLIT_COLUMNS),
+        })
+    }
+}
+
+/// Reads a CSV/TSV table with a header row (see the module docs for the columns).
+///
+/// Errors name the file and the 1-based line of the row (the header is line 1). Malformed
+/// rows (wrong number of fields, invalid UTF-8) end reading even with `skip_invalid`, since
+/// the table structure can no longer be trusted; invalid contents only skip their row.
+pub fn read_table(path: &Path, kind: TableKind, opts: ReadOptions) -> Result<Dataset, DataError> {
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(kind.delimiter())
+        .has_headers(true)
+        .from_path(path)
+        .map_err(|e| csv_error(path, e))?;
+    let headers = reader.headers().map_err(|e| csv_error(path, e))?.clone();
+    if headers.iter().all(|h| h.trim().is_empty()) {
+        return Err(DataError::Empty(path.to_path_buf()));
+    }
+    let columns = Columns::resolve(&headers, path)?;
+    let mut collector = Collector::new(path, opts, LABEL_HINT);
+    let mut row = csv::StringRecord::new();
+    loop {
+        match reader.read_record(&mut row) {
+            Ok(true) => {}
+            Ok(false) => break,
+            Err(e) => return Err(csv_error(path, e)),
+        }
+        let line = row.position().map_or(0, |p| p.line() as usize);
+        collector.push(parse_row(&row, &columns, path, line))?;
+    }
+    collector.finish()
+}
+
+fn parse_row(
+    row: &csv::StringRecord,
+    columns: &Columns,
+    path: &Path,
+    line: usize,
+) -> Result<Record, DataError> {
+    // Every row has all columns (the csv reader rejects ragged rows), so `get` cannot miss.
+    let field = |i: usize| row.get(i).unwrap_or("").trim();
+    let id = field(columns.id);
+    if id.is_empty() {
+        return Err(invalid(path, line, "empty id"));
+    }
+    let err = |msg: String| invalid(path, line, format!("record {id:?}: {msg}"));
+    let sequence = validate_sequence(field(columns.sequence)).map_err(err)?;
+    let location = match columns.label.map(field).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(raw) if raw.contains('|') => {
+            return Err(err(format!(
+                "multi-label rows are not supported in single-label mode (label {raw:?})"
+            )))
+        }
+        Some(raw) => Some(canonical_label(raw).ok_or_else(|| {
+            err(format!(
+                "unknown label {raw:?} (valid labels: {})",
+                valid_labels_list()
+            ))
+        })?),
+    };
+    let membrane = match columns.membrane.map(field) {
+        None => Membrane::Unknown,
+        Some(raw) => parse_membrane(raw).ok_or_else(|| {
+            err(format!(
+                "invalid membrane value {raw:?} (expected M, S, U, 1, 0 or empty)"
+            ))
+        })?,
+    };
+    let is_test = columns
+        .split
+        .map(field)
+        .is_some_and(|s| s.eq_ignore_ascii_case("test"));
+    Ok(Record {
+        id: id.to_string(),
+        sequence,
+        location: location.map(str::to_string),
+        membrane,
+        is_test,
+        pos: SourcePos {
+            file: path.to_path_buf(),
+            line,
+        },
+    })
+}
+
+/// Membrane flag as written by DeepLoc 1.0 (`M`/`S`/`U`) or DeepLoc 2.0 (`1.0`/`0.0`).
+fn parse_membrane(raw: &str) -> Option<Membrane> {
+    match raw.to_ascii_lowercase().as_str() {
+        "m" | "1" | "1.0" | "membrane" => Some(Membrane::Membrane),
+        "s" | "0" | "0.0" | "soluble" => Some(Membrane::Soluble),
+        "u" | "" | "unknown" => Some(Membrane::Unknown),
+        _ => None,
+    }
+}
+
+/// Converts a csv error into a [`DataError`] that names the line when csv knows it.
+fn csv_error(path: &Path, e: csv::Error) -> DataError {
+    let line = e.position().map(|p| p.line() as usize);
+    match e.into_kind() {
+        csv::ErrorKind::Io(io) => DataError::Io(path.to_path_buf(), io),
+        csv::ErrorKind::UnequalLengths {
+            expected_len, len, ..
+        } => invalid(
+            path,
+            line.unwrap_or(0),
+            format!("row has {len} fields but the header has {expected_len}"),
+        ),
+        csv::ErrorKind::Utf8 { .. } => {
+            invalid(path, line.unwrap_or(0), "row is not valid UTF-8 text")
+        }
+        other => invalid(path, line.unwrap_or(0), format!("{other:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn write_tmp(suffix: &str, content: &str) -> tempfile::NamedTempFile {
+        let mut f = tempfile::Builder::new().suffix(suffix).tempfile().unwrap();
+        f.write_all(content.as_bytes()).unwrap();
+        f
+    }
+
+    #[test]
+    fn kind_from_extension() {
+        assert_eq!(
+            TableKind::from_path(Path::new("a.CSV")),
+            Some(TableKind::Csv)
+        );
+        assert_eq!(
+            TableKind::from_path(Path::new("a.tsv")),
+            Some(TableKind::Tsv)
+        );
+        assert_eq!(
+            TableKind::from_path(Path::new("a.Tab")),
+            Some(TableKind::Tsv)
+        );
+        assert_eq!(TableKind::from_path(Path::new("a.fasta")), None);
+        assert_eq!(TableKind::from_path(Path::new("csv")), None);
+    }
+
+    #[test]
+    fn membrane_values() {
+        assert_eq!(parse_membrane("1.0"), Some(Membrane::Membrane));
+        assert_eq!(parse_membrane("m"), Some(Membrane::Membrane));
+        assert_eq!(parse_membrane("0"), Some(Membrane::Soluble));
+        assert_eq!(parse_membrane(""), Some(Membrane::Unknown));
+        assert_eq!(parse_membrane("0.5"), None);
+    }
+
+    #[test]
+    fn reads_csv_with_any_column_order() {
+        let f = write_tmp(
+            ".csv",
+            "Sequence,Label,Accession,membrane,split\nmkv,Cell membrane,P1,1.0,test\nAC,,P2,,train\n",
+        );
+        let d = read_table(f.path(), TableKind::Csv, ReadOptions::default()).unwrap();
+        let r = &d.records[0];
+        assert_eq!(
+            (r.id.as_str(), r.sequence.as_str(), r.location.as_deref()),
+            ("P1", "MKV", Some("Cell.membrane"))
+        );
+        assert_eq!(
+            (r.membrane, r.is_test, r.pos.line),
+            (Membrane::Membrane, true, 2)
+        );
+        let r = &d.records[1];
+        assert_eq!((r.location.as_deref(), r.is_test), (None, false));
+    }
+
+    #[test]
+    fn ragged_row_is_fatal_with_line() {
+        let f = write_tmp(".tsv", "id\tsequence\nP1\tMK\nP2\tMK\textra\n");
+        let opts = ReadOptions {
+            skip_invalid: true,
+            ..Default::default()
+        };
+        let e = read_table(f.path(), TableKind::Tsv, opts)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains(":3:") && e.contains("3 fields"), "{e}");
+    }
+
+    #[test]
+    fn missing_columns() {
+        let f = write_tmp(".csv", "id,seq\nP1,MK\n");
+        let e = read_table(f.path(), TableKind::Csv, ReadOptions::default())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains(":1:") && e.contains("'sequence'") && e.contains("seq"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn empty_tables() {
+        for content in ["", "id,sequence\n"] {
+            let f = write_tmp(".csv", content);
+            let e = read_table(f.path(), TableKind::Csv, ReadOptions::default()).unwrap_err();
+            assert!(matches!(e, DataError::Empty(_)), "{content:?}: {e}");
+        }
+    }
+}
