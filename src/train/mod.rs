@@ -415,3 +415,18 @@ mod tests {
         assert!(!is_frozen("esm.encoder.emb_layer_norm_after.weight", "esm", 6));
     }
 }
+
+/// Writes `training_curves.png` into the run directory.
+pub fn plot_curves(run_dir: &std::path::Path, summary: &TrainSummary) -> Result<()> {
+    let points: Vec<crate::eval::plot::CurvePoint> = summary
+        .epochs
+        .iter()
+        .map(|m| crate::eval::plot::CurvePoint {
+            epoch: m.epoch as f64,
+            train_loss: Some(m.train_loss),
+            val_loss: m.val_loss,
+            val_accuracy: m.val_accuracy,
+        })
+        .collect();
+    crate::eval::plot::plot_training_curves(&points, &run_dir.join("training_curves.png"))
+}

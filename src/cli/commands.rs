@@ -1,0 +1,375 @@
+//! Subcommand definitions (clap derive) and their handlers.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::data::{self, stats::DatasetStats, ReadOptions};
+use crate::eval::run::{EvalArgs, Split};
+use crate::infer::output::Format;
+use crate::infer::predict::{EmbedArgs, PredictArgs};
+use crate::infer::BatchLimits;
+use crate::model::Pool;
+use crate::tokenize::Truncation;
+use crate::train::TrainArgs;
+
+/// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
+/// protein lives, evaluate them, and predict from FASTA.
+#[derive(Parser, Debug)]
+#[command(name = "protloc", version, propagate_version = true, after_help = "Start with `protloc demo` (no downloads); see README.md for real ProtBERT/ESM-2 weights and DeepLoc data.")]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace). PROTLOC_LOG overrides (tracing filter syntax).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    /// Only warnings and errors on stderr.
+    #[arg(short, long, global = true)]
+    pub quiet: bool,
+    /// Compute threads (default: all cores).
+    #[arg(long, global = true, env = "PROTLOC_THREADS")]
+    pub threads: Option<usize>,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Inspect data sets.
+    #[command(subcommand)]
+    Data(DataCommand),
+    /// Fine-tune a model on labelled proteins (DeepLoc FASTA or id,sequence,label CSV/TSV).
+    Train(TrainCmd),
+    /// Score a trained model: accuracy (Q10), MCC, per-class P/R/F1, confusion matrix.
+    Eval(EvalCmd),
+    /// Predict the location of every protein in a FASTA/CSV/TSV file (streams; any size).
+    Predict(PredictCmd),
+    /// Write per-protein mean embeddings of an encoder as JSON Lines.
+    Embed(EmbedCmd),
+    /// Train, evaluate and predict on a built-in synthetic data set in a few minutes, with no
+    /// downloads: a tour of the whole workflow.
+    Demo(DemoCmd),
+}
+
+#[derive(Subcommand, Debug)]
+pub enum DataCommand {
+    /// Counts per split, location and membrane flag, and a length summary.
+    Stats(StatsCmd),
+}
+
+#[derive(Args, Debug)]
+pub struct StatsCmd {
+    /// DeepLoc FASTA, plain FASTA, or CSV/TSV with id,sequence[,label] columns.
+    pub file: PathBuf,
+    /// Also write a sequence-length histogram (PNG).
+    #[arg(long, value_name = "PNG")]
+    pub plot: Option<PathBuf>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    /// Count and report invalid records instead of failing on the first.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct TrainCmd {
+    /// Base model: a Hugging Face model directory, a hub id (e.g. Rostlab/prot_bert_bfd), or
+    /// scratch:tiny|small|base for a ProtBERT-style BERT from random initialisation.
+    #[arg(long)]
+    pub model: String,
+    /// Labelled data: DeepLoc FASTA (`>ID Location-M [test]`) or CSV/TSV (id,sequence,label).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Run directory to write (config.json, vocab.txt, model.safetensors, metrics.jsonl).
+    #[arg(long)]
+    pub output: PathBuf,
+    #[arg(long, default_value_t = 3)]
+    pub epochs: usize,
+    #[arg(long, default_value_t = 4)]
+    pub batch_size: usize,
+    /// Peak learning rate (linear warm-up, then linear decay).
+    #[arg(long, default_value_t = 2e-5)]
+    pub lr: f64,
+    /// Learning rate of the new classifier head (default: --lr).
+    #[arg(long)]
+    pub head_lr: Option<f64>,
+    #[arg(long, default_value_t = 0.01)]
+    pub weight_decay: f64,
+    #[arg(long, default_value_t = 0.1)]
+    pub warmup_ratio: f64,
+    /// Residues kept per protein (default: the model's maximum, at most 1022).
+    #[arg(long)]
+    pub max_residues: Option<usize>,
+    /// Which residues of longer proteins to keep.
+    #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
+    pub truncate: Truncation,
+    /// Freeze the embeddings and the first N encoder layers.
+    #[arg(long, default_value_t = 0)]
+    pub freeze_layers: usize,
+    /// Batches per optimizer step.
+    #[arg(long, default_value_t = 1)]
+    pub grad_accum: usize,
+    /// Clip the global gradient norm (0 = off).
+    #[arg(long, default_value_t = 1.0)]
+    pub max_grad_norm: f64,
+    /// Dropout of the head (default 0.1); when given, also the encoder's dropout.
+    #[arg(long)]
+    pub dropout: Option<f64>,
+    /// Fraction of the training records held out for validation (stratified, seeded).
+    #[arg(long, default_value_t = 0.1)]
+    pub val_fraction: f64,
+    #[arg(long, default_value_t = 42)]
+    pub seed: u64,
+    /// Use only the first N records of the file (smoke tests).
+    #[arg(long)]
+    pub limit: Option<usize>,
+    /// Stop after N optimizer steps.
+    #[arg(long)]
+    pub max_steps: Option<usize>,
+    /// Pooling of token states into one vector per protein.
+    #[arg(long, value_enum, default_value_t = Pool::Cls)]
+    pub pool: Pool,
+    #[arg(long)]
+    pub skip_invalid: bool,
+    /// Token budget of validation batches.
+    #[arg(long, default_value_t = 8192)]
+    pub eval_batch_tokens: usize,
+}
+
+#[derive(Args, Debug)]
+pub struct EvalCmd {
+    /// Run directory written by `protloc train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Labelled data (DeepLoc FASTA or CSV/TSV).
+    #[arg(long)]
+    pub data: PathBuf,
+    /// Records to score: auto = the `test`-tagged ones when the file has any, else all.
+    #[arg(long, value_enum, default_value_t = Split::Auto)]
+    pub split: Split,
+    /// Write the full report as JSON.
+    #[arg(long, value_name = "JSON")]
+    pub output: Option<PathBuf>,
+    /// Write the confusion matrix as a PNG heat map.
+    #[arg(long, value_name = "PNG")]
+    pub plot: Option<PathBuf>,
+    /// Score only the first N records of the split.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub batching: Batching,
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct Batching {
+    /// Padded tokens per inference batch (proteins are sorted by length and grouped).
+    #[arg(long, default_value_t = 8192)]
+    pub max_batch_tokens: usize,
+    /// Proteins per inference batch at most.
+    #[arg(long, default_value_t = 64)]
+    pub max_batch_size: usize,
+}
+
+impl Batching {
+    fn limits(&self) -> BatchLimits {
+        BatchLimits { max_batch_tokens: self.max_batch_tokens.max(1), max_batch_size: self.max_batch_size.max(1) }
+    }
+}
+
+#[derive(Args, Debug)]
+pub struct PredictCmd {
+    /// Run directory written by `protloc train`.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// FASTA (any headers) or CSV/TSV with id,sequence columns.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// Output file (written atomically); default stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Output format (default: from the output's extension, else TSV).
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+    /// Predict only the first N proteins.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub batching: Batching,
+    /// Skip (and log) invalid records instead of stopping.
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct EmbedCmd {
+    /// Encoder: model directory, hub id, or a run directory.
+    #[arg(long)]
+    pub model: String,
+    /// FASTA or CSV/TSV with id,sequence columns.
+    #[arg(long)]
+    pub input: PathBuf,
+    /// JSON Lines output (written atomically); default stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
+    pub truncate: Truncation,
+    /// Residues kept per protein (default: the model's maximum, at most 1022).
+    #[arg(long)]
+    pub max_residues: Option<usize>,
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[command(flatten)]
+    pub batching: Batching,
+    #[arg(long)]
+    pub skip_invalid: bool,
+}
+
+#[derive(Args, Debug)]
+pub struct DemoCmd {
+    /// Where to write the demo's data, model and reports.
+    #[arg(long, default_value = "protloc-demo")]
+    pub output: PathBuf,
+    /// Training epochs.
+    #[arg(long, default_value_t = 12)]
+    pub epochs: usize,
+    /// Synthetic proteins per location.
+    #[arg(long, default_value_t = 80)]
+    pub per_class: usize,
+    #[arg(long, default_value_t = 7)]
+    pub seed: u64,
+}
+
+pub fn run(cli: Cli) -> Result<()> {
+    if let Some(n) = cli.threads {
+        // Read by candle's GEMM and by rayon when their pools start.
+        std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    }
+    match cli.command {
+        Command::Data(DataCommand::Stats(c)) => data_stats(c),
+        Command::Train(c) => train(c),
+        Command::Eval(c) => eval(c),
+        Command::Predict(c) => predict(c),
+        Command::Embed(c) => embed(c),
+        Command::Demo(c) => crate::demo::run(&crate::demo::DemoArgs {
+            output: c.output,
+            epochs: c.epochs,
+            per_class: c.per_class,
+            seed: c.seed,
+        }),
+    }
+}
+
+fn data_stats(c: StatsCmd) -> Result<()> {
+    let ds = data::read_dataset(&c.file, ReadOptions { skip_invalid: c.skip_invalid, require_labels: false })?;
+    let stats = DatasetStats::compute(&ds.records);
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&stats)?);
+    } else {
+        println!("{stats}");
+    }
+    if !ds.skipped.is_empty() {
+        eprintln!("skipped {} invalid records:", ds.skipped.len());
+        for s in ds.skipped.iter().take(20) {
+            eprintln!("  {s}");
+        }
+    }
+    if let Some(png) = c.plot {
+        data::stats::plot_length_histogram(&ds.records, &png)?;
+        eprintln!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+fn train(c: TrainCmd) -> Result<()> {
+    let mut args = TrainArgs::new(&c.model, c.data, c.output);
+    args.epochs = c.epochs;
+    args.batch_size = c.batch_size;
+    args.lr = c.lr;
+    args.head_lr = c.head_lr;
+    args.weight_decay = c.weight_decay;
+    args.warmup_ratio = c.warmup_ratio;
+    args.max_residues = c.max_residues;
+    args.truncate = c.truncate;
+    args.freeze_layers = c.freeze_layers;
+    args.grad_accum = c.grad_accum;
+    args.max_grad_norm = c.max_grad_norm;
+    args.dropout = c.dropout;
+    args.val_fraction = c.val_fraction;
+    args.seed = c.seed;
+    args.limit = c.limit;
+    args.max_steps = c.max_steps;
+    args.pool = c.pool;
+    args.skip_invalid = c.skip_invalid;
+    args.eval_batch_tokens = c.eval_batch_tokens;
+    let summary = crate::train::train(&args)?;
+    crate::train::plot_curves(&args.output, &summary)?;
+    eprintln!(
+        "trained {} of {} parameters for {} steps on {} proteins ({} validation); best epoch {} saved to {}",
+        summary.trainable_parameters,
+        summary.total_parameters,
+        summary.steps,
+        summary.train_records,
+        summary.val_records,
+        summary.best_epoch,
+        args.output.display()
+    );
+    Ok(())
+}
+
+fn eval(c: EvalCmd) -> Result<()> {
+    let out = crate::eval::run::evaluate(&EvalArgs {
+        model: c.model,
+        data: c.data,
+        split: c.split,
+        limit: c.limit,
+        limits: c.batching.limits(),
+        skip_invalid: c.skip_invalid,
+    })?;
+    println!("{} proteins from {} ({:?} split)\n", out.records, out.data, out.split);
+    println!("{}", out.report);
+    if let Some(path) = &c.output {
+        crate::artifacts::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
+        eprintln!("wrote {}", path.display());
+    }
+    if let Some(png) = &c.plot {
+        crate::eval::plot::plot_confusion(&out.report, png, true)
+            .with_context(|| format!("cannot write {}", png.display()))?;
+        eprintln!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+fn predict(c: PredictCmd) -> Result<()> {
+    let n = crate::infer::predict::predict(&PredictArgs {
+        model: c.model,
+        input: c.input,
+        output: c.output.clone(),
+        format: c.format,
+        limit: c.limit,
+        limits: c.batching.limits(),
+        skip_invalid: c.skip_invalid,
+    })?;
+    if let Some(p) = c.output {
+        eprintln!("wrote {n} predictions to {}", p.display());
+    }
+    Ok(())
+}
+
+fn embed(c: EmbedCmd) -> Result<()> {
+    let n = crate::infer::predict::embed(&EmbedArgs {
+        model: c.model,
+        input: c.input,
+        output: c.output.clone(),
+        truncate: c.truncate,
+        max_residues: c.max_residues,
+        limit: c.limit,
+        limits: c.batching.limits(),
+        skip_invalid: c.skip_invalid,
+    })?;
+    if let Some(p) = c.output {
+        eprintln!("wrote {n} embeddings to {}", p.display());
+    }
+    Ok(())
+}
