@@ -496,3 +496,43 @@ fn histogram_png_is_written_atomically() {
     }
     assert!(plot_length_histogram(&[], &dir.path().join("empty.png")).is_err());
 }
+
+// ---------------------------------------------------------------- round trip
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any set of records written as FASTA with any wrapping width reads back unchanged,
+    /// with each record's header line number.
+    #[test]
+    fn fasta_round_trip(
+        seqs in proptest::collection::vec(("[ACDEFGHIKLMNPQRSTVWY]{1,150}", 0usize..11, proptest::bool::ANY), 1..20),
+        width in 1usize..80,
+    ) {
+        let mut text = String::new();
+        let mut expected = Vec::new();
+        let mut line = 1;
+        for (i, (seq, label, test)) in seqs.iter().enumerate() {
+            let location = DEEPLOC_LOCATIONS.get(*label).copied();
+            match location {
+                Some(l) => text.push_str(&format!(">id{i} {l}-S{}\n", if *test { " test" } else { "" })),
+                None => text.push_str(&format!(">id{i} some free text\n")),
+            }
+            expected.push((format!("id{i}"), seq.clone(), location.map(str::to_string), *test && location.is_some(), line));
+            let bytes = seq.as_bytes();
+            for chunk in bytes.chunks(width) {
+                text.push_str(std::str::from_utf8(chunk).unwrap());
+                text.push('\n');
+            }
+            line += 1 + bytes.len().div_ceil(width);
+        }
+        let f = file(".fasta", &text);
+        let got: Vec<_> = read_dataset(f.path(), STRICT)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| (r.id, r.sequence, r.location, r.is_test, r.pos.line))
+            .collect();
+        proptest::prop_assert_eq!(got, expected);
+    }
+}

@@ -132,12 +132,14 @@ impl FastaStream {
                 }
                 Err(e) => return Item::Fatal(DataError::Io(self.path.clone(), e)),
             }
+            // Editors on Windows may prepend a UTF-8 byte-order mark; it is not part of the data.
+            let header = self.header.strip_prefix('\u{feff}').unwrap_or(&self.header);
             // Blank lines can only reach here before the first header (noodles folds later
             // ones into the preceding sequence, where they are harmless).
-            if self.header.trim().is_empty() {
+            if header.trim().is_empty() {
                 continue;
             }
-            let definition = self.header.parse::<Definition>();
+            let definition = header.parse::<Definition>();
             // Always consume the sequence so that a bad header costs only its own record.
             self.sequence.clear();
             if let Err(e) = self.reader.read_sequence(&mut self.sequence) {
@@ -385,7 +387,7 @@ mod tests {
 
     #[test]
     fn reads_wrapped_and_crlf() {
-        let f = write_tmp("\n>a Nucleus-S\r\nMKV\r\nlla\r\n\r\n>b desc\nAC\nDE*\n");
+        let f = write_tmp("\u{feff}\n>a Nucleus-S\r\nMKV\r\nlla\r\n\r\n>b desc\nAC\nDE*\n");
         let d = read_fasta(f.path(), ReadOptions::default()).unwrap();
         assert_eq!(d.records.len(), 2);
         assert_eq!(d.records[0].sequence, "MKVLLA");
