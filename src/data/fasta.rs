@@ -85,8 +85,9 @@ impl FastaStream {
         let file = File::open(path).map_err(|e| DataError::Io(path.to_path_buf(), e))?;
         let lines = Arc::new(AtomicUsize::new(0));
         let counter = LineCounter {
-            // Large buffer: noodles only recognises a header if '>' starts the buffered chunk,
-            // so fewer refills means fewer chances to misread pathological very long lines.
+            // Large buffer: noodles tests for '>' at the start of each buffered chunk, so a '>'
+            // inside a sequence line longer than the buffer could land on a chunk boundary and
+            // be taken for a header. With 64 KiB chunks that needs absurdly long lines.
             inner: BufReader::with_capacity(1 << 16, file),
             lines: Arc::clone(&lines),
         };
