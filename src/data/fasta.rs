@@ -85,8 +85,9 @@ impl FastaStream {
         let file = File::open(path).map_err(|e| DataError::Io(path.to_path_buf(), e))?;
         let lines = Arc::new(AtomicUsize::new(0));
         let counter = LineCounter {
-            // Large buffer: noodles only recognises a header if '>' starts the buffered chunk,
-            // so fewer refills means fewer chances to misread pathological very long lines.
+            // Large buffer: noodles tests for '>' at the start of each buffered chunk, so a '>'
+            // inside a sequence line longer than the buffer could land on a chunk boundary and
+            // be taken for a header. With 64 KiB chunks that needs absurdly long lines.
             inner: BufReader::with_capacity(1 << 16, file),
             lines: Arc::clone(&lines),
         };
@@ -132,12 +133,14 @@ impl FastaStream {
                 }
                 Err(e) => return Item::Fatal(DataError::Io(self.path.clone(), e)),
             }
+            // Editors on Windows may prepend a UTF-8 byte-order mark; it is not part of the data.
+            let header = self.header.strip_prefix('\u{feff}').unwrap_or(&self.header);
             // Blank lines can only reach here before the first header (noodles folds later
             // ones into the preceding sequence, where they are harmless).
-            if self.header.trim().is_empty() {
+            if header.trim().is_empty() {
                 continue;
             }
-            let definition = self.header.parse::<Definition>();
+            let definition = header.parse::<Definition>();
             // Always consume the sequence so that a bad header costs only its own record.
             self.sequence.clear();
             if let Err(e) = self.reader.read_sequence(&mut self.sequence) {
@@ -385,7 +388,7 @@ mod tests {
 
     #[test]
     fn reads_wrapped_and_crlf() {
-        let f = write_tmp("\n>a Nucleus-S\r\nMKV\r\nlla\r\n\r\n>b desc\nAC\nDE*\n");
+        let f = write_tmp("\u{feff}\n>a Nucleus-S\r\nMKV\r\nlla\r\n\r\n>b desc\nAC\nDE*\n");
         let d = read_fasta(f.path(), ReadOptions::default()).unwrap();
         assert_eq!(d.records.len(), 2);
         assert_eq!(d.records[0].sequence, "MKVLLA");

@@ -216,3 +216,53 @@ impl Collector {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn validate_sequence_examples() {
+        assert_eq!(validate_sequence("mk vl\nA*\n").unwrap(), "MKVLA");
+        assert_eq!(validate_sequence("*").unwrap_err(), "empty sequence");
+        assert_eq!(validate_sequence(" \n").unwrap_err(), "empty sequence");
+        let e = validate_sequence("MK*V").unwrap_err();
+        assert!(e.contains("'*'") && e.contains("position 3"), "{e}");
+    }
+
+    proptest! {
+        /// Accepted letters in any case, with whitespace anywhere, come back upper-cased.
+        #[test]
+        fn validate_accepts_residues(raw in "[ACDEFGHIKLMNPQRSTVWYXUZOBacdefghiklmnpqrstvwyxuzob \n\t]{0,80}") {
+            let letters: String =
+                raw.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_uppercase()).collect();
+            match validate_sequence(&raw) {
+                Ok(seq) => prop_assert_eq!(seq, letters),
+                Err(e) => {
+                    prop_assert!(letters.is_empty());
+                    prop_assert_eq!(e, "empty sequence");
+                }
+            }
+        }
+
+        /// One bad character is reported at its residue position.
+        #[test]
+        fn validate_reports_position(
+            prefix in "[ACDEFGHIKLMNPQRSTVWY]{0,40}",
+            bad in "[0-9JjBb@#.-]",
+            suffix in "[ACDEFGHIKLMNPQRSTVWY]{0,40}",
+        ) {
+            let raw = format!("{prefix}{bad}{suffix}");
+            let result = validate_sequence(&raw);
+            if bad.eq_ignore_ascii_case("b") {
+                // B (Asx) is accepted.
+                prop_assert!(result.is_ok());
+            } else {
+                let e = result.unwrap_err();
+                let expected = format!("position {}", prefix.len() + 1);
+                prop_assert!(e.contains(&expected), "{}", e);
+            }
+        }
+    }
+}

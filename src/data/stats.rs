@@ -10,6 +10,7 @@ use std::path::Path;
 
 use anyhow::Context;
 use plotters::prelude::*;
+use plotters::style::text_anchor::{HPos, Pos, VPos};
 use serde::Serialize;
 
 use super::{Membrane, Record};
@@ -143,9 +144,18 @@ impl DatasetStats {
             test,
             locations,
             membrane: vec![
-                MembraneCount { flag: 'M', count: m },
-                MembraneCount { flag: 'S', count: s },
-                MembraneCount { flag: 'U', count: u },
+                MembraneCount {
+                    flag: 'M',
+                    count: m,
+                },
+                MembraneCount {
+                    flag: 'S',
+                    count: s,
+                },
+                MembraneCount {
+                    flag: 'U',
+                    count: u,
+                },
             ],
             lengths: LengthSummary::compute(records.iter().map(|r| r.sequence.len()).collect()),
         }
@@ -259,8 +269,9 @@ fn bin_lengths(records: &[Record]) -> Bins {
             }
         }
     }
-    // Regular bins cover 0..=clip; the overflow bin starts at the next bin boundary.
-    let n_regular = clip / width + 1;
+    // Regular bins cover 0..edge (edge = clip rounded up to a bin boundary); everything at
+    // or past `edge` goes to the overflow bin.
+    let n_regular = clip.div_ceil(width);
     let edge = n_regular * width;
     let mut train = vec![0; n_regular + 1];
     let mut test = vec![0; n_regular + 1];
@@ -344,6 +355,7 @@ fn draw_histogram(bins: &Bins, total: usize, out: &Path) -> anyhow::Result<()> {
     chart
         .configure_mesh()
         .disable_x_mesh()
+        .light_line_style(TRANSPARENT)
         .x_desc(format!(
             "sequence length (residues; last bar: >= {edge}, bin width {})",
             bins.width
@@ -363,7 +375,10 @@ fn draw_histogram(bins: &Bins, total: usize, out: &Path) -> anyhow::Result<()> {
         } else {
             color.filled()
         };
-        Rectangle::new([(x0 + w * 0.05, lo as f64), (x0 + w * 0.95, hi as f64)], style)
+        Rectangle::new(
+            [(x0 + w * 0.05, lo as f64), (x0 + w * 0.95, hi as f64)],
+            style,
+        )
     };
     if n_train > 0 {
         chart
@@ -375,7 +390,9 @@ fn draw_histogram(bins: &Bins, total: usize, out: &Path) -> anyhow::Result<()> {
                     .map(|(i, &c)| bar(i, 0, c, TRAIN_COLOR)),
             )?
             .label(format!("train ({n_train})"))
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], TRAIN_COLOR.filled()));
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 6), (x + 14, y + 6)], TRAIN_COLOR.filled())
+            });
     }
     if n_test > 0 {
         chart
@@ -388,14 +405,19 @@ fn draw_histogram(bins: &Bins, total: usize, out: &Path) -> anyhow::Result<()> {
                     .map(|(i, (&tr, &t))| bar(i, tr, tr + t, TEST_COLOR)),
             )?
             .label(format!("test ({n_test})"))
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], TEST_COLOR.filled()));
+            .legend(move |(x, y)| {
+                Rectangle::new([(x, y - 6), (x + 14, y + 6)], TEST_COLOR.filled())
+            });
     }
     // Say what the overflow bar holds; it is easy to misread as a real bin otherwise.
     let overflow = bins.train[n_bins - 1] + bins.test[n_bins - 1];
+    // Right-aligned to the bar's right edge so the text stays inside the plot.
+    let label_style =
+        TextStyle::from(("sans-serif", 15).into_font()).pos(Pos::new(HPos::Right, VPos::Bottom));
     chart.draw_series(std::iter::once(Text::new(
         format!(">= {edge}: {overflow}"),
-        ((n_bins - 1) as f64 * w - 2.0 * w, overflow as f64 + y_max * 0.04),
-        ("sans-serif", 15),
+        (x_max, overflow as f64 + y_max * 0.02),
+        label_style,
     )))?;
     chart
         .configure_series_labels()
@@ -488,6 +510,7 @@ mod tests {
         // p99 of 201 lengths is 995; width 20 gives 50 bins up to 1000.
         assert_eq!(b.width, 20);
         assert_eq!(b.edge, 1000);
+        assert_eq!(b.train.len(), 51);
         let total: usize = b.train.iter().chain(&b.test).sum();
         assert_eq!(total, 201);
         let last = b.train.len() - 1;

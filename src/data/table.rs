@@ -254,7 +254,7 @@ mod tests {
     fn reads_csv_with_any_column_order() {
         let f = write_tmp(
             ".csv",
-            "Sequence,Label,Accession,membrane,split\nmkv,Cell membrane,P1,1.0,test\nAC,,P2,,train\n",
+            "\u{feff}Sequence,Label,Accession,membrane,split\nmkv,Cell membrane,P1,1.0,test\nAC,,P2,,train\n",
         );
         let d = read_table(f.path(), TableKind::Csv, ReadOptions::default()).unwrap();
         let r = &d.records[0];

@@ -1,0 +1,538 @@
+//! Integration tests for `protloc::data`: the real shared data sets plus handmade files for
+//! every error path. Shared data lives next to the repository (`../shared/data`); tests that
+//! need it fail, rather than skip, when it is missing.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+use protloc::data::fasta::{read_fasta, FastaStream};
+use protloc::data::split::{stratified_validation, train_test};
+use protloc::data::stats::{plot_length_histogram, DatasetStats};
+use protloc::data::table::{read_table, TableKind};
+use protloc::data::{
+    canonical_label, read_dataset, DataError, Dataset, Membrane, ReadOptions, DEEPLOC_LOCATIONS,
+};
+
+fn shared(name: &str) -> PathBuf {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../shared/data")
+        .join(name);
+    assert!(
+        path.exists(),
+        "shared data file {} is missing: these tests need the real data sets \
+         (see ../shared/README.md); they are not copied into the repository",
+        path.display()
+    );
+    path
+}
+
+const STRICT: ReadOptions = ReadOptions {
+    skip_invalid: false,
+    require_labels: false,
+};
+const LABELED: ReadOptions = ReadOptions {
+    skip_invalid: false,
+    require_labels: true,
+};
+const LENIENT: ReadOptions = ReadOptions {
+    skip_invalid: true,
+    require_labels: false,
+};
+
+/// A temp file with the given extension; kept alive by the returned handle.
+fn file(ext: &str, content: &str) -> tempfile::NamedTempFile {
+    let mut f = tempfile::Builder::new()
+        .prefix("protloc-test-")
+        .suffix(ext)
+        .tempfile()
+        .unwrap();
+    f.write_all(content.as_bytes()).unwrap();
+    f
+}
+
+/// Reads `content` (format by extension) and returns the error message, checking that it
+/// names the file and `file:line`.
+fn error_at(ext: &str, content: &str, opts: ReadOptions, line: usize) -> String {
+    let f = file(ext, content);
+    let err = read_dataset(f.path(), opts).expect_err("expected an error");
+    let msg = err.to_string();
+    let name = f.path().file_name().unwrap().to_str().unwrap();
+    assert!(msg.contains(name), "message does not name the file: {msg}");
+    assert!(
+        msg.contains(&format!("{name}:{line}:")),
+        "message does not point at line {line}: {msg}"
+    );
+    msg
+}
+
+// ---------------------------------------------------------------- real data
+
+#[test]
+fn real_deeploc_fasta() {
+    let path = shared("deeploc_data.fasta");
+    let data = read_dataset(&path, LABELED).unwrap();
+    assert!(data.skipped.is_empty());
+    assert_eq!(data.records.len(), 17_878);
+    let (train, test) = train_test(&data.records);
+    assert_eq!((train.len(), test.len()), (15_110, 2_768));
+    let mut labels: Vec<&str> = data
+        .records
+        .iter()
+        .map(|r| r.location.as_deref().unwrap())
+        .collect();
+    labels.sort_unstable();
+    labels.dedup();
+    assert_eq!(labels.len(), 10);
+    assert!(labels.iter().all(|l| DEEPLOC_LOCATIONS.contains(l)));
+    let first = &data.records[0];
+    assert_eq!(first.id, "Q96CN9");
+    assert_eq!(first.location.as_deref(), Some("Cytoplasm"));
+    assert_eq!(first.membrane, Membrane::Soluble);
+    assert_eq!(first.pos.line, 1);
+    // 60-column wrapping: the first record spans 13 sequence lines (12 full + 55 residues).
+    assert_eq!(first.sequence.len(), 775);
+    assert_eq!(data.records[1].pos.line, 15);
+
+    let stats = DatasetStats::compute(&data.records);
+    assert_eq!(
+        (stats.total, stats.train, stats.test),
+        (17_878, 15_110, 2_768)
+    );
+    assert_eq!(stats.locations.len(), 10);
+    let u = stats.membrane.iter().find(|m| m.flag == 'U').unwrap();
+    assert_eq!(u.count, 1022); // from `grep` of the -U headers
+}
+
+#[test]
+fn real_fasta_streams_the_same_records() {
+    let path = shared("deeploc_data.fasta");
+    let all = read_fasta(&path, STRICT).unwrap().records;
+    let mut n = 0;
+    for (streamed, read) in FastaStream::open(&path).unwrap().zip(&all) {
+        assert_eq!(&streamed.unwrap(), read);
+        n += 1;
+    }
+    assert_eq!(n, all.len());
+}
+
+#[test]
+fn real_hpa_csv_has_multilabel_rows() {
+    let path = shared("deeploc2_hpa_test.csv");
+    let msg = read_dataset(&path, STRICT).unwrap_err().to_string();
+    assert!(msg.contains("deeploc2_hpa_test.csv:10:"), "{msg}");
+    assert!(msg.contains("multi-label"), "{msg}");
+
+    let data = read_dataset(&path, LENIENT).unwrap();
+    assert_eq!(data.records.len(), 1_367);
+    assert_eq!(data.skipped.len(), 350);
+    assert!(data.skipped.iter().all(|s| s.contains("multi-label")));
+    // DeepLoc 2.0 spellings are mapped to the canonical names.
+    assert!(data
+        .records
+        .iter()
+        .any(|r| r.location.as_deref() == Some("Cell.membrane")));
+    assert!(data.records.iter().all(|r| !r.is_test));
+}
+
+#[test]
+fn real_swissprot_csv_membrane_column() {
+    let data = read_dataset(&shared("deeploc2_swissprot.csv"), LENIENT).unwrap();
+    assert_eq!(data.records.len(), 21_619);
+    assert_eq!(data.skipped.len(), 6_684);
+    let membrane = data
+        .records
+        .iter()
+        .filter(|r| r.membrane == Membrane::Membrane)
+        .count();
+    assert_eq!(membrane, 6_358);
+    assert!(data.records.iter().all(|r| r.membrane != Membrane::Unknown));
+}
+
+#[test]
+fn real_data_stratified_validation() {
+    let data = read_dataset(&shared("deeploc_data.fasta"), STRICT).unwrap();
+    let recs = &data.records;
+    let (train, _) = train_test(recs);
+    let (tr, val) = stratified_validation(recs, &train, 0.1, 42).unwrap();
+    assert_eq!(tr.len() + val.len(), train.len());
+    for label in DEEPLOC_LOCATIONS {
+        let count = |ix: &[usize]| {
+            ix.iter()
+                .filter(|&&i| recs[i].location.as_deref() == Some(label))
+                .count()
+        };
+        let n = count(&train) as f64;
+        let v = count(&val) as f64;
+        assert!((v - 0.1 * n).abs() <= 1.0, "{label}: {v} of {n}");
+    }
+    let (_, val2) = stratified_validation(recs, &train, 0.1, 43).unwrap();
+    assert_ne!(val, val2);
+}
+
+// ---------------------------------------------------------------- FASTA
+
+#[test]
+fn fasta_wrapped_mixed_and_plain() {
+    let f = file(
+        ".fa",
+        ">P1 Nucleus-S\nMKVL\nLAAG\nW\n>P2 Golgi_apparatus-M test\nmkv\n>sp|P3|X_HUMAN Some protein OS=Homo sapiens\nACDE\nFGH*\n",
+    );
+    let d = read_dataset(f.path(), STRICT).unwrap();
+    let r: Vec<_> = d
+        .records
+        .iter()
+        .map(|r| {
+            (
+                r.id.as_str(),
+                r.sequence.as_str(),
+                r.location.as_deref(),
+                r.membrane,
+                r.is_test,
+                r.pos.line,
+            )
+        })
+        .collect();
+    assert_eq!(
+        r,
+        vec![
+            (
+                "P1",
+                "MKVLLAAGW",
+                Some("Nucleus"),
+                Membrane::Soluble,
+                false,
+                1
+            ),
+            (
+                "P2",
+                "MKV",
+                Some("Golgi.apparatus"),
+                Membrane::Membrane,
+                true,
+                5
+            ),
+            (
+                "sp|P3|X_HUMAN",
+                "ACDEFGH",
+                None,
+                Membrane::Unknown,
+                false,
+                7
+            ),
+        ]
+    );
+}
+
+#[test]
+fn fasta_errors_name_file_and_line() {
+    let msg = error_at(
+        ".fasta",
+        ">a Nucleus-S\nMK\n>b Nucleus-S\n\n>c Nucleus-S\nMK\n",
+        STRICT,
+        3,
+    );
+    assert!(
+        msg.contains("empty sequence") && msg.contains("\"b\""),
+        "{msg}"
+    );
+
+    let msg = error_at(".fasta", ">a\nMKV\nMKV\nMKV\n>b\nMKVMK\nMKB3K\n", STRICT, 5);
+    assert!(
+        msg.contains("\"b\"") && msg.contains("'3'") && msg.contains("position 9"),
+        "{msg}"
+    );
+
+    let msg = error_at(
+        ".fasta",
+        ">a Nucleus-S\nMK\n>b Nucleoplasm-M\nMK\n",
+        STRICT,
+        3,
+    );
+    assert!(msg.contains("unknown label \"Nucleoplasm\""), "{msg}");
+    assert!(
+        msg.contains("Golgi.apparatus"),
+        "valid labels listed: {msg}"
+    );
+
+    let msg = error_at(".fasta", ">a\nMK\n>b\nMK\n>a\nMK\n", STRICT, 5);
+    assert!(
+        msg.contains("duplicate id \"a\"") && msg.contains("line 1"),
+        "{msg}"
+    );
+
+    let msg = error_at(".fasta", ">a Nucleus-S\nMK\n>b free text\nMK\n", LABELED, 3);
+    assert!(msg.contains("no location label"), "{msg}");
+
+    let msg = error_at(".fasta", "id,sequence\nP1,MK\n", STRICT, 1);
+    assert!(msg.contains("not a FASTA file"), "{msg}");
+
+    let msg = error_at(".fasta", ">a Nucleus-S trian\nMK\n", STRICT, 1);
+    assert!(msg.contains("trian"), "{msg}");
+}
+
+#[test]
+fn fasta_empty_file() {
+    let f = file(".fasta", "");
+    assert!(matches!(
+        read_dataset(f.path(), STRICT),
+        Err(DataError::Empty(_))
+    ));
+}
+
+#[test]
+fn fasta_skip_invalid_counts() {
+    let f = file(
+        ".fasta",
+        ">a Nucleus-S\nMK\n>b Nucleus-S\nM1K\n>a Nucleus-S\nMK\n>c Bogus-S\nMK\n>d\nMK\n>e Plastid-U\nMK\n",
+    );
+    let opts = ReadOptions {
+        skip_invalid: true,
+        require_labels: true,
+    };
+    let Dataset { records, skipped } = read_dataset(f.path(), opts).unwrap();
+    let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
+    assert_eq!(ids, vec!["a", "e"]);
+    assert_eq!(skipped.len(), 4, "{skipped:?}");
+    for (msg, line) in skipped.iter().zip([3, 5, 7, 9]) {
+        assert!(msg.contains(&format!(":{line}:")), "{msg}");
+    }
+}
+
+#[test]
+fn fasta_all_invalid_reports_first_error() {
+    let f = file(".fasta", ">a\nM1\n>b\nM2\n");
+    let err = read_dataset(f.path(), LENIENT).unwrap_err();
+    let msg = err.to_string();
+    assert!(matches!(err, DataError::Invalid { .. }), "{msg}");
+    assert!(msg.contains(":1:") && msg.contains("'1'"), "{msg}");
+}
+
+#[test]
+fn fasta_garbage_is_fatal_even_when_skipping() {
+    let f = file(".fasta", "\u{0}\u{1}binary junk\n>a\nMK\n");
+    let msg = read_dataset(f.path(), LENIENT).unwrap_err().to_string();
+    assert!(
+        msg.contains(":1:") && msg.contains("not a FASTA file"),
+        "{msg}"
+    );
+}
+
+#[test]
+fn missing_file_is_io_error() {
+    let err = read_dataset(Path::new("/nonexistent/x.fasta"), STRICT).unwrap_err();
+    assert!(matches!(err, DataError::Io(..)));
+    assert!(err.to_string().contains("/nonexistent/x.fasta"));
+}
+
+// ---------------------------------------------------------------- tables
+
+#[test]
+fn csv_and_tsv_read_the_same() {
+    let csv = "accession,sequence,label,membrane,set\nP1,MKV,Cell membrane,1.0,train\nP2,ACD,Lysosome/Vacuole,0,test\nP3,WY,,,\n";
+    let tsv = csv.replace(',', "\t");
+    let a = read_dataset(file(".csv", csv).path(), STRICT)
+        .unwrap()
+        .records;
+    let b = read_dataset(file(".TSV", &tsv).path(), STRICT)
+        .unwrap()
+        .records;
+    assert_eq!(a.len(), 3);
+    let strip = |r: &protloc::data::Record| {
+        (
+            r.id.clone(),
+            r.sequence.clone(),
+            r.location.clone(),
+            r.membrane,
+            r.is_test,
+            r.pos.line,
+        )
+    };
+    assert_eq!(
+        a.iter().map(strip).collect::<Vec<_>>(),
+        b.iter().map(strip).collect::<Vec<_>>()
+    );
+    assert_eq!(a[0].location.as_deref(), Some("Cell.membrane"));
+    assert_eq!(a[1].membrane, Membrane::Soluble);
+    assert!(a[1].is_test && !a[0].is_test);
+    assert_eq!((a[2].location.as_deref(), a[2].pos.line), (None, 4));
+    // .tab is a TSV too.
+    let c = read_table(file(".tab", &tsv).path(), TableKind::Tsv, STRICT).unwrap();
+    assert_eq!(c.records.len(), 3);
+}
+
+#[test]
+fn table_errors_name_file_and_line() {
+    let head = "id,sequence,location\n";
+    let msg = error_at(
+        ".csv",
+        &format!("{head}P1,MK,Nucleus\nP2,,Nucleus\n"),
+        STRICT,
+        3,
+    );
+    assert!(msg.contains("empty sequence"), "{msg}");
+    let msg = error_at(
+        ".csv",
+        &format!("{head}P1,MK,Nucleus\nP2,MKJ,Nucleus\n"),
+        STRICT,
+        3,
+    );
+    assert!(
+        msg.contains("\"P2\"") && msg.contains("position 3"),
+        "{msg}"
+    );
+    let msg = error_at(".csv", &format!("{head}P1,MK,Nucleolus\n"), STRICT, 2);
+    assert!(msg.contains("unknown label \"Nucleolus\""), "{msg}");
+    let msg = error_at(
+        ".csv",
+        &format!("{head}P1,MK,Nucleus\nP2,MK,Nucleus\nP1,MK,Nucleus\n"),
+        STRICT,
+        4,
+    );
+    assert!(
+        msg.contains("duplicate id \"P1\"") && msg.contains("line 2"),
+        "{msg}"
+    );
+    let msg = error_at(
+        ".csv",
+        &format!("{head}P1,MK,Nucleus\nP2,MK,\n"),
+        LABELED,
+        3,
+    );
+    assert!(msg.contains("no location label"), "{msg}");
+    let msg = error_at(
+        ".csv",
+        &format!("{head}P1,MK,Cytoplasm|Nucleus\n"),
+        STRICT,
+        2,
+    );
+    assert!(
+        msg.contains("multi-label rows are not supported in single-label mode"),
+        "{msg}"
+    );
+    let msg = error_at(".csv", "id,sequence\nP1,MK\nP2\n", STRICT, 3);
+    assert!(msg.contains("fields"), "{msg}");
+    // A quoted field spanning lines: the row's line is where it starts.
+    let msg = error_at(".csv", "id,sequence\n\"P1\",\"MK\nMK\"\nP2,M@\n", STRICT, 4);
+    assert!(msg.contains("'@'"), "{msg}");
+    let msg = error_at(".tsv", "id\tsequence\tmembrane\nP1\tMK\tmaybe\n", STRICT, 2);
+    assert!(msg.contains("membrane"), "{msg}");
+}
+
+#[test]
+fn table_without_labels_needs_label_column_only_when_required() {
+    let f = file(".csv", "id,sequence\nP1,MK\n");
+    assert_eq!(read_dataset(f.path(), STRICT).unwrap().records.len(), 1);
+    let msg = read_dataset(f.path(), LABELED).unwrap_err().to_string();
+    assert!(
+        msg.contains(":2:") && msg.contains("no location label"),
+        "{msg}"
+    );
+}
+
+// ---------------------------------------------------------------- labels, stats, plot
+
+#[test]
+fn canonical_labels() {
+    assert_eq!(canonical_label("Cell membrane"), Some("Cell.membrane"));
+    assert_eq!(
+        canonical_label("endoplasmic_reticulum"),
+        Some("Endoplasmic.reticulum")
+    );
+    assert_eq!(canonical_label("PEROXISOME"), Some("Peroxisome"));
+    assert_eq!(canonical_label("Centrosome"), None);
+}
+
+#[test]
+fn stats_on_handmade_file() {
+    let f = file(
+        ".fasta",
+        ">a Nucleus-S\nMKVLA\n>b Nucleus-M test\nMKV\n>c Cytoplasm-U\nMKVLAMKVLA\n>d\nMK\n",
+    );
+    let d = read_dataset(f.path(), STRICT).unwrap();
+    let s = DatasetStats::compute(&d.records);
+    assert_eq!((s.total, s.train, s.test), (4, 3, 1));
+    let rows: Vec<(&str, usize, usize, usize)> = s
+        .locations
+        .iter()
+        .map(|l| (l.location.as_str(), l.total, l.train, l.test))
+        .collect();
+    assert_eq!(
+        rows,
+        vec![
+            ("Nucleus", 2, 1, 1),
+            ("(none)", 1, 1, 0),
+            ("Cytoplasm", 1, 1, 0)
+        ]
+    );
+    let flags: Vec<usize> = s.membrane.iter().map(|m| m.count).collect();
+    assert_eq!(flags, vec![1, 1, 2]);
+    let l = &s.lengths;
+    assert_eq!((l.min, l.max, l.p90, l.p99), (2, 10, 10, 10));
+    assert_eq!((l.mean, l.median), (5.0, 4.0));
+    assert_eq!((l.over_512, l.over_1022), (0, 0));
+    let text = s.to_string();
+    assert!(text.contains("Nucleus"), "{text}");
+    // JSON form for `--json` style output.
+    let json = serde_json::to_value(&s).unwrap();
+    assert_eq!(json["lengths"]["median"], 4.0);
+    assert_eq!(json["membrane"][0]["flag"], "M");
+}
+
+#[test]
+fn histogram_png_is_written_atomically() {
+    let data = read_dataset(&shared("deeploc_data.fasta"), STRICT).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("lengths.png");
+    plot_length_histogram(&data.records, &out).unwrap();
+    let bytes = std::fs::read(&out).unwrap();
+    assert!(bytes.len() > 1000, "suspiciously small PNG");
+    assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+    // Only the final file remains: the temporary one was renamed, not copied.
+    let names: Vec<_> = std::fs::read_dir(dir.path()).unwrap().collect();
+    assert_eq!(names.len(), 1);
+    // Set PROTLOC_KEEP_PLOT=/some/file.png to look at the image.
+    if let Some(keep) = std::env::var_os("PROTLOC_KEEP_PLOT") {
+        std::fs::copy(&out, keep).unwrap();
+    }
+    assert!(plot_length_histogram(&[], &dir.path().join("empty.png")).is_err());
+}
+
+// ---------------------------------------------------------------- round trip
+
+proptest::proptest! {
+    #![proptest_config(proptest::prelude::ProptestConfig::with_cases(64))]
+
+    /// Any set of records written as FASTA with any wrapping width reads back unchanged,
+    /// with each record's header line number.
+    #[test]
+    fn fasta_round_trip(
+        seqs in proptest::collection::vec(("[ACDEFGHIKLMNPQRSTVWY]{1,150}", 0usize..11, proptest::bool::ANY), 1..20),
+        width in 1usize..80,
+    ) {
+        let mut text = String::new();
+        let mut expected = Vec::new();
+        let mut line = 1;
+        for (i, (seq, label, test)) in seqs.iter().enumerate() {
+            let location = DEEPLOC_LOCATIONS.get(*label).copied();
+            match location {
+                Some(l) => text.push_str(&format!(">id{i} {l}-S{}\n", if *test { " test" } else { "" })),
+                None => text.push_str(&format!(">id{i} some free text\n")),
+            }
+            expected.push((format!("id{i}"), seq.clone(), location.map(str::to_string), *test && location.is_some(), line));
+            let bytes = seq.as_bytes();
+            for chunk in bytes.chunks(width) {
+                text.push_str(std::str::from_utf8(chunk).unwrap());
+                text.push('\n');
+            }
+            line += 1 + bytes.len().div_ceil(width);
+        }
+        let f = file(".fasta", &text);
+        let got: Vec<_> = read_dataset(f.path(), STRICT)
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| (r.id, r.sequence, r.location, r.is_test, r.pos.line))
+            .collect();
+        proptest::prop_assert_eq!(got, expected);
+    }
+}
