@@ -34,7 +34,9 @@ const HYDROPHOBIC: &[u8] = b"LLLLIIIVVVFFAAM";
 /// A random string over `alphabet` with a length drawn from `len`.
 fn pick(rng: &mut ChaCha8Rng, alphabet: &[u8], len: std::ops::Range<usize>) -> String {
     let n = rng.random_range(len);
-    (0..n).map(|_| alphabet[rng.random_range(0..alphabet.len())] as char).collect()
+    (0..n)
+        .map(|_| alphabet[rng.random_range(0..alphabet.len())] as char)
+        .collect()
 }
 
 fn signal_peptide(rng: &mut ChaCha8Rng) -> String {
@@ -57,17 +59,34 @@ pub fn synth_protein(rng: &mut ChaCha8Rng, location: &str) -> String {
     let bg = |rng: &mut ChaCha8Rng, n: usize| pick(rng, BACKGROUND, n..n + 1);
     let body = bg(rng, len);
     match location {
-        "Nucleus" => format!("M{}{}{}", bg(rng, 10), pick(rng, b"KKKRR", 2..3) + "PKKKRKV", body),
+        "Nucleus" => format!(
+            "M{}{}{}",
+            bg(rng, 10),
+            pick(rng, b"KKKRR", 2..3) + "PKKKRKV",
+            body
+        ),
         "Cytoplasm" => format!("M{body}"),
         "Extracellular" => format!("{}{body}", signal_peptide(rng)),
         "Mitochondrion" => format!("{}{body}", transit_peptide(rng, b"RRRLLLAASSKG")),
         "Cell.membrane" => {
             let loop_len = rng.random_range(5..15);
-            format!("M{}{}{}{}{}{body}", bg(rng, 8), tm_helix(rng), bg(rng, loop_len), tm_helix(rng), bg(rng, 6))
+            format!(
+                "M{}{}{}{}{}{body}",
+                bg(rng, 8),
+                tm_helix(rng),
+                bg(rng, loop_len),
+                tm_helix(rng),
+                bg(rng, 6)
+            )
         }
         "Endoplasmic.reticulum" => format!("{}{body}KDEL", signal_peptide(rng)),
         "Plastid" => format!("{}{body}", transit_peptide(rng, b"SSSTTTAAVPRG")),
-        "Golgi.apparatus" => format!("M{}{}{body}{}", bg(rng, 6), tm_helix(rng), "KKXX".replace('X', &pick(rng, b"ST", 1..2))),
+        "Golgi.apparatus" => format!(
+            "M{}{}{body}{}",
+            bg(rng, 6),
+            tm_helix(rng),
+            "KKXX".replace('X', &pick(rng, b"ST", 1..2))
+        ),
         "Lysosome/Vacuole" => format!("{}{body}GYQTI", signal_peptide(rng)),
         "Peroxisome" => format!("M{body}SKL"),
         other => unreachable!("no generator for {other}"),
@@ -83,7 +102,11 @@ pub fn write_dataset(path: &Path, per_class: usize, seed: u64) -> Result<usize> 
     for i in 0..per_class {
         for (c, loc) in DEEPLOC_LOCATIONS.iter().enumerate() {
             let seq = synth_protein(&mut rng, loc);
-            let membrane = if matches!(*loc, "Cell.membrane" | "Golgi.apparatus") { 'M' } else { 'S' };
+            let membrane = if matches!(*loc, "Cell.membrane" | "Golgi.apparatus") {
+                'M'
+            } else {
+                'S'
+            };
             let test = if i % 5 == 4 { " test" } else { "" };
             writeln!(out, ">DEMO{:02}{:04} {loc}-{membrane}{test}", c, i)?;
             for line in seq.as_bytes().chunks(60) {
@@ -102,14 +125,20 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
     let data = out.join("demo.fasta");
     let n = write_dataset(&data, args.per_class, args.seed)?;
-    eprintln!("1/4  wrote {n} synthetic proteins (DeepLoc format) to {}", data.display());
+    eprintln!(
+        "1/4  wrote {n} synthetic proteins (DeepLoc format) to {}",
+        data.display()
+    );
 
     let ds = crate::data::read_dataset(&data, Default::default())?;
     println!("{}", crate::data::stats::DatasetStats::compute(&ds.records));
     crate::data::stats::plot_length_histogram(&ds.records, &out.join("lengths.png"))?;
 
     let run_dir = out.join("run");
-    eprintln!("2/4  fine-tuning a small BERT from scratch (scratch:tiny) for {} epochs ...", args.epochs);
+    eprintln!(
+        "2/4  fine-tuning a small BERT from scratch (scratch:tiny) for {} epochs ...",
+        args.epochs
+    );
     let mut t = TrainArgs::new("scratch:tiny", data.clone(), run_dir.clone());
     t.epochs = args.epochs;
     t.batch_size = 16;
@@ -132,7 +161,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         skip_invalid: false,
     })?;
     println!("{}", eval.report);
-    crate::artifacts::write_atomic(&out.join("eval.json"), serde_json::to_string_pretty(&eval)?.as_bytes())?;
+    crate::artifacts::write_atomic(
+        &out.join("eval.json"),
+        serde_json::to_string_pretty(&eval)?.as_bytes(),
+    )?;
     crate::eval::plot::plot_confusion(&eval.report, &out.join("confusion.png"), true)?;
 
     eprintln!("4/4  predicting ...");

@@ -10,8 +10,14 @@ pub fn bar(len: u64, message: &str, unit: &str) -> ProgressBar {
         return ProgressBar::hidden();
     }
     let pb = ProgressBar::new(len);
-    let template = format!("{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}}) {{prefix}}");
-    pb.set_style(ProgressStyle::with_template(&template).expect("valid template").progress_chars("=> "));
+    let template = format!(
+        "{{msg:>12}} [{{bar:30}}] {{pos}}/{{len}} {unit} ({{per_sec}}, eta {{eta}}) {{prefix}}"
+    );
+    pb.set_style(
+        ProgressStyle::with_template(&template)
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
     pb.set_message(message.to_string());
     pb
 }

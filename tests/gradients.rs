@@ -41,34 +41,80 @@ fn fixture_params(fx: &HashMap<String, Tensor>) -> Vec<String> {
 }
 
 fn tiny() -> Tiny {
-    let fx = candle_core::safetensors::load(common::fixture("tiny_bert_train.safetensors"), &Device::Cpu).unwrap();
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture("tiny_bert_train.json")).unwrap()).unwrap();
+    let fx = candle_core::safetensors::load(
+        common::fixture("tiny_bert_train.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture("tiny_bert_train.json")).unwrap(),
+    )
+    .unwrap();
     let mut cfg_json = json["bert_config"].clone();
     cfg_json["model_type"] = "bert".into();
     let cfg: EncoderConfig = serde_json::from_value(cfg_json).unwrap();
-    let source: HashMap<String, Tensor> = fixture_params(&fx).iter().map(|n| (ours(n), fx[n].clone())).collect();
-    let store = ParamStore::new(source, "tiny_bert_train.safetensors", 0, &Device::Cpu, DType::F32);
+    let source: HashMap<String, Tensor> = fixture_params(&fx)
+        .iter()
+        .map(|n| (ours(n), fx[n].clone()))
+        .collect();
+    let store = ParamStore::new(
+        source,
+        "tiny_bert_train.safetensors",
+        0,
+        &Device::Cpu,
+        DType::F32,
+    );
     let encoder = Encoder::new(&store.strict(), &cfg).unwrap();
     let head = ClassifierHead::new(&store.strict().pp("classifier"), 32, 3, 0.0).unwrap();
-    assert!(store.unused_source_names().is_empty(), "unused: {:?}", store.unused_source_names());
+    assert!(
+        store.unused_source_names().is_empty(),
+        "unused: {:?}",
+        store.unused_source_names()
+    );
 
     let ids = fx["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = fx["attention_mask"].to_dtype(DType::F32).unwrap();
     // Residue mask is unused with CLS pooling; any [B, T] tensor will do.
-    let batch = Batch { ids, attention_mask: mask.clone(), residue_mask: mask, max_len: 12, real_tokens: 0 };
+    let batch = Batch {
+        ids,
+        attention_mask: mask.clone(),
+        residue_mask: mask,
+        max_len: 12,
+        real_tokens: 0,
+    };
     let labels = fx["labels"].to_dtype(DType::U32).unwrap();
-    Tiny { store, encoder, head, batch, labels, fx }
+    Tiny {
+        store,
+        encoder,
+        head,
+        batch,
+        labels,
+        fx,
+    }
 }
 
 fn loss_of(t: &Tiny) -> Tensor {
-    let hidden = t.encoder.forward(&t.batch.ids, &t.batch.attention_mask, None).unwrap();
-    let logits = t.head.forward(&pool(&hidden, &t.batch.residue_mask, Pool::Cls).unwrap(), None).unwrap();
+    let hidden = t
+        .encoder
+        .forward(&t.batch.ids, &t.batch.attention_mask, None)
+        .unwrap();
+    let logits = t
+        .head
+        .forward(
+            &pool(&hidden, &t.batch.residue_mask, Pool::Cls).unwrap(),
+            None,
+        )
+        .unwrap();
     cross_entropy(&logits, &t.labels).unwrap()
 }
 
 fn vec_of(t: &Tensor) -> Vec<f32> {
-    t.flatten_all().unwrap().to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
 }
 
 fn var_named(store: &ParamStore, name: &str) -> Var {
@@ -86,13 +132,22 @@ fn loss_and_every_gradient_match_pytorch() {
     let grads = loss.backward().unwrap();
     for name in fixture_params(&t.fx) {
         let var = var_named(&t.store, &ours(&name));
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: no gradient"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: no gradient"));
         let want = vec_of(&t.fx[&format!("grad.{name}")]);
         let got = vec_of(g);
         let scale = want.iter().map(|x| x.abs()).fold(0f32, f32::max);
-        let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
         // Tolerance relative to the tensor's largest gradient entry.
-        assert!(max_diff <= 1e-4 * scale.max(1e-6) + 1e-9, "{name}: max |grad diff| {max_diff:e} (scale {scale:e})");
+        assert!(
+            max_diff <= 1e-4 * scale.max(1e-6) + 1e-9,
+            "{name}: max |grad diff| {max_diff:e} (scale {scale:e})"
+        );
     }
 }
 
@@ -103,7 +158,9 @@ fn every_trainable_tensor_gets_a_nonzero_gradient() {
     let vars = t.store.vars();
     assert!(vars.len() > 30);
     for (name, var) in vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{name}: gradient flow stopped"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("{name}: gradient flow stopped"));
         let norm: f32 = vec_of(g).iter().map(|x| x * x).sum::<f32>().sqrt();
         assert!(norm > 0.0, "{name}: zero gradient");
     }
@@ -129,33 +186,57 @@ fn gradients_match_finite_differences() {
         let eval_at = |delta: f32| {
             let mut v = orig.clone();
             v[idx] += delta;
-            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap()).unwrap();
-            loss_of(&t).to_dtype(DType::F64).unwrap().to_scalar::<f64>().unwrap()
+            var.set(&Tensor::from_vec(v, var.shape(), &Device::Cpu).unwrap())
+                .unwrap();
+            loss_of(&t)
+                .to_dtype(DType::F64)
+                .unwrap()
+                .to_scalar::<f64>()
+                .unwrap()
         };
         let numeric = (eval_at(eps) - eval_at(-eps)) / (2.0 * eps as f64);
-        var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap()).unwrap();
+        var.set(&Tensor::from_vec(orig.clone(), var.shape(), &Device::Cpu).unwrap())
+            .unwrap();
         let tol = 2e-3 * analytic.abs().max(numeric.abs()) + 2e-5;
-        assert!((analytic - numeric).abs() <= tol, "{name}[{idx}]: analytic {analytic:e} vs finite difference {numeric:e}");
+        assert!(
+            (analytic - numeric).abs() <= tol,
+            "{name}[{idx}]: analytic {analytic:e} vs finite difference {numeric:e}"
+        );
     }
 }
 
 #[test]
 fn adamw_training_curve_matches_pytorch() {
     let t = tiny();
-    let params: Vec<_> = t.store.vars().into_iter().map(|(n, v)| (n, v, 1.0, 0.01)).collect();
+    let params: Vec<_> = t
+        .store
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v, 1.0, 0.01))
+        .collect();
     let mut opt = AdamW::new(AdamWConfig::default(), params).unwrap();
     let want: Vec<f32> = vec_of(&t.fx["losses"]);
     for (k, want_loss) in want.iter().enumerate() {
         let loss = loss_of(&t);
         let got = loss.to_scalar::<f32>().unwrap();
-        assert!((got - want_loss).abs() < 2e-5, "step {k}: loss {got} vs PyTorch {want_loss}");
+        assert!(
+            (got - want_loss).abs() < 2e-5,
+            "step {k}: loss {got} vs PyTorch {want_loss}"
+        );
         let grads = opt.collect_grads(&loss.backward().unwrap());
         opt.step(&grads, 1e-3, 1.0).unwrap();
     }
     for name in fixture_params(&t.fx) {
         let got = vec_of(var_named(&t.store, &ours(&name)).as_tensor());
         let want = vec_of(&t.fx[&format!("final.{name}")]);
-        let max_diff = got.iter().zip(&want).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-        assert!(max_diff < 1e-5, "{name}: final weights differ by {max_diff:e}");
+        let max_diff = got
+            .iter()
+            .zip(&want)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            max_diff < 1e-5,
+            "{name}: final weights differ by {max_diff:e}"
+        );
     }
 }

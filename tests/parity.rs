@@ -13,10 +13,21 @@ struct Fixture {
 }
 
 fn fixture(name: &str) -> Fixture {
-    let json: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(common::fixture(&format!("{name}.json"))).unwrap()).unwrap();
-    let sequences = json["sequences"].as_array().unwrap().iter().map(|s| s.as_str().unwrap().to_string()).collect();
-    let tensors = candle_core::safetensors::load(common::fixture(&format!("{name}.safetensors")), &Device::Cpu).unwrap();
+    let json: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(common::fixture(&format!("{name}.json"))).unwrap(),
+    )
+    .unwrap();
+    let sequences = json["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let tensors = candle_core::safetensors::load(
+        common::fixture(&format!("{name}.safetensors")),
+        &Device::Cpu,
+    )
+    .unwrap();
     Fixture { sequences, tensors }
 }
 
@@ -26,7 +37,11 @@ fn fixture(name: &str) -> Fixture {
 fn check_parity(model_dir: &str, fixture_name: &str) {
     let fx = fixture(fixture_name);
     let model = load_base(common::shared(model_dir).to_str().unwrap(), 0, &Device::Cpu).unwrap();
-    let enc: Vec<_> = fx.sequences.iter().map(|s| model.tokenizer.encode(s, 10_000, Truncation::HeadTail)).collect();
+    let enc: Vec<_> = fx
+        .sequences
+        .iter()
+        .map(|s| model.tokenizer.encode(s, 10_000, Truncation::HeadTail))
+        .collect();
 
     // Token ids must match the HF tokenizer exactly.
     let want_ids: Vec<Vec<i64>> = fx.tensors["input_ids"].to_vec2().unwrap();
@@ -39,26 +54,60 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
 
     let refs: Vec<_> = enc.iter().collect();
     let batch = Batch::collate(&refs, model.tokenizer.pad_id, &Device::Cpu).unwrap();
-    let hidden = model.encoder.forward(&batch.ids, &batch.attention_mask, None).unwrap();
+    let hidden = model
+        .encoder
+        .forward(&batch.ids, &batch.attention_mask, None)
+        .unwrap();
     let want_hidden = &fx.tensors["last_hidden_state"];
     for (i, e) in enc.iter().enumerate() {
         let n = e.ids.len();
-        let ours: Vec<f32> = hidden.i((i, ..n)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let theirs: Vec<f32> = want_hidden.i((i, ..n)).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let ours: Vec<f32> = hidden
+            .i((i, ..n))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs: Vec<f32> = want_hidden
+            .i((i, ..n))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let err = common::rel_err(&ours, &theirs);
         eprintln!("{fixture_name} seq {i} padded err {err:e}");
-        assert!(err < 1e-4, "{fixture_name}: padded batch, sequence {i}: relative error {err:e}");
+        assert!(
+            err < 1e-4,
+            "{fixture_name}: padded batch, sequence {i}: relative error {err:e}"
+        );
 
         // Alone (no padding): same result as PyTorch alone, and as in the padded batch.
         let single = Batch::collate(&[e], model.tokenizer.pad_id, &Device::Cpu).unwrap();
-        let h1 = model.encoder.forward(&single.ids, &single.attention_mask, None).unwrap();
+        let h1 = model
+            .encoder
+            .forward(&single.ids, &single.attention_mask, None)
+            .unwrap();
         let ours1: Vec<f32> = h1.i(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let theirs1: Vec<f32> = fx.tensors[&format!("single_{i}_last_hidden_state")].flatten_all().unwrap().to_vec1().unwrap();
+        let theirs1: Vec<f32> = fx.tensors[&format!("single_{i}_last_hidden_state")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
         let err1 = common::rel_err(&ours1, &theirs1);
-        eprintln!("{fixture_name} seq {i} single err {err1:e} cross {:e}", common::rel_err(&ours1, &ours));
-        assert!(err1 < 1e-4, "{fixture_name}: unpadded sequence {i}: relative error {err1:e}");
+        eprintln!(
+            "{fixture_name} seq {i} single err {err1:e} cross {:e}",
+            common::rel_err(&ours1, &ours)
+        );
+        assert!(
+            err1 < 1e-4,
+            "{fixture_name}: unpadded sequence {i}: relative error {err1:e}"
+        );
         let cross = common::rel_err(&ours1, &ours);
-        assert!(cross < 1e-5, "{fixture_name}: sequence {i} depends on its batch neighbours: {cross:e}");
+        assert!(
+            cross < 1e-5,
+            "{fixture_name}: sequence {i} depends on its batch neighbours: {cross:e}"
+        );
     }
 
     let emb = model.encoder.embed(&batch).unwrap();
@@ -66,7 +115,10 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
     let theirs: Vec<Vec<f32>> = fx.tensors["mean_embedding"].to_vec2().unwrap();
     for i in 0..ours.len() {
         let err = common::rel_err(&ours[i], &theirs[i]);
-        assert!(err < 1e-4, "{fixture_name}: mean embedding {i}: relative error {err:e}");
+        assert!(
+            err < 1e-4,
+            "{fixture_name}: mean embedding {i}: relative error {err:e}"
+        );
     }
 }
 

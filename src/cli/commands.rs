@@ -17,7 +17,12 @@ use crate::train::TrainArgs;
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
 /// protein lives, evaluate them, and predict from FASTA.
 #[derive(Parser, Debug)]
-#[command(name = "protloc", version, propagate_version = true, after_help = "Start with `protloc demo` (no downloads); see README.md for real ProtBERT/ESM-2 weights and DeepLoc data.")]
+#[command(
+    name = "protloc",
+    version,
+    propagate_version = true,
+    after_help = "Start with `protloc demo` (no downloads); see README.md for real ProtBERT/ESM-2 weights and DeepLoc data."
+)]
 pub struct Cli {
     /// More log output (-v debug, -vv trace). PROTLOC_LOG overrides (tracing filter syntax).
     #[arg(short, long, action = clap::ArgAction::Count, global = true)]
@@ -174,7 +179,10 @@ pub struct Batching {
 
 impl Batching {
     fn limits(&self) -> BatchLimits {
-        BatchLimits { max_batch_tokens: self.max_batch_tokens.max(1), max_batch_size: self.max_batch_size.max(1) }
+        BatchLimits {
+            max_batch_tokens: self.max_batch_tokens.max(1),
+            max_batch_size: self.max_batch_size.max(1),
+        }
     }
 }
 
@@ -262,7 +270,13 @@ pub fn run(cli: Cli) -> Result<()> {
 }
 
 fn data_stats(c: StatsCmd) -> Result<()> {
-    let ds = data::read_dataset(&c.file, ReadOptions { skip_invalid: c.skip_invalid, require_labels: false })?;
+    let ds = data::read_dataset(
+        &c.file,
+        ReadOptions {
+            skip_invalid: c.skip_invalid,
+            require_labels: false,
+        },
+    )?;
     let stats = DatasetStats::compute(&ds.records);
     if c.json {
         println!("{}", serde_json::to_string_pretty(&stats)?);
@@ -327,7 +341,10 @@ fn eval(c: EvalCmd) -> Result<()> {
         limits: c.batching.limits(),
         skip_invalid: c.skip_invalid,
     })?;
-    println!("{} proteins from {} ({:?} split)\n", out.records, out.data, out.split);
+    println!(
+        "{} proteins from {} ({:?} split)\n",
+        out.records, out.data, out.split
+    );
     println!("{}", out.report);
     if let Some(path) = &c.output {
         crate::artifacts::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;

@@ -43,7 +43,7 @@ pub struct EvalOutput {
 }
 
 /// Picks the records of `split` (then applies `limit`).
-pub fn select<'a>(records: &'a [Record], split: Split, limit: Option<usize>) -> Vec<&'a Record> {
+pub fn select(records: &[Record], split: Split, limit: Option<usize>) -> Vec<&Record> {
     let has_test = records.iter().any(|r| r.is_test);
     let keep = |r: &Record| match split {
         Split::Auto => !has_test || r.is_test,
@@ -51,18 +51,32 @@ pub fn select<'a>(records: &'a [Record], split: Split, limit: Option<usize>) -> 
         Split::Train => !r.is_test,
         Split::All => true,
     };
-    records.iter().filter(|r| keep(r)).take(limit.unwrap_or(usize::MAX)).collect()
+    records
+        .iter()
+        .filter(|r| keep(r))
+        .take(limit.unwrap_or(usize::MAX))
+        .collect()
 }
 
 pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
     let model = SequenceClassifier::load(&args.model, &Device::Cpu)?;
-    let ds = data::read_dataset(&args.data, ReadOptions { skip_invalid: args.skip_invalid, require_labels: true })?;
+    let ds = data::read_dataset(
+        &args.data,
+        ReadOptions {
+            skip_invalid: args.skip_invalid,
+            require_labels: true,
+        },
+    )?;
     for s in &ds.skipped {
         tracing::warn!("skipped: {s}");
     }
     let chosen = select(&ds.records, args.split, args.limit);
     if chosen.is_empty() {
-        bail!("{}: no records in split {:?}", args.data.display(), args.split);
+        bail!(
+            "{}: no records in split {:?}",
+            args.data.display(),
+            args.split
+        );
     }
     let labels = &model.task.labels;
     let y_true: Vec<usize> = chosen
@@ -70,13 +84,23 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
         .map(|r| {
             let loc = r.location.as_deref().unwrap_or_default();
             labels.iter().position(|l| l == loc).with_context(|| {
-                format!("{}: label {loc:?} of {} is not one of the model's labels ({})", r.pos, r.id, labels.join(", "))
+                format!(
+                    "{}: label {loc:?} of {} is not one of the model's labels ({})",
+                    r.pos,
+                    r.id,
+                    labels.join(", ")
+                )
             })
         })
         .collect::<Result<_>>()?;
     let enc: Vec<Encoded> = chosen
         .iter()
-        .map(|r| model.base.tokenizer.encode(&r.sequence, model.task.max_residues, model.task.truncate))
+        .map(|r| {
+            model
+                .base
+                .tokenizer
+                .encode(&r.sequence, model.task.max_residues, model.task.truncate)
+        })
         .collect();
     let pb = crate::progress::bar(enc.len() as u64, "evaluating", "proteins");
     let probs = infer::class_probabilities(&model, &enc, args.limits, Some(&pb))?;

@@ -21,7 +21,10 @@ pub struct BatchLimits {
 
 impl Default for BatchLimits {
     fn default() -> Self {
-        Self { max_batch_tokens: 8192, max_batch_size: 64 }
+        Self {
+            max_batch_tokens: 8192,
+            max_batch_size: 64,
+        }
     }
 }
 
@@ -60,9 +63,14 @@ pub fn class_probabilities(
     progress: Option<&ProgressBar>,
 ) -> Result<Vec<Vec<f32>>> {
     let device = model.base.store.device().clone();
-    batched_rows(encoded, model.base.tokenizer.pad_id, limits, &device, progress, |b| {
-        model.predict_proba(b)?.to_vec2()
-    })
+    batched_rows(
+        encoded,
+        model.base.tokenizer.pad_id,
+        limits,
+        &device,
+        progress,
+        |b| model.predict_proba(b)?.to_vec2(),
+    )
 }
 
 /// Mean-pooled residue embeddings per protein, in input order.
@@ -74,13 +82,21 @@ pub fn mean_embeddings(
     limits: BatchLimits,
     progress: Option<&ProgressBar>,
 ) -> Result<Vec<Vec<f32>>> {
-    batched_rows(encoded, pad_id, limits, device, progress, |b| encoder.embed(b)?.to_vec2())
+    batched_rows(encoded, pad_id, limits, device, progress, |b| {
+        encoder.embed(b)?.to_vec2()
+    })
 }
 
 /// Index of the largest value.
 pub fn argmax(row: &[f32]) -> usize {
     row.iter()
         .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| if v > bv { (i, v) } else { (bi, bv) })
+        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
+            if v > bv {
+                (i, v)
+            } else {
+                (bi, bv)
+            }
+        })
         .0
 }

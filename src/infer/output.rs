@@ -18,7 +18,12 @@ pub enum Format {
 impl Format {
     /// Guesses the format from an output file name (`.csv`, `.jsonl`/`.json`, else TSV).
     pub fn from_path(path: &Path) -> Format {
-        match path.extension().and_then(|e| e.to_str()).map(str::to_ascii_lowercase).as_deref() {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
             Some("csv") => Format::Csv,
             Some("jsonl" | "json" | "ndjson") => Format::Jsonl,
             _ => Format::Tsv,
@@ -59,7 +64,11 @@ pub struct PredictionWriter<W: Write> {
 impl<W: Write> PredictionWriter<W> {
     pub fn new(out: W, format: Format, labels: &[String]) -> Result<Self> {
         match format {
-            Format::Jsonl => Ok(Self { format, csv: None, raw: Some(out) }),
+            Format::Jsonl => Ok(Self {
+                format,
+                csv: None,
+                raw: Some(out),
+            }),
             Format::Tsv | Format::Csv => {
                 let delim = if format == Format::Tsv { b'\t' } else { b',' };
                 let mut w = csv::WriterBuilder::new().delimiter(delim).from_writer(out);
@@ -67,7 +76,11 @@ impl<W: Write> PredictionWriter<W> {
                 header.extend(labels.iter().cloned());
                 header.extend(["length".to_string(), "residues_used".to_string()]);
                 w.write_record(&header)?;
-                Ok(Self { format, csv: Some(w), raw: None })
+                Ok(Self {
+                    format,
+                    csv: Some(w),
+                    raw: None,
+                })
             }
         }
     }
@@ -79,7 +92,11 @@ impl<W: Write> PredictionWriter<W> {
                 w.write_all(b"\n")?;
             }
             (_, Some(w), _) => {
-                let mut row = vec![p.id.to_string(), p.prediction.to_string(), format!("{:.6}", p.confidence)];
+                let mut row = vec![
+                    p.id.to_string(),
+                    p.prediction.to_string(),
+                    format!("{:.6}", p.confidence),
+                ];
                 row.extend(p.probabilities.1.iter().map(|v| format!("{v:.6}")));
                 row.extend([p.length.to_string(), p.residues_used.to_string()]);
                 w.write_record(&row)?;
@@ -92,7 +109,9 @@ impl<W: Write> PredictionWriter<W> {
     /// Flushes and returns the underlying writer.
     pub fn finish(self) -> Result<W> {
         match (self.csv, self.raw) {
-            (Some(w), _) => Ok(w.into_inner().map_err(|e| anyhow::anyhow!("flush failed: {}", e.error()))?),
+            (Some(w), _) => Ok(w
+                .into_inner()
+                .map_err(|e| anyhow::anyhow!("flush failed: {}", e.error()))?),
             (_, Some(mut w)) => {
                 w.flush()?;
                 Ok(w)
@@ -110,7 +129,14 @@ mod tests {
     fn tsv_and_jsonl_rows() {
         let labels = vec!["Nucleus".to_string(), "Cytoplasm".to_string()];
         let probs = [0.25f32, 0.75];
-        let p = Prediction { id: "P1", prediction: "Cytoplasm", confidence: 0.75, length: 10, residues_used: 8, probabilities: (&labels, &probs) };
+        let p = Prediction {
+            id: "P1",
+            prediction: "Cytoplasm",
+            confidence: 0.75,
+            length: 10,
+            residues_used: 8,
+            probabilities: (&labels, &probs),
+        };
         let mut w = PredictionWriter::new(Vec::new(), Format::Tsv, &labels).unwrap();
         w.write(&p).unwrap();
         let text = String::from_utf8(w.finish().unwrap()).unwrap();

@@ -17,9 +17,18 @@ use crate::tokenize::{Encoded, Truncation};
 pub const CHUNK: usize = 2048;
 
 /// Iterates over the records of a FASTA (streamed) or CSV/TSV (read whole) file.
-pub fn record_source(path: &Path, skip_invalid: bool) -> Result<Box<dyn Iterator<Item = Result<Record, DataError>>>> {
+pub fn record_source(
+    path: &Path,
+    skip_invalid: bool,
+) -> Result<Box<dyn Iterator<Item = Result<Record, DataError>>>> {
     if data::table::TableKind::from_path(path).is_some() {
-        let ds = data::read_dataset(path, ReadOptions { skip_invalid, require_labels: false })?;
+        let ds = data::read_dataset(
+            path,
+            ReadOptions {
+                skip_invalid,
+                require_labels: false,
+            },
+        )?;
         for s in &ds.skipped {
             tracing::warn!("skipped: {s}");
         }
@@ -100,7 +109,11 @@ pub struct PredictArgs {
 /// Predicts the location of every protein in `args.input`; returns how many.
 pub fn predict(args: &PredictArgs) -> Result<usize> {
     let model = SequenceClassifier::load(&args.model, &Device::Cpu)?;
-    let format = args.format.unwrap_or_else(|| args.output.as_deref().map_or(Format::Tsv, Format::from_path));
+    let format = args.format.unwrap_or_else(|| {
+        args.output
+            .as_deref()
+            .map_or(Format::Tsv, Format::from_path)
+    });
     let source = record_source(&args.input, args.skip_invalid)?;
     let labels = model.task.labels.clone();
     let pb = crate::progress::bar(0, "predicting", "proteins");
@@ -108,8 +121,16 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
         let mut writer = PredictionWriter::new(out, format, &labels)?;
         let n = for_each_chunk(source, args.limit, |chunk| {
             pb.inc_length(chunk.len() as u64);
-            let enc: Vec<Encoded> =
-                chunk.iter().map(|r| model.base.tokenizer.encode(&r.sequence, model.task.max_residues, model.task.truncate)).collect();
+            let enc: Vec<Encoded> = chunk
+                .iter()
+                .map(|r| {
+                    model.base.tokenizer.encode(
+                        &r.sequence,
+                        model.task.max_residues,
+                        model.task.truncate,
+                    )
+                })
+                .collect();
             let probs = class_probabilities(&model, &enc, args.limits, Some(&pb))?;
             for ((rec, e), p) in chunk.iter().zip(&enc).zip(&probs) {
                 let best = argmax(p);
@@ -153,8 +174,18 @@ pub fn embed(args: &EmbedArgs) -> Result<usize> {
     let n = with_output(args.output.as_deref(), |out| {
         for_each_chunk(source, args.limit, |chunk| {
             pb.inc_length(chunk.len() as u64);
-            let enc: Vec<Encoded> = chunk.iter().map(|r| base.tokenizer.encode(&r.sequence, max_res, args.truncate)).collect();
-            let emb = mean_embeddings(&base.encoder, base.tokenizer.pad_id, base.store.device(), &enc, args.limits, Some(&pb))?;
+            let enc: Vec<Encoded> = chunk
+                .iter()
+                .map(|r| base.tokenizer.encode(&r.sequence, max_res, args.truncate))
+                .collect();
+            let emb = mean_embeddings(
+                &base.encoder,
+                base.tokenizer.pad_id,
+                base.store.device(),
+                &enc,
+                args.limits,
+                Some(&pb),
+            )?;
             for ((rec, e), v) in chunk.iter().zip(&enc).zip(&emb) {
                 let line = serde_json::json!({
                     "id": rec.id,

@@ -49,8 +49,18 @@ impl Bert {
         let e = b.pp("embeddings");
         let embeddings = Embeddings {
             word: Embedding::new(&e.pp("word_embeddings"), cfg.vocab_size, h, std)?,
-            position: Embedding::new(&e.pp("position_embeddings"), cfg.max_position_embeddings, h, std)?,
-            token_type: Embedding::new(&e.pp("token_type_embeddings"), cfg.type_vocab_size, h, std)?,
+            position: Embedding::new(
+                &e.pp("position_embeddings"),
+                cfg.max_position_embeddings,
+                h,
+                std,
+            )?,
+            token_type: Embedding::new(
+                &e.pp("token_type_embeddings"),
+                cfg.type_vocab_size,
+                h,
+                std,
+            )?,
             norm: LayerNorm::new(&e.pp("LayerNorm"), h, cfg.layer_norm_eps)?,
         };
         let layers = (0..cfg.num_hidden_layers)
@@ -63,13 +73,22 @@ impl Bert {
                     value: Linear::new(&a.pp("self.value"), h, h, std)?,
                     attn_out: Linear::new(&a.pp("output.dense"), h, h, std)?,
                     attn_norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size, std)?,
+                    intermediate: Linear::new(
+                        &l.pp("intermediate.dense"),
+                        h,
+                        cfg.intermediate_size,
+                        std,
+                    )?,
                     output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h, std)?,
                     out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg: cfg.clone(), embeddings, layers })
+        Ok(Self {
+            cfg: cfg.clone(),
+            embeddings,
+            layers,
+        })
     }
 
     /// Cuts the embeddings and the first `n` layers out of the autograd graph.
@@ -111,8 +130,16 @@ impl Bert {
         let e = &self.embeddings;
         let positions = e.position.weight.narrow(0, 0, t)?;
         let token_type = e.token_type.weight.narrow(0, 0, 1)?;
-        let x = e.word.forward(ids)?.broadcast_add(&positions)?.broadcast_add(&token_type)?;
-        let mut x = ops::dropout(&e.norm.forward(&x)?, self.cfg.hidden_dropout_prob, rng.as_deref_mut())?;
+        let x = e
+            .word
+            .forward(ids)?
+            .broadcast_add(&positions)?
+            .broadcast_add(&token_type)?;
+        let mut x = ops::dropout(
+            &e.norm.forward(&x)?,
+            self.cfg.hidden_dropout_prob,
+            rng.as_deref_mut(),
+        )?;
         let bias = nn::mask_bias(attention_mask)?;
         for layer in &self.layers {
             x = self.layer_forward(layer, &x, &bias, rng.as_deref_mut())?;
@@ -138,7 +165,7 @@ impl Bert {
         let attn = ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())?;
         let x = l.attn_norm.forward(&(attn + x)?)?;
         let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;
-        let out = ops::dropout(&l.output.forward(&inter)?, p, rng.as_deref_mut())?;
+        let out = ops::dropout(&l.output.forward(&inter)?, p, rng)?;
         l.out_norm.forward(&(out + x)?)
     }
 

@@ -87,21 +87,28 @@ impl EncoderConfig {
     pub fn validate(&self) -> Result<(), String> {
         self.arch()?;
         if self.hidden_size == 0 || self.num_attention_heads == 0 || self.num_hidden_layers == 0 {
-            return Err("hidden_size, num_attention_heads and num_hidden_layers must be > 0".into());
+            return Err(
+                "hidden_size, num_attention_heads and num_hidden_layers must be > 0".into(),
+            );
         }
-        if self.hidden_size % self.num_attention_heads != 0 {
+        if !self.hidden_size.is_multiple_of(self.num_attention_heads) {
             return Err(format!(
                 "hidden_size {} is not divisible by num_attention_heads {}",
                 self.hidden_size, self.num_attention_heads
             ));
         }
-        if !matches!(self.hidden_act.as_str(), "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu") {
+        if !matches!(
+            self.hidden_act.as_str(),
+            "gelu" | "gelu_new" | "gelu_pytorch_tanh" | "relu"
+        ) {
             return Err(format!("unsupported hidden_act {:?}", self.hidden_act));
         }
         let arch = self.arch()?;
         match (arch, self.position_embedding_type.as_str()) {
             (Arch::Bert, "absolute") | (Arch::Esm, "rotary") => Ok(()),
-            (a, p) => Err(format!("unsupported position_embedding_type {p:?} for {a:?}")),
+            (a, p) => Err(format!(
+                "unsupported position_embedding_type {p:?} for {a:?}"
+            )),
         }
     }
 

@@ -60,7 +60,12 @@ impl Esm {
                     value: Linear::new(&a.pp("self.value"), h, h, std)?,
                     attn_out: Linear::new(&a.pp("output.dense"), h, h, std)?,
                     ffn_norm: LayerNorm::new(&l.pp("LayerNorm"), h, eps)?,
-                    intermediate: Linear::new(&l.pp("intermediate.dense"), h, cfg.intermediate_size, std)?,
+                    intermediate: Linear::new(
+                        &l.pp("intermediate.dense"),
+                        h,
+                        cfg.intermediate_size,
+                        std,
+                    )?,
                     output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h, std)?,
                     inv_freq: match a.pp("self.rotary_embeddings").buffer("inv_freq")? {
                         Some(t) => t.to_dtype(DType::F32)?.to_vec1()?,
@@ -70,7 +75,13 @@ impl Esm {
             })
             .collect::<Result<Vec<_>>>()?;
         let final_norm = LayerNorm::new(&b.pp("encoder.emb_layer_norm_after"), h, eps)?;
-        Ok(Self { cfg: cfg.clone(), word, emb_norm_before, layers, final_norm })
+        Ok(Self {
+            cfg: cfg.clone(),
+            word,
+            emb_norm_before,
+            layers,
+            final_norm,
+        })
     }
 
     /// Cuts the embeddings and the first `n` layers out of the autograd graph.
@@ -121,13 +132,18 @@ impl Esm {
 
     /// Zeroes `<mask>` embeddings and rescales by (1 - 0.12) / (1 - observed mask ratio).
     fn token_dropout_scale(&self, ids: &Tensor, mask: &Tensor, x: &Tensor) -> Result<Tensor> {
-        let Some(mask_id) = self.cfg.mask_token_id else { return Ok(x.clone()) };
+        let Some(mask_id) = self.cfg.mask_token_id else {
+            return Ok(x.clone());
+        };
         let is_mask = ids.eq(mask_id)?.to_dtype(DType::F32)?; // [B, T]
         let keep = (1.0 - &is_mask)?;
         let lengths = mask.sum_keepdim(1)?.clamp(1.0, f64::MAX)?; // [B, 1]
         let observed = is_mask.sum_keepdim(1)?.broadcast_div(&lengths)?;
         let scale = ((1.0 - observed)?.recip()? * (1.0 - MASK_RATIO_TRAIN))?; // [B, 1]
-        let factor = keep.broadcast_mul(&scale)?.unsqueeze(2)?.to_dtype(x.dtype())?;
+        let factor = keep
+            .broadcast_mul(&scale)?
+            .unsqueeze(2)?
+            .to_dtype(x.dtype())?;
         x.broadcast_mul(&factor)
     }
 
@@ -154,7 +170,7 @@ impl Esm {
         let x = (ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())? + x)?;
         let h = l.ffn_norm.forward(&x)?;
         let inter = activation(&l.intermediate.forward(&h)?, &self.cfg.hidden_act)?;
-        ops::dropout(&l.output.forward(&inter)?, p, rng.as_deref_mut())? + x
+        ops::dropout(&l.output.forward(&inter)?, p, rng)? + x
     }
 
     pub fn config(&self) -> &EncoderConfig {
@@ -163,12 +179,18 @@ impl Esm {
 }
 
 fn default_inv_freq(dim: usize) -> Vec<f32> {
-    (0..dim / 2).map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32)).collect()
+    (0..dim / 2)
+        .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32))
+        .collect()
 }
 
 /// cos/sin tables [T, head_dim] for rotary embeddings (frequencies duplicated across the two
 /// halves, as in HF `RotaryEmbedding`).
-fn rotary_tables(t: usize, inv_freq: &[f32], dev: &candle_core::Device) -> Result<(Tensor, Tensor)> {
+fn rotary_tables(
+    t: usize,
+    inv_freq: &[f32],
+    dev: &candle_core::Device,
+) -> Result<(Tensor, Tensor)> {
     let half = inv_freq.len();
     let dim = 2 * half;
     let mut angles = Vec::with_capacity(t * dim);
@@ -189,5 +211,6 @@ fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
     let cos = cos.to_dtype(x.dtype())?;
     let sin = sin.to_dtype(x.dtype())?;
-    x.broadcast_mul(&cos)?.broadcast_add(&rotated.broadcast_mul(&sin)?)
+    x.broadcast_mul(&cos)?
+        .broadcast_add(&rotated.broadcast_mul(&sin)?)
 }

@@ -35,11 +35,15 @@ pub struct ClassifierHead {
 
 impl ClassifierHead {
     pub fn new(b: &Builder, hidden: usize, num_labels: usize, dropout: f64) -> Result<Self> {
-        Ok(Self { dropout, linear: Linear::new(b, hidden, num_labels, 0.02)? })
+        Ok(Self {
+            dropout,
+            linear: Linear::new(b, hidden, num_labels, 0.02)?,
+        })
     }
 
     /// `pooled` [B, H] -> logits [B, C]; `rng` enables dropout (training).
     pub fn forward(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        self.linear.forward(&ops::dropout(pooled, self.dropout, rng)?)
+        self.linear
+            .forward(&ops::dropout(pooled, self.dropout, rng)?)
     }
 }

@@ -44,7 +44,8 @@ fn looks_like_hub_id(spec: &str) -> bool {
             !p.is_empty()
                 && *p != ".."
                 && *p != "."
-                && p.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+                && p.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
         })
 }
 
@@ -56,7 +57,11 @@ pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
     let vocab = dir.join("vocab.txt");
     for f in [&config, &vocab] {
         if !f.is_file() {
-            bail!("{}: missing {} (a model directory needs config.json, vocab.txt and weights)", dir.display(), f.file_name().unwrap_or_default().to_string_lossy());
+            bail!(
+                "{}: missing {} (a model directory needs config.json, vocab.txt and weights)",
+                dir.display(),
+                f.file_name().unwrap_or_default().to_string_lossy()
+            );
         }
     }
     let weights = WEIGHT_FILES
@@ -64,13 +69,24 @@ pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
         .map(|f| dir.join(f))
         .find(|p| p.is_file())
         .with_context(|| {
-            format!("{}: no weights found (looked for {})", dir.display(), WEIGHT_FILES.join(", "))
+            format!(
+                "{}: no weights found (looked for {})",
+                dir.display(),
+                WEIGHT_FILES.join(", ")
+            )
         })?;
-    Ok(ModelFiles { dir: dir.to_path_buf(), config, vocab, weights })
+    Ok(ModelFiles {
+        dir: dir.to_path_buf(),
+        config,
+        vocab,
+        weights,
+    })
 }
 
 fn from_hub(id: &str) -> Result<ModelFiles> {
-    let offline = std::env::var("HF_HUB_OFFLINE").map(|v| v == "1").unwrap_or(false);
+    let offline = std::env::var("HF_HUB_OFFLINE")
+        .map(|v| v == "1")
+        .unwrap_or(false);
     let cache = hf_hub::Cache::from_env();
     let repo = cache.model(id.to_string());
     let cached = |f: &str| repo.get(f);
@@ -78,7 +94,12 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
     if let (Some(config), Some(vocab)) = (cached("config.json"), cached("vocab.txt")) {
         if let Some(weights) = WEIGHT_FILES.iter().find_map(|f| cached(f)) {
             let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-            return Ok(ModelFiles { dir, config, vocab, weights });
+            return Ok(ModelFiles {
+                dir,
+                config,
+                vocab,
+                weights,
+            });
         }
     }
     if offline {
@@ -101,15 +122,22 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
         Err(_) => fetch("pytorch_model.bin")?,
     };
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
-    Ok(ModelFiles { dir, config, vocab, weights })
+    Ok(ModelFiles {
+        dir,
+        config,
+        vocab,
+        weights,
+    })
 }
 
 /// Reads and validates `config.json`.
 pub fn read_config(path: &Path) -> Result<EncoderConfig> {
-    let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("{}: cannot read", path.display()))?;
     let cfg: EncoderConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid BERT/ESM config.json", path.display()))?;
-    cfg.validate().map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+    cfg.validate()
+        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
     Ok(cfg)
 }
 
@@ -133,7 +161,11 @@ pub fn read_weights(path: &Path, arch: Arch, device: &Device) -> Result<HashMap<
     let mut out = HashMap::with_capacity(raw.len());
     for (name, t) in raw {
         let name = rename_legacy(&name);
-        let name = if has_prefix || is_head_tensor(&name) { name } else { format!("{prefix}{name}") };
+        let name = if has_prefix || is_head_tensor(&name) {
+            name
+        } else {
+            format!("{prefix}{name}")
+        };
         let t = t.to_device(device)?.to_dtype(candle_core::DType::F32)?;
         out.insert(name, t);
     }
@@ -142,7 +174,9 @@ pub fn read_weights(path: &Path, arch: Arch, device: &Device) -> Result<HashMap<
 
 /// Task-head tensors stored at the top level of HF task models (not part of the encoder).
 fn is_head_tensor(name: &str) -> bool {
-    ["classifier.", "cls.", "lm_head.", "membrane_classifier."].iter().any(|p| name.starts_with(p))
+    ["classifier.", "cls.", "lm_head.", "membrane_classifier."]
+        .iter()
+        .any(|p| name.starts_with(p))
 }
 
 fn rename_legacy(name: &str) -> String {
@@ -171,7 +205,10 @@ mod tests {
 
     #[test]
     fn legacy_names_are_renamed() {
-        assert_eq!(rename_legacy("bert.embeddings.LayerNorm.gamma"), "bert.embeddings.LayerNorm.weight");
+        assert_eq!(
+            rename_legacy("bert.embeddings.LayerNorm.gamma"),
+            "bert.embeddings.LayerNorm.weight"
+        );
         assert_eq!(rename_legacy("x.beta"), "x.bias");
         assert_eq!(rename_legacy("x.weight"), "x.weight");
     }

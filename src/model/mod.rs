@@ -83,7 +83,9 @@ pub fn scratch_config(size: &str) -> Result<EncoderConfig> {
         "tiny" => (64, 2, 4),
         "small" => (128, 4, 4),
         "base" => (256, 6, 8),
-        other => bail!("unknown scratch size {other:?} (choose scratch:tiny, scratch:small or scratch:base)"),
+        other => bail!(
+            "unknown scratch size {other:?} (choose scratch:tiny, scratch:small or scratch:base)"
+        ),
     };
     Ok(EncoderConfig {
         model_type: "bert".into(),
@@ -124,7 +126,13 @@ pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
         let cfg = scratch_config(size)?;
         let store = ParamStore::new(Default::default(), spec, seed, device, DType::F32);
         let encoder = Encoder::new(&store.initialising(), &cfg)?;
-        return Ok(BaseModel { cfg, tokenizer: Tokenizer::protbert_default(), store, encoder, source: spec.into() });
+        return Ok(BaseModel {
+            cfg,
+            tokenizer: Tokenizer::protbert_default(),
+            store,
+            encoder,
+            source: spec.into(),
+        });
     }
     let files = loader::resolve(spec)?;
     let cfg = loader::read_config(&files.config)?;
@@ -132,10 +140,22 @@ pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
     check_vocab(&cfg, &tokenizer, &files.vocab)?;
     let arch = cfg.arch().map_err(anyhow::Error::msg)?;
     let tensors = loader::read_weights(&files.weights, arch, device)?;
-    let store = ParamStore::new(tensors, files.weights.display().to_string(), seed, device, DType::F32);
+    let store = ParamStore::new(
+        tensors,
+        files.weights.display().to_string(),
+        seed,
+        device,
+        DType::F32,
+    );
     let encoder = Encoder::new(&store.strict(), &cfg)?;
     tracing::debug!(unused = ?store.unused_source_names(), "tensors not used by the encoder");
-    Ok(BaseModel { cfg, tokenizer, store, encoder, source: spec.into() })
+    Ok(BaseModel {
+        cfg,
+        tokenizer,
+        store,
+        encoder,
+        source: spec.into(),
+    })
 }
 
 fn check_vocab(cfg: &EncoderConfig, tok: &Tokenizer, path: &Path) -> Result<()> {
@@ -185,8 +205,15 @@ impl SequenceClassifier {
     }
 
     /// Logits [B, C]; `rng` enables dropout (training).
-    pub fn forward(&self, batch: &Batch, mut rng: Option<&mut ChaCha8Rng>) -> candle_core::Result<Tensor> {
-        let hidden = self.base.encoder.forward(&batch.ids, &batch.attention_mask, rng.as_deref_mut())?;
+    pub fn forward(
+        &self,
+        batch: &Batch,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        let hidden =
+            self.base
+                .encoder
+                .forward(&batch.ids, &batch.attention_mask, rng.as_deref_mut())?;
         let pooled = head::pool(&hidden, &batch.residue_mask, self.task.pool)?;
         self.head.forward(&pooled, rng)
     }
@@ -215,11 +242,28 @@ impl SequenceClassifier {
         check_vocab(&cfg, &tokenizer, &files.vocab)?;
         let arch = cfg.arch().map_err(anyhow::Error::msg)?;
         let tensors = loader::read_weights(&files.weights, arch, device)?;
-        let store = ParamStore::new(tensors, files.weights.display().to_string(), 0, device, DType::F32);
+        let store = ParamStore::new(
+            tensors,
+            files.weights.display().to_string(),
+            0,
+            device,
+            DType::F32,
+        );
         let encoder = Encoder::new(&store.strict(), &cfg)?;
-        let head = ClassifierHead::new(&store.strict().pp("classifier"), cfg.hidden_size, task.labels.len(), task.head_dropout)?;
+        let head = ClassifierHead::new(
+            &store.strict().pp("classifier"),
+            cfg.hidden_size,
+            task.labels.len(),
+            task.head_dropout,
+        )?;
         store.release_source();
-        let base = BaseModel { cfg, tokenizer, store, encoder, source: dir.display().to_string() };
+        let base = BaseModel {
+            cfg,
+            tokenizer,
+            store,
+            encoder,
+            source: dir.display().to_string(),
+        };
         Ok(Self { base, head, task })
     }
 
@@ -235,16 +279,33 @@ impl SequenceClassifier {
             .enumerate()
             .map(|(i, l)| (i.to_string(), l.clone().into()))
             .collect();
-        let label2id: serde_json::Map<String, serde_json::Value> =
-            self.task.labels.iter().enumerate().map(|(i, l)| (l.clone(), i.into())).collect();
-        obj.insert("architectures".into(), serde_json::json!(["ProtlocForSequenceClassification"]));
+        let label2id: serde_json::Map<String, serde_json::Value> = self
+            .task
+            .labels
+            .iter()
+            .enumerate()
+            .map(|(i, l)| (l.clone(), i.into()))
+            .collect();
+        obj.insert(
+            "architectures".into(),
+            serde_json::json!(["ProtlocForSequenceClassification"]),
+        );
         obj.insert("num_labels".into(), self.task.labels.len().into());
         obj.insert("id2label".into(), id2label.into());
         obj.insert("label2id".into(), label2id.into());
         obj.insert("protloc".into(), serde_json::to_value(&self.task)?);
-        crate::artifacts::write_atomic(&dir.join("config.json"), serde_json::to_string_pretty(&config)?.as_bytes())?;
-        crate::artifacts::write_atomic(&dir.join("vocab.txt"), self.base.tokenizer.to_vocab_txt().as_bytes())?;
-        crate::artifacts::save_safetensors_atomic(&dir.join("model.safetensors"), &self.base.store.tensors())?;
+        crate::artifacts::write_atomic(
+            &dir.join("config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        crate::artifacts::write_atomic(
+            &dir.join("vocab.txt"),
+            self.base.tokenizer.to_vocab_txt().as_bytes(),
+        )?;
+        crate::artifacts::save_safetensors_atomic(
+            &dir.join("model.safetensors"),
+            &self.base.store.tensors(),
+        )?;
         // A stale .bin from an earlier run would be ignored (safetensors wins), but remove it
         // so the directory is unambiguous.
         let _ = std::fs::remove_file(dir.join("pytorch_model.bin"));

@@ -26,7 +26,10 @@ impl Linear {
 
     /// A copy whose tensors are cut from the autograd graph (frozen).
     pub fn detached(&self) -> Self {
-        Self { weight: self.weight.detach(), bias: self.bias.as_ref().map(Tensor::detach) }
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+        }
     }
 }
 
@@ -53,7 +56,11 @@ impl LayerNorm {
     }
 
     pub fn detached(&self) -> Self {
-        Self { weight: self.weight.detach(), bias: self.bias.detach(), eps: self.eps }
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.detach(),
+            eps: self.eps,
+        }
     }
 }
 
@@ -65,7 +72,9 @@ pub struct Embedding {
 
 impl Embedding {
     pub fn new(b: &Builder, num: usize, dim: usize, init_std: f64) -> Result<Self> {
-        Ok(Self { weight: b.get((num, dim), "weight", Init::Normal(init_std))? })
+        Ok(Self {
+            weight: b.get((num, dim), "weight", Init::Normal(init_std))?,
+        })
     }
 
     /// `ids` [B, T] (u32) -> [B, T, dim].
@@ -76,7 +85,9 @@ impl Embedding {
     }
 
     pub fn detached(&self) -> Self {
-        Self { weight: self.weight.detach() }
+        Self {
+            weight: self.weight.detach(),
+        }
     }
 }
 
@@ -103,7 +114,9 @@ pub fn attention(
 /// [B, T, heads*head_dim] -> [B, heads, T, head_dim], contiguous.
 pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
     let (b, t, hd) = x.dims3()?;
-    x.reshape((b, t, heads, hd / heads))?.transpose(1, 2)?.contiguous()
+    x.reshape((b, t, heads, hd / heads))?
+        .transpose(1, 2)?
+        .contiguous()
 }
 
 /// Additive key mask [B, 1, 1, T] from an attention mask [B, T] (1.0 = real token).

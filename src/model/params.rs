@@ -66,24 +66,39 @@ impl ParamStore {
 
     /// A builder that requires every parameter to come from the checkpoint.
     pub fn strict(&self) -> Builder {
-        Builder { store: self.clone(), prefix: String::new(), allow_init: false }
+        Builder {
+            store: self.clone(),
+            prefix: String::new(),
+            allow_init: false,
+        }
     }
 
     /// A builder that initialises parameters the checkpoint lacks.
     pub fn initialising(&self) -> Builder {
-        Builder { store: self.clone(), prefix: String::new(), allow_init: true }
+        Builder {
+            store: self.clone(),
+            prefix: String::new(),
+            allow_init: true,
+        }
     }
 
     /// All parameters, sorted by name.
     pub fn vars(&self) -> Vec<(String, Var)> {
         let inner = self.inner.lock().expect("param store lock");
-        inner.vars.iter().map(|(k, v)| (k.clone(), v.clone())).collect()
+        inner
+            .vars
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect()
     }
 
     /// Parameter and buffer tensors by name, for saving.
     pub fn tensors(&self) -> HashMap<String, Tensor> {
-        let mut out: HashMap<String, Tensor> =
-            self.vars().into_iter().map(|(k, v)| (k, v.as_tensor().clone())).collect();
+        let mut out: HashMap<String, Tensor> = self
+            .vars()
+            .into_iter()
+            .map(|(k, v)| (k, v.as_tensor().clone()))
+            .collect();
         let inner = self.inner.lock().expect("param store lock");
         out.extend(inner.buffers.iter().map(|(k, t)| (k.clone(), t.clone())));
         out
@@ -132,7 +147,11 @@ impl Builder {
         } else {
             format!("{}.{}", self.prefix, name)
         };
-        Builder { store: self.store.clone(), prefix, allow_init: self.allow_init }
+        Builder {
+            store: self.store.clone(),
+            prefix,
+            allow_init: self.allow_init,
+        }
     }
 
     pub fn device(&self) -> &Device {
@@ -142,7 +161,12 @@ impl Builder {
     /// Whether the checkpoint holds `name` under this prefix.
     pub fn contains(&self, name: &str) -> bool {
         let full = self.full_name(name);
-        self.store.inner.lock().expect("param store lock").source.contains_key(&full)
+        self.store
+            .inner
+            .lock()
+            .expect("param store lock")
+            .source
+            .contains_key(&full)
     }
 
     fn full_name(&self, name: &str) -> String {
@@ -157,7 +181,9 @@ impl Builder {
     pub fn buffer(&self, name: &str) -> Result<Option<Tensor>> {
         let full = self.full_name(name);
         let mut inner = self.store.inner.lock().expect("param store lock");
-        let Some(t) = inner.source.get(&full).cloned() else { return Ok(None) };
+        let Some(t) = inner.source.get(&full).cloned() else {
+            return Ok(None);
+        };
         let t = t.to_device(&self.store.device)?;
         inner.buffers.insert(full, t.clone());
         Ok(Some(t))
@@ -213,7 +239,9 @@ fn init_tensor(
         Init::Ones => Tensor::ones(shape, DType::F32, dev)?,
         Init::Normal(std) => {
             let normal = Normal::new(0.0f32, std as f32).map_err(candle_core::Error::wrap)?;
-            let data: Vec<f32> = (0..shape.elem_count()).map(|_| normal.sample(rng)).collect();
+            let data: Vec<f32> = (0..shape.elem_count())
+                .map(|_| normal.sample(rng))
+                .collect();
             Tensor::from_vec(data, shape, dev)?
         }
     };

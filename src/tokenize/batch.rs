@@ -57,7 +57,10 @@ pub struct BatchPlan;
 impl BatchPlan {
     /// Consecutive groups of `batch_size` from `order` (the last may be smaller).
     pub fn fixed(order: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
-        order.chunks(batch_size.max(1)).map(<[usize]>::to_vec).collect()
+        order
+            .chunks(batch_size.max(1))
+            .map(<[usize]>::to_vec)
+            .collect()
     }
 
     /// Length-sorted groups whose padded size (members x longest) stays within
@@ -73,7 +76,8 @@ impl BatchPlan {
         for i in order {
             let len = lengths[i];
             let new_longest = longest.max(len);
-            let fits = (current.len() + 1) * new_longest <= max_tokens && current.len() < max_batch.max(1);
+            let fits =
+                (current.len() + 1) * new_longest <= max_tokens && current.len() < max_batch.max(1);
             if !current.is_empty() && !fits {
                 plan.push(std::mem::take(&mut current));
                 longest = 0;
@@ -93,7 +97,11 @@ mod tests {
     use super::*;
 
     fn enc(n: usize) -> Encoded {
-        Encoded { ids: (0..n as u32).map(|i| i + 5).collect(), total_residues: n - 2, used_residues: n - 2 }
+        Encoded {
+            ids: (0..n as u32).map(|i| i + 5).collect(),
+            total_residues: n - 2,
+            used_residues: n - 2,
+        }
     }
 
     #[test]
@@ -121,7 +129,10 @@ mod tests {
         for group in &plan {
             let longest = group.iter().map(|&i| lengths[i]).max().unwrap();
             assert!(group.len() <= 3);
-            assert!(group.len() == 1 || group.len() * longest <= 200, "{group:?}");
+            assert!(
+                group.len() == 1 || group.len() * longest <= 200,
+                "{group:?}"
+            );
         }
         // The over-long protein is alone.
         assert!(plan.iter().any(|g| g == &vec![5]));

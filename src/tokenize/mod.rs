@@ -53,13 +53,19 @@ pub struct Tokenizer {
 
 impl Tokenizer {
     pub fn from_file(path: &Path) -> Result<Self> {
-        let text = std::fs::read_to_string(path).with_context(|| format!("{}: cannot read vocabulary", path.display()))?;
-        let tokens: Vec<String> = text.lines().map(|l| l.trim_end_matches('\r').to_string()).collect();
-        Self::from_tokens(tokens).with_context(|| format!("{}: unusable vocabulary", path.display()))
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("{}: cannot read vocabulary", path.display()))?;
+        let tokens: Vec<String> = text
+            .lines()
+            .map(|l| l.trim_end_matches('\r').to_string())
+            .collect();
+        Self::from_tokens(tokens)
+            .with_context(|| format!("{}: unusable vocabulary", path.display()))
     }
 
     pub fn protbert_default() -> Self {
-        Self::from_tokens(PROTBERT_VOCAB.iter().map(|s| s.to_string()).collect()).expect("built-in vocabulary is valid")
+        Self::from_tokens(PROTBERT_VOCAB.iter().map(|s| s.to_string()).collect())
+            .expect("built-in vocabulary is valid")
     }
 
     pub fn from_tokens(tokens: Vec<String>) -> Result<Self> {
@@ -70,10 +76,22 @@ impl Tokenizer {
         let get = |t: &str| ids.get(t).copied();
         let (style, cls, end, pad, unk) = if let Some(cls) = get("[CLS]") {
             let need = |t: &str| get(t).with_context(|| format!("vocabulary has [CLS] but no {t}"));
-            (Style::ProtBert, cls, need("[SEP]")?, need("[PAD]")?, need("[UNK]")?)
+            (
+                Style::ProtBert,
+                cls,
+                need("[SEP]")?,
+                need("[PAD]")?,
+                need("[UNK]")?,
+            )
         } else if let Some(cls) = get("<cls>") {
             let need = |t: &str| get(t).with_context(|| format!("vocabulary has <cls> but no {t}"));
-            (Style::Esm, cls, need("<eos>")?, need("<pad>")?, need("<unk>")?)
+            (
+                Style::Esm,
+                cls,
+                need("<eos>")?,
+                need("<pad>")?,
+                need("<unk>")?,
+            )
         } else {
             bail!("vocabulary has neither [CLS] (ProtBERT style) nor <cls> (ESM style)");
         };
@@ -86,7 +104,16 @@ impl Tokenizer {
             };
             *slot = get(&mapped.to_string()).unwrap_or(unk);
         }
-        Ok(Self { tokens, ids, style, cls_id: cls, end_id: end, pad_id: pad, unk_id: unk, residue_ids })
+        Ok(Self {
+            tokens,
+            ids,
+            style,
+            cls_id: cls,
+            end_id: end,
+            pad_id: pad,
+            unk_id: unk,
+            residue_ids,
+        })
     }
 
     pub fn vocab_size(&self) -> usize {
@@ -121,7 +148,11 @@ impl Tokenizer {
             ids.extend(bytes[range].iter().map(|&c| self.residue_id(c)));
         }
         ids.push(self.end_id);
-        Encoded { ids, total_residues: bytes.len(), used_residues: kept.len() }
+        Encoded {
+            ids,
+            total_residues: bytes.len(),
+            used_residues: kept.len(),
+        }
     }
 
     /// Writes the vocabulary as `vocab.txt` content.
@@ -161,14 +192,23 @@ impl Kept {
 /// head-tail keeps `ceil(max/2)` N-terminal and `floor(max/2)` C-terminal residues.
 pub fn truncate(len: usize, max: usize, policy: Truncation) -> Kept {
     if len <= max {
-        return Kept { head: 0..len, tail: len..len };
+        return Kept {
+            head: 0..len,
+            tail: len..len,
+        };
     }
     match policy {
-        Truncation::Head => Kept { head: 0..max, tail: len..len },
+        Truncation::Head => Kept {
+            head: 0..max,
+            tail: len..len,
+        },
         Truncation::HeadTail => {
             let n_head = max.div_ceil(2);
             let n_tail = max - n_head;
-            Kept { head: 0..n_head, tail: len - n_tail..len }
+            Kept {
+                head: 0..n_head,
+                tail: len - n_tail..len,
+            }
         }
     }
 }

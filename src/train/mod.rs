@@ -82,14 +82,21 @@ impl TrainArgs {
         if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 {
             bail!("--epochs, --batch-size and --grad-accum must be at least 1");
         }
-        if !(self.lr > 0.0) || self.head_lr.is_some_and(|l| !(l > 0.0)) {
+        let positive = |x: f64| x.is_finite() && x > 0.0;
+        if !positive(self.lr) || self.head_lr.is_some_and(|l| !positive(l)) {
             bail!("learning rates must be positive");
         }
         if !(0.0..1.0).contains(&self.val_fraction) {
-            bail!("--val-fraction must be in [0, 1), got {}", self.val_fraction);
+            bail!(
+                "--val-fraction must be in [0, 1), got {}",
+                self.val_fraction
+            );
         }
         if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            bail!("--warmup-ratio must be in [0, 1], got {}", self.warmup_ratio);
+            bail!(
+                "--warmup-ratio must be in [0, 1], got {}",
+                self.warmup_ratio
+            );
         }
         if self.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
             bail!("--dropout must be in [0, 1)");
@@ -133,23 +140,45 @@ struct Example {
 
 /// Labels used for class indices: the ten DeepLoc locations, in their canonical order.
 pub fn default_labels() -> Vec<String> {
-    data::DEEPLOC_LOCATIONS.iter().map(|s| s.to_string()).collect()
+    data::DEEPLOC_LOCATIONS
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
 }
 
-fn encode_examples(model: &model::BaseModel, records: &[&Record], labels: &[String], max_res: usize, policy: Truncation) -> Result<Vec<Example>> {
+fn encode_examples(
+    model: &model::BaseModel,
+    records: &[&Record],
+    labels: &[String],
+    max_res: usize,
+    policy: Truncation,
+) -> Result<Vec<Example>> {
     records
         .iter()
         .map(|r| {
-            let loc = r.location.as_deref().with_context(|| format!("{}: record {} has no label", r.pos, r.id))?;
-            let label = labels.iter().position(|l| l == loc).with_context(|| format!("{}: unknown label {loc}", r.pos))? as u32;
-            Ok(Example { enc: model.tokenizer.encode(&r.sequence, max_res, policy), label })
+            let loc = r
+                .location
+                .as_deref()
+                .with_context(|| format!("{}: record {} has no label", r.pos, r.id))?;
+            let label = labels
+                .iter()
+                .position(|l| l == loc)
+                .with_context(|| format!("{}: unknown label {loc}", r.pos))?
+                as u32;
+            Ok(Example {
+                enc: model.tokenizer.encode(&r.sequence, max_res, policy),
+                label,
+            })
         })
         .collect()
 }
 
 /// Residues per protein: explicit, or the model's positions minus the two special tokens,
 /// capped at 1,022 (ESM-2's training length).
-pub fn effective_max_residues(cfg: &model::EncoderConfig, requested: Option<usize>) -> Result<usize> {
+pub fn effective_max_residues(
+    cfg: &model::EncoderConfig,
+    requested: Option<usize>,
+) -> Result<usize> {
     let limit = cfg.max_tokens().saturating_sub(2);
     match requested {
         Some(n) if cfg.arch().ok() == Some(model::Arch::Bert) && n > limit => bail!(
@@ -183,7 +212,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let t0 = Instant::now();
 
     // Data.
-    let opts = ReadOptions { skip_invalid: args.skip_invalid, require_labels: true };
+    let opts = ReadOptions {
+        skip_invalid: args.skip_invalid,
+        require_labels: true,
+    };
     let mut dataset = data::read_dataset(&args.data, opts)?;
     for w in &dataset.skipped {
         tracing::warn!("skipped: {w}");
@@ -193,11 +225,18 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     }
     let (train_pool, _test) = data::split::train_test(&dataset.records);
     if train_pool.is_empty() {
-        bail!("{}: no training records (all records are tagged test?)", args.data.display());
+        bail!(
+            "{}: no training records (all records are tagged test?)",
+            args.data.display()
+        );
     }
-    let (train_idx, val_idx) =
-        data::split::stratified_validation(&dataset.records, &train_pool, args.val_fraction, args.seed)
-            .map_err(anyhow::Error::msg)?;
+    let (train_idx, val_idx) = data::split::stratified_validation(
+        &dataset.records,
+        &train_pool,
+        args.val_fraction,
+        args.seed,
+    )
+    .map_err(anyhow::Error::msg)?;
 
     // Model.
     let mut base = model::load_base(&args.model, args.seed, &device)?;
@@ -210,7 +249,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     }
     let layers = base.cfg.num_hidden_layers;
     if args.freeze_layers > layers {
-        bail!("--freeze-layers {} but the model has only {layers} layers", args.freeze_layers);
+        bail!(
+            "--freeze-layers {} but the model has only {layers} layers",
+            args.freeze_layers
+        );
     }
     base.encoder.freeze(args.freeze_layers);
     let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
@@ -228,8 +270,20 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let model = SequenceClassifier::new(base, task)?;
 
     let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
-    let train_set = encode_examples(&model.base, &pick(&train_idx), &labels, max_res, args.truncate)?;
-    let val_set = encode_examples(&model.base, &pick(&val_idx), &labels, max_res, args.truncate)?;
+    let train_set = encode_examples(
+        &model.base,
+        &pick(&train_idx),
+        &labels,
+        max_res,
+        args.truncate,
+    )?;
+    let val_set = encode_examples(
+        &model.base,
+        &pick(&val_idx),
+        &labels,
+        max_res,
+        args.truncate,
+    )?;
 
     // Optimizer.
     let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
@@ -240,13 +294,24 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         if is_frozen(&name, prefix, args.freeze_layers) {
             continue;
         }
-        let scale = if name.starts_with("classifier.") { head_lr_scale } else { 1.0 };
-        let wd = if optim::no_decay(&name) { 0.0 } else { args.weight_decay };
+        let scale = if name.starts_with("classifier.") {
+            head_lr_scale
+        } else {
+            1.0
+        };
+        let wd = if optim::no_decay(&name) {
+            0.0
+        } else {
+            args.weight_decay
+        };
         params.push((name, var, scale, wd));
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
     let mut opt = AdamW::new(AdamWConfig::default(), params)?;
-    let steps_per_epoch = train_set.len().div_ceil(args.batch_size).div_ceil(args.grad_accum);
+    let steps_per_epoch = train_set
+        .len()
+        .div_ceil(args.batch_size)
+        .div_ceil(args.grad_accum);
     let mut total_steps = steps_per_epoch * args.epochs;
     if let Some(m) = args.max_steps {
         total_steps = total_steps.min(m);
@@ -257,8 +322,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         total_steps,
     };
 
-    std::fs::create_dir_all(&args.output).with_context(|| format!("cannot create {}", args.output.display()))?;
-    crate::artifacts::write_atomic(&args.output.join("training_args.json"), serde_json::to_string_pretty(args)?.as_bytes())?;
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    crate::artifacts::write_atomic(
+        &args.output.join("training_args.json"),
+        serde_json::to_string_pretty(args)?.as_bytes(),
+    )?;
     let metrics_path = args.output.join("metrics.jsonl");
     // A new run starts a new log.
     let _ = std::fs::remove_file(&metrics_path);
@@ -277,12 +346,19 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let mut step = 0usize;
     let mut history = Vec::new();
     let mut best: Option<(f64, f64, usize)> = None; // (accuracy, -loss, epoch)
-    let limits = BatchLimits { max_batch_tokens: args.eval_batch_tokens, max_batch_size: 64 };
+    let limits = BatchLimits {
+        max_batch_tokens: args.eval_batch_tokens,
+        max_batch_size: 64,
+    };
     'epochs: for epoch in 1..=args.epochs {
         let mut order: Vec<usize> = (0..train_set.len()).collect();
         order.shuffle(&mut shuffle_rng);
         let batches = BatchPlan::fixed(&order, args.batch_size);
-        let pb = crate::progress::bar(batches.len() as u64, &format!("epoch {epoch}/{}", args.epochs), "batches");
+        let pb = crate::progress::bar(
+            batches.len() as u64,
+            &format!("epoch {epoch}/{}", args.epochs),
+            "batches",
+        );
         let (mut loss_sum, mut loss_n) = (0f64, 0usize);
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.slots().len()];
         for (bi, group) in batches.iter().enumerate() {
@@ -319,13 +395,31 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             pb.inc(1);
             if args.max_steps.is_some_and(|m| step >= m) {
                 pb.finish_and_clear();
-                let m = finish_epoch(&model, &val_set, limits, epoch, step, loss_sum / loss_n.max(1) as f64, schedule.lr(step.saturating_sub(1)), &t0)?;
+                let m = finish_epoch(
+                    &model,
+                    &val_set,
+                    limits,
+                    epoch,
+                    step,
+                    loss_sum / loss_n.max(1) as f64,
+                    schedule.lr(step.saturating_sub(1)),
+                    &t0,
+                )?;
                 record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
                 break 'epochs;
             }
         }
         pb.finish_and_clear();
-        let m = finish_epoch(&model, &val_set, limits, epoch, step, loss_sum / loss_n.max(1) as f64, schedule.lr(step.saturating_sub(1)), &t0)?;
+        let m = finish_epoch(
+            &model,
+            &val_set,
+            limits,
+            epoch,
+            step,
+            loss_sum / loss_n.max(1) as f64,
+            schedule.lr(step.saturating_sub(1)),
+            &t0,
+        )?;
         record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
     }
 
@@ -363,9 +457,20 @@ fn finish_epoch(
             loss -= (p[e.label as usize].max(1e-12) as f64).ln();
             correct += usize::from(infer::argmax(p) == e.label as usize);
         }
-        (Some(loss / val.len() as f64), Some(correct as f64 / val.len() as f64))
+        (
+            Some(loss / val.len() as f64),
+            Some(correct as f64 / val.len() as f64),
+        )
     };
-    Ok(EpochMetrics { epoch, step, train_loss, val_loss, val_accuracy, lr, elapsed_s: t0.elapsed().as_secs_f64() })
+    Ok(EpochMetrics {
+        epoch,
+        step,
+        train_loss,
+        val_loss,
+        val_accuracy,
+        lr,
+        elapsed_s: t0.elapsed().as_secs_f64(),
+    })
 }
 
 /// Prints the metric lines (in the reference's exact wording), logs JSON, keeps the best
@@ -386,7 +491,11 @@ fn record_epoch(
         println!("Validation loss: {loss}");
     }
     crate::artifacts::append_json_line(metrics_path, &serde_json::to_value(&m)?)?;
-    let key = (m.val_accuracy.unwrap_or(0.0), -m.val_loss.unwrap_or(0.0), m.epoch);
+    let key = (
+        m.val_accuracy.unwrap_or(0.0),
+        -m.val_loss.unwrap_or(0.0),
+        m.epoch,
+    );
     let improved = match best {
         None => true,
         Some(b) => m.val_accuracy.is_none() || (key.0, key.1) > (b.0, b.1),
@@ -394,26 +503,14 @@ fn record_epoch(
     if improved {
         model.save(&args.output)?;
         *best = Some(key);
-        tracing::info!(epoch = m.epoch, "saved best model to {}", args.output.display());
+        tracing::info!(
+            epoch = m.epoch,
+            "saved best model to {}",
+            args.output.display()
+        );
     }
     history.push(m);
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn frozen_parameter_names() {
-        assert!(is_frozen("bert.embeddings.word_embeddings.weight", "bert", 2));
-        assert!(is_frozen("bert.encoder.layer.1.output.dense.weight", "bert", 2));
-        assert!(!is_frozen("bert.encoder.layer.2.output.dense.weight", "bert", 2));
-        assert!(!is_frozen("bert.encoder.layer.10.output.dense.weight", "bert", 2));
-        assert!(!is_frozen("classifier.weight", "bert", 2));
-        assert!(!is_frozen("bert.embeddings.word_embeddings.weight", "bert", 0));
-        assert!(!is_frozen("esm.encoder.emb_layer_norm_after.weight", "esm", 6));
-    }
 }
 
 /// Writes `training_curves.png` into the run directory.
@@ -429,4 +526,44 @@ pub fn plot_curves(run_dir: &std::path::Path, summary: &TrainSummary) -> Result<
         })
         .collect();
     crate::eval::plot::plot_training_curves(&points, &run_dir.join("training_curves.png"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frozen_parameter_names() {
+        assert!(is_frozen(
+            "bert.embeddings.word_embeddings.weight",
+            "bert",
+            2
+        ));
+        assert!(is_frozen(
+            "bert.encoder.layer.1.output.dense.weight",
+            "bert",
+            2
+        ));
+        assert!(!is_frozen(
+            "bert.encoder.layer.2.output.dense.weight",
+            "bert",
+            2
+        ));
+        assert!(!is_frozen(
+            "bert.encoder.layer.10.output.dense.weight",
+            "bert",
+            2
+        ));
+        assert!(!is_frozen("classifier.weight", "bert", 2));
+        assert!(!is_frozen(
+            "bert.embeddings.word_embeddings.weight",
+            "bert",
+            0
+        ));
+        assert!(!is_frozen(
+            "esm.encoder.emb_layer_norm_after.weight",
+            "esm",
+            6
+        ));
+    }
 }

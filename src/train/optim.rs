@@ -21,7 +21,11 @@ pub struct AdamWConfig {
 
 impl Default for AdamWConfig {
     fn default() -> Self {
-        Self { beta1: 0.9, beta2: 0.999, eps: 1e-8 }
+        Self {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+        }
     }
 }
 
@@ -52,10 +56,21 @@ impl AdamW {
                     bail!("{name}: AdamW supports f32 parameters only");
                 }
                 let n = var.elem_count();
-                Ok(ParamSlot { name, var, lr_scale, weight_decay, m: vec![0.0; n], v: vec![0.0; n] })
+                Ok(ParamSlot {
+                    name,
+                    var,
+                    lr_scale,
+                    weight_decay,
+                    m: vec![0.0; n],
+                    v: vec![0.0; n],
+                })
             })
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { cfg, slots, step: 0 })
+        Ok(Self {
+            cfg,
+            slots,
+            step: 0,
+        })
     }
 
     pub fn slots(&self) -> &[ParamSlot] {
@@ -68,7 +83,10 @@ impl AdamW {
 
     /// Gradients from a backward pass, aligned with [`Self::slots`].
     pub fn collect_grads(&self, grads: &candle_core::backprop::GradStore) -> Vec<Option<Tensor>> {
-        self.slots.iter().map(|s| grads.get(s.var.as_tensor()).cloned()).collect()
+        self.slots
+            .iter()
+            .map(|s| grads.get(s.var.as_tensor()).cloned())
+            .collect()
     }
 
     /// L2 norm over all gradients (missing gradients count as zero). `grads` is aligned
@@ -88,7 +106,11 @@ impl AdamW {
     /// (clipping). Parameters without a gradient are left untouched (PyTorch does the same).
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.slots.len() {
-            bail!("AdamW: {} gradients for {} parameters", grads.len(), self.slots.len());
+            bail!(
+                "AdamW: {} gradients for {} parameters",
+                grads.len(),
+                self.slots.len()
+            );
         }
         self.step += 1;
         let t = self.step as i32;
@@ -101,14 +123,14 @@ impl AdamW {
                 m: RefCell::new(&mut slot.m),
                 v: RefCell::new(&mut slot.v),
                 h: Hyper {
-                lr: (lr * slot.lr_scale) as f32,
-                wd: slot.weight_decay as f32,
-                beta1: self.cfg.beta1 as f32,
-                beta2: self.cfg.beta2 as f32,
-                eps: self.cfg.eps as f32,
-                bc1: bc1 as f32,
-                bc2_sqrt: bc2.sqrt() as f32,
-                grad_scale: grad_scale as f32,
+                    lr: (lr * slot.lr_scale) as f32,
+                    wd: slot.weight_decay as f32,
+                    beta1: self.cfg.beta1 as f32,
+                    beta2: self.cfg.beta2 as f32,
+                    eps: self.cfg.eps as f32,
+                    bc1: bc1 as f32,
+                    bc2_sqrt: bc2.sqrt() as f32,
+                    grad_scale: grad_scale as f32,
                 },
             };
             slot.var.as_tensor().inplace_op2(&grad, &kernel)?;
@@ -144,11 +166,18 @@ impl InplaceOp2 for AdamWKernel<'_> {
         "fused-adamw"
     }
 
-    fn cpu_fwd(&self, s1: &mut CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> candle_core::Result<()> {
+    fn cpu_fwd(
+        &self,
+        s1: &mut CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> candle_core::Result<()> {
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
             candle_core::bail!("fused-adamw: f32 tensors only")
         };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets()) else {
+        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
+        else {
             candle_core::bail!("fused-adamw: contiguous tensors only")
         };
         let p = &mut p[p0..p1];
@@ -193,7 +222,8 @@ impl LinearSchedule {
             return self.peak_lr * (step + 1) as f64 / self.warmup_steps as f64;
         }
         let remaining = self.total_steps.saturating_sub(step) as f64;
-        let decay_steps = (self.total_steps - self.warmup_steps.min(self.total_steps)).max(1) as f64;
+        let decay_steps =
+            (self.total_steps - self.warmup_steps.min(self.total_steps)).max(1) as f64;
         self.peak_lr * (remaining / decay_steps).clamp(0.0, 1.0)
     }
 }
@@ -227,13 +257,21 @@ mod tests {
 
     #[test]
     fn schedule_warms_up_then_decays_to_zero() {
-        let s = LinearSchedule { peak_lr: 1.0, warmup_steps: 4, total_steps: 12 };
+        let s = LinearSchedule {
+            peak_lr: 1.0,
+            warmup_steps: 4,
+            total_steps: 12,
+        };
         assert_eq!(s.lr(0), 0.25);
         assert_eq!(s.lr(3), 1.0);
         assert_eq!(s.lr(4), 1.0);
         assert!((s.lr(8) - 0.5).abs() < 1e-12);
         assert_eq!(s.lr(12), 0.0);
-        let flat = LinearSchedule { peak_lr: 2.0, warmup_steps: 0, total_steps: 2 };
+        let flat = LinearSchedule {
+            peak_lr: 2.0,
+            warmup_steps: 0,
+            total_steps: 2,
+        };
         assert_eq!(flat.lr(0), 2.0);
     }
 
