@@ -561,3 +561,22 @@ fn plots_into_missing_directory_fail_cleanly() {
     assert!(plot_training_curves(&[], &missing).is_err());
     assert!(!missing.exists());
 }
+
+#[test]
+fn confusion_png_many_long_labels() {
+    // Many classes, one with an absurdly long name: the grid must still fit the canvas.
+    let dir = tempfile::tempdir().unwrap();
+    for k in [24, 40] {
+        let mut names = labels(k);
+        names[5] = "a very long class name that goes on and on and on".to_string();
+        let y_true: Vec<usize> = (0..20 * k).map(|i| i % k).collect();
+        let y_pred: Vec<usize> = (0..20 * k)
+            .map(|i| if i % 5 == 0 { (i / 5) % k } else { i % k })
+            .collect();
+        let r = ClassificationReport::compute(&y_true, &y_pred, &names).unwrap();
+        let path = dir.path().join(format!("confusion_many_{k}.png"));
+        plot_confusion(&r, &path, true).unwrap();
+        assert_eq!(png_size(&path), CONFUSION_PNG_SIZE);
+        keep(&path);
+    }
+}

@@ -12,7 +12,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::metrics::ClassificationReport;
+use super::metrics::{truncate, ClassificationReport};
 
 /// Pixel size (width, height) of [`plot_confusion`] images. Fixed rather than derived
 /// from the class count so reports from different runs line up side by side.
@@ -21,6 +21,8 @@ pub const CONFUSION_PNG_SIZE: (u32, u32) = (1100, 1000);
 pub const CURVES_PNG_SIZE: (u32, u32) = (1400, 560);
 
 const FONT: &str = "sans-serif";
+/// Class names longer than this are cut so one long name cannot squeeze the grid.
+const MAX_LABEL_CHARS: usize = 26;
 const TEXT: RGBColor = RGBColor(30, 30, 30);
 const MUTED: RGBColor = RGBColor(150, 150, 150);
 // Tableau colours: distinguishable for the common forms of colour blindness.
@@ -108,7 +110,8 @@ fn blues(t: f64) -> RGBColor {
 /// Writes `report`'s confusion matrix as a PNG heat map of [`CONFUSION_PNG_SIZE`]:
 /// rows are true classes, columns predicted classes. With `normalize`, each row is
 /// divided by its support (so the diagonal shows per-class recall and small classes are
-/// as visible as large ones); otherwise raw counts are shown. Every cell carries its value.
+/// as visible as large ones); otherwise raw counts are shown. Every cell carries its value
+/// unless cells get too small for text (roughly beyond 30 classes).
 pub fn plot_confusion(
     report: &ClassificationReport,
     path: &Path,
@@ -178,11 +181,13 @@ where
         .map_err(draw_err)?;
 
     // Row labels carry the support so normalised rows can be read back as counts.
-    let label_font = font(15.0);
+    // Class names shrink with the class count so neighbouring rows never overlap
+    // (~700 px of grid shared by k rows; names take about half a row).
+    let label_font = font((385.0 / k.max(1) as f64).clamp(8.0, 15.0));
     let row_labels: Vec<String> = report
         .per_class
         .iter()
-        .map(|c| format!("{} ({})", c.label, c.support))
+        .map(|c| format!("{} ({})", truncate(&c.label, MAX_LABEL_CHARS), c.support))
         .collect();
     let text_width = |s: &str| -> anyhow::Result<i32> {
         Ok(root.estimate_text_size(s, &label_font).map_err(draw_err)?.0 as i32)
@@ -191,8 +196,13 @@ where
     for s in &row_labels {
         row_w = row_w.max(text_width(s)?);
     }
+    let col_labels: Vec<String> = report
+        .labels
+        .iter()
+        .map(|l| truncate(l, MAX_LABEL_CHARS))
+        .collect();
     let mut col_w = 0;
-    for s in &report.labels {
+    for s in &col_labels {
         col_w = col_w.max(text_width(s)?);
     }
 
@@ -211,7 +221,9 @@ where
     let grid = cell * k as i32;
     let (x0, y0) = (left, top);
 
-    let cell_font_size = (cell as f64 * 0.3).clamp(8.0, 18.0);
+    let cell_font_size = (cell as f64 * 0.38).clamp(9.0, 18.0);
+    // Below this a value such as "0.81" no longer fits its cell; the colour has to do.
+    let show_values = cell >= 24;
     for (i, row) in values.iter().enumerate() {
         for (j, &v) in row.iter().enumerate() {
             let t = v / vmax;
@@ -229,9 +241,11 @@ where
             } else {
                 (format!("{v:.0}"), if t > 0.5 { WHITE } else { TEXT })
             };
-            let style = (FONT, cell_font_size).into_font().color(&color).pos(center);
-            root.draw_text(&text, &style, (cx + cell / 2, cy + cell / 2))
-                .map_err(draw_err)?;
+            if show_values {
+                let style = (FONT, cell_font_size).into_font().color(&color).pos(center);
+                root.draw_text(&text, &style, (cx + cell / 2, cy + cell / 2))
+                    .map_err(draw_err)?;
+            }
         }
     }
     // Thin grid lines and a frame keep neighbouring pale cells apart.
@@ -261,7 +275,7 @@ where
         root.draw_text(s, &row_style, (x0 - gap, y))
             .map_err(draw_err)?;
     }
-    for (j, s) in report.labels.iter().enumerate() {
+    for (j, s) in col_labels.iter().enumerate() {
         let x = x0 + j as i32 * cell + cell / 2;
         root.draw_text(s, &col_style, (x, y0 + grid + gap))
             .map_err(draw_err)?;
