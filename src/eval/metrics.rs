@@ -224,7 +224,7 @@ fn prefix(s: &str, n: usize) -> String {
 }
 
 /// `s` cut to `max` characters, marking the cut with `~`.
-fn truncate(s: &str, max: usize) -> String {
+pub(super) fn truncate(s: &str, max: usize) -> String {
     if s.chars().count() <= max {
         s.to_string()
     } else {

@@ -1,5 +1,9 @@
-//! Evaluation: classification metrics and their plots.
+//! Evaluation: classification metrics (accuracy / Q10, MCC, per-class F1, confusion
+//! matrix; numbers match scikit-learn), their PNG plots, and the `eval` command.
 
 pub mod metrics;
 pub mod plot;
 pub mod run;
+
+pub use metrics::{binary_accuracy_masked, ClassMetrics, ClassificationReport, MetricsError};
+pub use plot::{plot_confusion, plot_training_curves, CurvePoint};

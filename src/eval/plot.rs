@@ -7,11 +7,12 @@
 use std::path::Path;
 
 use anyhow::{anyhow, Context};
+use plotters::coord::types::RangedCoordf64;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use plotters::style::text_anchor::{HPos, Pos, VPos};
 
-use super::metrics::ClassificationReport;
+use super::metrics::{truncate, ClassificationReport};
 
 /// Pixel size (width, height) of [`plot_confusion`] images. Fixed rather than derived
 /// from the class count so reports from different runs line up side by side.
@@ -20,6 +21,8 @@ pub const CONFUSION_PNG_SIZE: (u32, u32) = (1100, 1000);
 pub const CURVES_PNG_SIZE: (u32, u32) = (1400, 560);
 
 const FONT: &str = "sans-serif";
+/// Class names longer than this are cut so one long name cannot squeeze the grid.
+const MAX_LABEL_CHARS: usize = 26;
 const TEXT: RGBColor = RGBColor(30, 30, 30);
 const MUTED: RGBColor = RGBColor(150, 150, 150);
 // Tableau colours: distinguishable for the common forms of colour blindness.
@@ -107,7 +110,8 @@ fn blues(t: f64) -> RGBColor {
 /// Writes `report`'s confusion matrix as a PNG heat map of [`CONFUSION_PNG_SIZE`]:
 /// rows are true classes, columns predicted classes. With `normalize`, each row is
 /// divided by its support (so the diagonal shows per-class recall and small classes are
-/// as visible as large ones); otherwise raw counts are shown. Every cell carries its value.
+/// as visible as large ones); otherwise raw counts are shown. Every cell carries its value
+/// unless cells get too small for text (roughly beyond 30 classes).
 pub fn plot_confusion(
     report: &ClassificationReport,
     path: &Path,
@@ -177,11 +181,13 @@ where
         .map_err(draw_err)?;
 
     // Row labels carry the support so normalised rows can be read back as counts.
-    let label_font = font(15.0);
+    // Class names shrink with the class count so neighbouring rows never overlap
+    // (~700 px of grid shared by k rows; names take about half a row).
+    let label_font = font((385.0 / k.max(1) as f64).clamp(8.0, 15.0));
     let row_labels: Vec<String> = report
         .per_class
         .iter()
-        .map(|c| format!("{} ({})", c.label, c.support))
+        .map(|c| format!("{} ({})", truncate(&c.label, MAX_LABEL_CHARS), c.support))
         .collect();
     let text_width = |s: &str| -> anyhow::Result<i32> {
         Ok(root.estimate_text_size(s, &label_font).map_err(draw_err)?.0 as i32)
@@ -190,8 +196,13 @@ where
     for s in &row_labels {
         row_w = row_w.max(text_width(s)?);
     }
+    let col_labels: Vec<String> = report
+        .labels
+        .iter()
+        .map(|l| truncate(l, MAX_LABEL_CHARS))
+        .collect();
     let mut col_w = 0;
-    for s in &report.labels {
+    for s in &col_labels {
         col_w = col_w.max(text_width(s)?);
     }
 
@@ -210,7 +221,9 @@ where
     let grid = cell * k as i32;
     let (x0, y0) = (left, top);
 
-    let cell_font_size = (cell as f64 * 0.3).clamp(8.0, 18.0);
+    let cell_font_size = (cell as f64 * 0.38).clamp(9.0, 18.0);
+    // Below this a value such as "0.81" no longer fits its cell; the colour has to do.
+    let show_values = cell >= 24;
     for (i, row) in values.iter().enumerate() {
         for (j, &v) in row.iter().enumerate() {
             let t = v / vmax;
@@ -228,9 +241,11 @@ where
             } else {
                 (format!("{v:.0}"), if t > 0.5 { WHITE } else { TEXT })
             };
-            let style = (FONT, cell_font_size).into_font().color(&color).pos(center);
-            root.draw_text(&text, &style, (cx + cell / 2, cy + cell / 2))
-                .map_err(draw_err)?;
+            if show_values {
+                let style = (FONT, cell_font_size).into_font().color(&color).pos(center);
+                root.draw_text(&text, &style, (cx + cell / 2, cy + cell / 2))
+                    .map_err(draw_err)?;
+            }
         }
     }
     // Thin grid lines and a frame keep neighbouring pale cells apart.
@@ -260,7 +275,7 @@ where
         root.draw_text(s, &row_style, (x0 - gap, y))
             .map_err(draw_err)?;
     }
-    for (j, s) in report.labels.iter().enumerate() {
+    for (j, s) in col_labels.iter().enumerate() {
         let x = x0 + j as i32 * cell + cell / 2;
         root.draw_text(s, &col_style, (x, y0 + grid + gap))
             .map_err(draw_err)?;
@@ -392,10 +407,13 @@ where
     // Both panels share the epoch axis so they can be read against each other.
     let epochs = train.iter().chain(&val).chain(&acc).map(|p| p.0);
     let (e_lo, e_hi) = padded_range(epochs.chain([0.0]), (0.0, 1.0));
+    // A little room on the right so the last point's marker is not clipped by the frame.
+    let e_hi = e_hi + 0.03 * (e_hi - e_lo);
 
     // Loss: cross-entropy is non-negative, so start at 0 to keep the scale honest.
     let loss_max = train.iter().chain(&val).map(|p| p.1).fold(0.0, f64::max);
-    let loss_hi = if loss_max > 0.0 { loss_max * 1.08 } else { 1.0 };
+    // The headroom above the largest loss keeps the upper-right legend off the data.
+    let loss_hi = if loss_max > 0.0 { loss_max * 1.3 } else { 1.0 };
     {
         let mut chart = ChartBuilder::on(&left)
             .caption("Loss", font(24.0))
@@ -408,30 +426,18 @@ where
             .configure_mesh()
             .x_desc("epoch")
             .y_desc("loss")
+            .x_label_formatter(&fmt_epoch_tick)
+            .y_label_formatter(&fmt_loss_tick)
             .axis_desc_style(font(18.0))
             .label_style(font(14.0))
-            .light_line_style(RGBColor(235, 235, 235))
+            .max_light_lines(4)
+            .light_line_style(RGBColor(244, 244, 244))
             .draw()
             .map_err(draw_err)?;
         // Dense per-step train losses read best as a plain line; sparse ones get markers.
         let train_marker = if train.len() <= 30 { 3 } else { 0 };
-        chart
-            .draw_series(
-                LineSeries::new(train.clone(), TRAIN_COLOR.stroke_width(2))
-                    .point_size(train_marker),
-            )
-            .map_err(draw_err)?
-            .label("train loss")
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], TRAIN_COLOR.stroke_width(2))
-            });
-        chart
-            .draw_series(LineSeries::new(val.clone(), VAL_COLOR.stroke_width(2)).point_size(4))
-            .map_err(draw_err)?
-            .label("validation loss")
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], VAL_COLOR.stroke_width(2))
-            });
+        draw_line(&mut chart, &train, TRAIN_COLOR, train_marker, "train loss")?;
+        draw_line(&mut chart, &val, VAL_COLOR, 4, "validation loss")?;
         if let Some(&(e, l)) = val.iter().min_by(|a, b| a.1.total_cmp(&b.1)) {
             chart
                 .draw_series([Circle::new((e, l), 7, VAL_COLOR.stroke_width(2))])
@@ -441,15 +447,9 @@ where
         }
         if train.is_empty() && val.is_empty() {
             draw_no_data(&left, "no loss recorded")?;
+        } else {
+            draw_legend(&mut chart, SeriesLabelPosition::UpperRight)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::UpperRight)
-            .label_font(font(15.0))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .draw()
-            .map_err(draw_err)?;
     }
 
     // Accuracy in percent, zoomed to the data but rounded out to multiples of 10.
@@ -470,18 +470,15 @@ where
             .configure_mesh()
             .x_desc("epoch")
             .y_desc("accuracy (%)")
+            .x_label_formatter(&fmt_epoch_tick)
+            .y_label_formatter(&fmt_percent_tick)
             .axis_desc_style(font(18.0))
             .label_style(font(14.0))
-            .light_line_style(RGBColor(235, 235, 235))
+            .max_light_lines(4)
+            .light_line_style(RGBColor(244, 244, 244))
             .draw()
             .map_err(draw_err)?;
-        chart
-            .draw_series(LineSeries::new(acc.clone(), ACC_COLOR.stroke_width(2)).point_size(4))
-            .map_err(draw_err)?
-            .label("validation accuracy")
-            .legend(|(x, y)| {
-                PathElement::new(vec![(x, y), (x + 24, y)], ACC_COLOR.stroke_width(2))
-            });
+        draw_line(&mut chart, &acc, ACC_COLOR, 4, "validation accuracy")?;
         // Ring the best epoch: that is the checkpoint one would keep.
         if let Some(&(e, a)) = acc.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
             chart
@@ -492,17 +489,70 @@ where
         }
         if acc.is_empty() {
             draw_no_data(&right, "no validation accuracy recorded")?;
+        } else {
+            draw_legend(&mut chart, SeriesLabelPosition::LowerRight)?;
         }
-        chart
-            .configure_series_labels()
-            .position(SeriesLabelPosition::LowerRight)
-            .label_font(font(15.0))
-            .background_style(WHITE.mix(0.85))
-            .border_style(RGBColor(180, 180, 180))
-            .draw()
-            .map_err(draw_err)?;
     }
     Ok(())
+}
+
+type Chart<'a, DB> = ChartContext<'a, DB, Cartesian2d<RangedCoordf64, RangedCoordf64>>;
+
+/// Draws `data` as a line (with markers of radius `marker`, 0 for none) and registers it
+/// in the legend. Empty series are skipped so the legend lists only what is drawn.
+fn draw_line<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    data: &[(f64, f64)],
+    color: RGBColor,
+    marker: u32,
+    label: &str,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    if data.is_empty() {
+        return Ok(());
+    }
+    let style = color.stroke_width(2);
+    chart
+        .draw_series(LineSeries::new(data.iter().copied(), style).point_size(marker))
+        .map_err(draw_err)?
+        .label(label)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
+    Ok(())
+}
+
+fn draw_legend<'a, DB: DrawingBackend + 'a>(
+    chart: &mut Chart<'a, DB>,
+    position: SeriesLabelPosition,
+) -> anyhow::Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    chart
+        .configure_series_labels()
+        .position(position)
+        .label_font(font(15.0))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()
+        .map_err(draw_err)?;
+    Ok(())
+}
+
+/// Epoch axis ticks: whole epochs without a decimal point, fractions with as few as needed.
+fn fmt_epoch_tick(e: &f64) -> String {
+    let s = format!("{e:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn fmt_loss_tick(l: &f64) -> String {
+    let s = format!("{l:.2}");
+    s.trim_end_matches('0').trim_end_matches('.').to_string()
+}
+
+fn fmt_percent_tick(a: &f64) -> String {
+    format!("{a:.0}")
 }
 
 /// Epochs are usually whole numbers; don't print "3.00" for them.
