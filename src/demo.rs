@@ -144,8 +144,10 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     t.batch_size = 16;
     t.lr = 2e-3;
     t.warmup_ratio = 0.05;
-    t.max_residues = Some(160);
-    t.pool = Pool::Mean;
+    // Short inputs keep the demo fast; head-tail truncation keeps both the N-terminal
+    // signals and the C-terminal motifs (KDEL, SKL, ...) of the longer proteins.
+    t.max_residues = Some(96);
+    t.pool = Pool::Cls;
     t.dropout = Some(0.0);
     t.seed = args.seed;
     let summary = crate::train::train(&t)?;

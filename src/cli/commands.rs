@@ -240,7 +240,7 @@ pub struct DemoCmd {
     #[arg(long, default_value = "protloc-demo")]
     pub output: PathBuf,
     /// Training epochs.
-    #[arg(long, default_value_t = 12)]
+    #[arg(long, default_value_t = 15)]
     pub epochs: usize,
     /// Synthetic proteins per location.
     #[arg(long, default_value_t = 80)]

@@ -13,8 +13,13 @@ use rand_chacha::ChaCha8Rng;
 /// `-inf` in bf16 and `0 * -inf` gives NaN.
 pub const MASK_NEG: f32 = -1e9;
 
-/// Layer normalisation over the last dimension, computed in f32.
+/// Layer normalisation over the last dimension, computed in f32. When no input needs a
+/// gradient (inference, frozen layers) candle's fused kernel is used; otherwise the
+/// differentiable composition.
 pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
+    if !(x.track_op() || weight.track_op() || bias.track_op()) && x.dtype() == DType::F32 {
+        return candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let mean = x.mean_keepdim(D::Minus1)?;
@@ -27,15 +32,72 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
         .broadcast_add(bias)
 }
 
-/// Softmax over the last dimension, summed in f32. The max is detached: it only
-/// stabilises the exponent and cancels out of the gradient.
+/// Softmax over the last dimension. On CPU in f32 this is one fused pass with its own
+/// backward ([`SoftmaxLastDim`]); elsewhere a differentiable composition summed in f32, with
+/// the max detached (it only stabilises the exponent and cancels out of the gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1(SoftmaxLastDim);
+    }
     let dtype = x.dtype();
     let x = x.to_dtype(DType::F32)?;
     let max = x.max_keepdim(D::Minus1)?.detach();
     let exp = x.broadcast_sub(&max)?.exp()?;
     let sum = exp.sum_keepdim(D::Minus1)?;
     exp.broadcast_div(&sum)?.to_dtype(dtype)
+}
+
+/// Fused softmax over the last dimension (CPU, f32) with an analytic backward:
+/// `dx = y * (dy - sum(dy * y))`. Attention probabilities are the largest activations in
+/// training; the composed version allocates five full-size temporaries forward and more
+/// backward, this one allocates one forward and three backward.
+pub struct SoftmaxLastDim;
+
+impl candle_core::CustomOp1 for SoftmaxLastDim {
+    fn name(&self) -> &'static str {
+        "protloc-softmax-last-dim"
+    }
+
+    fn cpu_fwd(
+        &self,
+        storage: &candle_core::CpuStorage,
+        layout: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        use rayon::prelude::*;
+        let candle_core::CpuStorage::F32(data) = storage else {
+            candle_core::bail!("softmax: f32 only")
+        };
+        let Some((start, end)) = layout.contiguous_offsets() else {
+            candle_core::bail!("softmax: contiguous input only")
+        };
+        let x = &data[start..end];
+        let d = *layout.dims().last().unwrap_or(&1);
+        let mut out = vec![0f32; x.len()];
+        if d > 0 {
+            // Several rows per task so short rows do not drown in scheduling overhead.
+            let rows_per_task = (4096 / d).max(1);
+            out.par_chunks_mut(d * rows_per_task)
+                .zip(x.par_chunks(d * rows_per_task))
+                .for_each(|(o, xs)| {
+                    for (o, row) in o.chunks_mut(d).zip(xs.chunks(d)) {
+                        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                        let mut sum = 0f32;
+                        for (oi, &xi) in o.iter_mut().zip(row) {
+                            *oi = (xi - max).exp();
+                            sum += *oi;
+                        }
+                        let inv = 1.0 / sum;
+                        o.iter_mut().for_each(|v| *v *= inv);
+                    }
+                });
+        }
+        Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
+        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
+    }
 }
 
 /// Log-softmax over the last dimension (f32), used by the cross-entropy loss.

@@ -63,6 +63,28 @@ impl BatchPlan {
             .collect()
     }
 
+    /// Training batches with little padding that are still random: `order` (already
+    /// shuffled) is cut into pools of `pool_batches` batches, each pool is sorted by length
+    /// and cut into batches, and the batch order is shuffled.
+    pub fn bucketed(
+        order: &[usize],
+        lengths: &[usize],
+        batch_size: usize,
+        pool_batches: usize,
+        rng: &mut impl rand::Rng,
+    ) -> Vec<Vec<usize>> {
+        use rand::seq::SliceRandom;
+        let batch_size = batch_size.max(1);
+        let mut batches = Vec::new();
+        for pool in order.chunks(batch_size * pool_batches.max(1)) {
+            let mut pool = pool.to_vec();
+            pool.sort_by_key(|&i| lengths[i]);
+            batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
+        }
+        batches.shuffle(rng);
+        batches
+    }
+
     /// Length-sorted groups whose padded size (members x longest) stays within
     /// `max_tokens` and whose member count stays within `max_batch`. A single item longer
     /// than the budget gets a batch of its own. Every index appears exactly once.
@@ -117,6 +139,26 @@ mod tests {
         let ids: Vec<Vec<u32>> = batch.ids.to_vec2().unwrap();
         assert_eq!(ids[0][4..], [0, 0]);
         assert_eq!(batch.real_tokens, 10);
+    }
+
+    #[test]
+    fn bucketed_batches_cover_everything_once_with_less_padding() {
+        use rand::{seq::SliceRandom, SeedableRng};
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
+        let lengths: Vec<usize> = (0..200).map(|i| 50 + (i * 37) % 900).collect();
+        let mut order: Vec<usize> = (0..200).collect();
+        order.shuffle(&mut rng);
+        let plan = BatchPlan::bucketed(&order, &lengths, 4, 10, &mut rng);
+        let mut seen: Vec<usize> = plan.iter().flatten().copied().collect();
+        seen.sort();
+        assert_eq!(seen, (0..200).collect::<Vec<_>>());
+        assert!(plan.iter().all(|b| b.len() <= 4));
+        let padded = |plan: &[Vec<usize>]| -> usize {
+            plan.iter()
+                .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap())
+                .sum()
+        };
+        assert!(padded(&plan) < padded(&BatchPlan::fixed(&order, 4)));
     }
 
     #[test]

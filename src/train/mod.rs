@@ -342,6 +342,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     );
 
     let mut shuffle_rng = ChaCha8Rng::seed_from_u64(args.seed);
+    let lengths: Vec<usize> = train_set.iter().map(|e| e.enc.ids.len()).collect();
     let mut dropout_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_d20f_u64);
     let mut step = 0usize;
     let mut history = Vec::new();
@@ -353,7 +354,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     'epochs: for epoch in 1..=args.epochs {
         let mut order: Vec<usize> = (0..train_set.len()).collect();
         order.shuffle(&mut shuffle_rng);
-        let batches = BatchPlan::fixed(&order, args.batch_size);
+        let batches = BatchPlan::bucketed(&order, &lengths, args.batch_size, 50, &mut shuffle_rng);
         let pb = crate::progress::bar(
             batches.len() as u64,
             &format!("epoch {epoch}/{}", args.epochs),
