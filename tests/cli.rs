@@ -138,7 +138,7 @@ fn esm2_train_eval_predict_end_to_end_with_frozen_layers() {
             "--lr",
             "1e-4",
         ])
-        .args(["--max-residues", "256", "--batch-size", "8", "--model"])
+        .args(["--max-residues", "128", "--batch-size", "8", "--model"])
         .arg(&model)
         .arg("--data")
         .arg(&data)

@@ -73,9 +73,9 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
         let x = &data[start..end];
         let d = *layout.dims().last().unwrap_or(&1);
         let mut out = vec![0f32; x.len()];
-        if d > 0 {
+        if let Some(rows_per_task) = 4096usize.checked_div(d) {
             // Several rows per task so short rows do not drown in scheduling overhead.
-            let rows_per_task = (4096 / d).max(1);
+            let rows_per_task = rows_per_task.max(1);
             out.par_chunks_mut(d * rows_per_task)
                 .zip(x.par_chunks(d * rows_per_task))
                 .for_each(|(o, xs)| {
