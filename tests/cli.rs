@@ -36,23 +36,23 @@ fn metrics(run: &Path) -> Vec<serde_json::Value> {
 fn scratch_training_learns_is_reproducible_and_writes_a_hf_style_run_dir() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("train.fasta");
-    protloc::demo::write_dataset(&data, 6, 1).unwrap(); // 60 proteins
+    protloc::demo::write_dataset(&data, 3, 1).unwrap(); // 30 proteins
     let train = |out: &Path| {
         protloc()
+            .args(["train", "--model", "scratch:tiny", "--epochs", "10"])
             .args([
-                "train",
-                "--model",
-                "scratch:tiny",
-                "--epochs",
-                "4",
                 "--batch-size",
-                "8",
+                "4",
                 "--lr",
                 "3e-3",
+                "--pool",
+                "mean",
+                "--dropout",
+                "0",
             ])
             .args([
                 "--max-residues",
-                "96",
+                "64",
                 "--val-fraction",
                 "0.2",
                 "--seed",
