@@ -418,7 +418,11 @@ fn hub_ids_resolve_from_the_hf_cache_and_fail_clearly_offline() {
         .arg(&fasta)
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["embedding"].as_array().unwrap().len(), 320);
 
@@ -431,5 +435,8 @@ fn hub_ids_resolve_from_the_hf_cache_and_fail_clearly_offline() {
         .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("Rostlab/prot_bert_bfd") && err.contains("HF_HUB_OFFLINE"), "{err}");
+    assert!(
+        err.contains("Rostlab/prot_bert_bfd") && err.contains("HF_HUB_OFFLINE"),
+        "{err}"
+    );
 }

@@ -80,14 +80,29 @@ pub struct StatsCmd {
 pub struct TrainCmd {
     /// Base model: a Hugging Face model directory, a hub id (e.g. Rostlab/prot_bert_bfd), or
     /// scratch:tiny|small|base for a ProtBERT-style BERT from random initialisation.
-    #[arg(long)]
-    pub model: String,
+    #[arg(long, required_unless_present = "resume")]
+    pub model: Option<String>,
     /// Labelled data: DeepLoc FASTA (`>ID Location-M [test]`) or CSV/TSV (id,sequence,label).
-    #[arg(long)]
-    pub data: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub data: Option<PathBuf>,
     /// Run directory to write (config.json, vocab.txt, model.safetensors, metrics.jsonl).
-    #[arg(long)]
-    pub output: PathBuf,
+    #[arg(long, required_unless_present = "resume")]
+    pub output: Option<PathBuf>,
+    /// Continue an interrupted run from its newest intact checkpoint, with the settings it
+    /// was started with (all other options are ignored).
+    #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "data", "output"])]
+    pub resume: Option<PathBuf>,
+    /// Write a resumable checkpoint (weights, optimizer, RNG and data position) every N
+    /// optimizer steps and at each epoch end, under RUN_DIR/checkpoints/ (0 = off).
+    #[arg(long, default_value_t = 0)]
+    pub save_every_steps: usize,
+    /// Checkpoints to keep.
+    #[arg(long, default_value_t = 2)]
+    pub keep_last: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient (each is
+    /// skipped with a warning).
+    #[arg(long, default_value_t = 5)]
+    pub max_bad_steps: usize,
     #[arg(long, default_value_t = 3)]
     pub epochs: usize,
     #[arg(long, default_value_t = 4)]
@@ -297,7 +312,24 @@ fn data_stats(c: StatsCmd) -> Result<()> {
 }
 
 fn train(c: TrainCmd) -> Result<()> {
-    let mut args = TrainArgs::new(&c.model, c.data, c.output);
+    if let Some(run_dir) = c.resume {
+        let summary = crate::train::resume(&run_dir)?;
+        crate::train::plot_curves(&run_dir, &summary)?;
+        eprintln!(
+            "finished {} steps; best epoch {} in {}",
+            summary.steps,
+            summary.best_epoch,
+            run_dir.display()
+        );
+        return Ok(());
+    }
+    let (Some(model), Some(data), Some(output)) = (c.model, c.data, c.output) else {
+        anyhow::bail!("--model, --data and --output are required (or --resume RUN_DIR)");
+    };
+    let mut args = TrainArgs::new(&model, data, output);
+    args.save_every_steps = c.save_every_steps;
+    args.keep_last = c.keep_last;
+    args.max_bad_steps = c.max_bad_steps.max(1);
     args.epochs = c.epochs;
     args.batch_size = c.batch_size;
     args.lr = c.lr;

@@ -1,5 +1,6 @@
 //! Fine-tuning: data preparation, the training loop, per-epoch validation, checkpoints.
 
+pub mod checkpoint;
 pub mod optim;
 
 use std::path::PathBuf;
@@ -16,6 +17,7 @@ use crate::data::{self, ReadOptions, Record};
 use crate::infer::{self, BatchLimits};
 use crate::model::{self, Pool, SequenceClassifier, TaskConfig};
 use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
+use checkpoint::{LoopState, RngState};
 use optim::{AdamW, AdamWConfig, LinearSchedule};
 
 /// Everything `protloc train` takes. Saved as `training_args.json`.
@@ -47,6 +49,26 @@ pub struct TrainArgs {
     pub skip_invalid: bool,
     /// Token budget of validation batches.
     pub eval_batch_tokens: usize,
+    /// Write a resumable checkpoint every N optimizer steps and at every epoch end (0 = off).
+    #[serde(default)]
+    pub save_every_steps: usize,
+    /// Checkpoints kept (oldest are deleted).
+    #[serde(default = "default_keep_last")]
+    pub keep_last: usize,
+    /// Stop after this many consecutive steps with a non-finite loss or gradient.
+    #[serde(default = "default_max_bad_steps")]
+    pub max_bad_steps: usize,
+    /// Set by [`resume`]: the checkpoint to continue from.
+    #[serde(skip)]
+    pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
+}
+
+fn default_keep_last() -> usize {
+    2
+}
+
+fn default_max_bad_steps() -> usize {
+    5
 }
 
 impl TrainArgs {
@@ -75,6 +97,10 @@ impl TrainArgs {
             pool: Pool::Cls,
             skip_invalid: false,
             eval_batch_tokens: 8192,
+            save_every_steps: 0,
+            keep_last: default_keep_last(),
+            max_bad_steps: default_max_bad_steps(),
+            resume_from: None,
         }
     }
 
@@ -205,6 +231,25 @@ fn is_frozen(name: &str, prefix: &str, n: usize) -> bool {
         .is_some_and(|i| i < n)
 }
 
+/// Continues the run in `run_dir` from its newest intact checkpoint, with the arguments
+/// it was started with (`training_args.json`).
+pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
+    let path = run_dir.join("training_args.json");
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("{}: cannot read; is this a run directory?", path.display()))?;
+    let mut args: TrainArgs = serde_json::from_str(&text)
+        .with_context(|| format!("{}: invalid training arguments", path.display()))?;
+    args.output = run_dir.to_path_buf();
+    args.resume_from = Some(std::sync::Arc::new(checkpoint::load_latest(run_dir)?));
+    if args.save_every_steps == 0 {
+        bail!(
+            "{}: the run was started without checkpoints (--save-every-steps)",
+            run_dir.display()
+        );
+    }
+    train(&args)
+}
+
 /// Runs `protloc train`.
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     args.validate()?;
@@ -329,8 +374,6 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         serde_json::to_string_pretty(args)?.as_bytes(),
     )?;
     let metrics_path = args.output.join("metrics.jsonl");
-    // A new run starts a new log.
-    let _ = std::fs::remove_file(&metrics_path);
     tracing::info!(
         train = train_set.len(),
         val = val_set.len(),
@@ -341,28 +384,91 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         "starting training"
     );
 
-    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let lengths: Vec<usize> = train_set.iter().map(|e| e.enc.ids.len()).collect();
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_d20f_u64);
-    let mut step = 0usize;
-    let mut history = Vec::new();
-    let mut best: Option<(f64, f64, usize)> = None; // (accuracy, -loss, epoch)
     let limits = BatchLimits {
         max_batch_tokens: args.eval_batch_tokens,
         max_batch_size: 64,
     };
-    'epochs: for epoch in 1..=args.epochs {
+    let lengths: Vec<usize> = train_set.iter().map(|e| e.enc.ids.len()).collect();
+    let mut st = match &args.resume_from {
+        Some(ckpt) => {
+            for (name, var) in model.base.store.vars() {
+                let t = ckpt.model.get(&name).with_context(|| {
+                    format!("{}: checkpoint lacks parameter {name}", ckpt.dir.display())
+                })?;
+                var.set(&t.to_device(&device)?)?;
+            }
+            opt.import_moments(&ckpt.optimizer, ckpt.adam_step)?;
+            // The log on disk may hold epochs finished after this checkpoint was taken.
+            let lines: Vec<String> = ckpt
+                .state
+                .history
+                .iter()
+                .map(|m| serde_json::to_string(m).map_err(Into::into))
+                .collect::<Result<_>>()?;
+            let mut text = lines.join("\n");
+            if !text.is_empty() {
+                text.push('\n');
+            }
+            crate::artifacts::write_atomic(&metrics_path, text.as_bytes())?;
+            eprintln!(
+                "resuming from {} (epoch {}, step {})",
+                ckpt.dir.display(),
+                ckpt.state.epoch,
+                ckpt.state.step
+            );
+            ckpt.state.clone()
+        }
+        None => {
+            // A new run starts a new log and no checkpoints.
+            let _ = std::fs::remove_file(&metrics_path);
+            let _ = std::fs::remove_dir_all(checkpoint::checkpoints_dir(&args.output));
+            LoopState {
+                epoch: 1,
+                next_batch: 0,
+                step: 0,
+                epoch_rng: RngState::of(&ChaCha8Rng::seed_from_u64(args.seed)),
+                dropout_rng: RngState::of(&ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_d20f_u64)),
+                loss_sum: 0.0,
+                loss_n: 0,
+                bad_steps: 0,
+                history: Vec::new(),
+                best: None,
+            }
+        }
+    };
+    let mut dropout_rng = st.dropout_rng.restore()?;
+    let save_checkpoint = |st: &LoopState, opt: &AdamW| -> Result<()> {
+        if args.save_every_steps == 0 {
+            return Ok(());
+        }
+        let dir = checkpoint::save(
+            &args.output,
+            st,
+            opt.steps_taken(),
+            &model.base.store.tensors(),
+            &opt.export_moments()?,
+            args.keep_last,
+        )?;
+        tracing::debug!("checkpoint {}", dir.display());
+        Ok(())
+    };
+    'epochs: while st.epoch <= args.epochs {
+        let epoch = st.epoch;
+        let mut shuffle_rng = st.epoch_rng.restore()?;
         let mut order: Vec<usize> = (0..train_set.len()).collect();
         order.shuffle(&mut shuffle_rng);
         let batches = BatchPlan::bucketed(&order, &lengths, args.batch_size, 50, &mut shuffle_rng);
+        let next_epoch_rng = RngState::of(&shuffle_rng);
         let pb = crate::progress::bar(
             batches.len() as u64,
             &format!("epoch {epoch}/{}", args.epochs),
             "batches",
         );
-        let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+        pb.set_position(st.next_batch as u64);
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.slots().len()];
-        for (bi, group) in batches.iter().enumerate() {
+        let mut stop = false;
+        for bi in st.next_batch..batches.len() {
+            let group = &batches[bi];
             let items: Vec<&Encoded> = group.iter().map(|&i| &train_set[i].enc).collect();
             let targets: Vec<u32> = group.iter().map(|&i| train_set[i].label).collect();
             let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &device)?;
@@ -370,44 +476,62 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             let logits = model.forward(&batch, Some(&mut dropout_rng))?;
             let loss = model::ops::cross_entropy(&logits, &targets)?;
             let loss_value = loss.to_scalar::<f32>()? as f64;
-            if !loss_value.is_finite() {
-                bail!("loss became {loss_value} at epoch {epoch}, batch {bi}: lower --lr or check the input");
-            }
-            loss_sum += loss_value * group.len() as f64;
-            loss_n += group.len();
-            let grads = (loss / args.grad_accum as f64)?.backward()?;
-            for (a, g) in acc.iter_mut().zip(opt.collect_grads(&grads)) {
-                if let Some(g) = g {
-                    optim::accumulate(a, &g)?;
+            let boundary = (bi + 1) % args.grad_accum == 0 || bi + 1 == batches.len();
+            let mut bad = !loss_value.is_finite();
+            if !bad {
+                st.loss_sum += loss_value * group.len() as f64;
+                st.loss_n += group.len();
+                let grads = (loss / args.grad_accum as f64)?.backward()?;
+                for (a, g) in acc.iter_mut().zip(opt.collect_grads(&grads)) {
+                    if let Some(g) = g {
+                        optim::accumulate(a, &g)?;
+                    }
                 }
             }
-            let boundary = (bi + 1) % args.grad_accum == 0 || bi + 1 == batches.len();
             if boundary {
                 let step_grads: Vec<Option<Tensor>> = acc.iter_mut().map(Option::take).collect();
-                let norm = opt.grad_norm(&step_grads)?;
-                if !norm.is_finite() {
-                    bail!("gradient norm became {norm} at epoch {epoch}, batch {bi}: lower --lr or check the input");
+                let norm = if bad {
+                    f64::NAN
+                } else {
+                    opt.grad_norm(&step_grads)?
+                };
+                bad |= !norm.is_finite();
+                if bad {
+                    st.bad_steps += 1;
+                    tracing::warn!(
+                        "non-finite loss or gradient at epoch {epoch}, batch {bi}: step skipped ({} in a row)",
+                        st.bad_steps
+                    );
+                    if st.bad_steps >= args.max_bad_steps {
+                        bail!(
+                            "{} consecutive steps had a non-finite loss or gradient (epoch {epoch}, batch {bi}); stopping without saving a broken model: lower --lr or check the input",
+                            st.bad_steps
+                        );
+                    }
+                } else {
+                    st.bad_steps = 0;
+                    let lr = schedule.lr(st.step);
+                    opt.step(&step_grads, lr, optim::clip_scale(norm, args.max_grad_norm))?;
+                    st.step += 1;
+                    pb.set_prefix(format!(
+                        "loss {:.4} lr {lr:.2e}",
+                        st.loss_sum / st.loss_n.max(1) as f64
+                    ));
                 }
-                let lr = schedule.lr(step);
-                opt.step(&step_grads, lr, optim::clip_scale(norm, args.max_grad_norm))?;
-                step += 1;
-                pb.set_prefix(format!("loss {:.4} lr {lr:.2e}", loss_sum / loss_n as f64));
+                st.next_batch = bi + 1;
+                st.dropout_rng = RngState::of(&dropout_rng);
+                stop = args.max_steps.is_some_and(|m| st.step >= m);
+                if !bad
+                    && args.save_every_steps > 0
+                    && st.step % args.save_every_steps == 0
+                    && !stop
+                {
+                    save_checkpoint(&st, &opt)?;
+                }
             }
             pb.inc(1);
-            if args.max_steps.is_some_and(|m| step >= m) {
-                pb.finish_and_clear();
-                let m = finish_epoch(
-                    &model,
-                    &val_set,
-                    limits,
-                    epoch,
-                    step,
-                    loss_sum / loss_n.max(1) as f64,
-                    schedule.lr(step.saturating_sub(1)),
-                    &t0,
-                )?;
-                record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
-                break 'epochs;
+            if stop {
+                break;
             }
         }
         pb.finish_and_clear();
@@ -416,19 +540,39 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             &val_set,
             limits,
             epoch,
-            step,
-            loss_sum / loss_n.max(1) as f64,
-            schedule.lr(step.saturating_sub(1)),
+            st.step,
+            st.loss_sum / st.loss_n.max(1) as f64,
+            schedule.lr(st.step.saturating_sub(1)),
             &t0,
         )?;
-        record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
+        record_epoch(
+            &model,
+            args,
+            &metrics_path,
+            m,
+            &mut st.history,
+            &mut st.best,
+        )?;
+        st.epoch += 1;
+        st.next_batch = 0;
+        st.epoch_rng = next_epoch_rng;
+        st.loss_sum = 0.0;
+        st.loss_n = 0;
+        st.dropout_rng = RngState::of(&dropout_rng);
+        // Epoch ends are natural resume points; the final one records the finished run.
+        save_checkpoint(&st, &opt)?;
+        if stop {
+            break 'epochs;
+        }
     }
+    let history = st.history;
+    let best = st.best;
 
     let best_epoch = best.map_or(history.len(), |b| b.2);
     Ok(TrainSummary {
         epochs: history,
         best_epoch,
-        steps: step,
+        steps: st.step,
         train_records: train_set.len(),
         val_records: val_set.len(),
         trainable_parameters: trainable,

@@ -7,7 +7,7 @@
 
 use std::cell::RefCell;
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
 
@@ -79,6 +79,53 @@ impl AdamW {
 
     pub fn steps_taken(&self) -> u64 {
         self.step
+    }
+
+    /// Moments as tensors (`m.<name>`, `v.<name>`), for checkpoints.
+    pub fn export_moments(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        for s in &self.slots {
+            let shape = s.var.shape();
+            let dev = &candle_core::Device::Cpu;
+            out.insert(
+                format!("m.{}", s.name),
+                Tensor::from_slice(&s.m, shape, dev)?,
+            );
+            out.insert(
+                format!("v.{}", s.name),
+                Tensor::from_slice(&s.v, shape, dev)?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Restores moments and the step count saved by [`Self::export_moments`].
+    pub fn import_moments(
+        &mut self,
+        moments: &std::collections::HashMap<String, Tensor>,
+        step: u64,
+    ) -> Result<()> {
+        for s in &mut self.slots {
+            for (key, buf) in [
+                (format!("m.{}", s.name), &mut s.m),
+                (format!("v.{}", s.name), &mut s.v),
+            ] {
+                let t = moments
+                    .get(&key)
+                    .with_context(|| format!("checkpoint lacks optimizer state {key}"))?;
+                let v: Vec<f32> = t.flatten_all()?.to_vec1()?;
+                if v.len() != buf.len() {
+                    bail!(
+                        "optimizer state {key} has {} values, expected {}",
+                        v.len(),
+                        buf.len()
+                    );
+                }
+                *buf = v;
+            }
+        }
+        self.step = step;
+        Ok(())
     }
 
     /// Gradients from a backward pass, aligned with [`Self::slots`].
