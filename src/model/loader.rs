@@ -75,12 +75,40 @@ pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
                 WEIGHT_FILES.join(", ")
             )
         })?;
+    for f in [&config, &vocab, &weights] {
+        check_inside(dir, f)?;
+    }
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
         config,
         vocab,
         weights,
     })
+}
+
+/// Refuses model files that are symlinks resolving outside the model directory, except into
+/// the Hugging Face cache (whose snapshots link to `../../blobs`).
+fn check_inside(dir: &Path, file: &Path) -> Result<()> {
+    let is_link = std::fs::symlink_metadata(file)
+        .map(|m| m.file_type().is_symlink())
+        .unwrap_or(false);
+    if !is_link {
+        return Ok(());
+    }
+    let target = file
+        .canonicalize()
+        .with_context(|| format!("{}: dangling symlink", file.display()))?;
+    let dir = dir.canonicalize()?;
+    let cache = hf_hub::Cache::from_env().path().canonicalize().ok();
+    let allowed = target.starts_with(&dir) || cache.is_some_and(|c| target.starts_with(c));
+    if !allowed {
+        bail!(
+            "{}: symlink points outside the model directory (to {}); refusing to load it",
+            file.display(),
+            target.display()
+        );
+    }
+    Ok(())
 }
 
 fn from_hub(id: &str) -> Result<ModelFiles> {

@@ -641,10 +641,18 @@ fn record_epoch(
         -m.val_loss.unwrap_or(0.0),
         m.epoch,
     );
-    let improved = match best {
-        None => true,
-        Some(b) => m.val_accuracy.is_none() || (key.0, key.1) > (b.0, b.1),
-    };
+    let finite = m.train_loss.is_finite() && m.val_loss.is_none_or(f64::is_finite);
+    let improved = finite
+        && match best {
+            None => true,
+            Some(b) => m.val_accuracy.is_none() || (key.0, key.1) > (b.0, b.1),
+        };
+    if !finite {
+        tracing::warn!(
+            epoch = m.epoch,
+            "non-finite losses: this epoch's model is not saved"
+        );
+    }
     if improved {
         model.save(&args.output)?;
         *best = Some(key);
