@@ -58,7 +58,7 @@ pub fn read_fasta(path: &Path, opts: ReadOptions) -> Result<Dataset, DataError> 
 /// [`FastaStream::require_labels`] is set.
 pub struct FastaStream {
     path: PathBuf,
-    reader: nfasta::Reader<LineCounter<File>>,
+    reader: nfasta::Reader<LineCounter<Box<dyn Read + Send>>>,
     /// Newlines consumed so far, shared with the [`LineCounter`] inside `reader` (noodles does
     /// not give access to its inner reader).
     lines: Arc<AtomicUsize>,
@@ -83,16 +83,23 @@ impl FastaStream {
     /// Opens `path` for streaming. Fails only if the file cannot be opened.
     pub fn open(path: &Path) -> Result<FastaStream, DataError> {
         let file = File::open(path).map_err(|e| DataError::Io(path.to_path_buf(), e))?;
+        Ok(Self::from_reader(path, file))
+    }
+
+    /// Streams FASTA from any reader (request bodies, stdin, fuzzers); `name` stands in for
+    /// the file name in error messages.
+    pub fn from_reader(name: impl Into<PathBuf>, reader: impl Read + Send + 'static) -> FastaStream {
         let lines = Arc::new(AtomicUsize::new(0));
+        let boxed: Box<dyn Read + Send> = Box::new(reader);
         let counter = LineCounter {
             // Large buffer: noodles tests for '>' at the start of each buffered chunk, so a '>'
             // inside a sequence line longer than the buffer could land on a chunk boundary and
             // be taken for a header. With 64 KiB chunks that needs absurdly long lines.
-            inner: BufReader::with_capacity(1 << 16, file),
+            inner: BufReader::with_capacity(1 << 16, boxed),
             lines: Arc::clone(&lines),
         };
-        Ok(FastaStream {
-            path: path.to_path_buf(),
+        FastaStream {
+            path: name.into(),
             reader: nfasta::Reader::new(counter),
             lines,
             require_labels: false,
@@ -100,7 +107,7 @@ impl FastaStream {
             yielded: false,
             header: String::new(),
             sequence: Vec::new(),
-        })
+        }
     }
 
     /// Makes records without a location label errors (for labeled training/evaluation input).
