@@ -364,10 +364,7 @@ fn bad_input_gives_clear_errors_and_nonzero_exit() {
         &config.replace("\"intermediate_size\": 1280", "\"intermediate_size\": 1000"),
         &tensors,
     );
-    fails_with(
-        &embed(&wrong_dims),
-        &["intermediate.dense.weight", "shape"],
-    );
+    fails_with(&embed(&wrong_dims), &["intermediate.dense.weight", "shape"]);
     let unknown = mk_model(
         "unknown",
         &config.replace("\"model_type\": \"esm\"", "\"model_type\": \"gpt2\""),
