@@ -387,13 +387,11 @@ async fn predict_inner(
         ));
     }
     if !authorized(app, headers) {
-        let mut e = ApiError::new(
+        return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
             "missing or wrong bearer token (Authorization: Bearer <api key>)",
-        );
-        e.retry_after = None;
-        return Err(e);
+        ));
     }
     let Query(params) = query.map_err(|e| ApiError::bad_request("invalid_query", e.body_text()))?;
     if params.top_k == Some(0) {
@@ -407,7 +405,18 @@ async fn predict_inner(
         .get(header::CONTENT_TYPE)
         .map(|v| v.to_str().unwrap_or("(not text)"));
     let kind = BodyKind::from_content_type(content_type)?;
-    let bytes = read_body(body, headers, app.opts.max_body_bytes).await?;
+    let bytes = tokio::time::timeout(
+        app.opts.request_timeout,
+        read_body(body, headers, app.opts.max_body_bytes),
+    )
+    .await
+    .map_err(|_| {
+        ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            "request body not received within --request-timeout-ms",
+        )
+    })??;
     let inputs = parse_body(kind, &bytes, app.opts.max_sequences)?;
     drop(bytes);
     let encoded = encode(app, &inputs)?;
