@@ -247,8 +247,9 @@ pub struct ServeCmd {
     /// Port (0 picks a free one).
     #[arg(long, default_value_t = 8080, env = "PROTLOC_PORT")]
     pub port: u16,
-    /// Padded tokens (sequences x longest) per inference batch.
-    #[arg(long, default_value_t = 16384)]
+    /// Padded tokens (sequences x longest) per inference batch. On CPU small budgets are
+    /// fastest for long proteins (see README, Performance); raise it on a GPU.
+    #[arg(long, default_value_t = 1024)]
     pub max_batch_tokens: usize,
     /// Sequences per inference batch at most.
     #[arg(long, default_value_t = 64)]

@@ -70,7 +70,7 @@ impl ServeOptions {
             model: model.into(),
             host: "127.0.0.1".into(),
             port: 8080,
-            max_batch_tokens: 16384,
+            max_batch_tokens: 1024,
             max_batch_size: 64,
             max_wait: Duration::from_millis(2),
             max_queue: 4096,
