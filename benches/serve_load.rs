@@ -4,6 +4,7 @@
 //! ```text
 //! cargo bench --bench serve_load -- --model RUN_DIR --data deeploc_data.fasta \
 //!     [--limit 200] [--requests 200] [--concurrency 1,8,64] [--url http://host:port]
+//!     [--max-batch-tokens N] [--max-batch-size N] [--skip-baseline]
 //! ```
 //!
 //! Uses the `test`-tagged proteins of a DeepLoc FASTA (all records when none are tagged).
@@ -29,6 +30,8 @@ struct Args {
     concurrency: Vec<usize>,
     url: Option<String>,
     skip_baseline: bool,
+    max_batch_tokens: usize,
+    max_batch_size: usize,
 }
 
 fn parse_args() -> Result<Args> {
@@ -40,6 +43,8 @@ fn parse_args() -> Result<Args> {
         concurrency: vec![1, 8, 64],
         url: None,
         skip_baseline: false,
+        max_batch_tokens: protloc::serve::ServeOptions::new("").max_batch_tokens,
+        max_batch_size: protloc::serve::ServeOptions::new("").max_batch_size,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -57,12 +62,14 @@ fn parse_args() -> Result<Args> {
             }
             "--url" => a.url = Some(val()?),
             "--skip-baseline" => a.skip_baseline = true,
+            "--max-batch-tokens" => a.max_batch_tokens = val()?.parse()?,
+            "--max-batch-size" => a.max_batch_size = val()?.parse()?,
             "--bench" => {} // passed by `cargo bench`
             other => bail!("unknown argument {other}"),
         }
     }
     if a.model.as_os_str().is_empty() || a.data.as_os_str().is_empty() {
-        bail!("usage: serve_load --model RUN_DIR --data FASTA [--limit N] [--requests N] [--concurrency 1,8,64] [--url URL] [--skip-baseline]");
+        bail!("usage: serve_load --model RUN_DIR --data FASTA [--limit N] [--requests N] [--concurrency 1,8,64] [--url URL] [--skip-baseline] [--max-batch-tokens N] [--max-batch-size N]");
     }
     Ok(a)
 }
@@ -125,6 +132,14 @@ fn main() -> Result<()> {
     let model = SequenceClassifier::load(&args.model, &Device::Cpu)?;
     let max = model.task.max_residues;
     let used = |s: &str| s.len().min(max);
+    let limits = BatchLimits {
+        max_batch_tokens: args.max_batch_tokens,
+        max_batch_size: args.max_batch_size,
+    };
+    eprintln!(
+        "batch limits: {} tokens, {} sequences",
+        args.max_batch_tokens, args.max_batch_size
+    );
     eprintln!(
         "{} proteins (mean length {:.0}, max_residues {max}), {} threads",
         seqs.len(),
@@ -141,7 +156,7 @@ fn main() -> Result<()> {
         let t0 = Instant::now();
         for (_, s) in &seqs {
             let t = Instant::now();
-            class_probabilities(&model, &[encode(s)], BatchLimits::default(), None)?;
+            class_probabilities(&model, &[encode(s)], limits, None)?;
             lat.push(t.elapsed());
         }
         Row {
@@ -155,7 +170,7 @@ fn main() -> Result<()> {
         // `protloc predict`: the whole set at once, length-sorted token-budget batches.
         let t0 = Instant::now();
         let enc: Vec<_> = seqs.iter().map(|(_, s)| encode(s)).collect();
-        class_probabilities(&model, &enc, BatchLimits::default(), None)?;
+        class_probabilities(&model, &enc, limits, None)?;
         Row {
             name: "`protloc predict` path, whole set batched".into(),
             sequences: seqs.len(),
@@ -172,6 +187,8 @@ fn main() -> Result<()> {
         None => {
             let mut o = protloc::serve::ServeOptions::new(&args.model);
             o.port = 0;
+            o.max_batch_tokens = args.max_batch_tokens;
+            o.max_batch_size = args.max_batch_size;
             let s = protloc::serve::spawn(o)?;
             let u = format!("http://{}", s.addr);
             (Some(s), u)
