@@ -13,5 +13,6 @@ pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod progress;
+pub mod serve;
 pub mod tokenize;
 pub mod train;

@@ -1,0 +1,381 @@
+//! `protloc serve`: an HTTP prediction endpoint for a run directory.
+//!
+//! - `routes`: axum handlers, content negotiation, auth, limits, JSON errors.
+//! - `parse`: request bodies (JSON forms, FASTA, CSV) to validated sequences.
+//! - `queue`: the token-budget dynamic batcher on dedicated inference threads.
+//! - `metrics`: Prometheus text. `openapi`: the OpenAPI document.
+//!
+//! The async runtime only parses, queues and answers; inference runs on its own threads,
+//! so `/ping` and `/metrics` answer at once while a big batch computes.
+
+pub mod metrics;
+pub mod openapi;
+pub mod parse;
+pub mod queue;
+pub mod routes;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use candle_core::Device;
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use crate::model::{ops, SequenceClassifier};
+use crate::tokenize::{Batch, Encoded, Tokenizer, Truncation};
+use metrics::Metrics;
+use queue::{Batcher, Engine, QueueConfig, Scored};
+
+/// Everything `protloc serve` takes.
+#[derive(Debug, Clone)]
+pub struct ServeOptions {
+    /// Run directory written by `protloc train`.
+    pub model: PathBuf,
+    pub host: String,
+    /// 0 picks a free port (see [`ServerHandle::addr`]).
+    pub port: u16,
+    /// Padded tokens (sequences x longest) per inference batch.
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    /// How long a worker waits for more sequences when less than a batch is queued.
+    pub max_wait: Duration,
+    /// Sequences allowed to wait at once (429 beyond).
+    pub max_queue: usize,
+    /// Request body limit (413 beyond).
+    pub max_body_bytes: usize,
+    /// Sequences per request (413 beyond).
+    pub max_sequences: usize,
+    /// Override the run's truncation policy.
+    pub truncate: Option<Truncation>,
+    /// Reject sequences longer than the model's budget (422) instead of truncating.
+    pub no_truncate: bool,
+    /// A request still unanswered after this gets 503 (its waiting sequences are dropped).
+    pub request_timeout: Duration,
+    /// Bearer token required on the prediction routes.
+    pub api_key: Option<String>,
+    /// Inference threads, each with its own copy of the model.
+    pub workers: usize,
+    /// Async runtime threads (HTTP, parsing).
+    pub http_threads: usize,
+}
+
+impl ServeOptions {
+    pub fn new(model: impl Into<PathBuf>) -> Self {
+        Self {
+            model: model.into(),
+            host: "127.0.0.1".into(),
+            port: 8080,
+            max_batch_tokens: 1024,
+            max_batch_size: 64,
+            max_wait: Duration::from_millis(2),
+            max_queue: 4096,
+            max_body_bytes: 8 << 20,
+            max_sequences: 1024,
+            truncate: None,
+            no_truncate: false,
+            request_timeout: Duration::from_secs(60),
+            api_key: None,
+            workers: 1,
+            http_threads: 2,
+        }
+    }
+}
+
+/// `GET /v1/info`: the model and the server's limits.
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Info {
+    /// The run directory served.
+    pub model: String,
+    /// `bert` or `esm`.
+    pub model_type: String,
+    /// What the run was fine-tuned from.
+    pub base_model: String,
+    /// Locations, in the model's output order.
+    pub labels: Vec<String>,
+    /// Whether the model predicts membrane-bound/soluble (not with the current head).
+    pub membrane_head: bool,
+    pub max_residues: usize,
+    /// `head` or `head-tail`.
+    #[schema(value_type = String, example = "head-tail")]
+    pub truncate: Truncation,
+    /// Longer sequences are rejected (422) instead of truncated.
+    pub no_truncate: bool,
+    pub limits: Limits,
+    pub version: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
+pub struct Limits {
+    pub max_batch_tokens: usize,
+    pub max_batch_size: usize,
+    pub max_wait_ms: u64,
+    pub max_queue: usize,
+    pub max_body_bytes: usize,
+    pub max_sequences: usize,
+    pub request_timeout_ms: u64,
+    pub workers: usize,
+    pub auth: bool,
+}
+
+/// Shared by all handlers.
+pub struct AppState {
+    pub opts: ServeOptions,
+    pub info: Info,
+    pub tokenizer: Tokenizer,
+    pub batcher: Batcher,
+    pub metrics: Arc<Metrics>,
+    pub draining: AtomicBool,
+    pub started: Instant,
+}
+
+/// Runs the classifier on the inference threads.
+struct ModelEngine {
+    model: SequenceClassifier,
+    device: Device,
+}
+
+impl Engine for ModelEngine {
+    fn score(&mut self, items: &[&Encoded]) -> Result<Vec<Scored>> {
+        let batch = Batch::collate(items, self.model.base.tokenizer.pad_id, &self.device)?;
+        let logits = self.model.forward(&batch, None)?;
+        let probs: Vec<Vec<f32>> = ops::softmax_last_dim(&logits)?.to_vec2()?;
+        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        Ok(probs
+            .into_iter()
+            .zip(logits)
+            .map(|(probabilities, logits)| Scored {
+                probabilities,
+                logits,
+            })
+            .collect())
+    }
+}
+
+/// Loads the model on the worker threads, starts the batcher and builds the shared state.
+pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
+    let metrics = Arc::new(Metrics::default());
+    let config = QueueConfig {
+        max_batch_tokens: opts.max_batch_tokens.max(1),
+        max_batch_size: opts.max_batch_size.max(1),
+        max_wait: opts.max_wait,
+        max_queue: opts.max_queue.max(1),
+    };
+    let dir = opts.model.clone();
+    let (batcher, (task, model_type, tokenizer)) =
+        Batcher::start(config, Arc::clone(&metrics), opts.workers, move || {
+            let device = Device::Cpu;
+            let model = SequenceClassifier::load(&dir, &device)
+                .with_context(|| format!("cannot load model {}", dir.display()))?;
+            let info = (
+                model.task.clone(),
+                model.base.cfg.model_type.clone(),
+                model.base.tokenizer.clone(),
+            );
+            Ok((ModelEngine { model, device }, info))
+        })?;
+    let info = Info {
+        model: opts.model.display().to_string(),
+        model_type,
+        base_model: task.base_model.clone(),
+        labels: task.labels.clone(),
+        membrane_head: false,
+        max_residues: task.max_residues,
+        truncate: opts.truncate.unwrap_or(task.truncate),
+        no_truncate: opts.no_truncate,
+        limits: Limits {
+            max_batch_tokens: config.max_batch_tokens,
+            max_batch_size: config.max_batch_size,
+            max_wait_ms: opts.max_wait.as_millis() as u64,
+            max_queue: config.max_queue,
+            max_body_bytes: opts.max_body_bytes,
+            max_sequences: opts.max_sequences,
+            request_timeout_ms: opts.request_timeout.as_millis() as u64,
+            workers: opts.workers.max(1),
+            auth: opts.api_key.is_some(),
+        },
+        version: env!("CARGO_PKG_VERSION").to_string(),
+    };
+    Ok(Arc::new(AppState {
+        opts,
+        info,
+        tokenizer,
+        batcher,
+        metrics,
+        draining: AtomicBool::new(false),
+        started: Instant::now(),
+    }))
+}
+
+/// Serves until `shutdown` resolves, then stops accepting, finishes in-flight requests and
+/// drains the queue.
+pub async fn serve_on(
+    listener: tokio::net::TcpListener,
+    app: Arc<AppState>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<()> {
+    let router = routes::router(Arc::clone(&app));
+    let app2 = Arc::clone(&app);
+    axum::serve(listener, router)
+        .with_graceful_shutdown(async move {
+            shutdown.await;
+            tracing::info!("shutting down: finishing in-flight requests");
+            app2.draining.store(true, Ordering::Relaxed);
+        })
+        .await
+        .context("HTTP server failed")?;
+    let app3 = Arc::clone(&app);
+    tokio::task::spawn_blocking(move || app3.batcher.shutdown()).await?;
+    tracing::info!("stopped");
+    Ok(())
+}
+
+fn bind(opts: &ServeOptions) -> Result<std::net::TcpListener> {
+    let l = std::net::TcpListener::bind((opts.host.as_str(), opts.port))
+        .with_context(|| format!("cannot listen on {}:{}", opts.host, opts.port))?;
+    l.set_nonblocking(true)?;
+    Ok(l)
+}
+
+fn runtime(threads: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("protloc-http")
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
+/// `protloc serve`: blocks until SIGTERM or Ctrl-C, then shuts down gracefully.
+pub fn run(opts: ServeOptions) -> Result<()> {
+    let t0 = Instant::now();
+    let listener = bind(&opts)?;
+    let addr = listener.local_addr()?;
+    let rt = runtime(opts.http_threads)?;
+    let app = build_state(opts)?;
+    tracing::info!(
+        model = %app.info.model,
+        labels = app.info.labels.len(),
+        load_ms = t0.elapsed().as_millis() as u64,
+        "model loaded"
+    );
+    tracing::info!("listening on http://{addr}");
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::from_std(listener)?;
+        serve_on(listener, app, shutdown_signal()).await
+    })
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+}
+
+/// A server running on its own threads (for tests, benchmarks and embedding).
+pub struct ServerHandle {
+    pub addr: SocketAddr,
+    app: Arc<AppState>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+}
+
+/// Loads the model, binds and starts serving in the background; returns once ready.
+pub fn spawn(opts: ServeOptions) -> Result<ServerHandle> {
+    let listener = bind(&opts)?;
+    let addr = listener.local_addr()?;
+    let rt = runtime(opts.http_threads)?;
+    let app = build_state(opts)?;
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let app2 = Arc::clone(&app);
+    let thread = std::thread::Builder::new()
+        .name("protloc-serve".into())
+        .spawn(move || {
+            rt.block_on(async move {
+                let listener = tokio::net::TcpListener::from_std(listener)?;
+                serve_on(listener, app2, async {
+                    let _ = stopped.await;
+                })
+                .await
+            })
+        })?;
+    Ok(ServerHandle {
+        addr,
+        app,
+        stop: Some(stop),
+        thread: Some(thread),
+    })
+}
+
+impl ServerHandle {
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    pub fn metrics(&self) -> &Metrics {
+        &self.app.metrics
+    }
+
+    pub fn queue_depth(&self) -> usize {
+        self.app.batcher.depth()
+    }
+
+    /// Holds inference back (tests use it to fill the queue deterministically).
+    #[doc(hidden)]
+    pub fn set_paused(&self, paused: bool) {
+        self.app.batcher.set_paused(paused);
+    }
+
+    /// Starts a graceful shutdown without waiting for it.
+    pub fn begin_shutdown(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+
+    /// Whether the server has stopped accepting new work.
+    pub fn is_draining(&self) -> bool {
+        self.app.draining.load(Ordering::Relaxed)
+    }
+
+    /// Shuts down gracefully and waits until in-flight work is done.
+    pub fn shutdown(mut self) -> Result<()> {
+        self.begin_shutdown();
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        match self.thread.take() {
+            Some(t) => t
+                .join()
+                .map_err(|_| anyhow::anyhow!("server thread panicked"))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for ServerHandle {
+    fn drop(&mut self) {
+        self.begin_shutdown();
+        let _ = self.join();
+    }
+}
