@@ -120,7 +120,8 @@ pub struct TrainCmd {
     pub weight_decay: f64,
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
-    /// Residues kept per protein (default: the model's maximum, at most 1022).
+    /// Residues kept per protein (default: 510, or less when the model's positions allow
+    /// fewer).
     #[arg(long)]
     pub max_residues: Option<usize>,
     /// Which residues of longer proteins to keep.
@@ -241,7 +242,7 @@ pub struct EmbedCmd {
     pub output: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
     pub truncate: Truncation,
-    /// Residues kept per protein (default: the model's maximum, at most 1022).
+    /// Residues kept per protein (default: 510, or less when the model's positions allow fewer).
     #[arg(long)]
     pub max_residues: Option<usize>,
     #[arg(long)]

@@ -88,7 +88,10 @@ impl FastaStream {
 
     /// Streams FASTA from any reader (request bodies, stdin, fuzzers); `name` stands in for
     /// the file name in error messages.
-    pub fn from_reader(name: impl Into<PathBuf>, reader: impl Read + Send + 'static) -> FastaStream {
+    pub fn from_reader(
+        name: impl Into<PathBuf>,
+        reader: impl Read + Send + 'static,
+    ) -> FastaStream {
         let lines = Arc::new(AtomicUsize::new(0));
         let boxed: Box<dyn Read + Send> = Box::new(reader);
         let counter = LineCounter {

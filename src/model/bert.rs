@@ -17,6 +17,7 @@ pub(crate) fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
     }
 }
 
+#[derive(Clone)]
 struct Embeddings {
     word: Embedding,
     position: Embedding,
@@ -24,6 +25,7 @@ struct Embeddings {
     norm: LayerNorm,
 }
 
+#[derive(Clone)]
 struct Layer {
     query: Linear,
     key: Linear,
@@ -36,6 +38,7 @@ struct Layer {
 }
 
 /// A BERT encoder; `forward` returns the last hidden states [B, T, hidden].
+#[derive(Clone)]
 pub struct Bert {
     cfg: EncoderConfig,
     embeddings: Embeddings,
@@ -89,6 +92,15 @@ impl Bert {
             embeddings,
             layers,
         })
+    }
+
+    /// A copy sharing the weights' storage but outside the autograd graph, for inference:
+    /// ops on trainable variables record their inputs, which would keep every activation of
+    /// a forward pass alive until its end.
+    pub fn detached(&self) -> Self {
+        let mut m = self.clone();
+        m.freeze(m.layers.len());
+        m
     }
 
     /// Cuts the embeddings and the first `n` layers out of the autograd graph.

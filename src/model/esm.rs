@@ -15,6 +15,7 @@ use super::params::Builder;
 /// `token_dropout` the embeddings are rescaled by the observed mask ratio.
 const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
 
+#[derive(Clone)]
 struct Layer {
     attn_norm: LayerNorm,
     query: Linear,
@@ -30,6 +31,7 @@ struct Layer {
 }
 
 /// An ESM-2 encoder; `forward` returns the last hidden states [B, T, hidden].
+#[derive(Clone)]
 pub struct Esm {
     cfg: EncoderConfig,
     word: Embedding,
@@ -82,6 +84,15 @@ impl Esm {
             layers,
             final_norm,
         })
+    }
+
+    /// A copy sharing the weights' storage but outside the autograd graph, for inference
+    /// (see `Bert::detached`).
+    pub fn detached(&self) -> Self {
+        let mut m = self.clone();
+        m.freeze(m.layers.len());
+        m.final_norm = m.final_norm.detached();
+        m
     }
 
     /// Cuts the embeddings and the first `n` layers out of the autograd graph.

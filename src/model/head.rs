@@ -41,6 +41,14 @@ impl ClassifierHead {
         })
     }
 
+    /// A copy outside the autograd graph, for inference.
+    pub fn detached(&self) -> Self {
+        Self {
+            dropout: self.dropout,
+            linear: self.linear.detached(),
+        }
+    }
+
     /// `pooled` [B, H] -> logits [B, C]; `rng` enables dropout (training).
     pub fn forward(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         self.linear

@@ -70,9 +70,19 @@ impl Encoder {
         }
     }
 
-    /// Mean of the last hidden states over residue tokens: [B, H].
+    /// The same encoder outside the autograd graph (shared weights), for inference.
+    pub fn detached(&self) -> Self {
+        match self {
+            Encoder::Bert(m) => Encoder::Bert(m.detached()),
+            Encoder::Esm(m) => Encoder::Esm(m.detached()),
+        }
+    }
+
+    /// Mean of the last hidden states over residue tokens: [B, H] (inference).
     pub fn embed(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        let hidden = self.forward(&batch.ids, &batch.attention_mask, None)?;
+        let hidden = self
+            .detached()
+            .forward(&batch.ids, &batch.attention_mask, None)?;
         ops::masked_mean(&hidden, &batch.residue_mask)
     }
 }
@@ -218,9 +228,13 @@ impl SequenceClassifier {
         self.head.forward(&pooled, rng)
     }
 
-    /// Class probabilities [B, C] (inference).
+    /// Class probabilities [B, C] (inference). Runs on detached views of the weights so
+    /// activations are freed as soon as they are used.
     pub fn predict_proba(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        ops::softmax_last_dim(&self.forward(batch, None)?)
+        let encoder = self.base.encoder.detached();
+        let hidden = encoder.forward(&batch.ids, &batch.attention_mask, None)?;
+        let pooled = head::pool(&hidden, &batch.residue_mask, self.task.pool)?;
+        ops::softmax_last_dim(&self.head.detached().forward(&pooled, None)?)
     }
 
     /// Loads a run directory written by `protloc train`.

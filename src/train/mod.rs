@@ -200,7 +200,8 @@ fn encode_examples(
 }
 
 /// Residues per protein: explicit, or the model's positions minus the two special tokens,
-/// capped at 1,022 (ESM-2's training length).
+/// capped at 510 (the reference workflow's 512 tokens; attention memory grows with the
+/// square of the length, and 1,022 residues at batch 4 needs many GB to train on a CPU).
 pub fn effective_max_residues(
     cfg: &model::EncoderConfig,
     requested: Option<usize>,
@@ -212,9 +213,12 @@ pub fn effective_max_residues(
             cfg.max_tokens()
         ),
         Some(n) => Ok(n),
-        None => Ok(limit.min(1022)),
+        None => Ok(limit.min(DEFAULT_MAX_RESIDUES)),
     }
 }
+
+/// Default residues per protein for training (see [`effective_max_residues`]).
+pub const DEFAULT_MAX_RESIDUES: usize = 510;
 
 /// Which parameters are frozen: embeddings and the first `n` layers.
 fn is_frozen(name: &str, prefix: &str, n: usize) -> bool {
