@@ -291,6 +291,10 @@ pub struct ServeCmd {
     /// Answer 503 when a request is not done after this long.
     #[arg(long, default_value_t = 60_000)]
     pub request_timeout_ms: u64,
+    /// Disconnect clients that do not finish sending their request headers within this
+    /// time (slow-loris protection).
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
     /// Require `Authorization: Bearer KEY` on the prediction routes.
     #[arg(long, env = "PROTLOC_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
@@ -491,6 +495,7 @@ fn serve(c: ServeCmd) -> Result<()> {
     o.truncate = c.truncate;
     o.no_truncate = c.no_truncate;
     o.request_timeout = std::time::Duration::from_millis(c.request_timeout_ms.max(1));
+    o.header_timeout = std::time::Duration::from_millis(c.header_timeout_ms.max(1));
     o.api_key = c.api_key.filter(|k| !k.is_empty());
     o.workers = c.workers.max(1);
     o.http_threads = c.http_threads.max(1);

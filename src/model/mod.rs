@@ -231,10 +231,17 @@ impl SequenceClassifier {
     /// Class probabilities [B, C] (inference). Runs on detached views of the weights so
     /// activations are freed as soon as they are used.
     pub fn predict_proba(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        ops::softmax_last_dim(&self.inference_logits(batch)?)
+    }
+
+    /// Logits [B, C] for inference, on detached views of the weights: ops on trainable
+    /// variables record their inputs, which would keep every activation of the forward pass
+    /// alive until its end (gigabytes for long proteins).
+    pub fn inference_logits(&self, batch: &Batch) -> candle_core::Result<Tensor> {
         let encoder = self.base.encoder.detached();
         let hidden = encoder.forward(&batch.ids, &batch.attention_mask, None)?;
         let pooled = head::pool(&hidden, &batch.residue_mask, self.task.pool)?;
-        ops::softmax_last_dim(&self.head.detached().forward(&pooled, None)?)
+        self.head.detached().forward(&pooled, None)
     }
 
     /// Loads a run directory written by `protloc train`.

@@ -56,6 +56,8 @@ pub struct ServeOptions {
     pub no_truncate: bool,
     /// A request still unanswered after this gets 503 (its waiting sequences are dropped).
     pub request_timeout: Duration,
+    /// A client must send its complete request headers within this time.
+    pub header_timeout: Duration,
     /// Bearer token required on the prediction routes.
     pub api_key: Option<String>,
     /// Inference threads, each with its own copy of the model.
@@ -79,6 +81,7 @@ impl ServeOptions {
             truncate: None,
             no_truncate: false,
             request_timeout: Duration::from_secs(60),
+            header_timeout: Duration::from_secs(10),
             api_key: None,
             workers: 1,
             http_threads: 2,
@@ -142,7 +145,7 @@ struct ModelEngine {
 impl Engine for ModelEngine {
     fn score(&mut self, items: &[&Encoded]) -> Result<Vec<Scored>> {
         let batch = Batch::collate(items, self.model.base.tokenizer.pad_id, &self.device)?;
-        let logits = self.model.forward(&batch, None)?;
+        let logits = self.model.inference_logits(&batch)?;
         let probs: Vec<Vec<f32>> = ops::softmax_last_dim(&logits)?.to_vec2()?;
         let logits: Vec<Vec<f32>> = logits.to_vec2()?;
         Ok(probs
@@ -219,15 +222,49 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<()> {
     let router = routes::router(Arc::clone(&app));
-    let app2 = Arc::clone(&app);
-    axum::serve(listener, router)
-        .with_graceful_shutdown(async move {
-            shutdown.await;
-            tracing::info!("shutting down: finishing in-flight requests");
-            app2.draining.store(true, Ordering::Relaxed);
-        })
+    // An explicit accept loop instead of `axum::serve`, for two protections it lacks: a
+    // header-read timeout (a slow-loris client that never finishes its headers is
+    // disconnected instead of holding a connection forever) and a bound on how long a
+    // graceful shutdown waits for open connections.
+    let mut http = hyper::server::conn::http1::Builder::new();
+    http.timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(app.opts.header_timeout);
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let stream = match accepted {
+                    Ok((stream, _)) => stream,
+                    Err(e) => {
+                        // Out of file descriptors and similar: back off instead of spinning.
+                        tracing::warn!("accept failed: {e}");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let service = hyper_util::service::TowerToHyperService::new(router.clone());
+                let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!("connection ended: {e}");
+                    }
+                });
+            }
+            () = &mut shutdown => break,
+        }
+    }
+    drop(listener);
+    tracing::info!("shutting down: finishing in-flight requests");
+    app.draining.store(true, Ordering::Relaxed);
+    let grace = (app.opts.request_timeout.as_millis() as u64).max(1000);
+    if tokio::time::timeout(Duration::from_millis(grace), graceful.shutdown())
         .await
-        .context("HTTP server failed")?;
+        .is_err()
+    {
+        tracing::warn!("some connections were still open after {grace} ms; closing them");
+    }
     let app3 = Arc::clone(&app);
     tokio::task::spawn_blocking(move || app3.batcher.shutdown()).await?;
     tracing::info!("stopped");
