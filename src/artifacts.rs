@@ -38,7 +38,8 @@ pub fn save_safetensors_atomic(path: &Path, tensors: &HashMap<String, Tensor>) -
     write_atomic(path, &bytes)
 }
 
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
+/// Serialises tensors (sorted by name) in the safetensors format.
+pub fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
     let mut names: Vec<&String> = tensors.keys().collect();
     names.sort();
     let data: Vec<(String, Tensor)> = names

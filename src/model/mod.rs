@@ -145,19 +145,7 @@ pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
         });
     }
     let files = loader::resolve(spec)?;
-    let cfg = loader::read_config(&files.config)?;
-    let tokenizer = Tokenizer::from_file(&files.vocab)?;
-    check_vocab(&cfg, &tokenizer, &files.vocab)?;
-    let arch = cfg.arch().map_err(anyhow::Error::msg)?;
-    let tensors = loader::read_weights(&files.weights, arch, device)?;
-    let store = ParamStore::new(
-        tensors,
-        files.weights.display().to_string(),
-        seed,
-        device,
-        DType::F32,
-    );
-    let encoder = Encoder::new(&store.strict(), &cfg)?;
+    let (cfg, tokenizer, store, encoder) = load_encoder(&files, seed, device)?;
     tracing::debug!(unused = ?store.unused_source_names(), "tensors not used by the encoder");
     Ok(BaseModel {
         cfg,
@@ -166,6 +154,25 @@ pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
         encoder,
         source: spec.into(),
     })
+}
+
+/// Reads config, vocabulary and weights of a model directory and builds its encoder; every
+/// encoder tensor must be in the checkpoint. The store keeps the remaining checkpoint tensors
+/// (e.g. a classifier) until `release_source`.
+fn load_encoder(
+    files: &loader::ModelFiles,
+    seed: u64,
+    device: &Device,
+) -> Result<(EncoderConfig, Tokenizer, ParamStore, Encoder)> {
+    let cfg = loader::read_config(&files.config)?;
+    let tokenizer = Tokenizer::from_file(&files.vocab)?;
+    check_vocab(&cfg, &tokenizer, &files.vocab)?;
+    let arch = cfg.arch().map_err(anyhow::Error::msg)?;
+    let tensors = loader::read_weights(&files.weights, arch, device)?;
+    let source = files.weights.display().to_string();
+    let store = ParamStore::new(tensors, source, seed, device, DType::F32);
+    let encoder = Encoder::new(&store.strict(), &cfg)?;
+    Ok((cfg, tokenizer, store, encoder))
 }
 
 fn check_vocab(cfg: &EncoderConfig, tok: &Tokenizer, path: &Path) -> Result<()> {
@@ -258,19 +265,7 @@ impl SequenceClassifier {
                 dir.display()
             ),
         };
-        let cfg = loader::read_config(&files.config)?;
-        let tokenizer = Tokenizer::from_file(&files.vocab)?;
-        check_vocab(&cfg, &tokenizer, &files.vocab)?;
-        let arch = cfg.arch().map_err(anyhow::Error::msg)?;
-        let tensors = loader::read_weights(&files.weights, arch, device)?;
-        let store = ParamStore::new(
-            tensors,
-            files.weights.display().to_string(),
-            0,
-            device,
-            DType::F32,
-        );
-        let encoder = Encoder::new(&store.strict(), &cfg)?;
+        let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device)?;
         let head = ClassifierHead::new(
             &store.strict().pp("classifier"),
             cfg.hidden_size,

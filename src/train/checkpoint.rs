@@ -116,16 +116,6 @@ fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
-fn safetensors_bytes(tensors: &HashMap<String, Tensor>) -> Result<Vec<u8>> {
-    let mut names: Vec<&String> = tensors.keys().collect();
-    names.sort();
-    let data: Vec<(String, Tensor)> = names
-        .into_iter()
-        .map(|n| Ok((n.clone(), tensors[n].contiguous()?)))
-        .collect::<Result<_>>()?;
-    Ok(safetensors::tensor::serialize(data, None)?)
-}
-
 /// Writes a checkpoint atomically and keeps only the newest `keep_last`.
 pub fn save(
     run_dir: &Path,
@@ -143,7 +133,7 @@ pub fn save(
         .tempdir_in(&root)?;
     let mut checksums = HashMap::new();
     for (name, tensors) in [(MODEL, model), (OPTIMIZER, optimizer)] {
-        let bytes = safetensors_bytes(tensors)?;
+        let bytes = crate::artifacts::safetensors_bytes(tensors)?;
         checksums.insert(name.to_string(), crc32fast::hash(&bytes));
         write_synced(&tmp.path().join(name), &bytes)?;
     }
