@@ -179,6 +179,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         limit: None,
         limits: BatchLimits::default(),
         skip_invalid: false,
+        shard: None,
     })?;
     println!(
         "\nDone. Test accuracy {:.1}% (MCC {:.3}). Files in {}:\n  demo.fasta  lengths.png  run/ (model, metrics.jsonl, training_curves.png)\n  eval.json  confusion.png  predictions.tsv",

@@ -559,3 +559,82 @@ fn damaged_weight_files_and_escaping_symlinks_are_refused() {
         "{err}"
     );
 }
+
+#[test]
+fn sharded_predictions_merge_into_exactly_the_unsharded_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let data = d.join("d.fasta");
+    protloc::demo::write_dataset(&data, 3, 4).unwrap(); // 30 proteins
+    let run = d.join("run");
+    protloc()
+        .args([
+            "train",
+            "--model",
+            "scratch:tiny",
+            "--epochs",
+            "1",
+            "--max-steps",
+            "1",
+            "--data",
+        ])
+        .arg(&data)
+        .arg("--output")
+        .arg(&run)
+        .assert()
+        .success();
+    for ext in ["tsv", "jsonl"] {
+        let predict = |out: &Path, extra: &[&str]| {
+            protloc()
+                .args(["predict", "--limit", "29", "--model"])
+                .arg(&run)
+                .arg("--input")
+                .arg(&data)
+                .arg("--output")
+                .arg(out)
+                .args(extra)
+                .assert()
+                .success();
+        };
+        let whole = d.join(format!("whole.{ext}"));
+        predict(&whole, &[]);
+        for n in 1..=3 {
+            let shards: Vec<std::path::PathBuf> =
+                (0..n).map(|i| d.join(format!("s{i}of{n}.{ext}"))).collect();
+            for (i, s) in shards.iter().enumerate() {
+                predict(s, &["--shard", &format!("{i}/{n}")]);
+            }
+            // Re-running a shard is idempotent.
+            let before = std::fs::read(&shards[0]).unwrap();
+            predict(&shards[0], &["--shard", &format!("0/{n}")]);
+            assert_eq!(before, std::fs::read(&shards[0]).unwrap());
+            let merged = d.join(format!("merged{n}.{ext}"));
+            protloc()
+                .arg("merge")
+                .args(&shards)
+                .arg("--output")
+                .arg(&merged)
+                .assert()
+                .success();
+            assert_eq!(
+                std::fs::read(&whole).unwrap(),
+                std::fs::read(&merged).unwrap(),
+                "{ext}: {n} shards merged differ from the unsharded output"
+            );
+        }
+    }
+    // Shards from different runs (wrong order/sizes) are refused.
+    let a = d.join("s0of3.tsv");
+    let c = d.join("s2of3.tsv");
+    let out = protloc().arg("merge").arg(&c).arg(&a).output().unwrap();
+    assert!(!out.status.success());
+    let bad = protloc()
+        .args(["predict", "--shard", "3/3", "--model"])
+        .arg(&run)
+        .arg("--input")
+        .arg(&data)
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("0 <= I < N"));
+}

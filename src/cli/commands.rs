@@ -50,6 +50,9 @@ pub enum Command {
     Predict(PredictCmd),
     /// Write per-protein mean embeddings of an encoder as JSON Lines.
     Embed(EmbedCmd),
+    /// Join the outputs of `predict --shard I/N` (given in shard order) into the unsharded
+    /// output.
+    Merge(MergeCmd),
     /// Serve predictions over HTTP (/invocations, /v1/predict, /ping, /metrics, ...), with
     /// dynamic batching. Stops gracefully on SIGTERM or Ctrl-C.
     Serve(ServeCmd),
@@ -224,6 +227,10 @@ pub struct PredictCmd {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub batching: Batching,
+    /// Process only shard I of N (0-based): records k with k % N == I, counted after
+    /// --limit. Join shard outputs with `protloc merge`.
+    #[arg(long, value_name = "I/N")]
+    pub shard: Option<crate::infer::shard::Shard>,
     /// Skip (and log) invalid records instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
@@ -308,6 +315,20 @@ pub struct ServeCmd {
 }
 
 #[derive(Args, Debug)]
+pub struct MergeCmd {
+    /// Shard outputs, in shard order 0..N-1.
+    #[arg(required = true)]
+    pub shards: Vec<PathBuf>,
+    /// Output file (written atomically); default stdout.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Format of the shard files (default: from the first shard's extension). TSV/CSV
+    /// headers are checked and written once.
+    #[arg(long, value_enum)]
+    pub format: Option<Format>,
+}
+
+#[derive(Args, Debug)]
 pub struct DemoCmd {
     /// Where to write the demo's data, model and reports.
     #[arg(long, default_value = "protloc-demo")]
@@ -333,6 +354,18 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Eval(c) => eval(c),
         Command::Predict(c) => predict(c),
         Command::Embed(c) => embed(c),
+        Command::Merge(c) => {
+            let format = c.format.unwrap_or_else(|| Format::from_path(&c.shards[0]));
+            let n = crate::infer::shard::merge(
+                &c.shards,
+                c.output.as_deref(),
+                format != Format::Jsonl,
+            )?;
+            if let Some(p) = &c.output {
+                eprintln!("merged {n} records into {}", p.display());
+            }
+            Ok(())
+        }
         Command::Serve(c) => serve(c),
         Command::Demo(c) => crate::demo::run(&crate::demo::DemoArgs {
             output: c.output,
@@ -458,6 +491,7 @@ fn predict(c: PredictCmd) -> Result<()> {
         limit: c.limit,
         limits: c.batching.limits(),
         skip_invalid: c.skip_invalid,
+        shard: c.shard,
     })?;
     if let Some(p) = c.output {
         eprintln!("wrote {n} predictions to {}", p.display());

@@ -3,6 +3,7 @@
 
 pub mod output;
 pub mod predict;
+pub mod shard;
 
 use anyhow::Result;
 use candle_core::Device;

@@ -104,6 +104,8 @@ pub struct PredictArgs {
     pub limit: Option<usize>,
     pub limits: BatchLimits,
     pub skip_invalid: bool,
+    /// Only records `k` with `k % N == I` (see [`super::shard`]).
+    pub shard: Option<super::shard::Shard>,
 }
 
 /// Predicts the location of every protein in `args.input`; returns how many.
@@ -115,11 +117,22 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
             .map_or(Format::Tsv, Format::from_path)
     });
     let source = record_source(&args.input, args.skip_invalid)?;
+    // `--limit` applies to the input, then the shard takes its share of it.
+    let limited = source.take(args.limit.unwrap_or(usize::MAX));
+    let source: Box<dyn Iterator<Item = _>> = match args.shard {
+        Some(shard) => Box::new(
+            limited
+                .enumerate()
+                .filter(move |(k, _)| shard.contains(*k))
+                .map(|(_, r)| r),
+        ),
+        None => Box::new(limited),
+    };
     let labels = model.task.labels.clone();
     let pb = crate::progress::bar(0, "predicting", "proteins");
     let n = with_output(args.output.as_deref(), |out| {
         let mut writer = PredictionWriter::new(out, format, &labels)?;
-        let n = for_each_chunk(source, args.limit, |chunk| {
+        let n = for_each_chunk(source, None, |chunk| {
             pb.inc_length(chunk.len() as u64);
             let enc: Vec<Encoded> = chunk
                 .iter()
