@@ -60,3 +60,29 @@ pub fn append_json_line(path: &Path, value: &serde_json::Value) -> Result<()> {
     f.sync_data()?;
     Ok(())
 }
+
+/// Runs `f` on the command's output: `path` written atomically at the end, or stdout.
+pub fn with_output<T>(
+    output: Option<&Path>,
+    f: impl FnOnce(&mut dyn Write) -> Result<T>,
+) -> Result<T> {
+    match output {
+        None => {
+            let stdout = std::io::stdout();
+            let mut lock = std::io::BufWriter::new(stdout.lock());
+            let r = f(&mut lock)?;
+            lock.flush()?;
+            Ok(r)
+        }
+        Some(path) => {
+            let mut result = None;
+            crate::artifacts::write_atomic_with(path, |file| {
+                let mut w = std::io::BufWriter::new(file);
+                result = Some(f(&mut w)?);
+                w.flush()?;
+                Ok(())
+            })?;
+            Ok(result.expect("set by the closure"))
+        }
+    }
+}

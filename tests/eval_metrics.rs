@@ -30,21 +30,7 @@ fn labels(k: usize) -> Vec<String> {
 }
 
 fn deeploc_labels() -> Vec<String> {
-    [
-        "Nucleus",
-        "Cytoplasm",
-        "Extracellular",
-        "Mitochondrion",
-        "Cell.membrane",
-        "Endoplasmic.reticulum",
-        "Plastid",
-        "Golgi.apparatus",
-        "Lysosome/Vacuole",
-        "Peroxisome",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect()
+    protloc::train::default_labels()
 }
 
 fn assert_close(actual: f64, expected: f64, what: &str) {

@@ -1,7 +1,6 @@
 //! `protloc predict` and `protloc embed`: stream proteins from a file in chunks, so memory
 //! stays constant however large the input.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
@@ -36,29 +35,26 @@ pub fn record_source(
     }
     let stream = FastaStream::open(path)?;
     if skip_invalid {
-        Ok(Box::new(stream.filter(|r| match r {
-            Err(DataError::Invalid { .. }) => {
-                if let Err(e) = r {
-                    tracing::warn!("skipped: {e}");
-                }
-                false
+        Ok(Box::new(stream.filter(|r| {
+            let invalid = matches!(r, Err(DataError::Invalid { .. }));
+            if let (true, Err(e)) = (invalid, r) {
+                tracing::warn!("skipped: {e}");
             }
-            _ => true,
+            !invalid
         })))
     } else {
         Ok(Box::new(stream))
     }
 }
 
-/// Calls `f` with consecutive chunks of at most `CHUNK` records (`limit` caps the total).
+/// Calls `f` with consecutive chunks of at most `CHUNK` records.
 fn for_each_chunk(
     source: impl Iterator<Item = Result<Record, DataError>>,
-    limit: Option<usize>,
     mut f: impl FnMut(&[Record]) -> Result<()>,
 ) -> Result<usize> {
     let mut chunk = Vec::with_capacity(CHUNK);
     let mut total = 0;
-    for rec in source.take(limit.unwrap_or(usize::MAX)) {
+    for rec in source {
         chunk.push(rec?);
         if chunk.len() == CHUNK {
             f(&chunk)?;
@@ -71,29 +67,6 @@ fn for_each_chunk(
         total += chunk.len();
     }
     Ok(total)
-}
-
-/// Opens the output (a file written atomically at the end, or stdout).
-fn with_output<T>(output: Option<&Path>, f: impl FnOnce(&mut dyn Write) -> Result<T>) -> Result<T> {
-    match output {
-        None => {
-            let stdout = std::io::stdout();
-            let mut lock = std::io::BufWriter::new(stdout.lock());
-            let r = f(&mut lock)?;
-            lock.flush()?;
-            Ok(r)
-        }
-        Some(path) => {
-            let mut result = None;
-            crate::artifacts::write_atomic_with(path, |file| {
-                let mut w = std::io::BufWriter::new(file);
-                result = Some(f(&mut w)?);
-                w.flush()?;
-                Ok(())
-            })?;
-            Ok(result.expect("set by the closure"))
-        }
-    }
 }
 
 pub struct PredictArgs {
@@ -130,9 +103,9 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
     };
     let labels = model.task.labels.clone();
     let pb = crate::progress::bar(0, "predicting", "proteins");
-    let n = with_output(args.output.as_deref(), |out| {
+    let n = crate::artifacts::with_output(args.output.as_deref(), |out| {
         let mut writer = PredictionWriter::new(out, format, &labels)?;
-        let n = for_each_chunk(source, None, |chunk| {
+        let n = for_each_chunk(source, |chunk| {
             pb.inc_length(chunk.len() as u64);
             let enc: Vec<Encoded> = chunk
                 .iter()
@@ -184,8 +157,9 @@ pub fn embed(args: &EmbedArgs) -> Result<usize> {
     let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
     let source = record_source(&args.input, args.skip_invalid)?;
     let pb = crate::progress::bar(0, "embedding", "proteins");
-    let n = with_output(args.output.as_deref(), |out| {
-        for_each_chunk(source, args.limit, |chunk| {
+    let n = crate::artifacts::with_output(args.output.as_deref(), |out| {
+        let source = source.take(args.limit.unwrap_or(usize::MAX));
+        for_each_chunk(source, |chunk| {
             pb.inc_length(chunk.len() as u64);
             let enc: Vec<Encoded> = chunk
                 .iter()

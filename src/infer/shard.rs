@@ -4,7 +4,7 @@
 //! outputs back into the unsharded order. Re-running a shard rewrites its output
 //! atomically, so it is idempotent.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -72,7 +72,7 @@ pub fn merge(shards: &[PathBuf], output: Option<&Path>, header: bool) -> Result<
         }
         readers.push(r.lines());
     }
-    let mut write_all = |out: &mut dyn Write| -> Result<usize> {
+    crate::artifacts::with_output(output, |out| {
         if let Some(h) = &first_header {
             out.write_all(h.as_bytes())?;
         }
@@ -97,26 +97,7 @@ pub fn merge(shards: &[PathBuf], output: Option<&Path>, header: bool) -> Result<
                 return Ok(n);
             }
         }
-    };
-    match output {
-        Some(path) => {
-            let mut n = 0;
-            crate::artifacts::write_atomic_with(path, |f| {
-                let mut w = std::io::BufWriter::new(f);
-                n = write_all(&mut w)?;
-                w.flush()?;
-                Ok(())
-            })?;
-            Ok(n)
-        }
-        None => {
-            let stdout = std::io::stdout();
-            let mut w = std::io::BufWriter::new(stdout.lock());
-            let n = write_all(&mut w)?;
-            w.flush()?;
-            Ok(n)
-        }
-    }
+    })
 }
 
 #[cfg(test)]

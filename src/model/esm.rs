@@ -134,9 +134,19 @@ impl Esm {
         // Padding positions are zeroed, as in HF `EsmEmbeddings`.
         x = x.broadcast_mul(&mask.unsqueeze(2)?.to_dtype(x.dtype())?)?;
         let bias = nn::mask_bias(attention_mask)?;
+        // Every layer of a released checkpoint stores the same frequencies: build the tables
+        // once and rebuild only if a layer differs.
+        let mut tables: Option<(&[f32], Tensor, Tensor)> = None;
         for layer in &self.layers {
-            let (cos, sin) = rotary_tables(t, &layer.inv_freq, x.device())?;
-            x = self.layer_forward(layer, &x, &bias, &cos, &sin, rng.as_deref_mut())?;
+            if tables
+                .as_ref()
+                .is_none_or(|(f, _, _)| *f != layer.inv_freq.as_slice())
+            {
+                let (cos, sin) = rotary_tables(t, &layer.inv_freq, x.device())?;
+                tables = Some((&layer.inv_freq, cos, sin));
+            }
+            let (_, cos, sin) = tables.as_ref().expect("set above");
+            x = self.layer_forward(layer, &x, &bias, cos, sin, rng.as_deref_mut())?;
         }
         self.final_norm.forward(&x)
     }

@@ -158,10 +158,21 @@ pub struct TrainSummary {
     pub total_parameters: usize,
 }
 
-/// Encoded training example.
-struct Example {
-    enc: Encoded,
-    label: u32,
+/// Encoded proteins and their class indices, kept apart so the encodings can be handed to
+/// batched inference as they are.
+struct Examples {
+    enc: Vec<Encoded>,
+    labels: Vec<u32>,
+}
+
+impl Examples {
+    fn len(&self) -> usize {
+        self.enc.len()
+    }
+
+    fn is_empty(&self) -> bool {
+        self.enc.is_empty()
+    }
 }
 
 /// Labels used for class indices: the ten DeepLoc locations, in their canonical order.
@@ -178,8 +189,8 @@ fn encode_examples(
     labels: &[String],
     max_res: usize,
     policy: Truncation,
-) -> Result<Vec<Example>> {
-    records
+) -> Result<Examples> {
+    let (enc, labels) = records
         .iter()
         .map(|r| {
             let loc = r
@@ -191,12 +202,10 @@ fn encode_examples(
                 .position(|l| l == loc)
                 .with_context(|| format!("{}: unknown label {loc}", r.pos))?
                 as u32;
-            Ok(Example {
-                enc: model.tokenizer.encode(&r.sequence, max_res, policy),
-                label,
-            })
+            Ok((model.tokenizer.encode(&r.sequence, max_res, policy), label))
         })
-        .collect()
+        .collect::<Result<(Vec<_>, Vec<_>)>>()?;
+    Ok(Examples { enc, labels })
 }
 
 /// Residues per protein: explicit, or the model's positions minus the two special tokens,
@@ -392,7 +401,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         max_batch_tokens: args.eval_batch_tokens,
         max_batch_size: 64,
     };
-    let lengths: Vec<usize> = train_set.iter().map(|e| e.enc.ids.len()).collect();
+    let lengths: Vec<usize> = train_set.enc.iter().map(|e| e.ids.len()).collect();
     let mut st = match &args.resume_from {
         Some(ckpt) => {
             for (name, var) in model.base.store.vars() {
@@ -473,8 +482,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         let mut stop = false;
         for bi in st.next_batch..batches.len() {
             let group = &batches[bi];
-            let items: Vec<&Encoded> = group.iter().map(|&i| &train_set[i].enc).collect();
-            let targets: Vec<u32> = group.iter().map(|&i| train_set[i].label).collect();
+            let items: Vec<&Encoded> = group.iter().map(|&i| &train_set.enc[i]).collect();
+            let targets: Vec<u32> = group.iter().map(|&i| train_set.labels[i]).collect();
             let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &device)?;
             let targets = Tensor::new(targets, &device)?;
             let logits = model.forward(&batch, Some(&mut dropout_rng))?;
@@ -587,7 +596,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
 #[allow(clippy::too_many_arguments)]
 fn finish_epoch(
     model: &SequenceClassifier,
-    val: &[Example],
+    val: &Examples,
     limits: BatchLimits,
     epoch: usize,
     step: usize,
@@ -598,13 +607,12 @@ fn finish_epoch(
     let (val_loss, val_accuracy) = if val.is_empty() {
         (None, None)
     } else {
-        let encoded: Vec<Encoded> = val.iter().map(|e| e.enc.clone()).collect();
-        let probs = infer::class_probabilities(model, &encoded, limits, None)?;
+        let probs = infer::class_probabilities(model, &val.enc, limits, None)?;
         let mut loss = 0f64;
         let mut correct = 0usize;
-        for (p, e) in probs.iter().zip(val) {
-            loss -= (p[e.label as usize].max(1e-12) as f64).ln();
-            correct += usize::from(infer::argmax(p) == e.label as usize);
+        for (p, &label) in probs.iter().zip(&val.labels) {
+            loss -= (p[label as usize].max(1e-12) as f64).ln();
+            correct += usize::from(infer::argmax(p) == label as usize);
         }
         (
             Some(loss / val.len() as f64),

@@ -141,10 +141,8 @@ impl AdamW {
     pub fn grad_norm(&self, grads: &[Option<Tensor>]) -> Result<f64> {
         let mut total = 0f64;
         for g in grads.iter().flatten() {
-            {
-                let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-                total += v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
-            }
+            let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
+            total += v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
         }
         Ok(total.sqrt())
     }
