@@ -161,13 +161,21 @@ pub fn run(args: &DemoArgs) -> Result<()> {
         limit: None,
         limits: BatchLimits::default(),
         skip_invalid: false,
+        cache: None,
     })?;
-    println!("{}", eval.report);
+    let report = eval
+        .report
+        .as_ref()
+        .context("the demo model is single-label")?;
+    println!("{report}");
+    if let Some(q2) = eval.membrane_accuracy {
+        println!("membrane/soluble accuracy (Q2): {q2:.4}");
+    }
     crate::artifacts::write_atomic(
         &out.join("eval.json"),
         serde_json::to_string_pretty(&eval)?.as_bytes(),
     )?;
-    crate::eval::plot::plot_confusion(&eval.report, &out.join("confusion.png"), true)?;
+    crate::eval::plot::plot_confusion(report, &out.join("confusion.png"), true)?;
 
     eprintln!("4/4  predicting ...");
     let preds = out.join("predictions.tsv");
@@ -183,8 +191,8 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     })?;
     println!(
         "\nDone. Test accuracy {:.1}% (MCC {:.3}). Files in {}:\n  demo.fasta  lengths.png  run/ (model, metrics.jsonl, training_curves.png)\n  eval.json  confusion.png  predictions.tsv",
-        eval.report.accuracy * 100.0,
-        eval.report.mcc,
+        report.accuracy * 100.0,
+        report.mcc,
         out.display()
     );
     Ok(())

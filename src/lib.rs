@@ -6,6 +6,7 @@
 //! with `cli` wiring them to the `protloc` binary.
 
 pub mod artifacts;
+pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod demo;
@@ -13,6 +14,7 @@ pub mod eval;
 pub mod infer;
 pub mod model;
 pub mod progress;
+pub mod report;
 pub mod serve;
 pub mod tokenize;
 pub mod train;

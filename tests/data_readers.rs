@@ -29,14 +29,17 @@ fn shared(name: &str) -> PathBuf {
 const STRICT: ReadOptions = ReadOptions {
     skip_invalid: false,
     require_labels: false,
+    multi_label: false,
 };
 const LABELED: ReadOptions = ReadOptions {
     skip_invalid: false,
     require_labels: true,
+    multi_label: false,
 };
 const LENIENT: ReadOptions = ReadOptions {
     skip_invalid: true,
     require_labels: false,
+    multi_label: false,
 };
 
 /// A temp file with the given extension; kept alive by the returned handle.

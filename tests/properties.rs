@@ -64,13 +64,10 @@ proptest! {
 fn model() -> SequenceClassifier {
     let base = load_base("scratch:tiny", 3, &Device::Cpu).unwrap();
     let task = TaskConfig {
-        labels: (0..10).map(|i| format!("L{i}")).collect(),
         pool: Pool::Mean,
-        truncate: Truncation::HeadTail,
         max_residues: 100,
         head_dropout: 0.0,
-        base_model: "scratch:tiny".into(),
-        protloc_version: "test".into(),
+        ..TaskConfig::new((0..10).map(|i| format!("L{i}")).collect(), "scratch:tiny")
     };
     SequenceClassifier::new(base, task).unwrap()
 }

@@ -10,8 +10,9 @@ use crate::eval::run::{EvalArgs, Split};
 use crate::infer::output::Format;
 use crate::infer::predict::{EmbedArgs, PredictArgs};
 use crate::infer::BatchLimits;
-use crate::model::Pool;
+use crate::model::{HeadKind, Pool};
 use crate::tokenize::Truncation;
+use crate::train::objective::{ClassWeighting, MembraneMode};
 use crate::train::TrainArgs;
 
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
@@ -50,6 +51,9 @@ pub enum Command {
     Predict(PredictCmd),
     /// Write per-protein mean embeddings of an encoder as JSON Lines.
     Embed(EmbedCmd),
+    /// Write a self-contained HTML report (training curves, confusion matrix, per-class F1,
+    /// metric tables) and its PNG plots for a run directory.
+    Report(ReportCmd),
     /// Join the outputs of `predict --shard I/N` (given in shard order) into the unsharded
     /// output.
     Merge(MergeCmd),
@@ -109,13 +113,16 @@ pub struct TrainCmd {
     /// skipped with a warning).
     #[arg(long, default_value_t = 5)]
     pub max_bad_steps: usize,
-    #[arg(long, default_value_t = 3)]
-    pub epochs: usize,
-    #[arg(long, default_value_t = 4)]
-    pub batch_size: usize,
-    /// Peak learning rate (linear warm-up, then linear decay).
-    #[arg(long, default_value_t = 2e-5)]
-    pub lr: f64,
+    /// Epochs (default 3; 10 with --frozen).
+    #[arg(long)]
+    pub epochs: Option<usize>,
+    /// Proteins per batch (default 4; 32 with --frozen).
+    #[arg(long)]
+    pub batch_size: Option<usize>,
+    /// Peak learning rate, linear warm-up then linear decay (default 2e-5; 1e-3 with
+    /// --frozen).
+    #[arg(long)]
+    pub lr: Option<f64>,
     /// Learning rate of the new classifier head (default: --lr).
     #[arg(long)]
     pub head_lr: Option<f64>,
@@ -153,14 +160,50 @@ pub struct TrainCmd {
     /// Stop after N optimizer steps.
     #[arg(long)]
     pub max_steps: Option<usize>,
-    /// Pooling of token states into one vector per protein.
-    #[arg(long, value_enum, default_value_t = Pool::Cls)]
-    pub pool: Pool,
+    /// Pooling of token states into one vector per protein (default cls; mean with
+    /// --frozen, whose cached embeddings hold residues only).
+    #[arg(long, value_enum)]
+    pub pool: Option<Pool>,
     #[arg(long)]
     pub skip_invalid: bool,
     /// Token budget of validation batches.
     #[arg(long, default_value_t = 8192)]
     pub eval_batch_tokens: usize,
+    /// Keep the encoder frozen: embed every protein once into a per-residue cache (--cache)
+    /// and train only the head on it. Minutes per epoch on a CPU instead of hours.
+    #[arg(long)]
+    pub frozen: bool,
+    /// Embedding cache directory for --frozen (default RUN_DIR/embedding_cache). Reused
+    /// across runs while the encoder, truncation and residue limit are unchanged.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Head architecture.
+    #[arg(long, value_enum, default_value_t = HeadKind::Linear)]
+    pub head: HeadKind,
+    /// Feed-forward width of the mlp and light-attention heads.
+    #[arg(long, default_value_t = 32)]
+    pub head_hidden: usize,
+    /// Convolution width (residues) of the light-attention head.
+    #[arg(long, default_value_t = 9)]
+    pub la_kernel: usize,
+    /// Train a membrane/soluble output jointly (auto: when the data has M/S flags; U is
+    /// masked out of that loss). Reported as Q2.
+    #[arg(long, value_enum, default_value_t = MembraneMode::Auto)]
+    pub membrane: MembraneMode,
+    /// Counter class imbalance in the location loss.
+    #[arg(long, value_enum, default_value_t = ClassWeighting::None)]
+    pub class_weighting: ClassWeighting,
+    /// Multi-label locations (DeepLoc 2.0: `A|B` labels): sigmoid outputs, per-location
+    /// thresholds tuned on validation.
+    #[arg(long)]
+    pub multi_label: bool,
+    /// Validate on this homology partition (CSV `partition` column, e.g. DeepLoc 2.0's 0-4)
+    /// instead of a random stratified split.
+    #[arg(long)]
+    pub partition: Option<u32>,
+    /// Train on a seeded, stratified sample of N training records (test records untouched).
+    #[arg(long, value_name = "N")]
+    pub train_sample: Option<usize>,
 }
 
 #[derive(Args, Debug)]
@@ -187,6 +230,32 @@ pub struct EvalCmd {
     pub batching: Batching,
     #[arg(long)]
     pub skip_invalid: bool,
+    /// Per-residue embedding cache (see `embed --per-residue`) to read, and fill with
+    /// missing proteins, instead of running the encoder: for models trained with --frozen.
+    /// A cache built with another encoder is refused (rebuilt) by its fingerprint.
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct ReportCmd {
+    /// Run directory written by `protloc train`.
+    pub run_dir: PathBuf,
+    /// Evaluate the model on this labelled file first (else a previous `report --data`
+    /// evaluation, RUN_DIR/report/eval.json, is reused when present).
+    #[arg(long)]
+    pub data: Option<PathBuf>,
+    /// Records to score with --data.
+    #[arg(long, value_enum, default_value_t = Split::Auto)]
+    pub split: Split,
+    /// Embedding cache for --frozen models (see `eval --cache`).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
+    /// Output directory (default RUN_DIR/report).
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    #[command(flatten)]
+    pub batching: Batching,
 }
 
 #[derive(Args, Debug)]
@@ -244,9 +313,18 @@ pub struct EmbedCmd {
     /// FASTA or CSV/TSV with id,sequence columns.
     #[arg(long)]
     pub input: PathBuf,
-    /// JSON Lines output (written atomically); default stdout.
-    #[arg(long)]
+    /// JSON Lines output of mean embeddings (written atomically); default stdout.
+    #[arg(long, conflicts_with = "per_residue")]
     pub output: Option<PathBuf>,
+    /// Store per-residue embeddings (f16, memory-mapped shards) in the cache directory
+    /// --cache instead of writing mean embeddings. Resumable: proteins already cached for
+    /// this encoder and truncation are skipped. `protloc train --frozen --cache DIR` trains
+    /// heads on the cache.
+    #[arg(long, requires = "cache")]
+    pub per_residue: bool,
+    /// Embedding cache directory (see --per-residue).
+    #[arg(long, value_name = "DIR")]
+    pub cache: Option<PathBuf>,
     #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
     pub truncate: Truncation,
     /// Residues kept per protein (default: 510, or less when the model's positions allow fewer).
@@ -352,6 +430,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Stats(c)) => data_stats(c),
         Command::Train(c) => train(c),
         Command::Eval(c) => eval(c),
+        Command::Report(c) => report(c),
         Command::Predict(c) => predict(c),
         Command::Embed(c) => embed(c),
         Command::Merge(c) => {
@@ -382,6 +461,7 @@ fn data_stats(c: StatsCmd) -> Result<()> {
         ReadOptions {
             skip_invalid: c.skip_invalid,
             require_labels: false,
+            multi_label: true,
         },
     )?;
     let stats = DatasetStats::compute(&ds.records);
@@ -422,9 +502,10 @@ fn train(c: TrainCmd) -> Result<()> {
     args.save_every_steps = c.save_every_steps;
     args.keep_last = c.keep_last;
     args.max_bad_steps = c.max_bad_steps.max(1);
-    args.epochs = c.epochs;
-    args.batch_size = c.batch_size;
-    args.lr = c.lr;
+    let frozen = c.frozen;
+    args.epochs = c.epochs.unwrap_or(if frozen { 10 } else { 3 });
+    args.batch_size = c.batch_size.unwrap_or(if frozen { 32 } else { 4 });
+    args.lr = c.lr.unwrap_or(if frozen { 1e-3 } else { 2e-5 });
     args.head_lr = c.head_lr;
     args.weight_decay = c.weight_decay;
     args.warmup_ratio = c.warmup_ratio;
@@ -438,9 +519,21 @@ fn train(c: TrainCmd) -> Result<()> {
     args.seed = c.seed;
     args.limit = c.limit;
     args.max_steps = c.max_steps;
-    args.pool = c.pool;
+    args.pool = c
+        .pool
+        .unwrap_or(if frozen { Pool::Mean } else { Pool::Cls });
     args.skip_invalid = c.skip_invalid;
     args.eval_batch_tokens = c.eval_batch_tokens;
+    args.frozen = frozen;
+    args.cache = c.cache;
+    args.head = c.head;
+    args.head_hidden = c.head_hidden;
+    args.la_kernel = c.la_kernel;
+    args.membrane = c.membrane;
+    args.class_weighting = c.class_weighting;
+    args.multi_label = c.multi_label;
+    args.partition = c.partition;
+    args.train_sample = c.train_sample;
     let summary = crate::train::train(&args)?;
     crate::train::plot_curves(&args.output, &summary)?;
     eprintln!(
@@ -456,6 +549,43 @@ fn train(c: TrainCmd) -> Result<()> {
     Ok(())
 }
 
+fn report(c: ReportCmd) -> Result<()> {
+    let out_dir = c.output.unwrap_or_else(|| c.run_dir.join("report"));
+    let eval_path = out_dir.join("eval.json");
+    let eval = match &c.data {
+        Some(data) => {
+            let e = crate::eval::run::evaluate(&EvalArgs {
+                model: c.run_dir.clone(),
+                data: data.clone(),
+                split: c.split,
+                limit: None,
+                limits: c.batching.limits(),
+                skip_invalid: false,
+                cache: c.cache.clone(),
+            })?;
+            std::fs::create_dir_all(&out_dir)
+                .with_context(|| format!("cannot create {}", out_dir.display()))?;
+            crate::artifacts::write_atomic(&eval_path, serde_json::to_string_pretty(&e)?.as_bytes())?;
+            Some(e)
+        }
+        None if eval_path.is_file() => {
+            let text = std::fs::read_to_string(&eval_path)?;
+            Some(
+                serde_json::from_str(&text)
+                    .with_context(|| format!("{}: not an evaluation", eval_path.display()))?,
+            )
+        }
+        None => None,
+    };
+    let files = crate::report::write(&c.run_dir, eval.as_ref(), &out_dir)?;
+    eprintln!(
+        "wrote {} ({} plots beside it)",
+        files.html.display(),
+        files.images.len()
+    );
+    Ok(())
+}
+
 fn eval(c: EvalCmd) -> Result<()> {
     let out = crate::eval::run::evaluate(&EvalArgs {
         model: c.model,
@@ -464,18 +594,37 @@ fn eval(c: EvalCmd) -> Result<()> {
         limit: c.limit,
         limits: c.batching.limits(),
         skip_invalid: c.skip_invalid,
+        cache: c.cache,
     })?;
     println!(
         "{} proteins from {} ({:?} split)\n",
         out.records, out.data, out.split
     );
-    println!("{}", out.report);
+    if let Some(r) = &out.report {
+        println!("{r}");
+    }
+    if let Some(m) = &out.multi_label {
+        println!(
+            "accuracy {:.4}  Jaccard {:.4}  micro-F1 {:.4}  macro-F1 {:.4}",
+            m.accuracy, m.jaccard, m.micro_f1, m.macro_f1
+        );
+        println!("{:<24} {:>7} {:>7} {:>8} {:>9}", "location", "MCC", "F1", "support", "threshold");
+        for l in &m.per_label {
+            println!(
+                "{:<24} {:>7.3} {:>7.3} {:>8} {:>9.2}",
+                l.label, l.mcc, l.f1, l.support, l.threshold
+            );
+        }
+    }
+    if let (Some(q2), Some(n)) = (out.membrane_accuracy, out.membrane_records) {
+        println!("membrane/soluble accuracy (Q2): {q2:.4} on {n} proteins with a known flag");
+    }
     if let Some(path) = &c.output {
         crate::artifacts::write_atomic(path, serde_json::to_string_pretty(&out)?.as_bytes())?;
         eprintln!("wrote {}", path.display());
     }
-    if let Some(png) = &c.plot {
-        crate::eval::plot::plot_confusion(&out.report, png, true)
+    if let (Some(png), Some(report)) = (&c.plot, &out.report) {
+        crate::eval::plot::plot_confusion(report, png, true)
             .with_context(|| format!("cannot write {}", png.display()))?;
         eprintln!("wrote {}", png.display());
     }
@@ -500,7 +649,7 @@ fn predict(c: PredictCmd) -> Result<()> {
 }
 
 fn embed(c: EmbedCmd) -> Result<()> {
-    let n = crate::infer::predict::embed(&EmbedArgs {
+    let args = EmbedArgs {
         model: c.model,
         input: c.input,
         output: c.output.clone(),
@@ -509,7 +658,16 @@ fn embed(c: EmbedCmd) -> Result<()> {
         limit: c.limit,
         limits: c.batching.limits(),
         skip_invalid: c.skip_invalid,
-    })?;
+    };
+    if let (true, Some(dir)) = (c.per_residue, &c.cache) {
+        let (total, new) = crate::infer::predict::embed_to_cache(&args, dir)?;
+        eprintln!(
+            "{total} proteins in the cache {} ({new} newly embedded)",
+            dir.display()
+        );
+        return Ok(());
+    }
+    let n = crate::infer::predict::embed(&args)?;
     if let Some(p) = c.output {
         eprintln!("wrote {n} embeddings to {}", p.display());
     }

@@ -200,6 +200,7 @@ impl FastaStream {
             location: header.location.map(str::to_string),
             membrane: header.membrane,
             is_test: header.is_test,
+            partition: None,
             pos: SourcePos {
                 file: self.path.clone(),
                 line,

@@ -57,6 +57,8 @@ pub struct Record {
     pub membrane: Membrane,
     /// Tagged `test` in a DeepLoc FASTA header (the official test set).
     pub is_test: bool,
+    /// Homology partition (CSV `partition` column, e.g. DeepLoc 2.0's 0-4).
+    pub partition: Option<u32>,
     pub pos: SourcePos,
 }
 
@@ -67,6 +69,9 @@ pub struct ReadOptions {
     pub skip_invalid: bool,
     /// Every record must carry a location label (training/evaluation input).
     pub require_labels: bool,
+    /// Accept several locations per record (`Nucleus|Cytoplasm`, DeepLoc 2.0); `location`
+    /// then holds the canonical names joined by `|`.
+    pub multi_label: bool,
 }
 
 /// A fully read data set plus warnings for records skipped under `skip_invalid`.

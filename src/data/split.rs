@@ -91,6 +91,7 @@ mod tests {
             location: location.map(str::to_string),
             membrane: Membrane::Unknown,
             is_test,
+            partition: None,
             pos: SourcePos {
                 file: "x".into(),
                 line: i + 1,

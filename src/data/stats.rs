@@ -442,6 +442,7 @@ mod tests {
             location: location.map(str::to_string),
             membrane,
             is_test,
+            partition: None,
             pos: SourcePos {
                 file: "x".into(),
                 line: 1,

@@ -24,6 +24,7 @@ const SEQUENCE_COLUMNS: [&str; 1] = ["sequence"];
 const LABEL_COLUMNS: [&str; 2] = ["label", "location"];
 const MEMBRANE_COLUMNS: [&str; 1] = ["membrane"];
 const SPLIT_COLUMNS: [&str; 2] = ["split", "set"];
+const PARTITION_COLUMNS: [&str; 2] = ["partition", "fold"];
 
 const LABEL_HINT: &str = "fill the 'label' column";
 
@@ -61,6 +62,7 @@ struct Columns {
     label: Option<usize>,
     membrane: Option<usize>,
     split: Option<usize>,
+    partition: Option<usize>,
 }
 
 impl Columns {
@@ -96,6 +98,7 @@ impl Columns {
             label: find(&LABEL_COLUMNS),
             membrane: find(&MEMBRANE_COLUMNS),
             split: find(&SPLIT_COLUMNS),
+            partition: find(&PARTITION_COLUMNS),
         })
     }
 }
@@ -125,7 +128,7 @@ pub fn read_table(path: &Path, kind: TableKind, opts: ReadOptions) -> Result<Dat
             Err(e) => return Err(csv_error(path, e)),
         }
         let line = row.position().map_or(0, |p| p.line() as usize);
-        collector.push(parse_row(&row, &columns, path, line))?;
+        collector.push(parse_row(&row, &columns, path, line, opts.multi_label))?;
     }
     collector.finish()
 }
@@ -135,6 +138,7 @@ fn parse_row(
     columns: &Columns,
     path: &Path,
     line: usize,
+    multi_label: bool,
 ) -> Result<Record, DataError> {
     // Every row has all columns (the csv reader rejects ragged rows), so `get` cannot miss.
     let field = |i: usize| row.get(i).unwrap_or("").trim();
@@ -146,17 +150,45 @@ fn parse_row(
     let sequence = validate_sequence(field(columns.sequence)).map_err(err)?;
     let location = match columns.label.map(field).filter(|s| !s.is_empty()) {
         None => None,
-        Some(raw) if raw.contains('|') => {
+        Some(raw) if raw.contains('|') && !multi_label => {
             return Err(err(format!(
-                "multi-label rows are not supported in single-label mode (label {raw:?})"
+                "multi-label rows are not supported in single-label mode (label {raw:?}); use --multi-label"
             )))
         }
-        Some(raw) => Some(canonical_label(raw).ok_or_else(|| {
-            err(format!(
-                "unknown label {raw:?} (valid labels: {})",
-                valid_labels_list()
-            ))
-        })?),
+        Some(raw) if raw.contains('|') => {
+            let parts = raw
+                .split('|')
+                .map(|p| {
+                    canonical_label(p).ok_or_else(|| {
+                        err(format!(
+                            "unknown label {p:?} in {raw:?} (valid labels: {})",
+                            valid_labels_list()
+                        ))
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Some(parts.join("|"))
+        }
+        Some(raw) => Some(
+            canonical_label(raw)
+                .ok_or_else(|| {
+                    err(format!(
+                        "unknown label {raw:?} (valid labels: {})",
+                        valid_labels_list()
+                    ))
+                })?
+                .to_string(),
+        ),
+    };
+    let partition = match columns.partition.map(field).filter(|s| !s.is_empty()) {
+        None => None,
+        Some(raw) => Some(
+            raw.parse::<f64>()
+                .ok()
+                .filter(|p| p.fract() == 0.0 && *p >= 0.0)
+                .map(|p| p as u32)
+                .ok_or_else(|| err(format!("invalid partition {raw:?} (expected 0, 1, 2, ...)")))?,
+        ),
     };
     let membrane = match columns.membrane.map(field) {
         None => Membrane::Unknown,
@@ -173,9 +205,10 @@ fn parse_row(
     Ok(Record {
         id: id.to_string(),
         sequence,
-        location: location.map(str::to_string),
+        location,
         membrane,
         is_test,
+        partition,
         pos: SourcePos {
             file: path.to_path_buf(),
             line,

@@ -2,6 +2,7 @@
 //! matrix; numbers match scikit-learn), their PNG plots, and the `eval` command.
 
 pub mod metrics;
+pub mod multilabel;
 pub mod plot;
 pub mod run;
 

@@ -622,3 +622,75 @@ mod tests {
         assert_eq!(fmt_epoch(2.25), "2.25");
     }
 }
+
+/// Size of the per-class F1 bar chart.
+pub const F1_PNG_SIZE: (u32, u32) = (900, 520);
+
+/// Writes a horizontal bar chart of per-class F1 (with each class's support), sorted as in
+/// the report, so rare classes that the model never gets right stand out.
+pub fn plot_per_class_f1(report: &ClassificationReport, path: &Path) -> anyhow::Result<()> {
+    write_atomically(path, |tmp| {
+        let root = BitMapBackend::new(tmp, F1_PNG_SIZE).into_drawing_area();
+        root.fill(&WHITE).map_err(draw_err)?;
+        let n = report.per_class.len();
+        if n == 0 {
+            return draw_no_data(&root, "no classes");
+        }
+        let names: Vec<String> = report
+            .per_class
+            .iter()
+            .map(|c| truncate(&c.label, MAX_LABEL_CHARS))
+            .collect();
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!(
+                    "Per-class F1 (accuracy {:.1}%, MCC {:.3}, macro-F1 {:.3})",
+                    report.accuracy * 100.0,
+                    report.mcc,
+                    report.macro_f1
+                ),
+                font(20.0),
+            )
+            .margin(16)
+            .x_label_area_size(36)
+            .y_label_area_size(190)
+            .build_cartesian_2d(0f64..1.0f64, 0f64..n as f64)
+            .map_err(draw_err)?;
+        chart
+            .configure_mesh()
+            .disable_y_mesh()
+            .y_labels(n)
+            .y_label_formatter(&|y| {
+                let i = (n as f64 - y - 0.5).round();
+                if i >= 0.0 && (i as usize) < n && (y.fract() - 0.5).abs() < 1e-6 {
+                    names[i as usize].clone()
+                } else {
+                    String::new()
+                }
+            })
+            .x_desc("F1")
+            .label_style(font(14.0))
+            .draw()
+            .map_err(draw_err)?;
+        // Class i is drawn top to bottom: its bar spans y in [n-1-i+0.15, n-i-0.15].
+        for (i, c) in report.per_class.iter().enumerate() {
+            let top = (n - i) as f64 - 0.15;
+            let bottom = (n - 1 - i) as f64 + 0.15;
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [(0.0, bottom), (c.f1.clamp(0.0, 1.0), top)],
+                    TRAIN_COLOR.filled(),
+                )))
+                .map_err(draw_err)?;
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{:.2}  (n={})", c.f1, c.support),
+                    ((c.f1 + 0.01).min(0.8), (n - 1 - i) as f64 + 0.65),
+                    font(13.0),
+                )))
+                .map_err(draw_err)?;
+        }
+        root.present().map_err(draw_err)?;
+        Ok(())
+    })
+}

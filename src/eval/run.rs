@@ -2,18 +2,20 @@
 
 use std::path::PathBuf;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use candle_core::Device;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use super::metrics::ClassificationReport;
+use super::multilabel::{self, MultiLabelReport};
+use crate::train::objective::{LocationTarget, Target};
 use crate::data::{self, ReadOptions, Record};
 use crate::infer::{self, BatchLimits};
 use crate::model::SequenceClassifier;
 use crate::tokenize::Encoded;
 
 /// Which records of the file to score.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Split {
     /// `test`-tagged records when the file has any, else all.
@@ -30,16 +32,31 @@ pub struct EvalArgs {
     pub limit: Option<usize>,
     pub limits: BatchLimits,
     pub skip_invalid: bool,
+    /// Per-residue embedding cache to read (and fill) instead of running the encoder; only
+    /// valid for a model whose encoder the cache was built with (checked by fingerprint).
+    pub cache: Option<PathBuf>,
 }
 
 /// The JSON written by `--output`.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, Deserialize)]
 pub struct EvalOutput {
     pub model: String,
     pub data: String,
     pub split: Split,
     pub records: usize,
-    pub report: ClassificationReport,
+    /// Single-label report (Q10, MCC, per-class scores, confusion matrix).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub report: Option<ClassificationReport>,
+    /// Multi-label report (DeepLoc 2.0 metrics), for multi-label models.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub multi_label: Option<MultiLabelReport>,
+    /// Membrane/soluble accuracy (Q2) over the records with a known flag, for models with a
+    /// membrane output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membrane_accuracy: Option<f64>,
+    /// Records with a known membrane flag (the Q2 denominator).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membrane_records: Option<usize>,
 }
 
 /// Picks the records of `split` (then applies `limit`).
@@ -65,6 +82,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
         ReadOptions {
             skip_invalid: args.skip_invalid,
             require_labels: true,
+            multi_label: model.task.multi_label,
         },
     )?;
     for s in &ds.skipped {
@@ -79,39 +97,102 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
         );
     }
     let labels = &model.task.labels;
-    let y_true: Vec<usize> = chosen
+    let targets: Vec<Target> = chosen
         .iter()
-        .map(|r| {
-            let loc = r.location.as_deref().unwrap_or_default();
-            labels.iter().position(|l| l == loc).with_context(|| {
-                format!(
-                    "{}: label {loc:?} of {} is not one of the model's labels ({})",
-                    r.pos,
-                    r.id,
-                    labels.join(", ")
-                )
-            })
-        })
+        .map(|r| Target::of(r, labels, model.task.multi_label))
         .collect::<Result<_>>()?;
-    let enc: Vec<Encoded> = chosen
-        .iter()
-        .map(|r| {
-            model
-                .base
-                .tokenizer
-                .encode(&r.sequence, model.task.max_residues, model.task.truncate)
-        })
-        .collect();
-    let pb = crate::progress::bar(enc.len() as u64, "evaluating", "proteins");
-    let probs = infer::class_probabilities(&model, &enc, args.limits, Some(&pb))?;
-    pb.finish_and_clear();
-    let y_pred: Vec<usize> = probs.iter().map(|p| infer::argmax(p)).collect();
-    let report = ClassificationReport::compute(&y_true, &y_pred, labels)?;
+    let preds = match &args.cache {
+        Some(dir) => cached_predictions(&model, dir, &chosen, args.limits)?,
+        None => {
+            let enc: Vec<Encoded> = chosen
+                .iter()
+                .map(|r| {
+                    model.base.tokenizer.encode(
+                        &r.sequence,
+                        model.task.max_residues,
+                        model.task.truncate,
+                    )
+                })
+                .collect();
+            let pb = crate::progress::bar(enc.len() as u64, "evaluating", "proteins");
+            let p = infer::head_outputs(&model, &enc, args.limits, Some(&pb))?;
+            pb.finish_and_clear();
+            p
+        }
+    };
+    let probs = &preds.probabilities;
+    let (report, multi_label) = if model.task.multi_label {
+        let thresholds = model
+            .task
+            .thresholds
+            .clone()
+            .unwrap_or_else(|| vec![0.5; labels.len()]);
+        let y_true: Vec<Vec<bool>> = targets
+            .iter()
+            .map(|t| match &t.location {
+                LocationTarget::Multi(v) => v.iter().map(|&y| y > 0.5).collect(),
+                LocationTarget::Single(_) => unreachable!("multi-label targets"),
+            })
+            .collect();
+        let y_pred = multilabel::decide(probs, &thresholds);
+        (
+            None,
+            Some(multilabel::report(&y_true, &y_pred, labels, &thresholds)),
+        )
+    } else {
+        let y_true: Vec<usize> = targets
+            .iter()
+            .map(|t| match t.location {
+                LocationTarget::Single(c) => c as usize,
+                LocationTarget::Multi(_) => unreachable!("single-label targets"),
+            })
+            .collect();
+        let y_pred: Vec<usize> = probs.iter().map(|p| infer::argmax(p)).collect();
+        (
+            Some(ClassificationReport::compute(&y_true, &y_pred, labels)?),
+            None,
+        )
+    };
+    let truth: Vec<Option<bool>> = targets.iter().map(|t| t.membrane).collect();
+    let membrane_accuracy = preds.membrane.as_ref().and_then(|m| {
+        let pred: Vec<bool> = m.iter().map(|&p| p >= 0.5).collect();
+        super::metrics::binary_accuracy_masked(&truth, &pred)
+    });
     Ok(EvalOutput {
         model: args.model.display().to_string(),
         data: args.data.display().to_string(),
         split: args.split,
         records: chosen.len(),
         report,
+        multi_label,
+        membrane_records: membrane_accuracy
+            .map(|_| truth.iter().filter(|t| t.is_some()).count()),
+        membrane_accuracy,
+    })
+}
+
+/// Predictions through the embedding cache in `dir` (filled with any missing protein).
+fn cached_predictions(
+    model: &SequenceClassifier,
+    dir: &std::path::Path,
+    chosen: &[&Record],
+    limits: BatchLimits,
+) -> Result<infer::HeadPredictions> {
+    let spec = crate::cache::CacheSpec::for_model(
+        &model.base,
+        model.task.max_residues,
+        model.task.truncate,
+    )?;
+    let mut cache = crate::cache::EmbeddingCache::open(dir, spec)?;
+    let seqs: Vec<&str> = chosen.iter().map(|r| r.sequence.as_str()).collect();
+    let missing = seqs.iter().filter(|s| !cache.contains(s)).count();
+    let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
+    cache.fill(&model.base, &seqs, limits, Some(&pb))?;
+    pb.finish_and_clear();
+    let (probabilities, membrane) =
+        crate::train::frozen::cached_outputs(model, &mut cache, &seqs, &Device::Cpu)?;
+    Ok(infer::HeadPredictions {
+        probabilities,
+        membrane,
     })
 }

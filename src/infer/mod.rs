@@ -31,7 +31,7 @@ impl Default for BatchLimits {
 
 /// Runs `f` on token-budget batches of `encoded` and returns its per-protein rows in input
 /// order.
-fn batched_rows(
+pub(crate) fn batched_rows(
     encoded: &[Encoded],
     pad_id: u32,
     limits: BatchLimits,
@@ -72,6 +72,57 @@ pub fn class_probabilities(
         progress,
         |b| model.predict_proba(b)?.to_vec2(),
     )
+}
+
+/// Everything a model predicts per protein, in input order.
+pub struct HeadPredictions {
+    /// Location probabilities [N][C] (softmax, or sigmoids for multi-label models).
+    pub probabilities: Vec<Vec<f32>>,
+    /// Probability of being membrane-bound [N], for models with a membrane output.
+    pub membrane: Option<Vec<f32>>,
+}
+
+/// Location (and membrane) probabilities per protein, in input order.
+pub fn head_outputs(
+    model: &SequenceClassifier,
+    encoded: &[Encoded],
+    limits: BatchLimits,
+    progress: Option<&ProgressBar>,
+) -> Result<HeadPredictions> {
+    let device = model.base.store.device().clone();
+    let has_membrane = model.task.membrane;
+    // One row per protein: the C location probabilities, then P(membrane) if present.
+    let rows = batched_rows(
+        encoded,
+        model.base.tokenizer.pad_id,
+        limits,
+        &device,
+        progress,
+        |b| {
+            let out = model.inference_outputs(b)?;
+            let probs = model.probabilities(&out.logits)?;
+            let probs = match &out.membrane {
+                Some(m) => {
+                    let pm = crate::model::ops::softmax_last_dim(m)?.narrow(1, 1, 1)?;
+                    candle_core::Tensor::cat(&[&probs, &pm], 1)?
+                }
+                None => probs,
+            };
+            probs.to_vec2()
+        },
+    )?;
+    let mut probabilities = Vec::with_capacity(rows.len());
+    let mut membrane = has_membrane.then(|| Vec::with_capacity(rows.len()));
+    for mut r in rows {
+        if let Some(m) = membrane.as_mut() {
+            m.push(r.pop().expect("membrane column"));
+        }
+        probabilities.push(r);
+    }
+    Ok(HeadPredictions {
+        probabilities,
+        membrane,
+    })
 }
 
 /// Mean-pooled residue embeddings per protein, in input order.

@@ -43,6 +43,9 @@ pub struct Prediction<'a> {
     pub residues_used: usize,
     #[serde(serialize_with = "ser_probs")]
     pub probabilities: (&'a [String], &'a [f32]),
+    /// Probability of being membrane-bound, for models with a membrane output.
+    #[serde(rename = "membrane_probability", skip_serializing_if = "Option::is_none")]
+    pub membrane: Option<f32>,
 }
 
 fn ser_probs<S: serde::Serializer>(p: &(&[String], &[f32]), s: S) -> Result<S::Ok, S::Error> {
@@ -62,7 +65,8 @@ pub struct PredictionWriter<W: Write> {
 }
 
 impl<W: Write> PredictionWriter<W> {
-    pub fn new(out: W, format: Format, labels: &[String]) -> Result<Self> {
+    /// `membrane`: the model predicts membrane-bound vs soluble (adds a column).
+    pub fn new(out: W, format: Format, labels: &[String], membrane: bool) -> Result<Self> {
         match format {
             Format::Jsonl => Ok(Self {
                 format,
@@ -75,6 +79,9 @@ impl<W: Write> PredictionWriter<W> {
                 let mut header = vec!["id".to_string(), "prediction".into(), "confidence".into()];
                 header.extend(labels.iter().cloned());
                 header.extend(["length".to_string(), "residues_used".to_string()]);
+                if membrane {
+                    header.push("membrane_probability".into());
+                }
                 w.write_record(&header)?;
                 Ok(Self {
                     format,
@@ -99,6 +106,9 @@ impl<W: Write> PredictionWriter<W> {
                 ];
                 row.extend(p.probabilities.1.iter().map(|v| format!("{v:.6}")));
                 row.extend([p.length.to_string(), p.residues_used.to_string()]);
+                if let Some(m) = p.membrane {
+                    row.push(format!("{m:.6}"));
+                }
                 w.write_record(&row)?;
             }
             _ => unreachable!("writer constructed for its format"),
@@ -136,12 +146,13 @@ mod tests {
             length: 10,
             residues_used: 8,
             probabilities: (&labels, &probs),
+            membrane: None,
         };
-        let mut w = PredictionWriter::new(Vec::new(), Format::Tsv, &labels).unwrap();
+        let mut w = PredictionWriter::new(Vec::new(), Format::Tsv, &labels, false).unwrap();
         w.write(&p).unwrap();
         let text = String::from_utf8(w.finish().unwrap()).unwrap();
         assert_eq!(text, "id\tprediction\tconfidence\tNucleus\tCytoplasm\tlength\tresidues_used\nP1\tCytoplasm\t0.750000\t0.250000\t0.750000\t10\t8\n");
-        let mut w = PredictionWriter::new(Vec::new(), Format::Jsonl, &labels).unwrap();
+        let mut w = PredictionWriter::new(Vec::new(), Format::Jsonl, &labels, false).unwrap();
         w.write(&p).unwrap();
         let text = String::from_utf8(w.finish().unwrap()).unwrap();
         let v: serde_json::Value = serde_json::from_str(text.trim()).unwrap();

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use super::output::{Format, Prediction, PredictionWriter};
-use super::{argmax, class_probabilities, mean_embeddings, BatchLimits};
+use super::{argmax, head_outputs, mean_embeddings, BatchLimits};
 use crate::data::{self, fasta::FastaStream, DataError, ReadOptions, Record};
 use crate::model::{self, SequenceClassifier};
 use crate::tokenize::{Encoded, Truncation};
@@ -26,6 +26,7 @@ pub fn record_source(
             ReadOptions {
                 skip_invalid,
                 require_labels: false,
+                multi_label: true,
             },
         )?;
         for s in &ds.skipped {
@@ -104,7 +105,7 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
     let labels = model.task.labels.clone();
     let pb = crate::progress::bar(0, "predicting", "proteins");
     let n = crate::artifacts::with_output(args.output.as_deref(), |out| {
-        let mut writer = PredictionWriter::new(out, format, &labels)?;
+        let mut writer = PredictionWriter::new(out, format, &labels, model.task.membrane)?;
         let n = for_each_chunk(source, |chunk| {
             pb.inc_length(chunk.len() as u64);
             let enc: Vec<Encoded> = chunk
@@ -117,16 +118,38 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
                     )
                 })
                 .collect();
-            let probs = class_probabilities(&model, &enc, args.limits, Some(&pb))?;
-            for ((rec, e), p) in chunk.iter().zip(&enc).zip(&probs) {
+            let out = head_outputs(&model, &enc, args.limits, Some(&pb))?;
+            let thresholds = model.task.multi_label.then(|| {
+                model
+                    .task
+                    .thresholds
+                    .clone()
+                    .unwrap_or_else(|| vec![0.5; labels.len()])
+            });
+            for (k, ((rec, e), p)) in chunk.iter().zip(&enc).zip(&out.probabilities).enumerate() {
                 let best = argmax(p);
+                // Multi-label models name every location over its threshold ("A|B").
+                let prediction = match &thresholds {
+                    Some(th) => {
+                        let set = crate::eval::multilabel::decide(std::slice::from_ref(p), th);
+                        labels
+                            .iter()
+                            .zip(&set[0])
+                            .filter(|(_, &on)| on)
+                            .map(|(l, _)| l.as_str())
+                            .collect::<Vec<_>>()
+                            .join("|")
+                    }
+                    None => labels[best].clone(),
+                };
                 writer.write(&Prediction {
                     id: &rec.id,
-                    prediction: &labels[best],
+                    prediction: &prediction,
                     confidence: p[best],
                     length: e.total_residues,
                     residues_used: e.used_residues,
                     probabilities: (&labels, p),
+                    membrane: out.membrane.as_ref().map(|m| m[k]),
                 })?;
             }
             Ok(())
@@ -187,4 +210,27 @@ pub fn embed(args: &EmbedArgs) -> Result<usize> {
     })?;
     pb.finish_and_clear();
     Ok(n)
+}
+
+/// `embed --per-residue`: adds every protein of the input to the per-residue embedding cache
+/// in `dir` (see [`crate::cache`]). Returns (proteins in the cache, newly embedded).
+pub fn embed_to_cache(args: &EmbedArgs, dir: &Path) -> Result<(usize, usize)> {
+    let base = model::load_base(&args.model, 0, &Device::Cpu)
+        .with_context(|| format!("cannot load model {}", args.model))?;
+    let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
+    let spec = crate::cache::CacheSpec::for_model(&base, max_res, args.truncate)?;
+    let mut cache = crate::cache::EmbeddingCache::open(dir, spec)?;
+    let source = record_source(&args.input, args.skip_invalid)?;
+    let pb = crate::progress::bar(0, "embedding", "proteins");
+    let mut new = 0;
+    let source = source.take(args.limit.unwrap_or(usize::MAX));
+    for_each_chunk(source, |chunk| {
+        let seqs: Vec<&str> = chunk.iter().map(|r| r.sequence.as_str()).collect();
+        let todo = seqs.iter().filter(|s| !cache.contains(s)).count() as u64;
+        pb.inc_length(todo);
+        new += cache.fill(&base, &seqs, args.limits, Some(&pb))?;
+        Ok(())
+    })?;
+    pb.finish_and_clear();
+    Ok((cache.len(), new))
 }

@@ -1,6 +1,19 @@
 //! Classification heads on top of an encoder's hidden states.
+//!
+//! Three kinds, all with an optional membrane/soluble output trained jointly:
+//! - `linear`: dropout + linear on a pooled vector (the reference workflow's head);
+//! - `mlp`: a small feed-forward network on the pooled vector (the frozen-embedding baseline
+//!   of Stärk et al. 2021: Linear -> Dropout -> ReLU -> Linear);
+//! - `light-attention`: Stärk et al. 2021. Two 1-D convolutions over the residues produce
+//!   values and attention logits per channel; the values are pooled by a softmax over residues
+//!   and by a max, and the two vectors go through the feed-forward network. It sees every
+//!   residue, not just an average, which is why it beats mean pooling on localization.
+//!
+//! Heads read either an encoder's output (`[B, T, H]` with special tokens, see
+//! [`Head::forward`]) or cached per-residue rows (`[B, L, H]`, residues only, see
+//! [`Head::forward_residues`]); both give the same result for the same protein.
 
-use candle_core::{Result, Tensor};
+use candle_core::{Result, Tensor, D};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
@@ -19,6 +32,260 @@ pub enum Pool {
     Mean,
 }
 
+/// Which head architecture sits on the encoder.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadKind {
+    /// Dropout + linear on the pooled vector.
+    #[default]
+    Linear,
+    /// Linear -> dropout -> ReLU -> linear on the pooled vector.
+    Mlp,
+    /// Light Attention (convolutional attention pooling over residues + max pooling + MLP).
+    LightAttention,
+}
+
+/// Shape of a head.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HeadSpec {
+    pub kind: HeadKind,
+    pub pool: Pool,
+    /// Encoder hidden size (input width).
+    pub input_dim: usize,
+    pub num_labels: usize,
+    /// Width of the feed-forward layer of `mlp` and `light-attention`.
+    pub hidden: usize,
+    /// Convolution width (residues) of `light-attention`; odd.
+    pub kernel: usize,
+    pub dropout: f64,
+    /// Also predict membrane-bound vs soluble.
+    pub membrane: bool,
+}
+
+/// What a head produces.
+pub struct HeadOutput {
+    /// [B, C] location logits.
+    pub logits: Tensor,
+    /// [B, 2] soluble/membrane logits, when the head has that output.
+    pub membrane: Option<Tensor>,
+}
+
+enum Body {
+    /// Pooled vector, dropout.
+    Pooled,
+    Mlp {
+        dense: Linear,
+    },
+    LightAttention {
+        values: Linear,
+        attention: Linear,
+        kernel: usize,
+        dense: Linear,
+    },
+}
+
+/// A classification head (see the module docs). Parameters live under `classifier.` and
+/// `membrane_classifier.`; the `linear` kind keeps the Hugging Face names
+/// `classifier.weight`/`classifier.bias`.
+pub struct Head {
+    pub spec: HeadSpec,
+    body: Body,
+    out: Linear,
+    membrane: Option<Linear>,
+}
+
+/// PyTorch's default `nn.Linear` initialisation has variance 1/(3 fan_in); a normal with the
+/// same variance keeps small heads trainable at the same learning rates.
+fn torch_std(fan_in: usize) -> f64 {
+    (1.0 / (3.0 * fan_in as f64)).sqrt()
+}
+
+impl Head {
+    /// Builds (or loads, with a strict builder) a head under `root` (the model's root
+    /// builder).
+    pub fn new(root: &Builder, spec: HeadSpec) -> Result<Self> {
+        let b = root.pp("classifier");
+        let h = spec.input_dim;
+        let (body, out, features) = match spec.kind {
+            HeadKind::Linear => (
+                Body::Pooled,
+                Linear::new(&b, h, spec.num_labels, 0.02)?,
+                h,
+            ),
+            HeadKind::Mlp => (
+                Body::Mlp {
+                    dense: Linear::new(&b.pp("dense"), h, spec.hidden, torch_std(h))?,
+                },
+                Linear::new(&b.pp("out"), spec.hidden, spec.num_labels, torch_std(spec.hidden))?,
+                spec.hidden,
+            ),
+            HeadKind::LightAttention => {
+                if spec.kernel % 2 == 0 || spec.kernel == 0 {
+                    candle_core::bail!("light-attention kernel must be odd, got {}", spec.kernel);
+                }
+                let k = spec.kernel * h;
+                (
+                    Body::LightAttention {
+                        values: Linear::new(&b.pp("feature_conv"), k, h, torch_std(k))?,
+                        attention: Linear::new(&b.pp("attention_conv"), k, h, torch_std(k))?,
+                        kernel: spec.kernel,
+                        dense: Linear::new(&b.pp("dense"), 2 * h, spec.hidden, torch_std(2 * h))?,
+                    },
+                    Linear::new(&b.pp("out"), spec.hidden, spec.num_labels, torch_std(spec.hidden))?,
+                    spec.hidden,
+                )
+            }
+        };
+        let membrane = if spec.membrane {
+            Some(Linear::new(
+                &root.pp("membrane_classifier"),
+                features,
+                2,
+                torch_std(features),
+            )?)
+        } else {
+            None
+        };
+        Ok(Self {
+            spec,
+            body,
+            out,
+            membrane,
+        })
+    }
+
+    /// A copy outside the autograd graph, for inference.
+    pub fn detached(&self) -> Self {
+        let body = match &self.body {
+            Body::Pooled => Body::Pooled,
+            Body::Mlp { dense } => Body::Mlp {
+                dense: dense.detached(),
+            },
+            Body::LightAttention {
+                values,
+                attention,
+                kernel,
+                dense,
+            } => Body::LightAttention {
+                values: values.detached(),
+                attention: attention.detached(),
+                kernel: *kernel,
+                dense: dense.detached(),
+            },
+        };
+        Self {
+            spec: self.spec.clone(),
+            body,
+            out: self.out.detached(),
+            membrane: self.membrane.as_ref().map(Linear::detached),
+        }
+    }
+
+    /// On an encoder's output: `hidden` [B, T, H] (leading special token, residues, trailing
+    /// special, padding) and `residue_mask` [B, T].
+    pub fn forward(
+        &self,
+        hidden: &Tensor,
+        residue_mask: &Tensor,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<HeadOutput> {
+        match self.body {
+            Body::LightAttention { .. } => {
+                // Residues start after the leading special token; zero everything else so the
+                // convolutions see the same zero padding as on cached rows.
+                let t = hidden.dim(1)?;
+                let m = residue_mask.to_dtype(hidden.dtype())?;
+                let x = hidden.broadcast_mul(&m.unsqueeze(2)?)?.narrow(1, 1, t - 1)?;
+                self.forward_residues(&x, &m.narrow(1, 1, t - 1)?, rng)
+            }
+            _ => {
+                let pooled = pool(hidden, residue_mask, self.spec.pool)?;
+                self.from_pooled(&pooled, rng)
+            }
+        }
+    }
+
+    /// On per-residue rows: `x` [B, L, H] (residues first, zeros after) and `mask` [B, L].
+    pub fn forward_residues(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<HeadOutput> {
+        match &self.body {
+            Body::LightAttention {
+                values,
+                attention,
+                kernel,
+                dense,
+            } => {
+                let p = self.spec.dropout;
+                let cols = im2col(x, *kernel)?;
+                let v = ops::dropout(&values.forward(&cols)?, p, rng.as_deref_mut())?; // [B, L, H]
+                let a = attention.forward(&cols)?;
+                // Padding gets a large finite negative (not -inf: 0 x -inf is NaN).
+                let neg = ((mask - 1.0)? * 1e4)?.unsqueeze(2)?;
+                let a = a.broadcast_add(&neg)?.transpose(1, 2)?.contiguous()?; // [B, H, L]
+                let weights = ops::softmax_last_dim(&a)?;
+                let vt = v.transpose(1, 2)?.contiguous()?; // [B, H, L]
+                let attended = (vt * weights)?.sum(D::Minus1)?; // [B, H]
+                let maxed = v.broadcast_add(&neg)?.max(1)?; // [B, H]
+                let pooled = Tensor::cat(&[attended, maxed], 1)?;
+                let h = dense.forward(&pooled)?;
+                let h = ops::dropout(&h, p, rng)?.relu()?;
+                self.outputs(&h)
+            }
+            _ => {
+                if self.spec.pool == Pool::Cls {
+                    candle_core::bail!(
+                        "cached residue embeddings have no [CLS] vector: use --pool mean with --frozen"
+                    );
+                }
+                let pooled = ops::masked_mean(x, mask)?;
+                self.from_pooled(&pooled, rng)
+            }
+        }
+    }
+
+    fn from_pooled(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<HeadOutput> {
+        let p = self.spec.dropout;
+        match &self.body {
+            Body::Mlp { dense } => {
+                let h = ops::dropout(&dense.forward(pooled)?, p, rng)?.relu()?;
+                self.outputs(&h)
+            }
+            _ => self.outputs(&ops::dropout(pooled, p, rng)?),
+        }
+    }
+
+    fn outputs(&self, features: &Tensor) -> Result<HeadOutput> {
+        Ok(HeadOutput {
+            logits: self.out.forward(features)?,
+            membrane: self
+                .membrane
+                .as_ref()
+                .map(|m| m.forward(features))
+                .transpose()?,
+        })
+    }
+}
+
+/// "Same" 1-D convolution input as a matrix: [B, L, H] -> [B, L, k*H], row l holding
+/// residues l-k/2 ..= l+k/2 (zeros beyond the ends). A linear layer on it is a convolution
+/// whose weight is stored as [C_out, k*H] (offset-major); one large GEMM is both faster on a
+/// CPU and simpler to differentiate than a direct convolution.
+pub fn im2col(x: &Tensor, kernel: usize) -> Result<Tensor> {
+    let l = x.dim(1)?;
+    let half = kernel / 2;
+    let padded = x.pad_with_zeros(1, half, kernel - 1 - half)?;
+    let cols = (0..kernel)
+        .map(|j| padded.narrow(1, j, l))
+        .collect::<Result<Vec<_>>>()?;
+    Tensor::cat(&cols, 2)
+}
+
 /// Pools `hidden` [B, T, H] with `residue_mask` [B, T] (1.0 on residues).
 pub fn pool(hidden: &Tensor, residue_mask: &Tensor, pool: Pool) -> Result<Tensor> {
     match pool {
@@ -27,7 +294,8 @@ pub fn pool(hidden: &Tensor, residue_mask: &Tensor, pool: Pool) -> Result<Tensor
     }
 }
 
-/// Dropout + linear layer (`classifier.weight` [C, H], `classifier.bias` [C]).
+/// Dropout + linear layer (`classifier.weight` [C, H], `classifier.bias` [C]): the
+/// reference workflow's head, kept as a building block for tests and tools.
 pub struct ClassifierHead {
     pub dropout: f64,
     pub linear: Linear,
@@ -41,17 +309,74 @@ impl ClassifierHead {
         })
     }
 
-    /// A copy outside the autograd graph, for inference.
-    pub fn detached(&self) -> Self {
-        Self {
-            dropout: self.dropout,
-            linear: self.linear.detached(),
-        }
-    }
-
     /// `pooled` [B, H] -> logits [B, C]; `rng` enables dropout (training).
     pub fn forward(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
         self.linear
             .forward(&ops::dropout(pooled, self.dropout, rng)?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+
+    #[test]
+    fn im2col_shifts_rows_with_zero_padding() {
+        // One protein, 3 residues, width 1: values 1, 2, 3.
+        let x = Tensor::new(&[[[1f32], [2.], [3.]]], &Device::Cpu).unwrap();
+        let cols = im2col(&x, 3).unwrap().squeeze(0).unwrap();
+        let got: Vec<Vec<f32>> = cols.to_vec2().unwrap();
+        assert_eq!(got, vec![vec![0., 1., 2.], vec![1., 2., 3.], vec![2., 3., 0.]]);
+    }
+
+    fn spec(kind: HeadKind) -> HeadSpec {
+        HeadSpec {
+            kind,
+            pool: Pool::Mean,
+            input_dim: 6,
+            num_labels: 3,
+            hidden: 5,
+            kernel: 3,
+            dropout: 0.0,
+            membrane: true,
+        }
+    }
+
+    /// The encoder-output path and the cached-rows path agree: the head sees the same
+    /// residues whether or not special tokens and extra padding surround them.
+    #[test]
+    fn encoder_and_residue_paths_agree() {
+        let dev = Device::Cpu;
+        for kind in [HeadKind::Mlp, HeadKind::LightAttention, HeadKind::Linear] {
+            let store = crate::model::params::ParamStore::new(
+                Default::default(),
+                "test",
+                7,
+                &dev,
+                DType::F32,
+            );
+            let head = Head::new(&store.initialising(), spec(kind)).unwrap();
+            // Residues r (2 proteins: 3 and 2 residues) at [B, L=3, H=6].
+            let r = Tensor::randn(0f32, 1.0, (2, 3, 6), &dev).unwrap();
+            let mask = Tensor::new(&[[1f32, 1., 1.], [1., 1., 0.]], &dev).unwrap();
+            let r = r.broadcast_mul(&mask.unsqueeze(2).unwrap()).unwrap();
+            // Encoder layout: [CLS] residues [EOS] pad, with junk in the special positions.
+            let junk = Tensor::ones((2, 1, 6), DType::F32, &dev).unwrap();
+            let hidden = Tensor::cat(&[&junk, &r, &junk], 1).unwrap();
+            let residue_mask = Tensor::new(&[[0f32, 1., 1., 1., 0.], [0., 1., 1., 0., 0.]], &dev)
+                .unwrap();
+            let a = head.forward(&hidden, &residue_mask, None).unwrap();
+            let b = head.forward_residues(&r, &mask, None).unwrap();
+            let diff = (a.logits - b.logits).unwrap().abs().unwrap().max_all().unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{kind:?}");
+            let diff = (a.membrane.unwrap() - b.membrane.unwrap())
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
+            assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{kind:?}");
+        }
     }
 }

@@ -21,7 +21,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 pub use config::{Arch, EncoderConfig};
-pub use head::{ClassifierHead, Pool};
+pub use head::{ClassifierHead, Head, HeadKind, HeadOutput, HeadSpec, Pool};
 pub use params::ParamStore;
 
 use crate::tokenize::{Batch, Tokenizer, Truncation};
@@ -198,57 +198,145 @@ pub struct TaskConfig {
     /// The base model the run started from.
     pub base_model: String,
     pub protloc_version: String,
+    /// Head architecture (older run directories have the linear head).
+    #[serde(default)]
+    pub head: HeadKind,
+    /// Feed-forward width of the mlp and light-attention heads.
+    #[serde(default = "default_head_hidden")]
+    pub head_hidden: usize,
+    /// Convolution width of the light-attention head.
+    #[serde(default = "default_la_kernel")]
+    pub la_kernel: usize,
+    /// The head also predicts membrane-bound vs soluble.
+    #[serde(default)]
+    pub membrane: bool,
+    /// Multi-label (sigmoid per location) instead of one location per protein.
+    #[serde(default)]
+    pub multi_label: bool,
+    /// Per-location decision thresholds of a multi-label model (tuned on validation).
+    #[serde(default)]
+    pub thresholds: Option<Vec<f32>>,
+    /// The encoder was kept frozen (trained on cached embeddings).
+    #[serde(default)]
+    pub frozen_encoder: bool,
+}
+
+fn default_head_hidden() -> usize {
+    32
+}
+
+fn default_la_kernel() -> usize {
+    9
+}
+
+impl TaskConfig {
+    /// The head's shape for an encoder of width `input_dim`.
+    pub fn head_spec(&self, input_dim: usize) -> HeadSpec {
+        HeadSpec {
+            kind: self.head,
+            pool: self.pool,
+            input_dim,
+            num_labels: self.labels.len(),
+            hidden: self.head_hidden,
+            kernel: self.la_kernel,
+            dropout: self.head_dropout,
+            membrane: self.membrane,
+        }
+    }
+
+    /// Defaults for a task over `labels` with the reference head.
+    pub fn new(labels: Vec<String>, base_model: &str) -> Self {
+        Self {
+            labels,
+            pool: Pool::Cls,
+            truncate: Truncation::HeadTail,
+            max_residues: 510,
+            head_dropout: 0.1,
+            base_model: base_model.into(),
+            protloc_version: env!("CARGO_PKG_VERSION").into(),
+            head: HeadKind::Linear,
+            head_hidden: default_head_hidden(),
+            la_kernel: default_la_kernel(),
+            membrane: false,
+            multi_label: false,
+            thresholds: None,
+            frozen_encoder: false,
+        }
+    }
 }
 
 /// Encoder + classifier head + everything needed to preprocess input the same way as in
 /// training.
 pub struct SequenceClassifier {
     pub base: BaseModel,
-    pub head: ClassifierHead,
+    pub head: Head,
     pub task: TaskConfig,
 }
 
 impl SequenceClassifier {
     /// Puts a freshly initialised head on `base`.
     pub fn new(base: BaseModel, task: TaskConfig) -> Result<Self> {
-        let head = ClassifierHead::new(
-            &base.store.initialising().pp("classifier"),
-            base.cfg.hidden_size,
-            task.labels.len(),
-            task.head_dropout,
+        let head = Head::new(
+            &base.store.initialising(),
+            task.head_spec(base.cfg.hidden_size),
         )?;
         base.store.release_source();
         Ok(Self { base, head, task })
     }
 
-    /// Logits [B, C]; `rng` enables dropout (training).
+    /// Location logits [B, C]; `rng` enables dropout (training).
     pub fn forward(
         &self,
         batch: &Batch,
-        mut rng: Option<&mut ChaCha8Rng>,
+        rng: Option<&mut ChaCha8Rng>,
     ) -> candle_core::Result<Tensor> {
+        Ok(self.forward_all(batch, rng)?.logits)
+    }
+
+    /// Every output of the head (location logits and, if present, membrane logits).
+    pub fn forward_all(
+        &self,
+        batch: &Batch,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<HeadOutput> {
         let hidden =
             self.base
                 .encoder
                 .forward(&batch.ids, &batch.attention_mask, rng.as_deref_mut())?;
-        let pooled = head::pool(&hidden, &batch.residue_mask, self.task.pool)?;
-        self.head.forward(&pooled, rng)
+        self.head.forward(&hidden, &batch.residue_mask, rng)
     }
 
-    /// Class probabilities [B, C] (inference). Runs on detached views of the weights so
-    /// activations are freed as soon as they are used.
+    /// Class probabilities [B, C] (inference): softmax, or per-location sigmoids for a
+    /// multi-label model. Runs on detached views of the weights so activations are freed as
+    /// soon as they are used.
     pub fn predict_proba(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        ops::softmax_last_dim(&self.inference_logits(batch)?)
+        let out = self.inference_outputs(batch)?;
+        self.probabilities(&out.logits)
     }
 
-    /// Logits [B, C] for inference, on detached views of the weights: ops on trainable
+    /// Location probabilities from logits, as this model's task defines them.
+    pub fn probabilities(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
+        if self.task.multi_label {
+            candle_nn::ops::sigmoid(logits)
+        } else {
+            ops::softmax_last_dim(logits)
+        }
+    }
+
+    /// Logits [B, C] for inference (see [`Self::inference_outputs`]).
+    pub fn inference_logits(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+        Ok(self.inference_outputs(batch)?.logits)
+    }
+
+    /// All head outputs for inference, on detached views of the weights: ops on trainable
     /// variables record their inputs, which would keep every activation of the forward pass
     /// alive until its end (gigabytes for long proteins).
-    pub fn inference_logits(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+    pub fn inference_outputs(&self, batch: &Batch) -> candle_core::Result<HeadOutput> {
         let encoder = self.base.encoder.detached();
         let hidden = encoder.forward(&batch.ids, &batch.attention_mask, None)?;
-        let pooled = head::pool(&hidden, &batch.residue_mask, self.task.pool)?;
-        self.head.detached().forward(&pooled, None)
+        self.head
+            .detached()
+            .forward(&hidden, &batch.residue_mask, None)
     }
 
     /// Loads a run directory written by `protloc train`.
@@ -266,12 +354,7 @@ impl SequenceClassifier {
             ),
         };
         let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device)?;
-        let head = ClassifierHead::new(
-            &store.strict().pp("classifier"),
-            cfg.hidden_size,
-            task.labels.len(),
-            task.head_dropout,
-        )?;
+        let head = Head::new(&store.strict(), task.head_spec(cfg.hidden_size))?;
         store.release_source();
         let base = BaseModel {
             cfg,

@@ -116,6 +116,30 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
     picked.mean_all()?.neg()
 }
 
+/// Weighted mean cross-entropy: `-sum_i w_i log p_i(y_i) / sum_i w_i`, with per-example
+/// weights `weights` [N] (class weights picked by target, or 0/1 to mask unknown labels out).
+/// PyTorch's `CrossEntropyLoss(weight=...)` convention. Zero total weight gives a zero loss.
+pub fn weighted_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+    let logp = log_softmax_last_dim(logits)?;
+    let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
+    let w = weights.to_dtype(picked.dtype())?;
+    let total = w.sum_all()?.to_scalar::<f32>()?;
+    if total <= 0.0 {
+        return picked.zeros_like()?.sum_all();
+    }
+    (picked * w)?.sum_all()?.neg()? / total as f64
+}
+
+/// Mean binary cross-entropy with logits over all entries of `logits` [N, C] against 0/1
+/// `targets` [N, C] (multi-label), in the overflow-free form
+/// `max(x, 0) - x y + log(1 + exp(-|x|))`.
+pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
+    let x = logits.to_dtype(DType::F32)?;
+    let y = targets.to_dtype(DType::F32)?;
+    let soft = (x.abs()?.neg()?.exp()? + 1.0)?.log()?;
+    (x.relu()? - (&x * &y)? + soft)?.mean_all()
+}
+
 /// Inverted dropout with a caller-owned, seeded RNG (candle's own dropout draws from an
 /// unseeded RNG, which would make training runs irreproducible). `None` = evaluation.
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {

@@ -1,6 +1,8 @@
 //! Fine-tuning: data preparation, the training loop, per-epoch validation, checkpoints.
 
 pub mod checkpoint;
+pub mod frozen;
+pub mod objective;
 pub mod optim;
 
 use std::path::PathBuf;
@@ -15,9 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ReadOptions, Record};
 use crate::infer::{self, BatchLimits};
-use crate::model::{self, Pool, SequenceClassifier, TaskConfig};
+use crate::model::{self, HeadKind, Pool, SequenceClassifier, TaskConfig};
 use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
 use checkpoint::{LoopState, RngState};
+use objective::{ClassWeighting, MembraneMode, Objective, Target};
 use optim::{AdamW, AdamWConfig, LinearSchedule};
 
 /// Everything `protloc train` takes. Saved as `training_args.json`.
@@ -58,9 +61,44 @@ pub struct TrainArgs {
     /// Stop after this many consecutive steps with a non-finite loss or gradient.
     #[serde(default = "default_max_bad_steps")]
     pub max_bad_steps: usize,
+    /// Train only a head on cached embeddings of the frozen encoder (see `cache`).
+    #[serde(default)]
+    pub frozen: bool,
+    /// Embedding cache directory for `frozen` (default: RUN_DIR/embedding_cache).
+    #[serde(default)]
+    pub cache: Option<PathBuf>,
+    #[serde(default)]
+    pub head: HeadKind,
+    #[serde(default = "default_head_hidden")]
+    pub head_hidden: usize,
+    #[serde(default = "default_la_kernel")]
+    pub la_kernel: usize,
+    #[serde(default)]
+    pub membrane: MembraneMode,
+    #[serde(default)]
+    pub class_weighting: ClassWeighting,
+    /// Multi-label locations (`A|B` labels), sigmoid outputs with tuned thresholds.
+    #[serde(default)]
+    pub multi_label: bool,
+    /// Hold out this homology partition (CSV `partition` column) as the validation set
+    /// instead of a random stratified split.
+    #[serde(default)]
+    pub partition: Option<u32>,
+    /// Train on a seeded stratified sample of this many training records (the test records
+    /// are not touched; the validation split is taken from the sample).
+    #[serde(default)]
+    pub train_sample: Option<usize>,
     /// Set by [`resume`]: the checkpoint to continue from.
     #[serde(skip)]
     pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
+}
+
+fn default_head_hidden() -> usize {
+    32
+}
+
+fn default_la_kernel() -> usize {
+    9
 }
 
 fn default_keep_last() -> usize {
@@ -100,6 +138,16 @@ impl TrainArgs {
             save_every_steps: 0,
             keep_last: default_keep_last(),
             max_bad_steps: default_max_bad_steps(),
+            frozen: false,
+            cache: None,
+            head: HeadKind::Linear,
+            head_hidden: default_head_hidden(),
+            la_kernel: default_la_kernel(),
+            membrane: MembraneMode::Auto,
+            class_weighting: ClassWeighting::None,
+            multi_label: false,
+            partition: None,
+            train_sample: None,
             resume_from: None,
         }
     }
@@ -142,8 +190,91 @@ pub struct EpochMetrics {
     pub train_loss: f64,
     pub val_loss: Option<f64>,
     pub val_accuracy: Option<f64>,
+    /// Membrane/soluble accuracy (Q2) on validation proteins with a known flag.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_membrane_accuracy: Option<f64>,
     pub lr: f64,
     pub elapsed_s: f64,
+}
+
+/// Validation results of one epoch.
+#[derive(Debug, Clone, Copy)]
+pub struct ValidationMetrics {
+    pub loss: f64,
+    pub accuracy: f64,
+    pub membrane_accuracy: Option<f64>,
+}
+
+impl EpochMetrics {
+    pub fn new(
+        epoch: usize,
+        step: usize,
+        train_loss: f64,
+        val: Option<ValidationMetrics>,
+        lr: f64,
+        t0: &Instant,
+    ) -> Self {
+        Self {
+            epoch,
+            step,
+            train_loss,
+            val_loss: val.map(|v| v.loss),
+            val_accuracy: val.map(|v| v.accuracy),
+            val_membrane_accuracy: val.and_then(|v| v.membrane_accuracy),
+            lr,
+            elapsed_s: t0.elapsed().as_secs_f64(),
+        }
+    }
+}
+
+/// Validation loss and accuracy from predicted probabilities. Single-label: mean negative log
+/// likelihood and top-1 accuracy. Multi-label: mean binary cross-entropy and exact-match
+/// accuracy at 0.5. Q2 over the proteins with a known membrane flag.
+pub fn validation_metrics(
+    probs: &[Vec<f32>],
+    membrane: Option<&[f32]>,
+    targets: &[Target],
+) -> ValidationMetrics {
+    use objective::LocationTarget;
+    let mut loss = 0f64;
+    let mut correct = 0usize;
+    for (p, t) in probs.iter().zip(targets) {
+        match &t.location {
+            LocationTarget::Single(c) => {
+                loss -= (p[*c as usize].max(1e-12) as f64).ln();
+                correct += usize::from(infer::argmax(p) == *c as usize);
+            }
+            LocationTarget::Multi(y) => {
+                let mut l = 0f64;
+                for (&q, &y) in p.iter().zip(y) {
+                    let q = (q as f64).clamp(1e-12, 1.0 - 1e-12);
+                    l -= if y > 0.5 { q.ln() } else { (1.0 - q).ln() };
+                }
+                loss += l / y.len() as f64;
+                correct += usize::from(p.iter().zip(y).all(|(&q, &y)| (q >= 0.5) == (y > 0.5)));
+            }
+        }
+    }
+    let n = probs.len().max(1) as f64;
+    let membrane_accuracy = membrane.and_then(|m| {
+        let truth: Vec<Option<bool>> = targets.iter().map(|t| t.membrane).collect();
+        let pred: Vec<bool> = m.iter().map(|&p| p >= 0.5).collect();
+        crate::eval::metrics::binary_accuracy_masked(&truth, &pred)
+    });
+    ValidationMetrics {
+        loss: loss / n,
+        accuracy: correct as f64 / n,
+        membrane_accuracy,
+    }
+}
+
+/// Whether to train the membrane output: as asked, or (auto) when any target has a flag.
+pub(crate) fn resolve_membrane(mode: MembraneMode, targets: &[Target]) -> bool {
+    match mode {
+        MembraneMode::On => true,
+        MembraneMode::Off => false,
+        MembraneMode::Auto => targets.iter().any(|t| t.membrane.is_some()),
+    }
 }
 
 /// What a finished run reports.
@@ -162,7 +293,7 @@ pub struct TrainSummary {
 /// batched inference as they are.
 struct Examples {
     enc: Vec<Encoded>,
-    labels: Vec<u32>,
+    targets: Vec<Target>,
 }
 
 impl Examples {
@@ -189,23 +320,16 @@ fn encode_examples(
     labels: &[String],
     max_res: usize,
     policy: Truncation,
+    multi_label: bool,
 ) -> Result<Examples> {
-    let (enc, labels) = records
+    let (enc, targets) = records
         .iter()
         .map(|r| {
-            let loc = r
-                .location
-                .as_deref()
-                .with_context(|| format!("{}: record {} has no label", r.pos, r.id))?;
-            let label = labels
-                .iter()
-                .position(|l| l == loc)
-                .with_context(|| format!("{}: unknown label {loc}", r.pos))?
-                as u32;
-            Ok((model.tokenizer.encode(&r.sequence, max_res, policy), label))
+            let target = Target::of(r, labels, multi_label)?;
+            Ok((model.tokenizer.encode(&r.sequence, max_res, policy), target))
         })
         .collect::<Result<(Vec<_>, Vec<_>)>>()?;
-    Ok(Examples { enc, labels })
+    Ok(Examples { enc, targets })
 }
 
 /// Residues per protein: explicit, or the model's positions minus the two special tokens,
@@ -263,16 +387,13 @@ pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
     train(&args)
 }
 
-/// Runs `protloc train`.
-pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
-    args.validate()?;
-    let device = Device::Cpu;
-    let t0 = Instant::now();
-
-    // Data.
+/// Reads the data and splits it: (all records, training indices, validation indices). Test
+/// records are never in either list.
+pub(crate) fn prepare_data(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize>, Vec<usize>)> {
     let opts = ReadOptions {
         skip_invalid: args.skip_invalid,
         require_labels: true,
+        multi_label: args.multi_label,
     };
     let mut dataset = data::read_dataset(&args.data, opts)?;
     for w in &dataset.skipped {
@@ -281,12 +402,42 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     if let Some(n) = args.limit {
         dataset.records.truncate(n);
     }
-    let (train_pool, _test) = data::split::train_test(&dataset.records);
+    let (mut train_pool, _test) = data::split::train_test(&dataset.records);
     if train_pool.is_empty() {
         bail!(
             "{}: no training records (all records are tagged test?)",
             args.data.display()
         );
+    }
+    if let Some(n) = args.train_sample {
+        if n == 0 {
+            bail!("--train-sample must be at least 1");
+        }
+        if n < train_pool.len() {
+            // The stratified splitter draws a seeded, per-location share: keep its "held out"
+            // side as the sample, so every location keeps its proportion.
+            let fraction = n as f64 / train_pool.len() as f64;
+            let (_, sample) = data::split::stratified_validation(
+                &dataset.records,
+                &train_pool,
+                fraction,
+                args.seed ^ 0x5a_3b1e_u64,
+            )
+            .map_err(anyhow::Error::msg)?;
+            train_pool = sample;
+        }
+    }
+    if let Some(p) = args.partition {
+        let (val, train): (Vec<usize>, Vec<usize>) = train_pool
+            .iter()
+            .partition(|&&i| dataset.records[i].partition == Some(p));
+        if val.is_empty() {
+            bail!(
+                "{}: no training record is in partition {p} (is there a `partition` column?)",
+                args.data.display()
+            );
+        }
+        return Ok((dataset, train, val));
     }
     let (train_idx, val_idx) = data::split::stratified_validation(
         &dataset.records,
@@ -295,6 +446,19 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         args.seed,
     )
     .map_err(anyhow::Error::msg)?;
+    Ok((dataset, train_idx, val_idx))
+}
+
+/// Runs `protloc train`.
+pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
+    args.validate()?;
+    if args.frozen {
+        return frozen::train(args);
+    }
+    let device = Device::Cpu;
+    let t0 = Instant::now();
+
+    let (dataset, train_idx, val_idx) = prepare_data(args)?;
 
     // Model.
     let mut base = model::load_base(&args.model, args.seed, &device)?;
@@ -315,33 +479,47 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     base.encoder.freeze(args.freeze_layers);
     let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
     let labels = default_labels();
-    let task = TaskConfig {
-        labels: labels.clone(),
-        pool: args.pool,
-        truncate: args.truncate,
-        max_residues: max_res,
-        head_dropout: args.dropout.unwrap_or(0.1),
-        base_model: args.model.clone(),
-        protloc_version: env!("CARGO_PKG_VERSION").into(),
-    };
-    let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
-    let model = SequenceClassifier::new(base, task)?;
-
     let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
     let train_set = encode_examples(
-        &model.base,
+        &base,
         &pick(&train_idx),
         &labels,
         max_res,
         args.truncate,
+        args.multi_label,
     )?;
     let val_set = encode_examples(
-        &model.base,
+        &base,
         &pick(&val_idx),
         &labels,
         max_res,
         args.truncate,
+        args.multi_label,
     )?;
+    let membrane = resolve_membrane(args.membrane, &train_set.targets);
+    let task = TaskConfig {
+        pool: args.pool,
+        truncate: args.truncate,
+        max_residues: max_res,
+        head_dropout: args.dropout.unwrap_or(0.1),
+        head: args.head,
+        head_hidden: args.head_hidden,
+        la_kernel: args.la_kernel,
+        membrane,
+        multi_label: args.multi_label,
+        ..TaskConfig::new(labels.clone(), &args.model)
+    };
+    let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
+    let model = SequenceClassifier::new(base, task)?;
+    let objective = Objective {
+        class_weights: Objective::class_weights(
+            &train_set.targets,
+            labels.len(),
+            args.class_weighting,
+        ),
+        multi_label: args.multi_label,
+        membrane,
+    };
 
     // Optimizer.
     let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
@@ -352,7 +530,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         if is_frozen(&name, prefix, args.freeze_layers) {
             continue;
         }
-        let scale = if name.starts_with("classifier.") {
+        let scale = if name.starts_with("classifier.") || name.starts_with("membrane_classifier.") {
             head_lr_scale
         } else {
             1.0
@@ -483,12 +661,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         for bi in st.next_batch..batches.len() {
             let group = &batches[bi];
             let items: Vec<&Encoded> = group.iter().map(|&i| &train_set.enc[i]).collect();
-            let targets: Vec<u32> = group.iter().map(|&i| train_set.labels[i]).collect();
+            let targets: Vec<&Target> = group.iter().map(|&i| &train_set.targets[i]).collect();
             let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &device)?;
-            let targets = Tensor::new(targets, &device)?;
-            let logits = model.forward(&batch, Some(&mut dropout_rng))?;
-            let loss = model::ops::cross_entropy(&logits, &targets)?;
-            let loss_value = loss.to_scalar::<f32>()? as f64;
+            let out = model.forward_all(&batch, Some(&mut dropout_rng))?;
+            let (loss, loss_value) = objective.loss(&out, &targets)?;
             let boundary = (bi + 1) % args.grad_accum == 0 || bi + 1 == batches.len();
             let mut bad = !loss_value.is_finite();
             if !bad {
@@ -604,30 +780,17 @@ fn finish_epoch(
     lr: f64,
     t0: &Instant,
 ) -> Result<EpochMetrics> {
-    let (val_loss, val_accuracy) = if val.is_empty() {
-        (None, None)
+    let metrics = if val.is_empty() {
+        None
     } else {
-        let probs = infer::class_probabilities(model, &val.enc, limits, None)?;
-        let mut loss = 0f64;
-        let mut correct = 0usize;
-        for (p, &label) in probs.iter().zip(&val.labels) {
-            loss -= (p[label as usize].max(1e-12) as f64).ln();
-            correct += usize::from(infer::argmax(p) == label as usize);
-        }
-        (
-            Some(loss / val.len() as f64),
-            Some(correct as f64 / val.len() as f64),
-        )
+        let out = infer::head_outputs(model, &val.enc, limits, None)?;
+        Some(validation_metrics(
+            &out.probabilities,
+            out.membrane.as_deref(),
+            &val.targets,
+        ))
     };
-    Ok(EpochMetrics {
-        epoch,
-        step,
-        train_loss,
-        val_loss,
-        val_accuracy,
-        lr,
-        elapsed_s: t0.elapsed().as_secs_f64(),
-    })
+    Ok(EpochMetrics::new(epoch, step, train_loss, metrics, lr, t0))
 }
 
 /// Prints the metric lines (in the reference's exact wording), logs JSON, keeps the best
@@ -646,6 +809,9 @@ fn record_epoch(
     if let (Some(acc), Some(loss)) = (m.val_accuracy, m.val_loss) {
         println!("Validation Accuracy: {acc}");
         println!("Validation loss: {loss}");
+    }
+    if let Some(q2) = m.val_membrane_accuracy {
+        println!("Validation membrane accuracy (Q2): {q2}");
     }
     crate::artifacts::append_json_line(metrics_path, &serde_json::to_value(&m)?)?;
     let key = (
