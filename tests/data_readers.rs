@@ -291,6 +291,7 @@ fn fasta_skip_invalid_counts() {
     let opts = ReadOptions {
         skip_invalid: true,
         require_labels: true,
+        multi_label: false,
     };
     let Dataset { records, skipped } = read_dataset(f.path(), opts).unwrap();
     let ids: Vec<&str> = records.iter().map(|r| r.id.as_str()).collect();
@@ -538,4 +539,28 @@ proptest::proptest! {
             .collect();
         proptest::prop_assert_eq!(got, expected);
     }
+}
+
+/// DeepLoc 2.0's CSV: `|`-separated labels (canonicalised one by one) and the homology
+/// partition; single-label mode refuses such rows with a hint.
+#[test]
+fn multi_label_csv_with_partitions() {
+    let f = file(
+        ".csv",
+        "accession,sequence,label,partition,kingdom,membrane\nP1,MKV,Cytoplasm|Nucleus,3,Metazoa,0\nP2,MKA,Cell membrane,0,Fungi,1.0\n",
+    );
+    let multi = ReadOptions {
+        multi_label: true,
+        ..LABELED
+    };
+    let ds = read_dataset(f.path(), multi).unwrap();
+    assert_eq!(ds.records[0].location.as_deref(), Some("Cytoplasm|Nucleus"));
+    assert_eq!(ds.records[0].partition, Some(3));
+    assert_eq!(ds.records[1].location.as_deref(), Some("Cell.membrane"));
+    assert_eq!(ds.records[1].partition, Some(0));
+    let err = read_dataset(f.path(), LABELED).unwrap_err().to_string();
+    assert!(err.contains(":2:") && err.contains("--multi-label"), "{err}");
+    let bad = file(".csv", "id,sequence,label\nP1,MKV,Cytoplasm|Moon\n");
+    let err = read_dataset(bad.path(), multi).unwrap_err().to_string();
+    assert!(err.contains("Moon") && err.contains(":2:"), "{err}");
 }

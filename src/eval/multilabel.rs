@@ -200,8 +200,10 @@ mod tests {
         let truth = rows(&[&[0], &[0], &[1], &[1]]);
         let th = tune_thresholds(&truth, &probs, 1);
         assert!(th[0] > 0.25 && th[0] <= 0.35 + 1e-6, "{th:?}");
-        let r = report(&truth, &decide(&probs, &th), &["x".into()], &th);
-        assert_eq!(r.accuracy, 1.0);
+        // Thresholded directly (decide() would force a location onto the negatives).
+        let pred: Vec<Vec<bool>> = probs.iter().map(|p| vec![p[0] >= th[0]]).collect();
+        let r = report(&truth, &pred, &["x".into()], &th);
+        assert_eq!((r.accuracy, r.per_label[0].mcc), (1.0, 1.0));
         // No positives at all: the default stays.
         assert_eq!(tune_thresholds(&rows(&[&[0], &[0]]), &probs[..2], 1), vec![0.5]);
     }

@@ -276,11 +276,14 @@ pub struct SequenceClassifier {
 impl SequenceClassifier {
     /// Puts a freshly initialised head on `base`.
     pub fn new(base: BaseModel, task: TaskConfig) -> Result<Self> {
+        // The new head starts from scratch: drop the checkpoint's remaining tensors first, or
+        // a pretrained classifier that happens to share a name and shape (e.g. the
+        // `classifier.dense` of an *ForSequenceClassification checkpoint) would be reused.
+        base.store.release_source();
         let head = Head::new(
             &base.store.initialising(),
             task.head_spec(base.cfg.hidden_size),
         )?;
-        base.store.release_source();
         Ok(Self { base, head, task })
     }
 
