@@ -39,11 +39,16 @@ impl Args {
             .skip(1)
             .filter(|a| a != "--bench")
             .collect();
-        let mode = raw.first().context("missing MODE (see the file header)")?.clone();
+        let mode = raw
+            .first()
+            .context("missing MODE (see the file header)")?
+            .clone();
         let mut opts = HashMap::new();
         let mut it = raw[1..].iter();
         while let Some(k) = it.next() {
-            let key = k.strip_prefix("--").with_context(|| format!("unexpected {k}"))?;
+            let key = k
+                .strip_prefix("--")
+                .with_context(|| format!("unexpected {k}"))?;
             let v = it.next().with_context(|| format!("{k} needs a value"))?;
             opts.insert(key.to_string(), v.clone());
         }
@@ -99,8 +104,12 @@ fn best_of(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
 
 fn gemm(a: &Args) -> Result<serde_json::Value> {
     let (m, k, n) = (a.num("m", 4096)?, a.num("k", 1024)?, a.num("n", 4096)?);
-    let x: Vec<f32> = (0..m * k).map(|i| ((i % 97) as f32 - 48.0) * 1e-3).collect();
-    let w: Vec<f32> = (0..n * k).map(|i| ((i % 89) as f32 - 44.0) * 1e-3).collect();
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
+        .collect();
+    let w: Vec<f32> = (0..n * k)
+        .map(|i| ((i % 89) as f32 - 44.0) * 1e-3)
+        .collect();
     let mut out = vec![0f32; m * n];
     let secs = best_of(a.num("iters", 3)?, || {
         kernels::gemm_acc_wt(&x, &w, &mut out, k, n);
@@ -112,7 +121,11 @@ fn gemm(a: &Args) -> Result<serde_json::Value> {
 
 /// `batch` copies of a `len`-token input (specials included) built from [`RESIDUES`].
 fn synthetic(tok: &protloc::tokenize::Tokenizer, batch: usize, len: usize) -> Vec<Encoded> {
-    let residues: String = RESIDUES.chars().cycle().take(len.saturating_sub(2)).collect();
+    let residues: String = RESIDUES
+        .chars()
+        .cycle()
+        .take(len.saturating_sub(2))
+        .collect();
     let e = tok.encode(&residues, usize::MAX, Truncation::Head);
     vec![e; batch]
 }
@@ -172,7 +185,9 @@ fn train(a: &Args) -> Result<serde_json::Value> {
     let mut opt = AdamW::new(AdamWConfig::default(), params)?;
     let batch = batch_of(&enc, pad)?;
     let targets = Tensor::new(
-        (0..b as u32).map(|i| i % labels.len() as u32).collect::<Vec<_>>(),
+        (0..b as u32)
+            .map(|i| i % labels.len() as u32)
+            .collect::<Vec<_>>(),
         &Device::Cpu,
     )?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
@@ -260,7 +275,9 @@ fn e2e(a: &Args) -> Result<serde_json::Value> {
                 let attn = Tensor::from_vec(attn, dims, &Device::Cpu)?;
                 let res = Tensor::from_vec(res, dims, &Device::Cpu)?;
                 let hidden = encoder.forward(&ids, &attn, None)?;
-                n += model::ops::masked_mean(&hidden, &res)?.to_vec2::<f32>()?.len();
+                n += model::ops::masked_mean(&hidden, &res)?
+                    .to_vec2::<f32>()?
+                    .len();
             }
             n
         }

@@ -35,7 +35,9 @@ fn esm_35000_residues_runs_in_bounded_memory() {
     cfg.position_embedding_type = "rotary".into();
     cfg.mask_token_id = Some(32);
     let store = ParamStore::new(Default::default(), "test", 3, &Device::Cpu, DType::F32);
-    let encoder = Encoder::new(&store.initialising(), &cfg).unwrap().detached();
+    let encoder = Encoder::new(&store.initialising(), &cfg)
+        .unwrap()
+        .detached();
 
     let t = 35_002; // <cls> + 35,000 residues + <eos>
     let ids: Vec<u32> = (0..t as u32).map(|i| 4 + i % 20).collect();
@@ -50,10 +52,6 @@ fn esm_35000_residues_runs_in_bounded_memory() {
         let grown = after.saturating_sub(before);
         // One head's full score matrix alone would be 4.9 GB; blocked attention needs a few
         // MB of scores per thread plus O(T x hidden) activations.
-        assert!(
-            grown < 512 << 20,
-            "peak memory grew by {} MiB",
-            grown >> 20
-        );
+        assert!(grown < 512 << 20, "peak memory grew by {} MiB", grown >> 20);
     }
 }

@@ -58,7 +58,15 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
     // the packed inference kernels (src/model/kernels.rs). Both must match PyTorch.
     let detached = model.encoder.detached();
     for (path, encoder) in [("general", &model.encoder), ("packed", &detached)] {
-        check_hidden(fixture_name, path, encoder, &fx, &enc, &batch, model.tokenizer.pad_id);
+        check_hidden(
+            fixture_name,
+            path,
+            encoder,
+            &fx,
+            &enc,
+            &batch,
+            model.tokenizer.pad_id,
+        );
     }
 
     let emb = model.encoder.embed(&batch).unwrap();

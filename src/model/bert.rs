@@ -181,7 +181,14 @@ impl Bert {
             &e.norm.bias,
         ];
         for l in &self.layers {
-            for lin in [&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output] {
+            for lin in [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ] {
                 tensors.push(&lin.weight);
                 tensors.extend(lin.bias.as_ref());
             }
@@ -250,14 +257,20 @@ impl Bert {
             packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
             drop(ctx);
             {
-                let (w, b) = (kernels::view(&l.attn_norm.weight)?, kernels::view(&l.attn_norm.bias)?);
+                let (w, b) = (
+                    kernels::view(&l.attn_norm.weight)?,
+                    kernels::view(&l.attn_norm.bias)?,
+                );
                 kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
             }
             let mut inter = packed_linear(&x, &l.intermediate, h, f)?;
             kernels::activation_inplace(&mut inter, act);
             packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
             drop(inter);
-            let (w, b) = (kernels::view(&l.out_norm.weight)?, kernels::view(&l.out_norm.bias)?);
+            let (w, b) = (
+                kernels::view(&l.out_norm.weight)?,
+                kernels::view(&l.out_norm.bias)?,
+            );
             kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
         }
         Ok(Some(kernels::unpack(&x, &segs, t, h)?))

@@ -164,12 +164,23 @@ impl Esm {
     /// True when no weight is part of an autograd graph (a [`Esm::detached`] copy): then
     /// nobody can ask for gradients and the packed inference kernels may be used.
     fn is_detached(&self) -> bool {
-        let mut tensors = vec![&self.word.weight, &self.final_norm.weight, &self.final_norm.bias];
+        let mut tensors = vec![
+            &self.word.weight,
+            &self.final_norm.weight,
+            &self.final_norm.bias,
+        ];
         if let Some(n) = &self.emb_norm_before {
             tensors.extend([&n.weight, &n.bias]);
         }
         for l in &self.layers {
-            for lin in [&l.query, &l.key, &l.value, &l.attn_out, &l.intermediate, &l.output] {
+            for lin in [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ] {
                 tensors.push(&lin.weight);
                 tensors.extend(lin.bias.as_ref());
             }
@@ -241,13 +252,19 @@ impl Esm {
         let max_len = lengths.iter().copied().max().unwrap_or(0);
         let mut tables: Option<(&[f32], Vec<f32>, Vec<f32>)> = None;
         for l in &self.layers {
-            if tables.as_ref().is_none_or(|(fr, _, _)| *fr != l.inv_freq.as_slice()) {
+            if tables
+                .as_ref()
+                .is_none_or(|(fr, _, _)| *fr != l.inv_freq.as_slice())
+            {
                 let (cos, sin) = rotary_tables_half(max_len, &l.inv_freq);
                 tables = Some((&l.inv_freq, cos, sin));
             }
             let (_, cos, sin) = tables.as_ref().expect("set above");
             let hn = {
-                let (w, b) = (kernels::view(&l.attn_norm.weight)?, kernels::view(&l.attn_norm.bias)?);
+                let (w, b) = (
+                    kernels::view(&l.attn_norm.weight)?,
+                    kernels::view(&l.attn_norm.bias)?,
+                );
                 kernels::layer_norm(&x, w.get(), b.get(), eps)
             };
             let mut q = packed_linear(&hn, &l.query, h, h)?;
@@ -261,7 +278,10 @@ impl Esm {
             packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
             drop(ctx);
             let hn = {
-                let (w, b) = (kernels::view(&l.ffn_norm.weight)?, kernels::view(&l.ffn_norm.bias)?);
+                let (w, b) = (
+                    kernels::view(&l.ffn_norm.weight)?,
+                    kernels::view(&l.ffn_norm.bias)?,
+                );
                 kernels::layer_norm(&x, w.get(), b.get(), eps)
             };
             let mut inter = packed_linear(&hn, &l.intermediate, h, f)?;
@@ -332,10 +352,21 @@ fn default_inv_freq(dim: usize) -> Vec<f32> {
 }
 
 /// `x @ W^T + b` of a [`Linear`] on packed rows.
-pub(crate) fn packed_linear(x: &[f32], l: &Linear, in_dim: usize, out_dim: usize) -> Result<Vec<f32>> {
+pub(crate) fn packed_linear(
+    x: &[f32],
+    l: &Linear,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Vec<f32>> {
     let w = kernels::view(&l.weight)?;
     let b = l.bias.as_ref().map(kernels::view).transpose()?;
-    Ok(kernels::linear(x, w.get(), b.as_ref().map(|b| b.get()), in_dim, out_dim))
+    Ok(kernels::linear(
+        x,
+        w.get(),
+        b.as_ref().map(|b| b.get()),
+        in_dim,
+        out_dim,
+    ))
 }
 
 /// `acc += x @ W^T + b` (a residual connection fused into the GEMM's accumulation).

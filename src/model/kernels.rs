@@ -155,15 +155,20 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
     let d = b.len();
     x.par_chunks_mut(d * rows_per_task(d)).for_each(|chunk| {
         for row in chunk.chunks_mut(d) {
-            row.iter_mut().zip(b).for_each(|(v, &bb)| *v += bb);
+            for (v, &bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
         }
     });
 }
 
 /// Multiplies every element by `s` in place.
 pub fn scale_inplace(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(16 * 1024)
-        .for_each(|c| c.iter_mut().for_each(|v| *v *= s));
+    x.par_chunks_mut(16 * 1024).for_each(|c| {
+        for v in c {
+            *v *= s;
+        }
+    });
 }
 
 /// Rows per rayon task for row-wise passes: about 16K elements, so tasks are worth
@@ -297,89 +302,125 @@ impl Act {
 
 /// Applies `act` to every element in place, split over rayon threads.
 pub fn activation_inplace(x: &mut [f32], act: Act) {
-    x.par_chunks_mut(16 * 1024).for_each(|c| simd::activation(c, act));
+    x.par_chunks_mut(16 * 1024)
+        .for_each(|c| simd::activation(c, act));
 }
 
 #[inline(always)]
 fn activation_scalar(c: &mut [f32], act: Act) {
     match act {
-        Act::GeluErf => c.iter_mut().for_each(|v| {
-            *v = 0.5 * *v * (1.0 + fast_erf(*v * std::f32::consts::FRAC_1_SQRT_2));
-        }),
-        Act::GeluTanh => c.iter_mut().for_each(|v| {
-            let x = *v;
-            let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
-            // tanh(y) = 1 - 2 / (exp(2y) + 1), finite for every y after fast_exp's clamp.
-            let tanh = 1.0 - 2.0 / (fast_exp(2.0 * y) + 1.0);
-            *v = 0.5 * x * (1.0 + tanh);
-        }),
-        Act::Relu => c.iter_mut().for_each(|v| *v = v.max(0.0)),
-    }
-}
-
-/// Softmax of one row in place (max-subtracted, so it never overflows).
-#[inline(always)]
-fn softmax_row_scalar(row: &mut [f32]) {
-    let mut m = [f32::NEG_INFINITY; 8];
-    let mut chunks = row.chunks_exact(8);
-    for c in &mut chunks {
-        for i in 0..8 {
-            m[i] = m[i].max(c[i]);
+        Act::GeluErf => {
+            for v in c.iter_mut() {
+                *v = 0.5 * *v * (1.0 + fast_erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+        Act::GeluTanh => {
+            for v in c.iter_mut() {
+                let x = *v;
+                let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+                // tanh(y) = 1 - 2 / (exp(2y) + 1), finite for every y after fast_exp's clamp.
+                let tanh = 1.0 - 2.0 / (fast_exp(2.0 * y) + 1.0);
+                *v = 0.5 * x * (1.0 + tanh);
+            }
+        }
+        Act::Relu => {
+            for v in c.iter_mut() {
+                *v = v.max(0.0);
+            }
         }
     }
-    let max = chunks
-        .remainder()
-        .iter()
-        .fold(m.iter().copied().fold(f32::NEG_INFINITY, f32::max), |a, &b| {
-            a.max(b)
-        });
-    row.iter_mut().for_each(|v| *v = fast_exp(*v - max));
-    let inv = 1.0 / sum8(row);
-    row.iter_mut().for_each(|v| *v *= inv);
 }
 
-/// Element-wise kernels compiled twice: with AVX+FMA (chosen at run time when the CPU has
-/// them; the default x86-64 target only allows SSE2) and portable.
+/// Softmax of one row in place (max-subtracted, so it never overflows). Plain indexed
+/// loops over 16-wide lanes: they vectorise inside the AVX2 wrapper below, where iterator
+/// adaptors (`for_each` → `fold`) ended up as separate, non-AVX functions.
+#[inline(always)]
+fn softmax_row_scalar(row: &mut [f32]) {
+    const L: usize = 16;
+    let mut m = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        let c: &[f32; L] = c.try_into().expect("exact chunk");
+        for i in 0..L {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in m.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    let mut acc = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        let c: &mut [f32; L] = c.try_into().expect("exact chunk");
+        for i in 0..L {
+            let e = fast_exp(c[i] - max);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
+    for a in acc {
+        sum += a;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Element-wise kernels compiled twice: with AVX2+FMA (chosen at run time when the CPU has
+/// them; the default x86-64 target only allows SSE2, and the integer bit tricks of
+/// [`fast_exp`] need AVX2 to run 8 lanes wide) and portable.
 mod simd {
     use super::Act;
 
     pub fn activation(c: &mut [f32], act: Act) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx_fma() {
+        if has_avx2_fma() {
             // SAFETY: the CPU supports the features the function is compiled for.
-            return unsafe { activation_avx(c, act) };
+            return unsafe { activation_avx2(c, act) };
         }
         super::activation_scalar(c, act)
     }
 
     pub fn softmax_rows(s: &mut [f32], len: usize) {
         #[cfg(target_arch = "x86_64")]
-        if has_avx_fma() {
+        if has_avx2_fma() {
             // SAFETY: as above.
-            return unsafe { softmax_rows_avx(s, len) };
+            return unsafe { softmax_rows_avx2(s, len) };
         }
-        s.chunks_mut(len).for_each(super::softmax_row_scalar)
+        for row in s.chunks_mut(len) {
+            super::softmax_row_scalar(row);
+        }
     }
 
     #[cfg(target_arch = "x86_64")]
-    fn has_avx_fma() -> bool {
+    fn has_avx2_fma() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx") && std::arch::is_x86_feature_detected!("fma")
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
         })
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx,fma")]
-    unsafe fn activation_avx(c: &mut [f32], act: Act) {
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn activation_avx2(c: &mut [f32], act: Act) {
         super::activation_scalar(c, act)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx,fma")]
-    unsafe fn softmax_rows_avx(s: &mut [f32], len: usize) {
-        s.chunks_mut(len).for_each(super::softmax_row_scalar)
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_rows_avx2(s: &mut [f32], len: usize) {
+        for row in s.chunks_mut(len) {
+            super::softmax_row_scalar(row);
+        }
     }
 }
 
@@ -389,6 +430,13 @@ struct OutPtr(*mut f32);
 // SAFETY: every block writes only its own (rows, head columns) region of the output.
 unsafe impl Send for OutPtr {}
 unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method so closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
 
 /// Multi-head self-attention over packed sequences.
 ///
@@ -438,67 +486,68 @@ pub fn attention_with_block(
     }
     let out_ptr = OutPtr(out.as_mut_ptr());
     let rs = hidden as isize;
-    tasks.into_par_iter().for_each_init(Vec::new, |scores: &mut Vec<f32>, (s, h, r0, r)| {
-        let len = s.len;
-        scores.resize(r * len, 0.0);
-        let col = h * head_dim;
-        let q0 = (s.start + r0) * hidden + col;
-        let kv0 = s.start * hidden + col;
-        // SAFETY (both products): pointers and strides stay inside q/k/v (rows r0..r0+r and
-        // 0..len of this segment, columns col..col+head_dim); `scores` holds r x len; the
-        // output block (rows s.start+r0.., columns col..col+head_dim) belongs to this task
-        // alone, and `out` outlives the parallel loop.
-        unsafe {
-            // scores[r, len] = Q_block [r, d] @ K^T [d, len]
-            gemm::gemm(
-                r,
-                len,
-                head_dim,
-                scores.as_mut_ptr(),
-                1,
-                len as isize,
-                false,
-                q.as_ptr().add(q0),
-                1,
-                rs,
-                k.as_ptr().add(kv0),
-                rs,
-                1,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-        simd::softmax_rows(scores, len);
-        let out_ptr = out_ptr;
-        unsafe {
-            // out[r, d] = P [r, len] @ V [len, d]
-            gemm::gemm(
-                r,
-                head_dim,
-                len,
-                out_ptr.0.add(q0),
-                1,
-                rs,
-                false,
-                scores.as_ptr(),
-                1,
-                len as isize,
-                v.as_ptr().add(kv0),
-                1,
-                rs,
-                0.0,
-                1.0,
-                false,
-                false,
-                false,
-                gemm::Parallelism::None,
-            );
-        }
-    });
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (s, h, r0, r)| {
+            let len = s.len;
+            scores.resize(r * len, 0.0);
+            let col = h * head_dim;
+            let q0 = (s.start + r0) * hidden + col;
+            let kv0 = s.start * hidden + col;
+            // SAFETY (both products): pointers and strides stay inside q/k/v (rows r0..r0+r and
+            // 0..len of this segment, columns col..col+head_dim); `scores` holds r x len; the
+            // output block (rows s.start+r0.., columns col..col+head_dim) belongs to this task
+            // alone, and `out` outlives the parallel loop.
+            unsafe {
+                // scores[r, len] = Q_block [r, d] @ K^T [d, len]
+                gemm::gemm(
+                    r,
+                    len,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    q.as_ptr().add(q0),
+                    1,
+                    rs,
+                    k.as_ptr().add(kv0),
+                    rs,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            simd::softmax_rows(scores, len);
+            unsafe {
+                // out[r, d] = P [r, len] @ V [len, d]
+                gemm::gemm(
+                    r,
+                    head_dim,
+                    len,
+                    out_ptr.get().add(q0),
+                    1,
+                    rs,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    len as isize,
+                    v.as_ptr().add(kv0),
+                    1,
+                    rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
     out
 }
 
@@ -525,7 +574,10 @@ pub fn rotary_inplace(
         .zip(pos.par_iter())
         .with_min_len(64)
         .for_each(|(row, &p)| {
-            let (c, sn) = (&cos[p * half..(p + 1) * half], &sin[p * half..(p + 1) * half]);
+            let (c, sn) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
             for head in row.chunks_mut(head_dim) {
                 let (x1, x2) = head.split_at_mut(half);
                 for j in 0..half {
@@ -598,7 +650,15 @@ mod tests {
 
     #[test]
     fn activations_match_candle() {
-        let x = Tensor::from_vec(rand_vec(4096, 1).iter().map(|v| v * 6.0).collect::<Vec<_>>(), 4096, &candle_core::Device::Cpu).unwrap();
+        let x = Tensor::from_vec(
+            rand_vec(4096, 1)
+                .iter()
+                .map(|v| v * 6.0)
+                .collect::<Vec<_>>(),
+            4096,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
         for (act, want) in [
             (Act::GeluErf, x.gelu_erf().unwrap()),
             (Act::GeluTanh, x.gelu().unwrap()),
@@ -617,7 +677,14 @@ mod tests {
     }
 
     /// Straightforward attention over one segment, in f64.
-    fn naive_attention(q: &[f32], k: &[f32], v: &[f32], s: Segment, heads: usize, d: usize) -> Vec<f64> {
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: Segment,
+        heads: usize,
+        d: usize,
+    ) -> Vec<f64> {
         let hd = heads * d;
         let mut out = vec![0f64; s.len * hd];
         for h in 0..heads {
@@ -634,7 +701,8 @@ mod tests {
                 let z: f64 = e.iter().sum();
                 for (j, ej) in e.iter().enumerate() {
                     for c in 0..d {
-                        out[i * hd + h * d + c] += ej / z * v[(s.start + j) * hd + h * d + c] as f64;
+                        out[i * hd + h * d + c] +=
+                            ej / z * v[(s.start + j) * hd + h * d + c] as f64;
                     }
                 }
             }
@@ -649,7 +717,11 @@ mod tests {
         let lengths = [5, 37, 1, 70];
         let segs = segments(&lengths);
         let n: usize = lengths.iter().sum();
-        let (q, k, v) = (rand_vec(n * hd, 2), rand_vec(n * hd, 3), rand_vec(n * hd, 4));
+        let (q, k, v) = (
+            rand_vec(n * hd, 2),
+            rand_vec(n * hd, 3),
+            rand_vec(n * hd, 4),
+        );
         // Large scores so the softmax is peaked and max subtraction matters.
         let q: Vec<f32> = q.iter().map(|x| x * 8.0).collect();
         for block in [SCORE_BLOCK, 100, 1] {
@@ -748,7 +820,11 @@ mod tests {
         for (r, &len) in lengths.iter().enumerate() {
             for j in 0..len {
                 // Token 32 is ESM's <mask>: exercises the token-dropout rescaling.
-                ids[r * t + j] = if esm && j % 7 == 3 { 32 } else { 2 + ((r * 5 + j * 3) % 25) as u32 };
+                ids[r * t + j] = if esm && j % 7 == 3 {
+                    32
+                } else {
+                    2 + ((r * 5 + j * 3) % 25) as u32
+                };
                 mask[r * t + j] = 1.0;
             }
         }
@@ -758,15 +834,22 @@ mod tests {
         let general = enc.forward(&ids, &mask, None).unwrap();
         let packed = enc.detached().forward(&ids, &mask, None).unwrap();
         assert_eq!(general.dims(), packed.dims());
-        let (g, p): (Vec<Vec<Vec<f32>>>, Vec<Vec<Vec<f32>>>) =
-            (general.to_vec3().unwrap(), packed.to_vec3().unwrap());
+        let g: Vec<Vec<Vec<f32>>> = general.to_vec3().unwrap();
+        let p: Vec<Vec<Vec<f32>>> = packed.to_vec3().unwrap();
         for (r, &len) in lengths.iter().enumerate() {
             let a: Vec<f32> = g[r][..len].concat();
             let b: Vec<f32> = p[r][..len].concat();
-            let num: f64 = a.iter().zip(&b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
+            let num: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum();
             let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
             let err = (num / den).sqrt();
-            assert!(err < 1e-5, "esm={esm} act={act} row {r}: relative error {err:e}");
+            assert!(
+                err < 1e-5,
+                "esm={esm} act={act} row {r}: relative error {err:e}"
+            );
         }
     }
 
