@@ -4,7 +4,7 @@
 # measurements in bench/.work/results.jsonl. See README "Performance".
 #
 #   bench/compare.sh [--threads 2] [--subset N] [--scale "64 128 ... 8192"] [--iters 3]
-#                    [--only forward,train,e2e,scale,gemm]
+#                    [--only forward,train,e2e,scale,gemm] [--long 35000|0]
 #
 # The first run creates bench/.venv and pip-installs torch + transformers from PyPI
 # (bench/requirements.txt; the torch wheel is large). Nothing here asserts speed.
@@ -16,6 +16,7 @@ SUBSET=2768
 ITERS=3
 SCALE="64 128 256 512 1024 2048 4096 8192"
 ONLY="gemm,forward,train,e2e,scale"
+LONG=35000
 SHARED=${SHARED:-../shared}
 while [ $# -gt 0 ]; do
     case "$1" in
@@ -24,6 +25,7 @@ while [ $# -gt 0 ]; do
         --iters) ITERS=$2; shift 2 ;;
         --scale) SCALE=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
+        --long) LONG=$2; shift 2 ;;
         *) echo "unknown argument $1" >&2; exit 2 ;;
     esac
 done
@@ -87,6 +89,7 @@ fi
 if want e2e; then
     RS e2e --model "$ESM" --data "$DATA" --subset "$SUBSET" --style budget
     RS e2e --model "$ESM" --data "$DATA" --subset "$SUBSET" --style fixed512
+    RS e2e --model "$ESM" --data "$DATA" --subset "$SUBSET" --style budget --path general
     PT e2e --model "$ESM" --data "$DATA" --subset "$SUBSET" --style reference
     PT e2e --model "$ESM" --data "$DATA" --subset "$SUBSET" --style best
 fi
@@ -96,8 +99,8 @@ if want scale; then
         RS scale --model "$ESM" --len "$len"
         PT scale --model "$ESM" --len "$len" --iters 1 || note failed "pytorch scale $len"
     done
-    # Far beyond the model's 1026 positions: must not crash or run out of memory.
-    RS scale --model "$ESM" --len 35000
+    # Far beyond the model's 1026 positions: must not crash or run out of memory (minutes).
+    if [ "$LONG" -gt 0 ]; then RS scale --model "$ESM" --len "$LONG"; fi
 fi
 
 note load_end "$(cut -d' ' -f1-3 /proc/loadavg)"

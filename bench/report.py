@@ -121,7 +121,8 @@ def main():
                   f"proteins, <= {e2e[0]['max_residues']} residues each, head-tail)", "",
                   "| pipeline | seconds | proteins/s | protloc packed budget vs this |",
                   "|---|---:|---:|---:|"]
-        ours = [r for r in e2e if r["side"] == "protloc" and r["style"] == "budget"]
+        ours = [r for r in e2e if r["side"] == "protloc" and r["style"] == "budget"
+                and r.get("path", "fast") == "fast"]
         names = {("protloc", "budget"): "protloc (length-sorted token-budget batches, packed)",
                  ("protloc", "fixed512"): "protloc, reference batching (pad to 512, batch 4)",
                  ("pytorch", "reference"): "PyTorch reference style (pad to 512, batch 4, no_grad)",
@@ -129,7 +130,10 @@ def main():
                                       "inference_mode)"}
         for r in e2e:
             ratio = f'{r["seconds"] / ours[0]["seconds"]:.2f}x' if ours else "-"
-            lines.append(f'| {names.get((r["side"], r["style"]), r["style"])} | '
+            name = names.get((r["side"], r["style"]), r["style"])
+            if r.get("path") == "general":
+                name += ", general path (before issue 4)"
+            lines.append(f'| {name} | '
                          f'{r["seconds"]:.1f} | {r["proteins_per_s"]:.2f} | {ratio} |')
         lines += ["", "Model loading is excluded (protloc "
                   f'{ours[0]["load_seconds"]:.2f} s incl. reading the FASTA).' if ours else "", ""]

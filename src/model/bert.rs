@@ -218,7 +218,7 @@ impl Bert {
         let eps = cfg.layer_norm_eps as f32;
         let n: usize = lengths.iter().sum();
 
-        let mut x = vec![0f32; n * h];
+        let mut x = kernels::take(n * h);
         {
             let (word, pos, tt) = (
                 kernels::view(&e.word.weight)?,
@@ -252,10 +252,12 @@ impl Bert {
             let k = packed_linear(&x, &l.key, h, h)?;
             let v = packed_linear(&x, &l.value, h, h)?;
             let ctx = kernels::attention(&q, &k, &v, &segs, heads, d);
-            drop((q, k, v));
+            for buf in [q, k, v] {
+                kernels::recycle(buf);
+            }
             // Post-LayerNorm: x = LN(x + attn_out(ctx)), the residual summed inside the GEMM.
             packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
-            drop(ctx);
+            kernels::recycle(ctx);
             {
                 let (w, b) = (
                     kernels::view(&l.attn_norm.weight)?,
@@ -266,14 +268,16 @@ impl Bert {
             let mut inter = packed_linear(&x, &l.intermediate, h, f)?;
             kernels::activation_inplace(&mut inter, act);
             packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
-            drop(inter);
+            kernels::recycle(inter);
             let (w, b) = (
                 kernels::view(&l.out_norm.weight)?,
                 kernels::view(&l.out_norm.bias)?,
             );
             kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
         }
-        Ok(Some(kernels::unpack(&x, &segs, t, h)?))
+        let out = kernels::unpack(&x, &segs, t, h)?;
+        kernels::recycle(x);
+        Ok(Some(out))
     }
 
     fn layer_forward(

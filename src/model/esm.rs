@@ -211,7 +211,7 @@ impl Esm {
         let eps = cfg.layer_norm_eps as f32;
         let n: usize = lengths.iter().sum();
 
-        let mut x = vec![0f32; n * h];
+        let mut x = kernels::take(n * h);
         {
             let word = kernels::view(&self.word.weight)?;
             let word = word.get();
@@ -270,13 +270,15 @@ impl Esm {
             let mut q = packed_linear(&hn, &l.query, h, h)?;
             let mut k = packed_linear(&hn, &l.key, h, h)?;
             let v = packed_linear(&hn, &l.value, h, h)?;
-            drop(hn);
+            kernels::recycle(hn);
             kernels::rotary_inplace(&mut q, &segs, heads, d, cos, sin, scale as f32);
             kernels::rotary_inplace(&mut k, &segs, heads, d, cos, sin, 1.0);
             let ctx = kernels::attention(&q, &k, &v, &segs, heads, d);
-            drop((q, k, v));
+            for buf in [q, k, v] {
+                kernels::recycle(buf);
+            }
             packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
-            drop(ctx);
+            kernels::recycle(ctx);
             let hn = {
                 let (w, b) = (
                     kernels::view(&l.ffn_norm.weight)?,
@@ -285,16 +287,19 @@ impl Esm {
                 kernels::layer_norm(&x, w.get(), b.get(), eps)
             };
             let mut inter = packed_linear(&hn, &l.intermediate, h, f)?;
-            drop(hn);
+            kernels::recycle(hn);
             kernels::activation_inplace(&mut inter, act);
             packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
+            kernels::recycle(inter);
         }
         {
             let n = &self.final_norm;
             let (w, b) = (kernels::view(&n.weight)?, kernels::view(&n.bias)?);
             kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
         }
-        Ok(Some(kernels::unpack(&x, &segs, t, h)?))
+        let out = kernels::unpack(&x, &segs, t, h)?;
+        kernels::recycle(x);
+        Ok(Some(out))
     }
 
     /// Zeroes `<mask>` embeddings and rescales by (1 - 0.12) / (1 - observed mask ratio).
