@@ -121,6 +121,14 @@ def mode_train(a):
             "tokens_per_s": a.batch * a.len / secs, "peak_rss_mib": peak_rss_mib()}
 
 
+def warm_up(model, vocab):
+    """One short forward pass first (lazy initialisation, thread pool start-up), as the Rust
+    side does: the timed runs then measure steady-state work."""
+    ids, mask = synthetic(vocab, 1, 64)
+    with torch.inference_mode():
+        model(input_ids=ids, attention_mask=mask)
+
+
 def deeploc_test(path, subset):
     out, keep = [], False
     with open(path) as f:
@@ -152,6 +160,7 @@ def mode_e2e(a):
     model = load(a.model).eval()
     vocab = Vocab(a.model)
     load_s = time.perf_counter() - t0
+    warm_up(model, vocab)
     t1 = time.perf_counter()
     enc = [vocab.encode(s, a.max_residues) for s in seqs]
     out = [None] * len(enc)
@@ -205,6 +214,7 @@ def mode_e2e(a):
 
 def mode_scale(a):
     model = load(a.model).eval()
+    warm_up(model, Vocab(a.model))
     rss_loaded = peak_rss_mib()
     ids, mask = synthetic(Vocab(a.model), 1, a.len)
     best = float("inf")
