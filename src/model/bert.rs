@@ -13,7 +13,7 @@ use super::params::Builder;
 
 pub(crate) fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
     match act {
-        "gelu" => x.gelu_erf(),
+        "gelu" => ops::gelu_erf(x),
         "relu" => x.relu(),
         _ => x.gelu(), // gelu_new / gelu_pytorch_tanh: tanh approximation
     }

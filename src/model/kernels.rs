@@ -367,6 +367,25 @@ fn activation_scalar(c: &mut [f32], act: Act) {
     }
 }
 
+/// `g[i] *= gelu_erf'(x[i])` in place, split over rayon threads: the backward pass of
+/// [`Act::GeluErf`], `d/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi)`.
+pub fn gelu_erf_backward_inplace(x: &[f32], g: &mut [f32]) {
+    assert_eq!(x.len(), g.len());
+    g.par_chunks_mut(16 * 1024)
+        .zip(x.par_chunks(16 * 1024))
+        .for_each(|(g, x)| simd::gelu_erf_backward(x, g));
+}
+
+#[inline(always)]
+fn gelu_erf_backward_scalar(x: &[f32], g: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for (gi, &xi) in g.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + fast_erf(xi * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * fast_exp(-0.5 * xi * xi);
+        *gi *= cdf + xi * pdf;
+    }
+}
+
 /// Softmax of one row in place (max-subtracted, so it never overflows). Plain indexed
 /// loops over 16-wide lanes: they vectorise inside the AVX2 wrapper below, where iterator
 /// adaptors (`for_each` → `fold`) ended up as separate, non-AVX functions.
@@ -422,6 +441,21 @@ mod simd {
             return unsafe { activation_avx2(c, act) };
         }
         super::activation_scalar(c, act)
+    }
+
+    pub fn gelu_erf_backward(x: &[f32], g: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { gelu_erf_backward_avx2(x, g) };
+        }
+        super::gelu_erf_backward_scalar(x, g)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gelu_erf_backward_avx2(x: &[f32], g: &mut [f32]) {
+        super::gelu_erf_backward_scalar(x, g)
     }
 
     pub fn softmax_rows(s: &mut [f32], len: usize) {
@@ -709,6 +743,19 @@ mod tests {
                 .map(|(a, b)| (a - b).abs())
                 .fold(0f32, f32::max);
             assert!(worst < 2e-6, "{act:?}: {worst:e}");
+        }
+    }
+
+    #[test]
+    fn gelu_erf_backward_matches_finite_differences() {
+        let x: Vec<f32> = (0..2001).map(|i| -8.0 + i as f32 * 0.008).collect();
+        let mut g = vec![1f32; x.len()];
+        gelu_erf_backward_inplace(&x, &mut g);
+        let gelu = |v: f64| 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f64(v / 2f64.sqrt()));
+        for (&xi, &gi) in x.iter().zip(&g) {
+            let h = 1e-4;
+            let want = (gelu(xi as f64 + h) - gelu(xi as f64 - h)) / (2.0 * h);
+            assert!((gi as f64 - want).abs() < 1e-5, "x={xi}: {gi} vs {want}");
         }
     }
 
