@@ -10,9 +10,9 @@
 //! attention runs per (sequence, head, block of query rows) straight on the strided
 //! `[N, hidden]` Q/K/V, over that sequence's keys only, and writes its output in place.
 //!
-//! Memory is bounded for any length: a block holds at most `max(SCORE_BLOCK / len,
-//! MIN_QUERY_ROWS) x len` scores, so a 35,000-residue protein needs a few MB of scores per
-//! thread instead of the 4.9 GB a full `T x T` matrix per head would take.
+//! Memory is bounded for any length: a block holds at most `max(SCORE_BLOCK, MIN_QUERY_ROWS
+//! x len)` scores, so a 35,000-residue protein needs 36 MB of scores per thread instead of
+//! the 4.9 GB a full `T x T` matrix per head would take.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
@@ -20,9 +20,11 @@ use rayon::prelude::*;
 /// Scores per attention block (query rows x keys): 64K f32 = 256 KB, which stays in L2
 /// while the softmax and the PV product read it back.
 pub const SCORE_BLOCK: usize = 64 * 1024;
-/// Fewest query rows per block: below this the QK^T product degenerates to matrix-vector
-/// work. Bounds scratch memory at `MIN_QUERY_ROWS * len` floats per thread.
-pub const MIN_QUERY_ROWS: usize = 16;
+/// Fewest query rows per block. Each block packs its sequence's keys and values for the
+/// GEMMs, so few rows per block make that packing dominate on long sequences (measured at
+/// 16 rows, one 8,192-token ESM-2 8M forward took 51 s, at 256 rows 28 s). Bounds scratch
+/// memory at `MIN_QUERY_ROWS * len` floats per thread (36 MB at 35,000 tokens).
+pub const MIN_QUERY_ROWS: usize = 256;
 
 static PACKED_INFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -522,11 +524,23 @@ pub fn attention(
     heads: usize,
     head_dim: usize,
 ) -> Vec<f32> {
-    attention_with_block(q, k, v, segs, heads, head_dim, SCORE_BLOCK)
+    let limits = BlockLimits {
+        scores: SCORE_BLOCK,
+        min_rows: MIN_QUERY_ROWS,
+    };
+    attention_with_block(q, k, v, segs, heads, head_dim, limits)
 }
 
-/// [`attention`] with a chosen score-block size (tests use small blocks to exercise the
-/// row chunking on short sequences).
+/// Size of an attention block: query rows x keys at most `scores`, but at least `min_rows`
+/// query rows (see [`SCORE_BLOCK`], [`MIN_QUERY_ROWS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockLimits {
+    pub scores: usize,
+    pub min_rows: usize,
+}
+
+/// [`attention`] with chosen block limits (tests use small blocks to exercise the row
+/// chunking on short sequences).
 pub fn attention_with_block(
     q: &[f32],
     k: &[f32],
@@ -534,7 +548,7 @@ pub fn attention_with_block(
     segs: &[Segment],
     heads: usize,
     head_dim: usize,
-    score_block: usize,
+    limits: BlockLimits,
 ) -> Vec<f32> {
     let hidden = heads * head_dim;
     let n = q.len() / hidden.max(1);
@@ -544,7 +558,7 @@ pub fn attention_with_block(
     // Work items: (segment, head, first query row, rows).
     let mut tasks = Vec::new();
     for s in segs.iter().filter(|s| s.len > 0) {
-        let rows = (score_block / s.len).clamp(MIN_QUERY_ROWS.min(s.len), s.len.max(1));
+        let rows = (limits.scores / s.len).clamp(limits.min_rows.clamp(1, s.len), s.len.max(1));
         for h in 0..heads {
             let mut r0 = 0;
             while r0 < s.len {
@@ -808,7 +822,11 @@ mod tests {
         // Large scores so the softmax is peaked and max subtraction matters.
         let q: Vec<f32> = q.iter().map(|x| x * 8.0).collect();
         for block in [SCORE_BLOCK, 100, 1] {
-            let ours = attention_with_block(&q, &k, &v, &segs, heads, d, block);
+            let limits = BlockLimits {
+                scores: block,
+                min_rows: 1,
+            };
+            let ours = attention_with_block(&q, &k, &v, &segs, heads, d, limits);
             for s in &segs {
                 let want = naive_attention(&q, &k, &v, *s, heads, d);
                 let got = &ours[s.start * hd..(s.start + s.len) * hd];
