@@ -103,6 +103,12 @@ if want scale; then
     if [ "$LONG" -gt 0 ]; then RS scale --model "$ESM" --len "$LONG"; fi
 fi
 
+if want gemm; then
+    # Again at the end: the load of a shared machine changes during a long run.
+    RS gemm --m 4096 --k 1024 --n 4096
+    PT gemm --m 4096 --k 1024 --n 4096
+fi
+
 note load_end "$(cut -d' ' -f1-3 /proc/loadavg)"
 note finished "$(date -u +%FT%TZ)"
 "$PY" bench/report.py "$OUT" bench/RESULTS.md bench/throughput_vs_length.png
