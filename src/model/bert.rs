@@ -1,17 +1,19 @@
 //! BERT encoder (ProtBERT, AntiBERTy): post-LayerNorm transformer with learned absolute
 //! positions. Tensor names follow Hugging Face `BertModel`.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
+use super::esm::{packed_linear, packed_linear_acc};
+use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
 use super::params::Builder;
 
 pub(crate) fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
     match act {
-        "gelu" => x.gelu_erf(),
+        "gelu" => ops::gelu_erf(x),
         "relu" => x.relu(),
         _ => x.gelu(), // gelu_new / gelu_pytorch_tanh: tanh approximation
     }
@@ -139,6 +141,15 @@ impl Bert {
                 self.cfg.max_position_embeddings
             );
         }
+        if rng.is_none()
+            && ids.device().is_cpu()
+            && kernels::packed_inference_enabled()
+            && self.is_detached()
+        {
+            if let Some(out) = self.forward_packed(ids, attention_mask)? {
+                return Ok(out);
+            }
+        }
         let e = &self.embeddings;
         let positions = e.position.weight.narrow(0, 0, t)?;
         let token_type = e.token_type.weight.narrow(0, 0, 1)?;
@@ -157,6 +168,116 @@ impl Bert {
             x = self.layer_forward(layer, &x, &bias, rng.as_deref_mut())?;
         }
         Ok(x)
+    }
+
+    /// True when no weight is part of an autograd graph (see `Esm::is_detached`).
+    fn is_detached(&self) -> bool {
+        let e = &self.embeddings;
+        let mut tensors = vec![
+            &e.word.weight,
+            &e.position.weight,
+            &e.token_type.weight,
+            &e.norm.weight,
+            &e.norm.bias,
+        ];
+        for l in &self.layers {
+            for lin in [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ] {
+                tensors.push(&lin.weight);
+                tensors.extend(lin.bias.as_ref());
+            }
+            for n in [&l.attn_norm, &l.out_norm] {
+                tensors.extend([&n.weight, &n.bias]);
+            }
+        }
+        tensors.iter().all(|t| !t.track_op())
+    }
+
+    /// Inference on packed real tokens (see [`kernels`] and `Esm::forward_packed`).
+    fn forward_packed(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        let e = &self.embeddings;
+        if e.word.weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (_, t) = ids.dims2()?;
+        let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
+        let Some(lengths) = kernels::prefix_lengths(&mask) else {
+            return Ok(None);
+        };
+        let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let segs = kernels::segments(&lengths);
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
+        let eps = cfg.layer_norm_eps as f32;
+        let n: usize = lengths.iter().sum();
+
+        let mut x = kernels::take(n * h);
+        {
+            let (word, pos, tt) = (
+                kernels::view(&e.word.weight)?,
+                kernels::view(&e.position.weight)?,
+                kernels::view(&e.token_type.weight)?,
+            );
+            let (word, pos, tt) = (word.get(), pos.get(), &tt.get()[..h]);
+            let vocab = word.len() / h;
+            for (row, s) in ids.iter().zip(&segs) {
+                for (j, &id) in row[..s.len].iter().enumerate() {
+                    let id = id as usize;
+                    if id >= vocab {
+                        candle_core::bail!("token id {id} out of range for vocab {vocab}");
+                    }
+                    let dst = &mut x[(s.start + j) * h..][..h];
+                    let (w, p) = (&word[id * h..][..h], &pos[j * h..][..h]);
+                    for c in 0..h {
+                        // Same order as the general path: (word + position) + token type.
+                        dst[c] = (w[c] + p[c]) + tt[c];
+                    }
+                }
+            }
+            let (w, b) = (kernels::view(&e.norm.weight)?, kernels::view(&e.norm.bias)?);
+            kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
+        }
+        let act = Act::from_name(&cfg.hidden_act);
+        let scale = (1.0 / (d as f64).sqrt()) as f32;
+        for l in &self.layers {
+            let mut q = packed_linear(&x, &l.query, h, h)?;
+            kernels::scale_inplace(&mut q, scale);
+            let k = packed_linear(&x, &l.key, h, h)?;
+            let v = packed_linear(&x, &l.value, h, h)?;
+            let ctx = kernels::attention(&q, &k, &v, &segs, heads, d);
+            for buf in [q, k, v] {
+                kernels::recycle(buf);
+            }
+            // Post-LayerNorm: x = LN(x + attn_out(ctx)), the residual summed inside the GEMM.
+            packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
+            kernels::recycle(ctx);
+            {
+                let (w, b) = (
+                    kernels::view(&l.attn_norm.weight)?,
+                    kernels::view(&l.attn_norm.bias)?,
+                );
+                kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
+            }
+            let mut inter = packed_linear(&x, &l.intermediate, h, f)?;
+            kernels::activation_inplace(&mut inter, act);
+            packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
+            kernels::recycle(inter);
+            let (w, b) = (
+                kernels::view(&l.out_norm.weight)?,
+                kernels::view(&l.out_norm.bias)?,
+            );
+            kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
+        }
+        let out = kernels::unpack(&x, &segs, t, h)?;
+        kernels::recycle(x);
+        Ok(Some(out))
     }
 
     fn layer_forward(

@@ -7,6 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::bert::activation;
 use super::config::EncoderConfig;
+use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
 use super::params::Builder;
@@ -123,6 +124,15 @@ impl Esm {
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let (_, t) = ids.dims2()?;
+        if rng.is_none()
+            && ids.device().is_cpu()
+            && kernels::packed_inference_enabled()
+            && self.is_detached()
+        {
+            if let Some(out) = self.forward_packed(ids, attention_mask)? {
+                return Ok(out);
+            }
+        }
         let mask = attention_mask.to_dtype(DType::F32)?;
         let mut x = self.word.forward(ids)?;
         if self.cfg.token_dropout {
@@ -149,6 +159,147 @@ impl Esm {
             x = self.layer_forward(layer, &x, &bias, cos, sin, rng.as_deref_mut())?;
         }
         self.final_norm.forward(&x)
+    }
+
+    /// True when no weight is part of an autograd graph (a [`Esm::detached`] copy): then
+    /// nobody can ask for gradients and the packed inference kernels may be used.
+    fn is_detached(&self) -> bool {
+        let mut tensors = vec![
+            &self.word.weight,
+            &self.final_norm.weight,
+            &self.final_norm.bias,
+        ];
+        if let Some(n) = &self.emb_norm_before {
+            tensors.extend([&n.weight, &n.bias]);
+        }
+        for l in &self.layers {
+            for lin in [
+                &l.query,
+                &l.key,
+                &l.value,
+                &l.attn_out,
+                &l.intermediate,
+                &l.output,
+            ] {
+                tensors.push(&lin.weight);
+                tensors.extend(lin.bias.as_ref());
+            }
+            for n in [&l.attn_norm, &l.ffn_norm] {
+                tensors.extend([&n.weight, &n.bias]);
+            }
+        }
+        tensors.iter().all(|t| !t.track_op())
+    }
+
+    /// Inference on packed real tokens (see [`kernels`]): no padding rows, fused attention
+    /// over each sequence's own keys, rotary and scaling in one pass. Returns `None` (use the
+    /// general path) for non-f32 weights or masks that are not "ones then zeros".
+    fn forward_packed(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Tensor>> {
+        let cfg = &self.cfg;
+        if self.word.weight.dtype() != DType::F32 {
+            return Ok(None);
+        }
+        let (_, t) = ids.dims2()?;
+        let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
+        let Some(lengths) = kernels::prefix_lengths(&mask) else {
+            return Ok(None);
+        };
+        let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
+        let segs = kernels::segments(&lengths);
+        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+        let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
+        let eps = cfg.layer_norm_eps as f32;
+        let n: usize = lengths.iter().sum();
+
+        let mut x = kernels::take(n * h);
+        {
+            let word = kernels::view(&self.word.weight)?;
+            let word = word.get();
+            let vocab = word.len() / h;
+            for (row, s) in ids.iter().zip(&segs) {
+                let row = &row[..s.len];
+                let mask_id = cfg.mask_token_id.filter(|_| cfg.token_dropout);
+                // Same arithmetic as `token_dropout_scale`, per sequence.
+                let scale = match mask_id {
+                    Some(m) => {
+                        let observed = row.iter().filter(|&&id| id == m).count() as f32
+                            / (s.len.max(1) as f32);
+                        (1.0 - observed).recip() * (1.0 - MASK_RATIO_TRAIN) as f32
+                    }
+                    None => 1.0,
+                };
+                for (j, &id) in row.iter().enumerate() {
+                    let id = id as usize;
+                    if id >= vocab {
+                        candle_core::bail!("token id {id} out of range for vocab {vocab}");
+                    }
+                    if mask_id == Some(id as u32) {
+                        continue; // `<mask>` embeddings are zeroed
+                    }
+                    let dst = &mut x[(s.start + j) * h..][..h];
+                    for (o, &w) in dst.iter_mut().zip(&word[id * h..][..h]) {
+                        *o = w * scale;
+                    }
+                }
+            }
+        }
+        if let Some(norm) = &self.emb_norm_before {
+            let (w, b) = (kernels::view(&norm.weight)?, kernels::view(&norm.bias)?);
+            kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
+        }
+        let act = Act::from_name(&cfg.hidden_act);
+        let scale = 1.0 / (d as f64).sqrt();
+        let max_len = lengths.iter().copied().max().unwrap_or(0);
+        let mut tables: Option<(&[f32], Vec<f32>, Vec<f32>)> = None;
+        for l in &self.layers {
+            if tables
+                .as_ref()
+                .is_none_or(|(fr, _, _)| *fr != l.inv_freq.as_slice())
+            {
+                let (cos, sin) = rotary_tables_half(max_len, &l.inv_freq);
+                tables = Some((&l.inv_freq, cos, sin));
+            }
+            let (_, cos, sin) = tables.as_ref().expect("set above");
+            let hn = {
+                let (w, b) = (
+                    kernels::view(&l.attn_norm.weight)?,
+                    kernels::view(&l.attn_norm.bias)?,
+                );
+                kernels::layer_norm(&x, w.get(), b.get(), eps)
+            };
+            let mut q = packed_linear(&hn, &l.query, h, h)?;
+            let mut k = packed_linear(&hn, &l.key, h, h)?;
+            let v = packed_linear(&hn, &l.value, h, h)?;
+            kernels::recycle(hn);
+            kernels::rotary_inplace(&mut q, &segs, heads, d, cos, sin, scale as f32);
+            kernels::rotary_inplace(&mut k, &segs, heads, d, cos, sin, 1.0);
+            let ctx = kernels::attention(&q, &k, &v, &segs, heads, d);
+            for buf in [q, k, v] {
+                kernels::recycle(buf);
+            }
+            packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
+            kernels::recycle(ctx);
+            let hn = {
+                let (w, b) = (
+                    kernels::view(&l.ffn_norm.weight)?,
+                    kernels::view(&l.ffn_norm.bias)?,
+                );
+                kernels::layer_norm(&x, w.get(), b.get(), eps)
+            };
+            let mut inter = packed_linear(&hn, &l.intermediate, h, f)?;
+            kernels::recycle(hn);
+            kernels::activation_inplace(&mut inter, act);
+            packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
+            kernels::recycle(inter);
+        }
+        {
+            let n = &self.final_norm;
+            let (w, b) = (kernels::view(&n.weight)?, kernels::view(&n.bias)?);
+            kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
+        }
+        let out = kernels::unpack(&x, &segs, t, h)?;
+        kernels::recycle(x);
+        Ok(Some(out))
     }
 
     /// Zeroes `<mask>` embeddings and rescales by (1 - 0.12) / (1 - observed mask ratio).
@@ -203,6 +354,54 @@ fn default_inv_freq(dim: usize) -> Vec<f32> {
     (0..dim / 2)
         .map(|i| 1.0 / 10000f32.powf((2 * i) as f32 / dim as f32))
         .collect()
+}
+
+/// `x @ W^T + b` of a [`Linear`] on packed rows.
+pub(crate) fn packed_linear(
+    x: &[f32],
+    l: &Linear,
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<Vec<f32>> {
+    let w = kernels::view(&l.weight)?;
+    let b = l.bias.as_ref().map(kernels::view).transpose()?;
+    Ok(kernels::linear(
+        x,
+        w.get(),
+        b.as_ref().map(|b| b.get()),
+        in_dim,
+        out_dim,
+    ))
+}
+
+/// `acc += x @ W^T + b` (a residual connection fused into the GEMM's accumulation).
+pub(crate) fn packed_linear_acc(
+    x: &[f32],
+    l: &Linear,
+    acc: &mut [f32],
+    in_dim: usize,
+    out_dim: usize,
+) -> Result<()> {
+    if let Some(b) = &l.bias {
+        kernels::add_bias_rows(acc, kernels::view(b)?.get());
+    }
+    kernels::gemm_acc_wt(x, kernels::view(&l.weight)?.get(), acc, in_dim, out_dim);
+    Ok(())
+}
+
+/// cos/sin tables [T, head_dim / 2] (the halves of [`rotary_tables`] are identical), with
+/// the same f32 arithmetic.
+fn rotary_tables_half(t: usize, inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
+    let mut cos = Vec::with_capacity(t * inv_freq.len());
+    let mut sin = Vec::with_capacity(t * inv_freq.len());
+    for pos in 0..t {
+        for &f in inv_freq {
+            let a = pos as f32 * f;
+            cos.push(a.cos());
+            sin.push(a.sin());
+        }
+    }
+    (cos, sin)
 }
 
 /// cos/sin tables [T, head_dim] for rotary embeddings (frequencies duplicated across the two

@@ -8,6 +8,7 @@ pub mod bert;
 pub mod config;
 pub mod esm;
 pub mod head;
+pub mod kernels;
 pub mod loader;
 pub mod nn;
 pub mod ops;

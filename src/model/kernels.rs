@@ -1,0 +1,992 @@
+//! Inference-only CPU kernels on raw f32 slices (no autograd).
+//!
+//! The encoders' differentiable path (`ops`, `nn`) pads every sequence of a batch to the
+//! longest, materialises `[B, heads, T, T]` scores, and copies activations between layouts
+//! (`split_heads`, `transpose`). For inference none of that is needed, so the fast path
+//! here works on **packed** tokens: the real tokens of every sequence stacked into one
+//! `[N, hidden]` matrix (`N` = real tokens of the batch, no padding rows at all), with
+//! [`Segment`]s saying where each sequence starts. Linear layers are single GEMMs over all
+//! `N` rows (the `gemm` crate, the same kernels candle uses, split over rayon threads);
+//! attention runs per (sequence, head, block of query rows) straight on the strided
+//! `[N, hidden]` Q/K/V, over that sequence's keys only, and writes its output in place.
+//!
+//! Memory is bounded for any length: a block holds at most `max(SCORE_BLOCK, MIN_QUERY_ROWS
+//! x len)` scores, so a 35,000-residue protein needs 36 MB of scores per thread instead of
+//! the 4.9 GB a full `T x T` matrix per head would take.
+
+use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
+use rayon::prelude::*;
+
+/// Scores per attention block (query rows x keys): 64K f32 = 256 KB, which stays in L2
+/// while the softmax and the PV product read it back.
+pub const SCORE_BLOCK: usize = 64 * 1024;
+/// Fewest query rows per block. Each block packs its sequence's keys and values for the
+/// GEMMs, so few rows per block make that packing dominate on long sequences (measured at
+/// 16 rows, one 8,192-token ESM-2 8M forward took 51 s, at 256 rows 28 s). Bounds scratch
+/// memory at `MIN_QUERY_ROWS * len` floats per thread (36 MB at 35,000 tokens).
+pub const MIN_QUERY_ROWS: usize = 256;
+
+static PACKED_INFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Turns the packed inference path on (the default) or off for the whole process. Off,
+/// detached encoders run the general differentiable ops instead: for before/after
+/// benchmarks (`benches/encoder.rs --path general`) and for diagnosing a suspected kernel bug.
+pub fn set_packed_inference(on: bool) {
+    PACKED_INFERENCE.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+pub fn packed_inference_enabled() -> bool {
+    PACKED_INFERENCE.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// One sequence inside a packed `[N, hidden]` activation: rows `start..start + len`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Segment {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Segments from per-sequence lengths, packed back to back.
+pub fn segments(lengths: &[usize]) -> Vec<Segment> {
+    let mut start = 0;
+    lengths
+        .iter()
+        .map(|&len| {
+            let s = Segment { start, len };
+            start += len;
+            s
+        })
+        .collect()
+}
+
+/// A read view of a contiguous CPU f32 tensor's data (holds the storage read lock).
+pub struct View<'a> {
+    guard: StorageRef<'a>,
+    start: usize,
+    end: usize,
+}
+
+impl View<'_> {
+    pub fn get(&self) -> &[f32] {
+        match &*self.guard {
+            Storage::Cpu(CpuStorage::F32(v)) => &v[self.start..self.end],
+            _ => unreachable!("checked in view()"),
+        }
+    }
+}
+
+/// Borrows the data of a contiguous f32 CPU tensor without copying.
+pub fn view(t: &Tensor) -> Result<View<'_>> {
+    let (guard, layout): (_, &Layout) = t.storage_and_layout();
+    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
+        candle_core::bail!("fast inference path: expected an f32 CPU tensor");
+    }
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("fast inference path: expected a contiguous tensor");
+    };
+    Ok(View { guard, start, end })
+}
+
+/// Most floats the buffer pool keeps per thread (256 MB): enough for the working set of an
+/// 8192-token batch of ProtBERT-sized layers, and a cap so one huge protein does not pin its
+/// buffers for the rest of the run.
+const POOL_MAX_FLOATS: usize = 64 << 20;
+
+thread_local! {
+    static POOL: std::cell::RefCell<Vec<Vec<f32>>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// A zeroed buffer of `len` floats, reusing one returned by [`recycle`] when possible.
+/// Activations are tens of MB: fresh allocations of that size are `mmap`ed by the allocator
+/// and page-faulted in on every layer of every batch (measured: ~3% of a ProtBERT-width
+/// forward in the kernel's page-clearing code).
+pub fn take(len: usize) -> Vec<f32> {
+    let reused = POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let best = p
+            .iter()
+            .enumerate()
+            .filter(|(_, v)| v.capacity() >= len)
+            .min_by_key(|(_, v)| v.capacity())
+            .map(|(i, _)| i);
+        best.map(|i| p.swap_remove(i))
+    });
+    let mut v = reused.unwrap_or_default();
+    v.clear();
+    v.resize(len, 0.0);
+    v
+}
+
+/// Gives a buffer back to this thread's pool (dropped instead when the pool is full).
+pub fn recycle(v: Vec<f32>) {
+    POOL.with(|p| {
+        let mut p = p.borrow_mut();
+        let held: usize = p.iter().map(Vec::capacity).sum();
+        if held + v.capacity() <= POOL_MAX_FLOATS {
+            p.push(v);
+        }
+    });
+}
+
+/// Threads for a GEMM of this size: small products are faster on one thread than split.
+fn parallelism(m: usize, n: usize, k: usize) -> gemm::Parallelism {
+    let threads = rayon::current_num_threads();
+    if threads > 1 && m * n * k >= 1 << 18 {
+        gemm::Parallelism::Rayon(threads)
+    } else {
+        gemm::Parallelism::None
+    }
+}
+
+/// `out[rows, out_dim] += x[rows, in_dim] @ w[out_dim, in_dim]^T` (row-major, contiguous);
+/// `out` already holds whatever should be added (bias, residual).
+pub fn gemm_acc_wt(x: &[f32], w: &[f32], out: &mut [f32], in_dim: usize, out_dim: usize) {
+    let rows = x.len() / in_dim;
+    assert_eq!(x.len(), rows * in_dim);
+    assert_eq!(w.len(), out_dim * in_dim);
+    assert_eq!(out.len(), rows * out_dim);
+    if rows == 0 {
+        return;
+    }
+    // SAFETY: the three buffers have the asserted sizes; the strides describe x as
+    // [rows, in_dim] row-major, w^T as [in_dim, out_dim] (column stride in_dim), and out as
+    // [rows, out_dim] row-major; out does not alias the inputs (it is a &mut).
+    unsafe {
+        gemm::gemm(
+            rows,
+            out_dim,
+            in_dim,
+            out.as_mut_ptr(),
+            1,
+            out_dim as isize,
+            true,
+            x.as_ptr(),
+            1,
+            in_dim as isize,
+            w.as_ptr(),
+            in_dim as isize,
+            1,
+            1.0,
+            1.0,
+            false,
+            false,
+            false,
+            parallelism(rows, out_dim, in_dim),
+        )
+    }
+}
+
+/// `x @ w^T + b` for `x` [rows, in_dim], `w` [out_dim, in_dim].
+pub fn linear(x: &[f32], w: &[f32], b: Option<&[f32]>, in_dim: usize, out_dim: usize) -> Vec<f32> {
+    let rows = x.len() / in_dim;
+    let mut out = take(rows * out_dim);
+    if let Some(b) = b {
+        add_bias_rows(&mut out, b);
+    }
+    gemm_acc_wt(x, w, &mut out, in_dim, out_dim);
+    out
+}
+
+/// Adds `b` to every row of `x` (rows of `b.len()`).
+pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
+    let d = b.len();
+    x.par_chunks_mut(d * rows_per_task(d)).for_each(|chunk| {
+        for row in chunk.chunks_mut(d) {
+            for (v, &bb) in row.iter_mut().zip(b) {
+                *v += bb;
+            }
+        }
+    });
+}
+
+/// Multiplies every element by `s` in place.
+pub fn scale_inplace(x: &mut [f32], s: f32) {
+    x.par_chunks_mut(16 * 1024).for_each(|c| {
+        for v in c {
+            *v *= s;
+        }
+    });
+}
+
+/// Rows per rayon task for row-wise passes: about 16K elements, so tasks are worth
+/// scheduling but there are still enough of them for every thread.
+fn rows_per_task(d: usize) -> usize {
+    (16 * 1024 / d.max(1)).max(1)
+}
+
+/// Layer normalisation of every row of `x` in place (two-pass mean/variance in f32, as
+/// PyTorch computes it).
+pub fn layer_norm_inplace(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let d = w.len();
+    x.par_chunks_mut(d * rows_per_task(d)).for_each(|chunk| {
+        for row in chunk.chunks_mut(d) {
+            layer_norm_row(row, w, b, eps);
+        }
+    });
+}
+
+/// Layer normalisation of every row of `x` into a new buffer.
+pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
+    let mut out = take(x.len());
+    out.copy_from_slice(x);
+    layer_norm_inplace(&mut out, w, b, eps);
+    out
+}
+
+#[inline]
+fn layer_norm_row(row: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let n = row.len() as f32;
+    let mean = sum8(row) / n;
+    let mut var_acc = [0f32; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            let d = c[i] - mean;
+            var_acc[i] += d * d;
+        }
+    }
+    let mut var: f32 = var_acc.iter().sum();
+    for &v in chunks.remainder() {
+        var += (v - mean) * (v - mean);
+    }
+    let inv = 1.0 / (var / n + eps).sqrt();
+    for ((v, &ww), &bb) in row.iter_mut().zip(w).zip(b) {
+        *v = (*v - mean) * inv * ww + bb;
+    }
+}
+
+/// Sum with eight independent accumulators (vectorises; also slightly more accurate than a
+/// single running sum).
+#[inline]
+fn sum8(x: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for i in 0..8 {
+            acc[i] += c[i];
+        }
+    }
+    acc.iter().sum::<f32>() + chunks.remainder().iter().sum::<f32>()
+}
+
+/// `exp(x)` for f32, vectorisable (Cephes `expf`: range reduction by ln 2 and a degree-6
+/// polynomial; relative error below 2e-7 on the range softmax uses). Inputs below -87.3
+/// return about 1e-38 instead of a denormal, which is zero for every purpose here.
+#[inline(always)]
+pub fn fast_exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const C1: f32 = 0.693_359_4;
+    const C2: f32 = -2.121_944_4e-4;
+    // 1.5 * 2^23: adding and subtracting it rounds to the nearest integer without a call.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.3);
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
+    let bits = t.to_bits() as i32 - ROUND.to_bits() as i32; // = n as an integer
+    let r = x - n * C1 - n * C2;
+    let mut p = 1.987_569_1e-4f32;
+    p = p * r + 1.398_199_9e-3;
+    p = p * r + 8.333_452e-3;
+    p = p * r + 4.166_579_6e-2;
+    p = p * r + 0.166_666_65;
+    p = p * r + 0.5;
+    let y = p * r * r + r + 1.0;
+    y * f32::from_bits(((bits + 127) << 23) as u32)
+}
+
+/// `erf(x)` for f32, vectorisable: the rational approximation used by Eigen/XLA (odd
+/// degree-13 numerator over even degree-8 denominator on [-4, 4], where f32 erf saturates),
+/// evaluated in f64: in f32 its rounding alone reaches 4.5e-7, enough to triple the ESM-2
+/// parity error; in f64 the error is the approximation's own 8e-8, about one f32 ulp.
+#[inline(always)]
+pub fn fast_erf(x: f32) -> f32 {
+    let x = (x as f64).clamp(-4.0, 4.0);
+    let x2 = x * x;
+    let mut p = -2.726_142_252_130_6e-10f64;
+    p = p * x2 + 2.770_681_424_959_02e-8;
+    p = p * x2 - 2.101_024_020_825_08e-6;
+    p = p * x2 - 5.692_506_394_623_46e-5;
+    p = p * x2 - 7.349_906_303_268_55e-4;
+    p = p * x2 - 2.954_599_808_540_25e-3;
+    p = p * x2 - 1.609_603_332_624_15e-2;
+    let mut q = -1.456_607_184_649_96e-5f64;
+    q = q * x2 - 2.133_740_552_789_05e-4;
+    q = q * x2 - 1.682_826_974_382_03e-3;
+    q = q * x2 - 7.373_329_167_204_68e-3;
+    q = q * x2 - 1.426_473_905_141_89e-2;
+    (x * p / q) as f32
+}
+
+/// Activation functions of the encoders' feed-forward blocks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Act {
+    /// `0.5 x (1 + erf(x / sqrt 2))` (HF "gelu").
+    GeluErf,
+    /// The tanh approximation (HF "gelu_new", "gelu_pytorch_tanh").
+    GeluTanh,
+    Relu,
+}
+
+impl Act {
+    /// Same mapping as `bert::activation`.
+    pub fn from_name(name: &str) -> Self {
+        match name {
+            "gelu" => Act::GeluErf,
+            "relu" => Act::Relu,
+            _ => Act::GeluTanh,
+        }
+    }
+}
+
+/// Applies `act` to every element in place, split over rayon threads.
+pub fn activation_inplace(x: &mut [f32], act: Act) {
+    x.par_chunks_mut(16 * 1024)
+        .for_each(|c| simd::activation(c, act));
+}
+
+#[inline(always)]
+fn activation_scalar(c: &mut [f32], act: Act) {
+    match act {
+        Act::GeluErf => {
+            for v in c.iter_mut() {
+                *v = 0.5 * *v * (1.0 + fast_erf(*v * std::f32::consts::FRAC_1_SQRT_2));
+            }
+        }
+        Act::GeluTanh => {
+            for v in c.iter_mut() {
+                let x = *v;
+                let y = 0.797_884_6 * (x + 0.044_715 * x * x * x);
+                // tanh(y) = 1 - 2 / (exp(2y) + 1), finite for every y after fast_exp's clamp.
+                let tanh = 1.0 - 2.0 / (fast_exp(2.0 * y) + 1.0);
+                *v = 0.5 * x * (1.0 + tanh);
+            }
+        }
+        Act::Relu => {
+            for v in c.iter_mut() {
+                *v = v.max(0.0);
+            }
+        }
+    }
+}
+
+/// `g[i] *= gelu_erf'(x[i])` in place, split over rayon threads: the backward pass of
+/// [`Act::GeluErf`], `d/dx = 0.5 (1 + erf(x / sqrt 2)) + x exp(-x^2 / 2) / sqrt(2 pi)`.
+pub fn gelu_erf_backward_inplace(x: &[f32], g: &mut [f32]) {
+    assert_eq!(x.len(), g.len());
+    g.par_chunks_mut(16 * 1024)
+        .zip(x.par_chunks(16 * 1024))
+        .for_each(|(g, x)| simd::gelu_erf_backward(x, g));
+}
+
+#[inline(always)]
+fn gelu_erf_backward_scalar(x: &[f32], g: &mut [f32]) {
+    const INV_SQRT_2PI: f32 = 0.398_942_3;
+    for (gi, &xi) in g.iter_mut().zip(x) {
+        let cdf = 0.5 * (1.0 + fast_erf(xi * std::f32::consts::FRAC_1_SQRT_2));
+        let pdf = INV_SQRT_2PI * fast_exp(-0.5 * xi * xi);
+        *gi *= cdf + xi * pdf;
+    }
+}
+
+/// Softmax of one row in place (max-subtracted, so it never overflows). Plain indexed
+/// loops over 16-wide lanes: they vectorise inside the AVX2 wrapper below, where iterator
+/// adaptors (`for_each` → `fold`) ended up as separate, non-AVX functions.
+#[inline(always)]
+fn softmax_row_scalar(row: &mut [f32]) {
+    const L: usize = 16;
+    let mut m = [f32::NEG_INFINITY; L];
+    let mut chunks = row.chunks_exact(L);
+    for c in &mut chunks {
+        let c: &[f32; L] = c.try_into().expect("exact chunk");
+        for i in 0..L {
+            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        }
+    }
+    let mut max = f32::NEG_INFINITY;
+    for &v in m.iter().chain(chunks.remainder()) {
+        max = if v > max { v } else { max };
+    }
+    let mut acc = [0f32; L];
+    let mut chunks = row.chunks_exact_mut(L);
+    for c in &mut chunks {
+        let c: &mut [f32; L] = c.try_into().expect("exact chunk");
+        for i in 0..L {
+            let e = fast_exp(c[i] - max);
+            c[i] = e;
+            acc[i] += e;
+        }
+    }
+    let mut sum = 0f32;
+    for v in chunks.into_remainder() {
+        *v = fast_exp(*v - max);
+        sum += *v;
+    }
+    for a in acc {
+        sum += a;
+    }
+    let inv = 1.0 / sum;
+    for v in row.iter_mut() {
+        *v *= inv;
+    }
+}
+
+/// Element-wise kernels compiled twice: with AVX2+FMA (chosen at run time when the CPU has
+/// them; the default x86-64 target only allows SSE2, and the integer bit tricks of
+/// [`fast_exp`] need AVX2 to run 8 lanes wide) and portable.
+mod simd {
+    use super::Act;
+
+    pub fn activation(c: &mut [f32], act: Act) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { activation_avx2(c, act) };
+        }
+        super::activation_scalar(c, act)
+    }
+
+    pub fn gelu_erf_backward(x: &[f32], g: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { gelu_erf_backward_avx2(x, g) };
+        }
+        super::gelu_erf_backward_scalar(x, g)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn gelu_erf_backward_avx2(x: &[f32], g: &mut [f32]) {
+        super::gelu_erf_backward_scalar(x, g)
+    }
+
+    pub fn softmax_rows(s: &mut [f32], len: usize) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: as above.
+            return unsafe { softmax_rows_avx2(s, len) };
+        }
+        for row in s.chunks_mut(len) {
+            super::softmax_row_scalar(row);
+        }
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    fn has_avx2_fma() -> bool {
+        use std::sync::OnceLock;
+        static HAS: OnceLock<bool> = OnceLock::new();
+        *HAS.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx2")
+                && std::arch::is_x86_feature_detected!("fma")
+        })
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn activation_avx2(c: &mut [f32], act: Act) {
+        super::activation_scalar(c, act)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_rows_avx2(s: &mut [f32], len: usize) {
+        for row in s.chunks_mut(len) {
+            super::softmax_row_scalar(row);
+        }
+    }
+}
+
+/// Raw output pointer shared by attention blocks that write disjoint regions.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut f32);
+// SAFETY: every block writes only its own (rows, head columns) region of the output.
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// Through a method so closures capture the whole (Send) wrapper, not the raw field.
+    fn get(self) -> *mut f32 {
+        self.0
+    }
+}
+
+/// Multi-head self-attention over packed sequences.
+///
+/// `q`, `k`, `v`: `[N, heads * head_dim]` row-major (q already scaled), as the projections
+/// produce them: head `h` of token `i` is `x[i * hidden + h * head_dim ..][..head_dim]`, so no
+/// head-splitting copy is needed. Each sequence attends to its own keys only (no padding,
+/// no mask). Returns the context `[N, heads * head_dim]`.
+pub fn attention(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segs: &[Segment],
+    heads: usize,
+    head_dim: usize,
+) -> Vec<f32> {
+    let limits = BlockLimits {
+        scores: SCORE_BLOCK,
+        min_rows: MIN_QUERY_ROWS,
+    };
+    attention_with_block(q, k, v, segs, heads, head_dim, limits)
+}
+
+/// Size of an attention block: query rows x keys at most `scores`, but at least `min_rows`
+/// query rows (see [`SCORE_BLOCK`], [`MIN_QUERY_ROWS`]).
+#[derive(Debug, Clone, Copy)]
+pub struct BlockLimits {
+    pub scores: usize,
+    pub min_rows: usize,
+}
+
+/// [`attention`] with chosen block limits (tests use small blocks to exercise the row
+/// chunking on short sequences).
+pub fn attention_with_block(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    segs: &[Segment],
+    heads: usize,
+    head_dim: usize,
+    limits: BlockLimits,
+) -> Vec<f32> {
+    let hidden = heads * head_dim;
+    let n = q.len() / hidden.max(1);
+    assert!(q.len() == n * hidden && k.len() == q.len() && v.len() == q.len());
+    assert!(segs.iter().all(|s| s.start + s.len <= n));
+    let mut out = take(n * hidden);
+    // Work items: (segment, head, first query row, rows).
+    let mut tasks = Vec::new();
+    for s in segs.iter().filter(|s| s.len > 0) {
+        let rows = (limits.scores / s.len).clamp(limits.min_rows.clamp(1, s.len), s.len.max(1));
+        for h in 0..heads {
+            let mut r0 = 0;
+            while r0 < s.len {
+                let r = rows.min(s.len - r0);
+                tasks.push((*s, h, r0, r));
+                r0 += r;
+            }
+        }
+    }
+    let out_ptr = OutPtr(out.as_mut_ptr());
+    let rs = hidden as isize;
+    tasks
+        .into_par_iter()
+        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (s, h, r0, r)| {
+            let len = s.len;
+            scores.resize(r * len, 0.0);
+            let col = h * head_dim;
+            let q0 = (s.start + r0) * hidden + col;
+            let kv0 = s.start * hidden + col;
+            // SAFETY (both products): pointers and strides stay inside q/k/v (rows r0..r0+r and
+            // 0..len of this segment, columns col..col+head_dim); `scores` holds r x len; the
+            // output block (rows s.start+r0.., columns col..col+head_dim) belongs to this task
+            // alone, and `out` outlives the parallel loop.
+            unsafe {
+                // scores[r, len] = Q_block [r, d] @ K^T [d, len]
+                gemm::gemm(
+                    r,
+                    len,
+                    head_dim,
+                    scores.as_mut_ptr(),
+                    1,
+                    len as isize,
+                    false,
+                    q.as_ptr().add(q0),
+                    1,
+                    rs,
+                    k.as_ptr().add(kv0),
+                    rs,
+                    1,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+            simd::softmax_rows(scores, len);
+            unsafe {
+                // out[r, d] = P [r, len] @ V [len, d]
+                gemm::gemm(
+                    r,
+                    head_dim,
+                    len,
+                    out_ptr.get().add(q0),
+                    1,
+                    rs,
+                    false,
+                    scores.as_ptr(),
+                    1,
+                    len as isize,
+                    v.as_ptr().add(kv0),
+                    1,
+                    rs,
+                    0.0,
+                    1.0,
+                    false,
+                    false,
+                    false,
+                    gemm::Parallelism::None,
+                );
+            }
+        });
+    out
+}
+
+/// Rotary position embedding in place on packed `[N, heads * head_dim]` rows, positions
+/// counted from each segment's start; `cos`/`sin` are `[max_len, head_dim / 2]` tables.
+/// Also multiplies by `scale` (the query's 1/sqrt(d), or 1 for keys).
+pub fn rotary_inplace(
+    x: &mut [f32],
+    segs: &[Segment],
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    scale: f32,
+) {
+    let hidden = heads * head_dim;
+    let half = head_dim / 2;
+    // Position of every packed row.
+    let mut pos = Vec::with_capacity(x.len() / hidden);
+    for s in segs {
+        pos.extend(0..s.len);
+    }
+    x.par_chunks_mut(hidden)
+        .zip(pos.par_iter())
+        .with_min_len(64)
+        .for_each(|(row, &p)| {
+            let (c, sn) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for head in row.chunks_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (x1[j] * scale, x2[j] * scale);
+                    x1[j] = a * c[j] - b * sn[j];
+                    x2[j] = b * c[j] + a * sn[j];
+                }
+            }
+        });
+}
+
+/// Lengths of the real tokens of each row of an attention mask `[B, T]` (1 = token), or
+/// `None` when some row is not "ones then zeros" (the packed path needs prefix masks; any
+/// other mask takes the general path).
+pub fn prefix_lengths(mask: &[Vec<f32>]) -> Option<Vec<usize>> {
+    mask.iter()
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m != 0.0).count();
+            row[n..].iter().all(|&m| m == 0.0).then_some(n)
+        })
+        .collect()
+}
+
+/// Packed `[N, hidden]` rows back into a zero-padded `[B, T, hidden]` tensor.
+pub fn unpack(x: &[f32], segs: &[Segment], t: usize, hidden: usize) -> Result<Tensor> {
+    let b = segs.len();
+    let mut out = vec![0f32; b * t * hidden];
+    for (i, s) in segs.iter().enumerate() {
+        out[i * t * hidden..(i * t + s.len) * hidden]
+            .copy_from_slice(&x[s.start * hidden..(s.start + s.len) * hidden]);
+    }
+    Tensor::from_vec(out, (b, t, hidden), &candle_core::Device::Cpu)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+        let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+        (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn fast_exp_matches_std() {
+        let mut worst = 0f32;
+        for i in 0..200_000 {
+            let x = -87.0 + i as f32 * (87.0 + 80.0) / 200_000.0;
+            let (a, b) = (fast_exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+        }
+        assert!(worst < 3e-7, "worst relative error {worst:e}");
+        assert_eq!(fast_exp(0.0), 1.0);
+        assert!(fast_exp(-1e9) >= 0.0 && fast_exp(-1e9) < 1e-37);
+        assert!(fast_exp(1e9).is_finite());
+    }
+
+    #[test]
+    fn fast_erf_matches_reference() {
+        let mut worst = 0f64;
+        for i in 0..100_000 {
+            let x = -6.0 + i as f64 * 12.0 / 100_000.0;
+            let want = candle_core::cpu::erf::erf_f64(x);
+            worst = worst.max((fast_erf(x as f32) as f64 - want).abs());
+        }
+        eprintln!("fast_erf worst absolute error {worst:e}");
+        assert!(worst < 2e-7, "worst absolute error {worst:e}");
+    }
+
+    #[test]
+    fn activations_match_candle() {
+        let x = Tensor::from_vec(
+            rand_vec(4096, 1)
+                .iter()
+                .map(|v| v * 6.0)
+                .collect::<Vec<_>>(),
+            4096,
+            &candle_core::Device::Cpu,
+        )
+        .unwrap();
+        for (act, want) in [
+            (Act::GeluErf, x.gelu_erf().unwrap()),
+            (Act::GeluTanh, x.gelu().unwrap()),
+            (Act::Relu, x.relu().unwrap()),
+        ] {
+            let mut ours = x.to_vec1::<f32>().unwrap();
+            activation_inplace(&mut ours, act);
+            let want = want.to_vec1::<f32>().unwrap();
+            let worst = ours
+                .iter()
+                .zip(&want)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            assert!(worst < 2e-6, "{act:?}: {worst:e}");
+        }
+    }
+
+    #[test]
+    fn gelu_erf_backward_matches_finite_differences() {
+        let x: Vec<f32> = (0..2001).map(|i| -8.0 + i as f32 * 0.008).collect();
+        let mut g = vec![1f32; x.len()];
+        gelu_erf_backward_inplace(&x, &mut g);
+        let gelu = |v: f64| 0.5 * v * (1.0 + candle_core::cpu::erf::erf_f64(v / 2f64.sqrt()));
+        for (&xi, &gi) in x.iter().zip(&g) {
+            let h = 1e-4;
+            let want = (gelu(xi as f64 + h) - gelu(xi as f64 - h)) / (2.0 * h);
+            assert!((gi as f64 - want).abs() < 1e-5, "x={xi}: {gi} vs {want}");
+        }
+    }
+
+    /// Straightforward attention over one segment, in f64.
+    fn naive_attention(
+        q: &[f32],
+        k: &[f32],
+        v: &[f32],
+        s: Segment,
+        heads: usize,
+        d: usize,
+    ) -> Vec<f64> {
+        let hd = heads * d;
+        let mut out = vec![0f64; s.len * hd];
+        for h in 0..heads {
+            for i in 0..s.len {
+                let qi = &q[(s.start + i) * hd + h * d..][..d];
+                let scores: Vec<f64> = (0..s.len)
+                    .map(|j| {
+                        let kj = &k[(s.start + j) * hd + h * d..][..d];
+                        qi.iter().zip(kj).map(|(a, b)| *a as f64 * *b as f64).sum()
+                    })
+                    .collect();
+                let max = scores.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let e: Vec<f64> = scores.iter().map(|x| (x - max).exp()).collect();
+                let z: f64 = e.iter().sum();
+                for (j, ej) in e.iter().enumerate() {
+                    for c in 0..d {
+                        out[i * hd + h * d + c] +=
+                            ej / z * v[(s.start + j) * hd + h * d + c] as f64;
+                    }
+                }
+            }
+        }
+        out
+    }
+
+    #[test]
+    fn attention_matches_naive_with_and_without_row_chunks() {
+        let (heads, d) = (3, 8);
+        let hd = heads * d;
+        let lengths = [5, 37, 1, 70];
+        let segs = segments(&lengths);
+        let n: usize = lengths.iter().sum();
+        let (q, k, v) = (
+            rand_vec(n * hd, 2),
+            rand_vec(n * hd, 3),
+            rand_vec(n * hd, 4),
+        );
+        // Large scores so the softmax is peaked and max subtraction matters.
+        let q: Vec<f32> = q.iter().map(|x| x * 8.0).collect();
+        for block in [SCORE_BLOCK, 100, 1] {
+            let limits = BlockLimits {
+                scores: block,
+                min_rows: 1,
+            };
+            let ours = attention_with_block(&q, &k, &v, &segs, heads, d, limits);
+            for s in &segs {
+                let want = naive_attention(&q, &k, &v, *s, heads, d);
+                let got = &ours[s.start * hd..(s.start + s.len) * hd];
+                for (a, b) in got.iter().zip(&want) {
+                    assert!((*a as f64 - b).abs() < 1e-5, "block {block}: {a} vs {b}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn layer_norm_matches_candle() {
+        let (rows, d) = (7, 33);
+        let x = rand_vec(rows * d, 5);
+        let w = rand_vec(d, 6);
+        let b = rand_vec(d, 7);
+        let dev = candle_core::Device::Cpu;
+        let want = candle_nn::ops::layer_norm(
+            &Tensor::from_vec(x.clone(), (rows, d), &dev).unwrap(),
+            &Tensor::from_vec(w.clone(), d, &dev).unwrap(),
+            &Tensor::from_vec(b.clone(), d, &dev).unwrap(),
+            1e-5,
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let ours = layer_norm(&x, &w, &b, 1e-5);
+        for (a, b) in ours.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+        }
+    }
+
+    #[test]
+    fn linear_matches_candle_matmul() {
+        let (rows, i, o) = (67, 48, 40);
+        let x = rand_vec(rows * i, 8);
+        let w = rand_vec(o * i, 9);
+        let b = rand_vec(o, 10);
+        let dev = candle_core::Device::Cpu;
+        let want = crate::model::ops::linear(
+            &Tensor::from_vec(x.clone(), (rows, i), &dev).unwrap(),
+            &Tensor::from_vec(w.clone(), (o, i), &dev).unwrap(),
+            Some(&Tensor::from_vec(b.clone(), o, &dev).unwrap()),
+        )
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+        let ours = linear(&x, &w, Some(&b), i, o);
+        for (a, b) in ours.iter().zip(&want) {
+            assert!((a - b).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+
+    /// A tiny random encoder (trainable weights) of either architecture.
+    fn tiny_encoder(esm: bool, act: &str) -> (crate::model::Encoder, crate::model::ParamStore) {
+        let mut cfg = crate::model::scratch_config("tiny").unwrap();
+        cfg.hidden_act = act.into();
+        if esm {
+            cfg.model_type = "esm".into();
+            cfg.vocab_size = 33;
+            cfg.layer_norm_eps = 1e-5;
+            cfg.position_embedding_type = "rotary".into();
+            cfg.token_dropout = true;
+            cfg.mask_token_id = Some(32);
+            cfg.emb_layer_norm_before = Some(true);
+        }
+        // Larger weights than the 0.02 default so attention is far from uniform.
+        cfg.initializer_range = 0.3;
+        let store = crate::model::ParamStore::new(
+            Default::default(),
+            "test",
+            7,
+            &candle_core::Device::Cpu,
+            candle_core::DType::F32,
+        );
+        let enc = crate::model::Encoder::new(&store.initialising(), &cfg).unwrap();
+        (enc, store)
+    }
+
+    /// The packed path (detached weights) against the general differentiable path on a
+    /// padded batch of different lengths, on real tokens (padding outputs are unspecified).
+    fn packed_matches_general(esm: bool, act: &str) {
+        let (enc, _store) = tiny_encoder(esm, act);
+        let lengths = [9usize, 40, 2, 23];
+        let t = 40;
+        let mut ids = vec![0u32; lengths.len() * t];
+        let mut mask = vec![0f32; lengths.len() * t];
+        for (r, &len) in lengths.iter().enumerate() {
+            for j in 0..len {
+                // Token 32 is ESM's <mask>: exercises the token-dropout rescaling.
+                ids[r * t + j] = if esm && j % 7 == 3 {
+                    32
+                } else {
+                    2 + ((r * 5 + j * 3) % 25) as u32
+                };
+                mask[r * t + j] = 1.0;
+            }
+        }
+        let dev = candle_core::Device::Cpu;
+        let ids = Tensor::from_vec(ids, (lengths.len(), t), &dev).unwrap();
+        let mask = Tensor::from_vec(mask, (lengths.len(), t), &dev).unwrap();
+        let general = enc.forward(&ids, &mask, None).unwrap();
+        let packed = enc.detached().forward(&ids, &mask, None).unwrap();
+        assert_eq!(general.dims(), packed.dims());
+        let g: Vec<Vec<Vec<f32>>> = general.to_vec3().unwrap();
+        let p: Vec<Vec<Vec<f32>>> = packed.to_vec3().unwrap();
+        for (r, &len) in lengths.iter().enumerate() {
+            let a: Vec<f32> = g[r][..len].concat();
+            let b: Vec<f32> = p[r][..len].concat();
+            let num: f64 = a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| ((x - y) as f64).powi(2))
+                .sum();
+            let den: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum();
+            let err = (num / den).sqrt();
+            assert!(
+                err < 1e-5,
+                "esm={esm} act={act} row {r}: relative error {err:e}"
+            );
+        }
+    }
+
+    #[test]
+    fn packed_esm_matches_general_path() {
+        packed_matches_general(true, "gelu");
+    }
+
+    #[test]
+    fn packed_bert_matches_general_path() {
+        packed_matches_general(false, "gelu");
+        packed_matches_general(false, "gelu_new");
+        packed_matches_general(false, "relu");
+    }
+
+    #[test]
+    fn general_path_when_mask_not_prefix() {
+        // A mask with a hole cannot be packed: the general path must handle it (and give
+        // the trainable-weight path's result; detached LayerNorm uses candle's fused kernel,
+        // hence a rounding-level tolerance rather than equality).
+        let (enc, _store) = tiny_encoder(true, "gelu");
+        let dev = candle_core::Device::Cpu;
+        let ids = Tensor::new(&[[2u32, 5, 6, 7, 3]], &dev).unwrap();
+        let mask = Tensor::new(&[[1f32, 1., 0., 1., 1.]], &dev).unwrap();
+        let a = enc.forward(&ids, &mask, None).unwrap();
+        let b = enc.detached().forward(&ids, &mask, None).unwrap();
+        let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
+    }
+
+    #[test]
+    fn prefix_lengths_accepts_only_prefix_masks() {
+        assert_eq!(
+            prefix_lengths(&[vec![1., 1., 0.], vec![1., 1., 1.]]),
+            Some(vec![2, 3])
+        );
+        assert_eq!(prefix_lengths(&[vec![1., 0., 1.]]), None);
+    }
+}
