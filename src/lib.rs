@@ -10,6 +10,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod demo;
+pub mod dist;
 pub mod eval;
 pub mod infer;
 pub mod model;

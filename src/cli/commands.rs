@@ -204,6 +204,10 @@ pub struct TrainCmd {
     /// Train on a seeded, stratified sample of N training records (test records untouched).
     #[arg(long, value_name = "N")]
     pub train_sample: Option<usize>,
+    /// Transport between processes when started by a launcher (mpirun, srun, torchrun-style
+    /// RANK/WORLD_SIZE); --batch-size is then per process. Ignored in a single process.
+    #[arg(long, value_enum, default_value_t = crate::dist::Backend::Auto, env = "PROTLOC_DIST_BACKEND")]
+    pub dist_backend: crate::dist::Backend,
 }
 
 #[derive(Args, Debug)]
@@ -425,6 +429,13 @@ pub fn run(cli: Cli) -> Result<()> {
     if let Some(n) = cli.threads {
         // Read by candle's GEMM and by rayon when their pools start.
         std::env::set_var("RAYON_NUM_THREADS", n.max(1).to_string());
+    } else if std::env::var_os("RAYON_NUM_THREADS").is_none() {
+        // Several ranks on one node: share the cores instead of each taking all of them.
+        let local = crate::dist::local_ranks(|k| std::env::var(k).ok()).filter(|&n| n > 1);
+        if let Some(n) = local {
+            let cores = std::thread::available_parallelism().map_or(1, |c| c.get());
+            std::env::set_var("RAYON_NUM_THREADS", (cores / n).max(1).to_string());
+        }
     }
     match cli.command {
         Command::Data(DataCommand::Stats(c)) => data_stats(c),
@@ -484,8 +495,27 @@ fn data_stats(c: StatsCmd) -> Result<()> {
 }
 
 fn train(c: TrainCmd) -> Result<()> {
+    let comm = crate::dist::init(c.dist_backend)?;
+    match train_on(c, comm.as_ref()) {
+        Err(e) if comm.world_size() > 1 => {
+            // Returning would finalize this rank while the others wait for it in the next
+            // collective: end the whole job instead, after saying why.
+            eprintln!("error (rank {} of {}): {e}", comm.rank(), comm.world_size());
+            for cause in e.chain().skip(1) {
+                eprintln!("  caused by: {cause}");
+            }
+            comm.abort(1)
+        }
+        r => r,
+    }
+}
+
+fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     if let Some(run_dir) = c.resume {
-        let summary = crate::train::resume(&run_dir)?;
+        let summary = crate::train::resume_with(&run_dir, comm)?;
+        if !comm.is_root() {
+            return Ok(());
+        }
         crate::train::plot_curves(&run_dir, &summary)?;
         eprintln!(
             "finished {} steps; best epoch {} in {}",
@@ -534,7 +564,10 @@ fn train(c: TrainCmd) -> Result<()> {
     args.multi_label = c.multi_label;
     args.partition = c.partition;
     args.train_sample = c.train_sample;
-    let summary = crate::train::train(&args)?;
+    let summary = crate::train::train_with(&args, comm)?;
+    if !comm.is_root() {
+        return Ok(());
+    }
     crate::train::plot_curves(&args.output, &summary)?;
     eprintln!(
         "trained {} of {} parameters for {} steps on {} proteins ({} validation); best epoch {} saved to {}",
@@ -565,7 +598,10 @@ fn report(c: ReportCmd) -> Result<()> {
             })?;
             std::fs::create_dir_all(&out_dir)
                 .with_context(|| format!("cannot create {}", out_dir.display()))?;
-            crate::artifacts::write_atomic(&eval_path, serde_json::to_string_pretty(&e)?.as_bytes())?;
+            crate::artifacts::write_atomic(
+                &eval_path,
+                serde_json::to_string_pretty(&e)?.as_bytes(),
+            )?;
             Some(e)
         }
         None if eval_path.is_file() => {
@@ -608,7 +644,10 @@ fn eval(c: EvalCmd) -> Result<()> {
             "accuracy {:.4}  Jaccard {:.4}  micro-F1 {:.4}  macro-F1 {:.4}",
             m.accuracy, m.jaccard, m.micro_f1, m.macro_f1
         );
-        println!("{:<24} {:>7} {:>7} {:>8} {:>9}", "location", "MCC", "F1", "support", "threshold");
+        println!(
+            "{:<24} {:>7} {:>7} {:>8} {:>9}",
+            "location", "MCC", "F1", "support", "threshold"
+        );
         for l in &m.per_label {
             println!(
                 "{:<24} {:>7.3} {:>7.3} {:>8} {:>9.2}",

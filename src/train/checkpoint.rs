@@ -59,6 +59,10 @@ pub struct LoopState {
     /// order is recomputed from it on resume).
     pub epoch_rng: RngState,
     pub dropout_rng: RngState,
+    /// Data-parallel runs: each rank's dropout-RNG word position (rank r draws from stream
+    /// r of `dropout_rng`'s seed), so a resumed run continues every rank's stream.
+    #[serde(default)]
+    pub rank_dropout_pos: Vec<String>,
     pub loss_sum: f64,
     pub loss_n: usize,
     /// Consecutive optimizer steps skipped for non-finite loss or gradients.

@@ -218,7 +218,15 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             schedule.lr(step.saturating_sub(1)),
             &t0,
         );
-        record_epoch(&model, args, &metrics_path, m, &mut history, &mut best)?;
+        record_epoch(
+            &model,
+            args,
+            true,
+            &metrics_path,
+            m,
+            &mut history,
+            &mut best,
+        )?;
         if stop {
             break 'epochs;
         }
@@ -232,6 +240,11 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         val_records: val_recs.len(),
         trainable_parameters: trainable,
         total_parameters: total_params,
+        // One process; the head's epochs are not timed apart from validation here.
+        world_size: 1,
+        train_loop_s: t0.elapsed().as_secs_f64(),
+        comm_s: 0.0,
+        comm_wait_s: 0.0,
     })
 }
 

@@ -16,6 +16,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::data::{self, ReadOptions, Record};
+use crate::dist::{Collective, Local};
 use crate::infer::{self, BatchLimits};
 use crate::model::{self, HeadKind, Pool, SequenceClassifier, TaskConfig};
 use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
@@ -88,6 +89,10 @@ pub struct TrainArgs {
     /// are not touched; the validation split is taken from the sample).
     #[serde(default)]
     pub train_sample: Option<usize>,
+    /// Processes the run was trained on (data-parallel ranks); `batch_size` is per rank.
+    /// Filled in when the run starts; a resumed run must use the same number.
+    #[serde(default = "default_world_size")]
+    pub world_size: usize,
     /// Set by [`resume`]: the checkpoint to continue from.
     #[serde(skip)]
     pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
@@ -107,6 +112,10 @@ fn default_keep_last() -> usize {
 
 fn default_max_bad_steps() -> usize {
     5
+}
+
+fn default_world_size() -> usize {
+    1
 }
 
 impl TrainArgs {
@@ -148,6 +157,7 @@ impl TrainArgs {
             multi_label: false,
             partition: None,
             train_sample: None,
+            world_size: 1,
             resume_from: None,
         }
     }
@@ -287,6 +297,16 @@ pub struct TrainSummary {
     pub val_records: usize,
     pub trainable_parameters: usize,
     pub total_parameters: usize,
+    /// Data-parallel ranks the run used.
+    pub world_size: usize,
+    /// Seconds spent in the batch loops (forward, backward, communication, update).
+    pub train_loop_s: f64,
+    /// Of those, seconds in (or waiting for) collectives with the other ranks.
+    pub comm_s: f64,
+    /// Of `comm_s`, seconds spent waiting for slower ranks rather than moving gradients
+    /// (measured with a barrier before each gradient all-reduce when PROTLOC_DIST_PROFILE is
+    /// set; otherwise only the small per-batch reductions count here).
+    pub comm_wait_s: f64,
 }
 
 /// Encoded proteins and their class indices, kept apart so the encodings can be handed to
@@ -303,6 +323,21 @@ impl Examples {
 
     fn is_empty(&self) -> bool {
         self.enc.is_empty()
+    }
+
+    /// Every `world`-th example starting at `rank` (a rank's share of validation).
+    fn shard(&self, rank: usize, world: usize) -> Examples {
+        let keep = |i: &usize| i % world == rank;
+        Examples {
+            enc: (0..self.len())
+                .filter(keep)
+                .map(|i| self.enc[i].clone())
+                .collect(),
+            targets: (0..self.len())
+                .filter(keep)
+                .map(|i| self.targets[i].clone())
+                .collect(),
+        }
     }
 }
 
@@ -371,6 +406,12 @@ fn is_frozen(name: &str, prefix: &str, n: usize) -> bool {
 /// Continues the run in `run_dir` from its newest intact checkpoint, with the arguments
 /// it was started with (`training_args.json`).
 pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
+    resume_with(run_dir, &Local)
+}
+
+/// [`resume`] as one rank of a data-parallel job: every rank reads the run directory (it
+/// must be on a file system they share) and must be started with the same world size.
+pub fn resume_with(run_dir: &std::path::Path, comm: &dyn Collective) -> Result<TrainSummary> {
     let path = run_dir.join("training_args.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read; is this a run directory?", path.display()))?;
@@ -384,7 +425,15 @@ pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
             run_dir.display()
         );
     }
-    train(&args)
+    if args.world_size != comm.world_size() {
+        bail!(
+            "{}: the run was trained on {} process(es); resume it with the same number (now {})",
+            run_dir.display(),
+            args.world_size,
+            comm.world_size()
+        );
+    }
+    train_with(&args, comm)
 }
 
 /// Reads the data and splits it: (all records, training indices, validation indices). Test
@@ -449,10 +498,31 @@ pub(crate) fn prepare_data(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize
     Ok((dataset, train_idx, val_idx))
 }
 
-/// Runs `protloc train`.
+/// Runs `protloc train` in this process alone.
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
+    train_with(args, &Local)
+}
+
+/// Runs `protloc train` as one rank of a data-parallel job (or alone, with [`Local`]).
+///
+/// Every rank holds the whole model and walks the same seeded epoch order of *global*
+/// batches of `batch_size x world_size` proteins; rank r computes every world-th member of
+/// each. Gradients are summed across ranks, each rank having weighted its own by its share
+/// of the global batch, so the update is the one a single process would take with the
+/// global batch (up to floating-point summation order), and every rank takes it. Only
+/// rank 0 writes files.
+pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummary> {
     args.validate()?;
+    let world = comm.world_size();
+    let rank = comm.rank();
+    let root = comm.is_root();
     if args.frozen {
+        if world > 1 {
+            bail!(
+                "--frozen trains only a head on cached embeddings (minutes per epoch): run it as \
+                 one process, not under a launcher ({world} ranks here)"
+            );
+        }
         return frozen::train(args);
     }
     let device = Device::Cpu;
@@ -521,6 +591,19 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         membrane,
     };
 
+    if world > 1 {
+        // Before any real work is shared: a rank started with other arguments or another
+        // copy of the data would otherwise train silently on a different problem.
+        let fingerprint = serde_json::json!({
+            "args": serde_json::to_value(args)?,
+            "data_digest": crate::dist::file_digest(&args.data)?,
+            "resume_step": args.resume_from.as_ref().map(|c| c.state.step),
+            "world_size": world,
+            "protloc_version": env!("CARGO_PKG_VERSION"),
+        });
+        crate::dist::check_same_config(comm, &fingerprint)?;
+    }
+
     // Optimizer.
     let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
     let mut params = Vec::new();
@@ -544,9 +627,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
     let mut opt = AdamW::new(AdamWConfig::default(), params)?;
+    // Optimizer steps count global batches: the schedule is the same on every rank and the
+    // same as a single process with the global batch size.
+    let global_batch = args.batch_size * world;
     let steps_per_epoch = train_set
         .len()
-        .div_ceil(args.batch_size)
+        .div_ceil(global_batch)
         .div_ceil(args.grad_accum);
     let mut total_steps = steps_per_epoch * args.epochs;
     if let Some(m) = args.max_steps {
@@ -558,13 +644,26 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         total_steps,
     };
 
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("cannot create {}", args.output.display()))?;
-    crate::artifacts::write_atomic(
-        &args.output.join("training_args.json"),
-        serde_json::to_string_pretty(args)?.as_bytes(),
-    )?;
+    if root {
+        std::fs::create_dir_all(&args.output)
+            .with_context(|| format!("cannot create {}", args.output.display()))?;
+        let mut saved = args.clone();
+        saved.world_size = world;
+        crate::artifacts::write_atomic(
+            &args.output.join("training_args.json"),
+            serde_json::to_string_pretty(&saved)?.as_bytes(),
+        )?;
+    }
     let metrics_path = args.output.join("metrics.jsonl");
+    if world > 1 && root {
+        tracing::info!(
+            ranks = world,
+            backend = comm.backend(),
+            per_rank_batch = args.batch_size,
+            global_batch,
+            "data-parallel training"
+        );
+    }
     tracing::info!(
         train = train_set.len(),
         val = val_set.len(),
@@ -600,25 +699,30 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             if !text.is_empty() {
                 text.push('\n');
             }
-            crate::artifacts::write_atomic(&metrics_path, text.as_bytes())?;
-            eprintln!(
-                "resuming from {} (epoch {}, step {})",
-                ckpt.dir.display(),
-                ckpt.state.epoch,
-                ckpt.state.step
-            );
+            if root {
+                crate::artifacts::write_atomic(&metrics_path, text.as_bytes())?;
+                eprintln!(
+                    "resuming from {} (epoch {}, step {})",
+                    ckpt.dir.display(),
+                    ckpt.state.epoch,
+                    ckpt.state.step
+                );
+            }
             ckpt.state.clone()
         }
         None => {
             // A new run starts a new log and no checkpoints.
-            let _ = std::fs::remove_file(&metrics_path);
-            let _ = std::fs::remove_dir_all(checkpoint::checkpoints_dir(&args.output));
+            if root {
+                let _ = std::fs::remove_file(&metrics_path);
+                let _ = std::fs::remove_dir_all(checkpoint::checkpoints_dir(&args.output));
+            }
             LoopState {
                 epoch: 1,
                 next_batch: 0,
                 step: 0,
                 epoch_rng: RngState::of(&ChaCha8Rng::seed_from_u64(args.seed)),
                 dropout_rng: RngState::of(&ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_d20f_u64)),
+                rank_dropout_pos: Vec::new(),
                 loss_sum: 0.0,
                 loss_n: 0,
                 bad_steps: 0,
@@ -627,9 +731,27 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             }
         }
     };
-    let mut dropout_rng = st.dropout_rng.restore()?;
-    let save_checkpoint = |st: &LoopState, opt: &AdamW| -> Result<()> {
+    // Rank 0's weights for everyone, whatever each rank loaded (see `broadcast_params`).
+    crate::dist::broadcast_params(comm, &model.base.store.vars())?;
+    let shapes: Vec<candle_core::Shape> =
+        opt.slots().iter().map(|s| s.var.shape().clone()).collect();
+    // This rank's share of the validation set, fixed for the whole run.
+    let val_shard = (world > 1).then(|| val_set.shard(rank, world));
+    let val_local = val_shard.as_ref().unwrap_or(&val_set);
+    let mut comm_s = 0f64;
+    let mut comm_wait_s = 0f64;
+    let mut train_loop_s = 0f64;
+    let profile = world > 1 && std::env::var_os("PROTLOC_DIST_PROFILE").is_some();
+    let mut dropout_rng = rank_dropout_rng(&st, rank, world)?;
+    let save_checkpoint = |st: &mut LoopState, opt: &AdamW, rng: &ChaCha8Rng| -> Result<()> {
         if args.save_every_steps == 0 {
+            return Ok(());
+        }
+        if world > 1 {
+            // Collective: every rank reaches the same save points.
+            st.rank_dropout_pos = gather_word_pos(comm, rng)?;
+        }
+        if !root {
             return Ok(());
         }
         let dir = checkpoint::save(
@@ -648,37 +770,99 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         let mut shuffle_rng = st.epoch_rng.restore()?;
         let mut order: Vec<usize> = (0..train_set.len()).collect();
         order.shuffle(&mut shuffle_rng);
-        let batches = BatchPlan::bucketed(&order, &lengths, args.batch_size, 50, &mut shuffle_rng);
+        // The same global batches on every rank (same seed, same data).
+        let batches = BatchPlan::bucketed(&order, &lengths, global_batch, 50, &mut shuffle_rng);
         let next_epoch_rng = RngState::of(&shuffle_rng);
-        let pb = crate::progress::bar(
-            batches.len() as u64,
-            &format!("epoch {epoch}/{}", args.epochs),
-            "batches",
-        );
+        let pb = if root {
+            crate::progress::bar(
+                batches.len() as u64,
+                &format!("epoch {epoch}/{}", args.epochs),
+                "batches",
+            )
+        } else {
+            indicatif::ProgressBar::hidden()
+        };
+        let loop_start = Instant::now();
         pb.set_position(st.next_batch as u64);
         let mut acc: Vec<Option<Tensor>> = vec![None; opt.slots().len()];
         let mut stop = false;
         for bi in st.next_batch..batches.len() {
-            let group = &batches[bi];
-            let items: Vec<&Encoded> = group.iter().map(|&i| &train_set.enc[i]).collect();
-            let targets: Vec<&Target> = group.iter().map(|&i| &train_set.targets[i]).collect();
-            let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &device)?;
-            let out = model.forward_all(&batch, Some(&mut dropout_rng))?;
-            let (loss, loss_value) = objective.loss(&out, &targets)?;
+            let global = &batches[bi];
+            let group = crate::dist::rank_slice(global, rank, world);
+            // A rank can get no member of a ragged last global batch; it still takes part
+            // in every collective below.
+            let (loss, loss_value) = if group.is_empty() {
+                (None, 0.0)
+            } else {
+                let items: Vec<&Encoded> = group.iter().map(|&i| &train_set.enc[i]).collect();
+                let targets: Vec<&Target> = group.iter().map(|&i| &train_set.targets[i]).collect();
+                let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &device)?;
+                let out = model.forward_all(&batch, Some(&mut dropout_rng))?;
+                let (loss, value) = objective.loss(&out, &targets)?;
+                (Some(loss), value)
+            };
             let boundary = (bi + 1) % args.grad_accum == 0 || bi + 1 == batches.len();
-            let mut bad = !loss_value.is_finite();
+            // [non-finite flag, loss sum, examples], summed over ranks so that all agree on
+            // skipping and log the global training loss.
+            let local_bad = !loss_value.is_finite();
+            let mut stats = [
+                f64::from(u8::from(local_bad)),
+                if local_bad {
+                    0.0
+                } else {
+                    loss_value * group.len() as f64
+                },
+                group.len() as f64,
+            ];
+            if world > 1 {
+                // Three numbers: the time is latency and waiting for the other ranks'
+                // forward passes.
+                let t = Instant::now();
+                comm.all_reduce_sum_f64(&mut stats)?;
+                let dt = t.elapsed().as_secs_f64();
+                comm_s += dt;
+                comm_wait_s += dt;
+            }
+            let mut bad = stats[0] > 0.0;
             if !bad {
-                st.loss_sum += loss_value * group.len() as f64;
-                st.loss_n += group.len();
-                let grads = (loss / args.grad_accum as f64)?.backward()?;
-                for (a, g) in acc.iter_mut().zip(opt.collect_grads(&grads)) {
-                    if let Some(g) = g {
-                        optim::accumulate(a, &g)?;
+                st.loss_sum += stats[1];
+                st.loss_n += stats[2] as usize;
+                if let Some(loss) = loss {
+                    // The global batch's mean loss is sum over ranks of (local mean x local
+                    // share): weight by examples, not by ranks, so a ragged last batch
+                    // counts each protein once.
+                    let scaled = if world == 1 {
+                        (loss / args.grad_accum as f64)?
+                    } else {
+                        let share = group.len() as f64 / global.len() as f64;
+                        (loss * (share / args.grad_accum as f64))?
+                    };
+                    let grads = scaled.backward()?;
+                    for (a, g) in acc.iter_mut().zip(opt.collect_grads(&grads)) {
+                        if let Some(g) = g {
+                            optim::accumulate(a, &g)?;
+                        }
                     }
                 }
             }
             if boundary {
-                let step_grads: Vec<Option<Tensor>> = acc.iter_mut().map(Option::take).collect();
+                let mut step_grads: Vec<Option<Tensor>> =
+                    acc.iter_mut().map(Option::take).collect();
+                if !bad && world > 1 {
+                    if profile {
+                        // Separates waiting for the slowest backward pass from the transfer.
+                        let t = Instant::now();
+                        comm.barrier()?;
+                        let dt = t.elapsed().as_secs_f64();
+                        comm_s += dt;
+                        comm_wait_s += dt;
+                    }
+                    let t = Instant::now();
+                    crate::dist::all_reduce_grads(comm, &mut step_grads, &shapes)?;
+                    comm_s += t.elapsed().as_secs_f64();
+                }
+                // The norm of the summed gradient: the same on every rank, so every rank
+                // clips (and skips) alike.
                 let norm = if bad {
                     f64::NAN
                 } else {
@@ -715,7 +899,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
                     && st.step % args.save_every_steps == 0
                     && !stop
                 {
-                    save_checkpoint(&st, &opt)?;
+                    save_checkpoint(&mut st, &opt, &dropout_rng)?;
                 }
             }
             pb.inc(1);
@@ -723,10 +907,13 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
                 break;
             }
         }
+        train_loop_s += loop_start.elapsed().as_secs_f64();
         pb.finish_and_clear();
         let m = finish_epoch(
             &model,
-            &val_set,
+            comm,
+            val_local,
+            val_set.len(),
             limits,
             epoch,
             st.step,
@@ -737,6 +924,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         record_epoch(
             &model,
             args,
+            root,
             &metrics_path,
             m,
             &mut st.history,
@@ -749,7 +937,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         st.loss_n = 0;
         st.dropout_rng = RngState::of(&dropout_rng);
         // Epoch ends are natural resume points; the final one records the finished run.
-        save_checkpoint(&st, &opt)?;
+        save_checkpoint(&mut st, &opt, &dropout_rng)?;
         if stop {
             break 'epochs;
         }
@@ -758,6 +946,16 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let best = st.best;
 
     let best_epoch = best.map_or(history.len(), |b| b.2);
+    if root && st.step > 0 {
+        tracing::info!(
+            ranks = world,
+            steps = st.step,
+            s_per_step = format!("{:.3}", train_loop_s / st.step as f64),
+            comm_share = format!("{:.1}%", 100.0 * comm_s / train_loop_s.max(1e-9)),
+            waiting_share = format!("{:.1}%", 100.0 * comm_wait_s / train_loop_s.max(1e-9)),
+            "training loop"
+        );
+    }
     Ok(TrainSummary {
         epochs: history,
         best_epoch,
@@ -766,13 +964,59 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         val_records: val_set.len(),
         trainable_parameters: trainable,
         total_parameters: total_params,
+        world_size: world,
+        train_loop_s,
+        comm_s,
+        comm_wait_s,
     })
+}
+
+/// Validation metrics over the whole validation set (`val_total` proteins) from this rank's
+/// share `val` of it: sums of loss, hits and count are added up across ranks.
+/// This rank's dropout RNG: rank r draws from stream r of the run's dropout seed, so ranks
+/// do not drop the same units (rank 0's stream is the single-process one).
+fn rank_dropout_rng(st: &LoopState, rank: usize, world: usize) -> Result<ChaCha8Rng> {
+    let mut rng = st.dropout_rng.restore()?;
+    if world > 1 && rank > 0 {
+        rng.set_stream(rank as u64);
+        let pos: u128 = match st.rank_dropout_pos.get(rank) {
+            Some(p) => p.parse().context("corrupt dropout RNG position")?,
+            // Fresh run: start of the stream. A checkpoint of a data-parallel run always
+            // has every rank's position.
+            None if st.step == 0 && st.next_batch == 0 => 0,
+            None => bail!("the checkpoint lacks rank {rank}'s dropout RNG position"),
+        };
+        rng.set_word_pos(pos);
+    }
+    Ok(rng)
+}
+
+/// Every rank's RNG word position, gathered through a sum of disjoint 32-bit limbs (exact
+/// in f64).
+fn gather_word_pos(comm: &dyn Collective, rng: &ChaCha8Rng) -> Result<Vec<String>> {
+    let (world, rank) = (comm.world_size(), comm.rank());
+    let mut buf = vec![0f64; 4 * world];
+    let pos = rng.get_word_pos();
+    for k in 0..4 {
+        buf[4 * rank + k] = ((pos >> (32 * k)) & 0xffff_ffff) as f64;
+    }
+    comm.all_reduce_sum_f64(&mut buf)?;
+    Ok((0..world)
+        .map(|r| {
+            (0..4)
+                .map(|k| (buf[4 * r + k] as u128) << (32 * k))
+                .sum::<u128>()
+                .to_string()
+        })
+        .collect())
 }
 
 #[allow(clippy::too_many_arguments)]
 fn finish_epoch(
     model: &SequenceClassifier,
+    comm: &dyn Collective,
     val: &Examples,
+    val_total: usize,
     limits: BatchLimits,
     epoch: usize,
     step: usize,
@@ -780,15 +1024,47 @@ fn finish_epoch(
     lr: f64,
     t0: &Instant,
 ) -> Result<EpochMetrics> {
-    let metrics = if val.is_empty() {
+    let metrics = if val_total == 0 {
         None
     } else {
-        let out = infer::head_outputs(model, &val.enc, limits, None)?;
-        Some(validation_metrics(
-            &out.probabilities,
-            out.membrane.as_deref(),
-            &val.targets,
-        ))
+        let local = if val.is_empty() {
+            None
+        } else {
+            let out = infer::head_outputs(model, &val.enc, limits, None)?;
+            Some(validation_metrics(
+                &out.probabilities,
+                out.membrane.as_deref(),
+                &val.targets,
+            ))
+        };
+        if comm.world_size() == 1 {
+            local
+        } else {
+            // Back from this shard's means to sums (hits are whole numbers), added up over
+            // ranks: [loss, hits, proteins, membrane hits, proteins with a membrane flag].
+            let n = val.len() as f64;
+            let known = val.targets.iter().filter(|t| t.membrane.is_some()).count() as f64;
+            let mut sums = match local {
+                Some(m) => [
+                    m.loss * n,
+                    (m.accuracy * n).round(),
+                    n,
+                    m.membrane_accuracy.map_or(0.0, |a| (a * known).round()),
+                    if m.membrane_accuracy.is_some() {
+                        known
+                    } else {
+                        0.0
+                    },
+                ],
+                None => [0.0; 5],
+            };
+            comm.all_reduce_sum_f64(&mut sums)?;
+            Some(ValidationMetrics {
+                loss: sums[0] / sums[2],
+                accuracy: sums[1] / sums[2],
+                membrane_accuracy: (sums[4] > 0.0).then(|| sums[3] / sums[4]),
+            })
+        }
     };
     Ok(EpochMetrics::new(epoch, step, train_loss, metrics, lr, t0))
 }
@@ -796,24 +1072,30 @@ fn finish_epoch(
 /// Prints the metric lines (in the reference's exact wording), logs JSON, keeps the best
 /// checkpoint (highest validation accuracy, ties broken by lower validation loss; without a
 /// validation set the latest epoch is kept).
+///
+/// Every rank keeps the same bookkeeping (it goes into checkpoints); only `root` prints
+/// and writes.
 fn record_epoch(
     model: &SequenceClassifier,
     args: &TrainArgs,
+    root: bool,
     metrics_path: &std::path::Path,
     m: EpochMetrics,
     history: &mut Vec<EpochMetrics>,
     best: &mut Option<(f64, f64, usize)>,
 ) -> Result<()> {
-    println!("Epoch {} (step {}):", m.epoch, m.step);
-    println!("Training Loss: {}", m.train_loss);
-    if let (Some(acc), Some(loss)) = (m.val_accuracy, m.val_loss) {
-        println!("Validation Accuracy: {acc}");
-        println!("Validation loss: {loss}");
+    if root {
+        println!("Epoch {} (step {}):", m.epoch, m.step);
+        println!("Training Loss: {}", m.train_loss);
+        if let (Some(acc), Some(loss)) = (m.val_accuracy, m.val_loss) {
+            println!("Validation Accuracy: {acc}");
+            println!("Validation loss: {loss}");
+        }
+        if let Some(q2) = m.val_membrane_accuracy {
+            println!("Validation membrane accuracy (Q2): {q2}");
+        }
+        crate::artifacts::append_json_line(metrics_path, &serde_json::to_value(&m)?)?;
     }
-    if let Some(q2) = m.val_membrane_accuracy {
-        println!("Validation membrane accuracy (Q2): {q2}");
-    }
-    crate::artifacts::append_json_line(metrics_path, &serde_json::to_value(&m)?)?;
     let key = (
         m.val_accuracy.unwrap_or(0.0),
         -m.val_loss.unwrap_or(0.0),
@@ -825,20 +1107,22 @@ fn record_epoch(
             None => true,
             Some(b) => m.val_accuracy.is_none() || (key.0, key.1) > (b.0, b.1),
         };
-    if !finite {
+    if !finite && root {
         tracing::warn!(
             epoch = m.epoch,
             "non-finite losses: this epoch's model is not saved"
         );
     }
     if improved {
-        model.save(&args.output)?;
         *best = Some(key);
-        tracing::info!(
-            epoch = m.epoch,
-            "saved best model to {}",
-            args.output.display()
-        );
+        if root {
+            model.save(&args.output)?;
+            tracing::info!(
+                epoch = m.epoch,
+                "saved best model to {}",
+                args.output.display()
+            );
+        }
     }
     history.push(m);
     Ok(())
