@@ -161,13 +161,11 @@ fn train(a: &Args) -> Result<serde_json::Value> {
     let base = load_base(model_dir, 0, &Device::Cpu)?;
     let labels = protloc::train::default_labels();
     let task = TaskConfig {
-        labels: labels.clone(),
         pool: Pool::Cls,
         truncate: Truncation::HeadTail,
         max_residues: t - 2,
         head_dropout: 0.1,
-        base_model: model_dir.into(),
-        protloc_version: "bench".into(),
+        ..TaskConfig::new(labels.clone(), model_dir)
     };
     let pad = base.tokenizer.pad_id;
     let enc = synthetic(&base.tokenizer, b, t);

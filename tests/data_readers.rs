@@ -559,7 +559,10 @@ fn multi_label_csv_with_partitions() {
     assert_eq!(ds.records[1].location.as_deref(), Some("Cell.membrane"));
     assert_eq!(ds.records[1].partition, Some(0));
     let err = read_dataset(f.path(), LABELED).unwrap_err().to_string();
-    assert!(err.contains(":2:") && err.contains("--multi-label"), "{err}");
+    assert!(
+        err.contains(":2:") && err.contains("--multi-label"),
+        "{err}"
+    );
     let bad = file(".csv", "id,sequence,label\nP1,MKV,Cytoplasm|Moon\n");
     let err = read_dataset(bad.path(), multi).unwrap_err().to_string();
     assert!(err.contains("Moon") && err.contains(":2:"), "{err}");

@@ -73,7 +73,16 @@ fn cache_round_trip_reuse_resume_and_invalidation() {
     assert_eq!(mask[0].iter().sum::<f32>() as usize, SEQS[0].len());
     assert_eq!(mask[1].iter().sum::<f32>() as usize, 100);
     let pad_row = batch.x.get(0).unwrap().get(SEQS[0].len()).unwrap();
-    assert_eq!(pad_row.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+    assert_eq!(
+        pad_row
+            .abs()
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap(),
+        0.0
+    );
 
     // Reuse: everything is cached, nothing is embedded again.
     drop(cache);
@@ -105,7 +114,10 @@ fn cache_round_trip_reuse_resume_and_invalidation() {
         encoder_fingerprint: "crc32:00000000:0".into(),
         ..spec
     };
-    assert_ne!(changed, CacheSpec::for_model(&base, 100, Truncation::HeadTail).unwrap());
+    assert_ne!(
+        changed,
+        CacheSpec::for_model(&base, 100, Truncation::HeadTail).unwrap()
+    );
 }
 
 /// The fingerprint changes when any encoder weight changes.
@@ -156,7 +168,10 @@ fn heads_learn_on_cached_embeddings() {
             "{head:?}: training loss {first} -> {last} did not fall"
         );
         let m = summary.epochs.last().unwrap();
-        assert!(m.val_membrane_accuracy.is_some(), "{head:?}: no Q2 reported");
+        assert!(
+            m.val_membrane_accuracy.is_some(),
+            "{head:?}: no Q2 reported"
+        );
         assert!(out.join("embedding_cache/manifest.json").is_file());
 
         // The run directory is a complete model with the same head.
@@ -168,9 +183,10 @@ fn heads_learn_on_cached_embeddings() {
         assert!(!cache.is_empty(), "{head:?}: cache was discarded on reopen");
         let seq = "MKKLLPTAAAGLLLLAAQPAMAKDEL";
         cache.fill(&model.base, &[seq], limits(), None).unwrap();
-        let (cached, membrane) =
+        let cached =
             protloc::train::frozen::cached_outputs(&model, &mut cache, &[seq], &Device::Cpu)
                 .unwrap();
+        let (cached, membrane) = (cached.probabilities, cached.membrane);
         let enc = model.base.tokenizer.encode(seq, 120, Truncation::HeadTail);
         let direct = protloc::infer::head_outputs(&model, &[enc], limits(), None).unwrap();
         for (a, b) in cached[0].iter().zip(&direct.probabilities[0]) {

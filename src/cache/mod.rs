@@ -296,7 +296,12 @@ impl EmbeddingCache {
             .iter()
             .map(|s| self.get(s))
             .collect::<Result<_>>()?;
-        let lmax = rows.iter().map(|r| r.len() / hidden).max().unwrap_or(0).max(1);
+        let lmax = rows
+            .iter()
+            .map(|r| r.len() / hidden)
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let b = rows.len();
         let mut x = vec![0f32; b * lmax * hidden];
         let mut mask = vec![0f32; b * lmax];

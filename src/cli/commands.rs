@@ -44,7 +44,7 @@ pub enum Command {
     #[command(subcommand)]
     Data(DataCommand),
     /// Fine-tune a model on labelled proteins (DeepLoc FASTA or id,sequence,label CSV/TSV).
-    Train(TrainCmd),
+    Train(Box<TrainCmd>),
     /// Score a trained model: accuracy (Q10), MCC, per-class P/R/F1, confusion matrix.
     Eval(EvalCmd),
     /// Predict the location of every protein in a FASTA/CSV/TSV file (streams; any size).
@@ -439,7 +439,7 @@ pub fn run(cli: Cli) -> Result<()> {
     }
     match cli.command {
         Command::Data(DataCommand::Stats(c)) => data_stats(c),
-        Command::Train(c) => train(c),
+        Command::Train(c) => train(*c),
         Command::Eval(c) => eval(c),
         Command::Report(c) => report(c),
         Command::Predict(c) => predict(c),

@@ -106,10 +106,7 @@ pub fn report(
         n,
         accuracy: ratio(exact as f64, n as f64),
         jaccard: ratio(jaccard, n as f64),
-        micro_f1: ratio(
-            2.0 * tp_all as f64,
-            (2 * tp_all + fp_all + fn_all) as f64,
-        ),
+        micro_f1: ratio(2.0 * tp_all as f64, (2 * tp_all + fp_all + fn_all) as f64),
         macro_f1: ratio(per_label.iter().map(|l| l.f1).sum(), c as f64),
         per_label,
     }
@@ -152,7 +149,9 @@ mod tests {
     use super::*;
 
     fn rows(v: &[&[u8]]) -> Vec<Vec<bool>> {
-        v.iter().map(|r| r.iter().map(|&b| b == 1).collect()).collect()
+        v.iter()
+            .map(|r| r.iter().map(|&b| b == 1).collect())
+            .collect()
     }
 
     /// Worked by hand:
@@ -205,6 +204,9 @@ mod tests {
         let r = report(&truth, &pred, &["x".into()], &th);
         assert_eq!((r.accuracy, r.per_label[0].mcc), (1.0, 1.0));
         // No positives at all: the default stays.
-        assert_eq!(tune_thresholds(&rows(&[&[0], &[0]]), &probs[..2], 1), vec![0.5]);
+        assert_eq!(
+            tune_thresholds(&rows(&[&[0], &[0]]), &probs[..2], 1),
+            vec![0.5]
+        );
     }
 }

@@ -579,50 +579,6 @@ where
     Ok(())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn blues_endpoints_and_clamping() {
-        assert_eq!(blues(0.0), RGBColor(247, 251, 255));
-        assert_eq!(blues(1.0), RGBColor(8, 48, 107));
-        assert_eq!(blues(-3.0), blues(0.0));
-        assert_eq!(blues(7.0), blues(1.0));
-        assert_eq!(blues(f64::NAN), blues(0.0));
-    }
-
-    #[test]
-    fn padded_range_never_degenerate() {
-        assert_eq!(padded_range([].into_iter(), (0.0, 1.0)), (0.0, 1.0));
-        assert_eq!(padded_range([2.0].into_iter(), (0.0, 1.0)), (1.5, 2.5));
-        assert_eq!(padded_range([3.0, 1.0].into_iter(), (0.0, 1.0)), (1.0, 3.0));
-    }
-
-    #[test]
-    fn series_sorts_and_drops_non_finite() {
-        let p = |epoch, l| CurvePoint {
-            epoch,
-            train_loss: l,
-            val_loss: None,
-            val_accuracy: None,
-        };
-        let pts = [
-            p(2.0, Some(1.0)),
-            p(1.0, Some(2.0)),
-            p(3.0, Some(f64::NAN)),
-            p(4.0, None),
-        ];
-        assert_eq!(series(&pts, |p| p.train_loss), vec![(1.0, 2.0), (2.0, 1.0)]);
-    }
-
-    #[test]
-    fn fmt_epoch_whole_and_fractional() {
-        assert_eq!(fmt_epoch(3.0), "3");
-        assert_eq!(fmt_epoch(2.25), "2.25");
-    }
-}
-
 /// Size of the per-class F1 bar chart.
 pub const F1_PNG_SIZE: (u32, u32) = (900, 520);
 
@@ -693,4 +649,48 @@ pub fn plot_per_class_f1(report: &ClassificationReport, path: &Path) -> anyhow::
         root.present().map_err(draw_err)?;
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn blues_endpoints_and_clamping() {
+        assert_eq!(blues(0.0), RGBColor(247, 251, 255));
+        assert_eq!(blues(1.0), RGBColor(8, 48, 107));
+        assert_eq!(blues(-3.0), blues(0.0));
+        assert_eq!(blues(7.0), blues(1.0));
+        assert_eq!(blues(f64::NAN), blues(0.0));
+    }
+
+    #[test]
+    fn padded_range_never_degenerate() {
+        assert_eq!(padded_range([].into_iter(), (0.0, 1.0)), (0.0, 1.0));
+        assert_eq!(padded_range([2.0].into_iter(), (0.0, 1.0)), (1.5, 2.5));
+        assert_eq!(padded_range([3.0, 1.0].into_iter(), (0.0, 1.0)), (1.0, 3.0));
+    }
+
+    #[test]
+    fn series_sorts_and_drops_non_finite() {
+        let p = |epoch, l| CurvePoint {
+            epoch,
+            train_loss: l,
+            val_loss: None,
+            val_accuracy: None,
+        };
+        let pts = [
+            p(2.0, Some(1.0)),
+            p(1.0, Some(2.0)),
+            p(3.0, Some(f64::NAN)),
+            p(4.0, None),
+        ];
+        assert_eq!(series(&pts, |p| p.train_loss), vec![(1.0, 2.0), (2.0, 1.0)]);
+    }
+
+    #[test]
+    fn fmt_epoch_whole_and_fractional() {
+        assert_eq!(fmt_epoch(3.0), "3");
+        assert_eq!(fmt_epoch(2.25), "2.25");
+    }
 }

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::metrics::ClassificationReport;
 use super::multilabel::{self, MultiLabelReport};
-use crate::train::objective::{LocationTarget, Target};
 use crate::data::{self, ReadOptions, Record};
 use crate::infer::{self, BatchLimits};
 use crate::model::SequenceClassifier;
 use crate::tokenize::Encoded;
+use crate::train::objective::{LocationTarget, Target};
 
 /// Which records of the file to score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -165,8 +165,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
         records: chosen.len(),
         report,
         multi_label,
-        membrane_records: membrane_accuracy
-            .map(|_| truth.iter().filter(|t| t.is_some()).count()),
+        membrane_records: membrane_accuracy.map(|_| truth.iter().filter(|t| t.is_some()).count()),
         membrane_accuracy,
     })
 }
@@ -189,10 +188,5 @@ fn cached_predictions(
     let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
     cache.fill(&model.base, &seqs, limits, Some(&pb))?;
     pb.finish_and_clear();
-    let (probabilities, membrane) =
-        crate::train::frozen::cached_outputs(model, &mut cache, &seqs, &Device::Cpu)?;
-    Ok(infer::HeadPredictions {
-        probabilities,
-        membrane,
-    })
+    crate::train::frozen::cached_outputs(model, &mut cache, &seqs, &Device::Cpu)
 }

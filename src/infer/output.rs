@@ -44,7 +44,10 @@ pub struct Prediction<'a> {
     #[serde(serialize_with = "ser_probs")]
     pub probabilities: (&'a [String], &'a [f32]),
     /// Probability of being membrane-bound, for models with a membrane output.
-    #[serde(rename = "membrane_probability", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        rename = "membrane_probability",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub membrane: Option<f32>,
 }
 

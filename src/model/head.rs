@@ -33,9 +33,7 @@ pub enum Pool {
 }
 
 /// Which head architecture sits on the encoder.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeadKind {
     /// Dropout + linear on the pooled vector.
@@ -109,20 +107,21 @@ impl Head {
         let b = root.pp("classifier");
         let h = spec.input_dim;
         let (body, out, features) = match spec.kind {
-            HeadKind::Linear => (
-                Body::Pooled,
-                Linear::new(&b, h, spec.num_labels, 0.02)?,
-                h,
-            ),
+            HeadKind::Linear => (Body::Pooled, Linear::new(&b, h, spec.num_labels, 0.02)?, h),
             HeadKind::Mlp => (
                 Body::Mlp {
                     dense: Linear::new(&b.pp("dense"), h, spec.hidden, torch_std(h))?,
                 },
-                Linear::new(&b.pp("out"), spec.hidden, spec.num_labels, torch_std(spec.hidden))?,
+                Linear::new(
+                    &b.pp("out"),
+                    spec.hidden,
+                    spec.num_labels,
+                    torch_std(spec.hidden),
+                )?,
                 spec.hidden,
             ),
             HeadKind::LightAttention => {
-                if spec.kernel % 2 == 0 || spec.kernel == 0 {
+                if spec.kernel.is_multiple_of(2) {
                     candle_core::bail!("light-attention kernel must be odd, got {}", spec.kernel);
                 }
                 let k = spec.kernel * h;
@@ -133,7 +132,12 @@ impl Head {
                         kernel: spec.kernel,
                         dense: Linear::new(&b.pp("dense"), 2 * h, spec.hidden, torch_std(2 * h))?,
                     },
-                    Linear::new(&b.pp("out"), spec.hidden, spec.num_labels, torch_std(spec.hidden))?,
+                    Linear::new(
+                        &b.pp("out"),
+                        spec.hidden,
+                        spec.num_labels,
+                        torch_std(spec.hidden),
+                    )?,
                     spec.hidden,
                 )
             }
@@ -197,12 +201,14 @@ impl Head {
                 // convolutions see the same zero padding as on cached rows.
                 let t = hidden.dim(1)?;
                 let m = residue_mask.to_dtype(hidden.dtype())?;
-                let x = hidden.broadcast_mul(&m.unsqueeze(2)?)?.narrow(1, 1, t - 1)?;
+                let x = hidden
+                    .broadcast_mul(&m.unsqueeze(2)?)?
+                    .narrow(1, 1, t - 1)?;
                 self.forward_residues(&x, &m.narrow(1, 1, t - 1)?, rng)
             }
             _ => {
                 let pooled = pool(hidden, residue_mask, self.spec.pool)?;
-                self.from_pooled(&pooled, rng)
+                self.pooled_outputs(&pooled, rng)
             }
         }
     }
@@ -244,12 +250,12 @@ impl Head {
                     );
                 }
                 let pooled = ops::masked_mean(x, mask)?;
-                self.from_pooled(&pooled, rng)
+                self.pooled_outputs(&pooled, rng)
             }
         }
     }
 
-    fn from_pooled(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<HeadOutput> {
+    fn pooled_outputs(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<HeadOutput> {
         let p = self.spec.dropout;
         match &self.body {
             Body::Mlp { dense } => {
@@ -327,7 +333,10 @@ mod tests {
         let x = Tensor::new(&[[[1f32], [2.], [3.]]], &Device::Cpu).unwrap();
         let cols = im2col(&x, 3).unwrap().squeeze(0).unwrap();
         let got: Vec<Vec<f32>> = cols.to_vec2().unwrap();
-        assert_eq!(got, vec![vec![0., 1., 2.], vec![1., 2., 3.], vec![2., 3., 0.]]);
+        assert_eq!(
+            got,
+            vec![vec![0., 1., 2.], vec![1., 2., 3.], vec![2., 3., 0.]]
+        );
     }
 
     fn spec(kind: HeadKind) -> HeadSpec {
@@ -364,11 +373,16 @@ mod tests {
             // Encoder layout: [CLS] residues [EOS] pad, with junk in the special positions.
             let junk = Tensor::ones((2, 1, 6), DType::F32, &dev).unwrap();
             let hidden = Tensor::cat(&[&junk, &r, &junk], 1).unwrap();
-            let residue_mask = Tensor::new(&[[0f32, 1., 1., 1., 0.], [0., 1., 1., 0., 0.]], &dev)
-                .unwrap();
+            let residue_mask =
+                Tensor::new(&[[0f32, 1., 1., 1., 0.], [0., 1., 1., 0., 0.]], &dev).unwrap();
             let a = head.forward(&hidden, &residue_mask, None).unwrap();
             let b = head.forward_residues(&r, &mask, None).unwrap();
-            let diff = (a.logits - b.logits).unwrap().abs().unwrap().max_all().unwrap();
+            let diff = (a.logits - b.logits)
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{kind:?}");
             let diff = (a.membrane.unwrap() - b.membrane.unwrap())
                 .unwrap()

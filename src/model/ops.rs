@@ -196,7 +196,11 @@ pub fn cross_entropy(logits: &Tensor, targets: &Tensor) -> Result<Tensor> {
 /// Weighted mean cross-entropy: `-sum_i w_i log p_i(y_i) / sum_i w_i`, with per-example
 /// weights `weights` [N] (class weights picked by target, or 0/1 to mask unknown labels out).
 /// PyTorch's `CrossEntropyLoss(weight=...)` convention. Zero total weight gives a zero loss.
-pub fn weighted_cross_entropy(logits: &Tensor, targets: &Tensor, weights: &Tensor) -> Result<Tensor> {
+pub fn weighted_cross_entropy(
+    logits: &Tensor,
+    targets: &Tensor,
+    weights: &Tensor,
+) -> Result<Tensor> {
     let logp = log_softmax_last_dim(logits)?;
     let picked = logp.gather(&targets.unsqueeze(1)?, 1)?.squeeze(1)?;
     let w = weights.to_dtype(picked.dtype())?;

@@ -198,8 +198,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             None
         } else {
             let seqs: Vec<&str> = val_recs.iter().map(|r| r.sequence.as_str()).collect();
-            let (probs, membrane_probs) = cached_outputs(&model, &mut cache, &seqs, &device)?;
-            let mut metrics = validation_metrics(&probs, membrane_probs.as_deref(), &val_targets);
+            let out = cached_outputs(&model, &mut cache, &seqs, &device)?;
+            let probs = out.probabilities;
+            let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), &val_targets);
             if args.multi_label {
                 // Per-location thresholds tuned on validation; saved with the model.
                 let truth = multi_label_truth(&val_targets);
@@ -273,7 +274,7 @@ pub fn cached_outputs(
     cache: &mut EmbeddingCache,
     seqs: &[&str],
     device: &Device,
-) -> Result<(Vec<Vec<f32>>, Option<Vec<f32>>)> {
+) -> Result<crate::infer::HeadPredictions> {
     let head = model.head.detached();
     let mut probs = Vec::with_capacity(seqs.len());
     let mut membrane: Option<Vec<f32>> = model.task.membrane.then(Vec::new);
@@ -306,5 +307,8 @@ pub fn cached_outputs(
             v.push(m);
         }
     }
-    Ok((probs, membrane))
+    Ok(crate::infer::HeadPredictions {
+        probabilities: probs,
+        membrane,
+    })
 }
