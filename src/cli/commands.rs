@@ -186,8 +186,9 @@ pub struct TrainCmd {
     /// Convolution width (residues) of the light-attention head.
     #[arg(long, default_value_t = 9)]
     pub la_kernel: usize,
-    /// Train a membrane/soluble output jointly (auto: when the data has M/S flags; U is
-    /// masked out of that loss). Reported as Q2.
+    /// Train a membrane/soluble output jointly; U flags are masked out of that loss.
+    /// Reported as Q2. auto: on with --frozen when the data has M/S flags, off when
+    /// fine-tuning (a second task cost small fine-tuned models location accuracy).
     #[arg(long, value_enum, default_value_t = MembraneMode::Auto)]
     pub membrane: MembraneMode,
     /// Counter class imbalance in the location loss.

@@ -49,7 +49,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             .collect()
     };
     let (train_targets, val_targets) = (to_targets(&train_recs)?, to_targets(&val_recs)?);
-    let membrane = super::resolve_membrane(args.membrane, &train_targets);
+    let membrane = super::resolve_membrane(args.membrane, &train_targets, true);
 
     // Embeddings: reuse what the cache has, embed the rest.
     let cache_dir = args

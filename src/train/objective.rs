@@ -25,7 +25,8 @@ pub enum ClassWeighting {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum MembraneMode {
-    /// On when any training protein has a known flag (M or S).
+    /// With --frozen: on when any training protein has a known flag (M or S). When
+    /// fine-tuning: off (see `resolve_membrane`).
     #[default]
     Auto,
     On,
