@@ -104,16 +104,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
     let preds = match &args.cache {
         Some(dir) => cached_predictions(&model, dir, &chosen, args.limits)?,
         None => {
-            let enc: Vec<Encoded> = chosen
-                .iter()
-                .map(|r| {
-                    model.base.tokenizer.encode(
-                        &r.sequence,
-                        model.task.max_residues,
-                        model.task.truncate,
-                    )
-                })
-                .collect();
+            let enc: Vec<Encoded> = chosen.iter().map(|r| model.encode(&r.sequence)).collect();
             let pb = crate::progress::bar(enc.len() as u64, "evaluating", "proteins");
             let p = infer::head_outputs(&model, &enc, args.limits, Some(&pb))?;
             pb.finish_and_clear();

@@ -108,16 +108,7 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
         let mut writer = PredictionWriter::new(out, format, &labels, model.task.membrane)?;
         let n = for_each_chunk(source, |chunk| {
             pb.inc_length(chunk.len() as u64);
-            let enc: Vec<Encoded> = chunk
-                .iter()
-                .map(|r| {
-                    model.base.tokenizer.encode(
-                        &r.sequence,
-                        model.task.max_residues,
-                        model.task.truncate,
-                    )
-                })
-                .collect();
+            let enc: Vec<Encoded> = chunk.iter().map(|r| model.encode(&r.sequence)).collect();
             let out = head_outputs(&model, &enc, args.limits, Some(&pb))?;
             let thresholds = model.task.multi_label.then(|| {
                 model

@@ -222,11 +222,11 @@ pub struct TaskConfig {
     pub frozen_encoder: bool,
 }
 
-fn default_head_hidden() -> usize {
+pub(crate) fn default_head_hidden() -> usize {
     32
 }
 
-fn default_la_kernel() -> usize {
+pub(crate) fn default_la_kernel() -> usize {
     9
 }
 
@@ -286,6 +286,13 @@ impl SequenceClassifier {
             task.head_spec(base.cfg.hidden_size),
         )?;
         Ok(Self { base, head, task })
+    }
+
+    /// Tokenizes `sequence` with the truncation this model was trained with.
+    pub fn encode(&self, sequence: &str) -> crate::tokenize::Encoded {
+        self.base
+            .tokenizer
+            .encode(sequence, self.task.max_residues, self.task.truncate)
     }
 
     /// Location logits [B, C]; `rng` enables dropout (training).

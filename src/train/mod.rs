@@ -70,9 +70,9 @@ pub struct TrainArgs {
     pub cache: Option<PathBuf>,
     #[serde(default)]
     pub head: HeadKind,
-    #[serde(default = "default_head_hidden")]
+    #[serde(default = "model::default_head_hidden")]
     pub head_hidden: usize,
-    #[serde(default = "default_la_kernel")]
+    #[serde(default = "model::default_la_kernel")]
     pub la_kernel: usize,
     #[serde(default)]
     pub membrane: MembraneMode,
@@ -96,14 +96,6 @@ pub struct TrainArgs {
     /// Set by [`resume`]: the checkpoint to continue from.
     #[serde(skip)]
     pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
-}
-
-fn default_head_hidden() -> usize {
-    32
-}
-
-fn default_la_kernel() -> usize {
-    9
 }
 
 fn default_keep_last() -> usize {
@@ -150,8 +142,8 @@ impl TrainArgs {
             frozen: false,
             cache: None,
             head: HeadKind::Linear,
-            head_hidden: default_head_hidden(),
-            la_kernel: default_la_kernel(),
+            head_hidden: model::default_head_hidden(),
+            la_kernel: model::default_la_kernel(),
             membrane: MembraneMode::Auto,
             class_weighting: ClassWeighting::None,
             multi_label: false,
