@@ -264,6 +264,21 @@ impl EmbeddingCache {
 
     /// The cached rows of one protein as f32 [len, H].
     pub fn get(&mut self, sequence: &str) -> Result<Vec<f32>> {
+        let mut out = Vec::new();
+        self.read_into(sequence, &mut out)?;
+        Ok(out)
+    }
+
+    /// Residues cached for `sequence`, if it is cached.
+    fn cached_len(&self, sequence: &str) -> Option<usize> {
+        self.manifest
+            .entries
+            .get(&sequence_key(sequence))
+            .map(|e| e.len)
+    }
+
+    /// Appends the cached rows of one protein (f32, [len, H] row-major) to `out`.
+    fn read_into(&mut self, sequence: &str, out: &mut Vec<f32>) -> Result<()> {
         let key = sequence_key(sequence);
         let entry = *self.manifest.entries.get(&key).with_context(|| {
             format!(
@@ -283,31 +298,30 @@ impl EmbeddingCache {
                 entry.shard
             )
         })?;
-        Ok(slice
-            .chunks_exact(2)
-            .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32())
-            .collect())
+        out.extend(
+            slice
+                .chunks_exact(2)
+                .map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()),
+        );
+        Ok(())
     }
 
     /// A padded batch of the cached rows of `sequences`.
     pub fn batch(&mut self, sequences: &[&str], device: &Device) -> Result<ResidueBatch> {
         let hidden = self.manifest.spec.hidden_size;
-        let rows: Vec<Vec<f32>> = sequences
+        // Decode each protein's f16 rows straight into its slot of the padded buffer.
+        let lens: Vec<usize> = sequences
             .iter()
-            .map(|s| self.get(s))
-            .collect::<Result<_>>()?;
-        let lmax = rows
-            .iter()
-            .map(|r| r.len() / hidden)
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        let b = rows.len();
-        let mut x = vec![0f32; b * lmax * hidden];
+            .map(|s| self.cached_len(s).unwrap_or(0))
+            .collect();
+        let lmax = lens.iter().copied().max().unwrap_or(0).max(1);
+        let b = sequences.len();
+        let mut x = Vec::with_capacity(b * lmax * hidden);
         let mut mask = vec![0f32; b * lmax];
-        for (i, r) in rows.iter().enumerate() {
-            let n = r.len() / hidden;
-            x[i * lmax * hidden..i * lmax * hidden + r.len()].copy_from_slice(r);
+        for (i, (s, &n)) in sequences.iter().zip(&lens).enumerate() {
+            // Errors (naming the cache) when the protein is not cached.
+            self.read_into(s, &mut x)?;
+            x.resize((i + 1) * lmax * hidden, 0.0);
             mask[i * lmax..i * lmax + n].fill(1.0);
         }
         Ok(ResidueBatch {

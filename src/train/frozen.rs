@@ -121,16 +121,13 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
     let mut opt = AdamW::new(AdamWConfig::default(), params)?;
-    let steps_per_epoch = train_recs.len().div_ceil(args.batch_size);
-    let mut total_steps = steps_per_epoch * args.epochs;
-    if let Some(m) = args.max_steps {
-        total_steps = total_steps.min(m);
-    }
-    let schedule = LinearSchedule {
-        peak_lr: args.lr,
-        warmup_steps: (args.warmup_ratio * total_steps as f64).round() as usize,
-        total_steps,
-    };
+    let schedule = LinearSchedule::for_run(
+        args.lr,
+        args.warmup_ratio,
+        train_recs.len().div_ceil(args.batch_size),
+        args.epochs,
+        args.max_steps,
+    );
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
     crate::artifacts::write_atomic(

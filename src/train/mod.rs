@@ -630,15 +630,13 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         .len()
         .div_ceil(global_batch)
         .div_ceil(args.grad_accum);
-    let mut total_steps = steps_per_epoch * args.epochs;
-    if let Some(m) = args.max_steps {
-        total_steps = total_steps.min(m);
-    }
-    let schedule = LinearSchedule {
-        peak_lr: args.lr,
-        warmup_steps: (args.warmup_ratio * total_steps as f64).round() as usize,
-        total_steps,
-    };
+    let schedule = LinearSchedule::for_run(
+        args.lr,
+        args.warmup_ratio,
+        steps_per_epoch,
+        args.epochs,
+        args.max_steps,
+    );
 
     if root {
         std::fs::create_dir_all(&args.output)
@@ -665,7 +663,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         val = val_set.len(),
         trainable,
         total = total_params,
-        steps = total_steps,
+        steps = schedule.total_steps,
         max_residues = max_res,
         "starting training"
     );

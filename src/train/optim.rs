@@ -261,6 +261,25 @@ pub struct LinearSchedule {
 }
 
 impl LinearSchedule {
+    /// The schedule of a run of `epochs` x `steps_per_epoch` optimizer steps, cut at
+    /// `max_steps`, warming up over `warmup_ratio` of them.
+    pub fn for_run(
+        peak_lr: f64,
+        warmup_ratio: f64,
+        steps_per_epoch: usize,
+        epochs: usize,
+        max_steps: Option<usize>,
+    ) -> Self {
+        let total_steps = max_steps.map_or(steps_per_epoch * epochs, |m| {
+            (steps_per_epoch * epochs).min(m)
+        });
+        Self {
+            peak_lr,
+            warmup_steps: (warmup_ratio * total_steps as f64).round() as usize,
+            total_steps,
+        }
+    }
+
     /// Learning rate for the optimizer step with 0-based index `step`.
     pub fn lr(&self, step: usize) -> f64 {
         if step < self.warmup_steps {
