@@ -67,6 +67,7 @@ impl Args {
 }
 
 fn main() -> Result<()> {
+    protloc::alloc::tune_for_tensors();
     let args = Args::parse()?;
     let threads = args.num("threads", 2)?;
     rayon::ThreadPoolBuilder::new()

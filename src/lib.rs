@@ -5,6 +5,7 @@
 //! `model` (BERT / ESM-2 encoders, heads, checkpoint loading) -> `train` / `eval` / `infer`,
 //! with `cli` wiring them to the `protloc` binary.
 
+pub mod alloc;
 pub mod artifacts;
 pub mod cache;
 pub mod cli;

@@ -163,9 +163,9 @@ impl Bert {
             self.cfg.hidden_dropout_prob,
             rng.as_deref_mut(),
         )?;
-        let bias = nn::mask_bias(attention_mask)?;
+        let mask = nn::AttentionMask::new(attention_mask)?;
         for layer in &self.layers {
-            x = self.layer_forward(layer, &x, &bias, rng.as_deref_mut())?;
+            x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
         }
         Ok(x)
     }
@@ -284,16 +284,16 @@ impl Bert {
         &self,
         l: &Layer,
         x: &Tensor,
-        bias: &Tensor,
+        mask: &nn::AttentionMask,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let heads = self.cfg.num_attention_heads;
         let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
-        let q = nn::split_heads(&(l.query.forward(x)? * scale)?, heads)?;
-        let k = nn::split_heads(&l.key.forward(x)?, heads)?;
-        let v = nn::split_heads(&l.value.forward(x)?, heads)?;
+        let q = (l.query.forward(x)? * scale)?;
+        let k = l.key.forward(x)?;
+        let v = l.value.forward(x)?;
         let attn_p = self.cfg.attention_probs_dropout_prob;
-        let ctx = nn::attention(&q, &k, &v, bias, attn_p, rng.as_deref_mut())?;
+        let ctx = nn::self_attention(&q, &k, &v, heads, mask, attn_p, rng.as_deref_mut())?;
         let p = self.cfg.hidden_dropout_prob;
         let attn = ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())?;
         let x = l.attn_norm.forward(&(attn + x)?)?;

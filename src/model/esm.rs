@@ -143,7 +143,7 @@ impl Esm {
         }
         // Padding positions are zeroed, as in HF `EsmEmbeddings`.
         x = x.broadcast_mul(&mask.unsqueeze(2)?.to_dtype(x.dtype())?)?;
-        let bias = nn::mask_bias(attention_mask)?;
+        let mask = nn::AttentionMask::new(attention_mask)?;
         // Every layer of a released checkpoint stores the same frequencies: build the tables
         // once and rebuild only if a layer differs.
         let mut tables: Option<(&[f32], Tensor, Tensor)> = None;
@@ -156,7 +156,7 @@ impl Esm {
                 tables = Some((&layer.inv_freq, cos, sin));
             }
             let (_, cos, sin) = tables.as_ref().expect("set above");
-            x = self.layer_forward(layer, &x, &bias, cos, sin, rng.as_deref_mut())?;
+            x = self.layer_forward(layer, &x, &mask, cos, sin, rng.as_deref_mut())?;
         }
         self.final_norm.forward(&x)
     }
@@ -323,7 +323,7 @@ impl Esm {
         &self,
         l: &Layer,
         x: &Tensor,
-        bias: &Tensor,
+        mask: &nn::AttentionMask,
         cos: &Tensor,
         sin: &Tensor,
         mut rng: Option<&mut ChaCha8Rng>,
@@ -331,13 +331,11 @@ impl Esm {
         let heads = self.cfg.num_attention_heads;
         let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
         let h = l.attn_norm.forward(x)?;
-        let q = nn::split_heads(&(l.query.forward(&h)? * scale)?, heads)?;
-        let k = nn::split_heads(&l.key.forward(&h)?, heads)?;
-        let v = nn::split_heads(&l.value.forward(&h)?, heads)?;
-        let q = apply_rotary(&q, cos, sin)?;
-        let k = apply_rotary(&k, cos, sin)?;
+        let q = apply_rotary(&(l.query.forward(&h)? * scale)?, heads, cos, sin)?;
+        let k = apply_rotary(&l.key.forward(&h)?, heads, cos, sin)?;
+        let v = l.value.forward(&h)?;
         let p_attn = self.cfg.attention_probs_dropout_prob;
-        let ctx = nn::attention(&q, &k, &v, bias, p_attn, rng.as_deref_mut())?;
+        let ctx = nn::self_attention(&q, &k, &v, heads, mask, p_attn, rng.as_deref_mut())?;
         let p = self.cfg.hidden_dropout_prob;
         let x = (ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())? + x)?;
         let h = l.ffn_norm.forward(&x)?;
@@ -423,14 +421,18 @@ fn rotary_tables(
     Ok((angles.cos()?, angles.sin()?))
 }
 
-/// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1]. `x`: [B, H, T, D].
-fn apply_rotary(x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let d = x.dim(D::Minus1)?;
+/// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], per head of the unsplit
+/// projection `x` [B, T, heads * D]; `cos`/`sin` are [T, D].
+fn apply_rotary(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
+    let (b, t, hd) = x.dims3()?;
+    let d = hd / heads;
+    let x = x.reshape((b, t, heads, d))?;
     let x1 = x.narrow(D::Minus1, 0, d / 2)?;
     let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
     let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let cos = cos.to_dtype(x.dtype())?;
-    let sin = sin.to_dtype(x.dtype())?;
+    let cos = cos.to_dtype(x.dtype())?.reshape((t, 1, d))?;
+    let sin = sin.to_dtype(x.dtype())?.reshape((t, 1, d))?;
     x.broadcast_mul(&cos)?
-        .broadcast_add(&rotated.broadcast_mul(&sin)?)
+        .broadcast_add(&rotated.broadcast_mul(&sin)?)?
+        .reshape((b, t, hd))
 }

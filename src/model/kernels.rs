@@ -430,6 +430,48 @@ fn softmax_row_scalar(row: &mut [f32]) {
     }
 }
 
+/// Softmax of each `len`-long row of `s` in place, writing each row's log-sum-exp
+/// (`max + ln(sum(exp(x - max)))`) to `lse` (the fused attention's backward recomputes the
+/// probabilities from it).
+pub fn softmax_rows_lse(s: &mut [f32], len: usize, lse: &mut [f32]) {
+    simd::softmax_rows_lse(s, len, lse)
+}
+
+/// `exp(x - lse[row])` over each `len`-long row of `s`, in place.
+pub fn exp_rows_minus(s: &mut [f32], len: usize, lse: &[f32]) {
+    simd::exp_rows_minus(s, len, lse)
+}
+
+#[inline(always)]
+fn softmax_rows_lse_scalar(s: &mut [f32], len: usize, lse: &mut [f32]) {
+    for (row, out) in s.chunks_mut(len).zip(lse.iter_mut()) {
+        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let mut acc = [0f32; 8];
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            for i in 0..8 {
+                c[i] = fast_exp(c[i] - max);
+                acc[i] += c[i];
+            }
+        }
+        let mut sum: f32 = acc.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = fast_exp(*v - max);
+            sum += *v;
+        }
+        let inv = 1.0 / sum;
+        row.iter_mut().for_each(|v| *v *= inv);
+        *out = max + sum.ln();
+    }
+}
+
+#[inline(always)]
+fn exp_rows_minus_scalar(s: &mut [f32], len: usize, lse: &[f32]) {
+    for (row, &l) in s.chunks_mut(len).zip(lse) {
+        row.iter_mut().for_each(|v| *v = fast_exp(*v - l));
+    }
+}
+
 /// Element-wise kernels compiled twice: with AVX2+FMA (chosen at run time when the CPU has
 /// them; the default x86-64 target only allows SSE2, and the integer bit tricks of
 /// [`fast_exp`] need AVX2 to run 8 lanes wide) and portable.
@@ -469,6 +511,36 @@ mod simd {
         for row in s.chunks_mut(len) {
             super::softmax_row_scalar(row);
         }
+    }
+
+    pub fn softmax_rows_lse(s: &mut [f32], len: usize, lse: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: as above.
+            return unsafe { softmax_rows_lse_avx2(s, len, lse) };
+        }
+        super::softmax_rows_lse_scalar(s, len, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn softmax_rows_lse_avx2(s: &mut [f32], len: usize, lse: &mut [f32]) {
+        super::softmax_rows_lse_scalar(s, len, lse)
+    }
+
+    pub fn exp_rows_minus(s: &mut [f32], len: usize, lse: &[f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2_fma() {
+            // SAFETY: as above.
+            return unsafe { exp_rows_minus_avx2(s, len, lse) };
+        }
+        super::exp_rows_minus_scalar(s, len, lse)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn exp_rows_minus_avx2(s: &mut [f32], len: usize, lse: &[f32]) {
+        super::exp_rows_minus_scalar(s, len, lse)
     }
 
     #[cfg(target_arch = "x86_64")]

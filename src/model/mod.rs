@@ -7,6 +7,7 @@
 pub mod bert;
 pub mod config;
 pub mod esm;
+pub mod fused_attention;
 pub mod head;
 pub mod kernels;
 pub mod loader;

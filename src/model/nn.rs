@@ -91,7 +91,60 @@ impl Embedding {
     }
 }
 
-/// Multi-head attention core shared by BERT and ESM-2.
+/// Key padding of a batch, in the two forms the attention paths use.
+pub struct AttentionMask {
+    /// Additive bias [B, 1, 1, T] (0 for real keys, [`ops::MASK_NEG`] for padding).
+    pub bias: Tensor,
+    /// Real tokens per row when every row is "ones then zeros" (the fused path's input).
+    pub lengths: Option<Vec<usize>>,
+}
+
+impl AttentionMask {
+    /// From an attention mask [B, T] (1 = token, 0 = padding).
+    pub fn new(attention_mask: &Tensor) -> Result<Self> {
+        let rows: Vec<Vec<f32>> = attention_mask
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        Ok(Self {
+            bias: mask_bias(attention_mask)?,
+            lengths: super::kernels::prefix_lengths(&rows),
+        })
+    }
+}
+
+/// Multi-head self-attention on unsplit projections `q`, `k`, `v` [B, T, heads*head_dim]
+/// (q already scaled). On CPU in f32 without attention dropout this is the fused kernel
+/// ([`fused_attention`](super::fused_attention)); otherwise the composed [`attention`].
+pub fn self_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    heads: usize,
+    mask: &AttentionMask,
+    dropout_p: f64,
+    rng: Option<&mut rand_chacha::ChaCha8Rng>,
+) -> Result<Tensor> {
+    let no_dropout = dropout_p == 0.0 || rng.is_none();
+    if let (true, true, true, Some(lengths)) = (
+        q.device().is_cpu(),
+        q.dtype() == candle_core::DType::F32,
+        no_dropout,
+        mask.lengths.as_ref(),
+    ) {
+        return super::fused_attention::fused_attention(q, k, v, lengths, heads);
+    }
+    let split = |x: &Tensor| split_heads(x, heads);
+    attention(
+        &split(q)?,
+        &split(k)?,
+        &split(v)?,
+        &mask.bias,
+        dropout_p,
+        rng,
+    )
+}
+
+/// Multi-head attention core shared by BERT and ESM-2 (composed from differentiable ops).
 ///
 /// `q`, `k`, `v`: [B, heads, T, head_dim] (q already scaled); `mask_bias`: [B, 1, 1, T]
 /// additive (0 for real keys, [`ops::MASK_NEG`] for padding). Returns [B, T, heads*head_dim].
