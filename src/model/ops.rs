@@ -389,7 +389,14 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let dims = x.dims();
     let k = dims[dims.len() - 1];
     let rows = x.elem_count() / k;
-    let y = x.reshape((rows, k))?.matmul(&weight.t()?)?;
+    let x2 = x.reshape((rows, k))?;
+    let y = if !x.track_op() && weight.track_op() && x.device().is_cpu() && x.dtype() == DType::F32
+    {
+        x2.contiguous()?
+            .apply_op2(&weight.contiguous()?, ConstantInputMatmul)?
+    } else {
+        x2.matmul(&weight.t()?)?
+    };
     let y = match bias {
         Some(b) => y.broadcast_add(b)?,
         None => y,
@@ -397,6 +404,46 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = weight.dim(0)?;
     y.reshape(out_dims)
+}
+
+/// `x @ w^T` for an input that needs no gradient (cached embeddings, a frozen encoder's
+/// output). candle's matmul backward always computes the input's gradient too, plus a
+/// zero tensor to accumulate it in: for the light-attention head's convolutions that is
+/// three buffers the size of the 9-residue window matrix per step, thrown away. This op's
+/// backward returns the weight gradient only.
+struct ConstantInputMatmul;
+
+impl candle_core::CustomOp2 for ConstantInputMatmul {
+    fn name(&self) -> &'static str {
+        "protloc-constant-input-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &candle_core::CpuStorage,
+        l1: &candle_core::Layout,
+        s2: &candle_core::CpuStorage,
+        l2: &candle_core::Layout,
+    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        let (x, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (rows, k) = l1.shape().dims2()?;
+        let (n, k2) = l2.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("linear: input has {k} features, weight expects {k2}");
+        }
+        let out = super::kernels::linear(x, w, None, k, n);
+        Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _w: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((None, Some(grad_res.t()?.matmul(x)?)))
+    }
 }
 
 /// Mean over residue positions: `hidden` [B, T, H], `mask` [B, T] (1.0 = residue).
@@ -431,6 +478,30 @@ mod tests {
             .unwrap()
             .to_scalar()
             .unwrap()
+    }
+
+    #[test]
+    fn linear_on_constant_input_gives_the_weight_gradient_only() {
+        let x = var(&[2, 5, 7], 1, 0.0).as_tensor().detach();
+        let (w, b) = (var(&[3, 7], 2, 0.0), var(&[3], 3, 0.0));
+        let loss_w = var(&[2, 5, 3], 4, 0.0);
+        let y = linear(&x, &w, Some(&b)).unwrap();
+        let reference = x
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        assert!(max_abs_diff(&y, &reference) < 1e-5);
+        let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
+        let (g, gr) = (
+            loss(&y).backward().unwrap(),
+            loss(&reference).backward().unwrap(),
+        );
+        for (name, t) in [("weight", &w), ("bias", &b)] {
+            let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
+            assert!(diff < 1e-4, "d{name} differs by {diff}");
+        }
+        assert!(g.get(&x).is_none());
     }
 
     #[test]
