@@ -174,10 +174,8 @@ pub fn read_config(path: &Path) -> Result<EncoderConfig> {
 /// when the file lacks it, and old `gamma`/`beta` LayerNorm names become `weight`/`bias`.
 pub fn read_weights(path: &Path, arch: Arch, device: &Device) -> Result<HashMap<String, Tensor>> {
     let raw: Vec<(String, Tensor)> = match path.extension().and_then(|e| e.to_str()) {
-        Some("safetensors") => candle_core::safetensors::load(path, device)
-            .with_context(|| format!("{}: not a readable safetensors file", path.display()))?
-            .into_iter()
-            .collect(),
+        Some("safetensors") => read_safetensors_mmap(path, device)
+            .with_context(|| format!("{}: not a readable safetensors file", path.display()))?,
         _ => candle_core::pickle::read_all(path)
             .with_context(|| format!("{}: not a readable PyTorch checkpoint", path.display()))?,
     };
@@ -198,6 +196,27 @@ pub fn read_weights(path: &Path, arch: Arch, device: &Device) -> Result<HashMap<
         out.insert(name, t);
     }
     Ok(out)
+}
+
+/// All tensors of a safetensors file, read through a memory map: each tensor is copied
+/// once from the mapped file into its own buffer, so peak memory is the weights plus one
+/// tensor in flight, not the whole file read into memory plus the weights (half the peak of
+/// `safetensors::load` for a ProtBERT-sized checkpoint). The page cache keeps a second
+/// load of the same file fast.
+fn read_safetensors_mmap(path: &Path, device: &Device) -> Result<Vec<(String, Tensor)>> {
+    // SAFETY: the file is mapped read-only for the duration of this function; a concurrent
+    // writer truncating it could fault, the usual caveat of mmap that every safetensors
+    // loader accepts (model files are written atomically by this tool).
+    let st = unsafe { candle_core::safetensors::MmapedSafetensors::new(path)? };
+    let mut names: Vec<String> = st.tensors().into_iter().map(|(n, _)| n).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|name| {
+            let t = st.load(&name, device)?;
+            Ok((name, t))
+        })
+        .collect()
 }
 
 /// Task-head tensors stored at the top level of HF task models (not part of the encoder).
