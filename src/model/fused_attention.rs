@@ -11,8 +11,9 @@
 //! Layout: `q`, `k`, `v` and the output are `[B, T, heads * head_dim]`, as the projections
 //! produce them (no head-split copies). Key padding is given as per-sequence lengths (the
 //! mask must be "ones then zeros"); padded query rows still attend to the real keys, exactly
-//! as the composed version computes them. No attention-probability dropout: callers use the
-//! composed path when it is on.
+//! as the composed version computes them. Dropout on the attention probabilities draws its
+//! keep/drop decisions from a counter-based hash of (seed, sequence, head, row, key), so the
+//! backward regenerates the same mask without storing it.
 
 use std::sync::Mutex;
 
@@ -24,14 +25,49 @@ use super::kernels;
 /// Scores kept per block (query rows x keys): 64 K floats = 256 KB, an L2-sized working set.
 const SCORE_BLOCK: usize = 64 * 1024;
 
+/// Dropout on the attention probabilities: drop probability and the mask's seed.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionDropout {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl AttentionDropout {
+    /// The factor probability `(b, h, i, j)` is multiplied by: 0 (dropped) or `1 / (1 - p)`.
+    #[inline]
+    fn factor(&self, index: u64) -> f32 {
+        // splitmix64: a counter-based generator, so any element's decision is recomputable.
+        let mut z = self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        let u = (z >> 40) as f32 / (1u64 << 24) as f32; // uniform in [0, 1)
+        if u < self.p {
+            0.0
+        } else {
+            1.0 / (1.0 - self.p)
+        }
+    }
+
+    /// The dropout factor of every element as a [B, heads, T, T] tensor (tests compare the
+    /// fused kernel with the composed attention under the same mask).
+    pub fn mask(&self, b: usize, heads: usize, t: usize) -> Result<Tensor> {
+        let n = b * heads * t * t;
+        let data: Vec<f32> = (0..n as u64).map(|i| self.factor(i)).collect();
+        Tensor::from_vec(data, (b, heads, t, t), &candle_core::Device::Cpu)
+    }
+}
+
 /// Fused attention over `q`, `k`, `v` [B, T, heads*head_dim] (q already scaled) with key
-/// lengths `lengths[b]` (keys `>= lengths[b]` are padding). Returns [B, T, heads*head_dim].
+/// lengths `lengths[b]` (keys `>= lengths[b]` are padding) and optional dropout on the
+/// probabilities. Returns [B, T, heads*head_dim].
 pub fn fused_attention(
     q: &Tensor,
     k: &Tensor,
     v: &Tensor,
     lengths: &[usize],
     heads: usize,
+    dropout: Option<AttentionDropout>,
 ) -> Result<Tensor> {
     let (b, t, hidden) = q.dims3()?;
     if lengths.len() != b || lengths.iter().any(|&l| l > t) || !hidden.is_multiple_of(heads) {
@@ -46,6 +82,7 @@ pub fn fused_attention(
             heads,
             head_dim: hidden / heads,
             lengths: lengths.to_vec(),
+            dropout: dropout.filter(|d| d.p > 0.0),
         },
         lse: Mutex::new(Vec::new()),
     };
@@ -60,6 +97,7 @@ struct Geometry {
     heads: usize,
     head_dim: usize,
     lengths: Vec<usize>,
+    dropout: Option<AttentionDropout>,
 }
 
 impl Geometry {
@@ -79,6 +117,19 @@ impl Geometry {
     /// Offset of (sequence `b`, token 0, head `h`) in a [B, T, hidden] buffer.
     fn base(&self, b: usize, h: usize) -> usize {
         b * self.tokens * self.hidden() + h * self.head_dim
+    }
+
+    /// Multiplies probability rows `r0..r0+r` of (b, h), `len` keys each, by their dropout
+    /// factors (no-op without dropout).
+    fn apply_dropout(&self, p: &mut [f32], b: usize, h: usize, r0: usize, len: usize) {
+        let Some(drop) = self.dropout else { return };
+        let t = self.tokens as u64;
+        for (i, row) in p.chunks_mut(len).enumerate() {
+            let first = (((b * self.heads + h) as u64) * t + (r0 + i) as u64) * t;
+            for (j, v) in row.iter_mut().enumerate() {
+                *v *= drop.factor(first + j as u64);
+            }
+        }
     }
 
     /// (sequence, head) tasks with at least one key.
@@ -251,6 +302,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
                         r,
                     );
                     kernels::softmax_rows_lse(s, len, lse_rows);
+                    g.apply_dropout(s, b, h, r0, len);
                     let o = row_major(out_ptr.get().add(base + r0 * g.hidden()));
                     gemm_into(r, d, len, o, false, sm, row_major(v.as_ptr().add(base)));
                 }
@@ -333,11 +385,19 @@ fn backward(
                     let lse_rows = &lse[(b * g.heads + h) * t + r0..][..r];
                     kernels::exp_rows_minus(p, len, lse_rows);
                     let g_blk = row_major(grad_out[off..].as_ptr());
-                    // dV += P^T dO
+                    // dV += Pd^T dO, Pd = P with dropout applied (in dp's buffer for now).
                     let dv_blk = row_major(dv_ptr.get().add(base));
-                    gemm_into(len, d, r, dv_blk, true, block_t(p), g_blk);
-                    // dP = dO V^T, then dS = P * (dP - rowsum(dO * O)) in place.
+                    let pd: &[f32] = if g.dropout.is_some() {
+                        dp.copy_from_slice(p);
+                        g.apply_dropout(dp, b, h, r0, len);
+                        dp
+                    } else {
+                        p
+                    };
+                    gemm_into(len, d, r, dv_blk, true, block_t(pd), g_blk);
+                    // dPd = dO V^T; dP = dPd * dropout; dS = P * (dP - rowsum(dO * O)).
                     gemm_into(r, len, d, block(dp), false, g_blk, v_t);
+                    g.apply_dropout(dp, b, h, r0, len);
                     for i in 0..r {
                         let go = &grad_out[off + i * hidden..][..d];
                         let o = &out[off + i * hidden..][..d];
@@ -379,12 +439,20 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::nn;
+    use crate::model::{nn, ops};
     use candle_core::{Device, Var, D};
 
-    /// The composed reference: split heads, masked softmax attention, merge heads.
-    fn reference(q: &Tensor, k: &Tensor, v: &Tensor, lengths: &[usize], heads: usize) -> Tensor {
-        let (b, t, _) = q.dims3().unwrap();
+    /// The composed reference: split heads, masked softmax, the given dropout factors,
+    /// value product, merge heads.
+    fn reference(
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        lengths: &[usize],
+        heads: usize,
+        dropout: Option<AttentionDropout>,
+    ) -> Tensor {
+        let (b, t, hidden) = q.dims3().unwrap();
         let mask: Vec<f32> = lengths
             .iter()
             .flat_map(|&l| (0..t).map(move |i| if i < l { 1.0 } else { 0.0 }))
@@ -392,7 +460,22 @@ mod tests {
         let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
         let bias = nn::mask_bias(&mask).unwrap();
         let split = |x: &Tensor| nn::split_heads(x, heads).unwrap();
-        nn::attention(&split(q), &split(k), &split(v), &bias, 0.0, None).unwrap()
+        let scores = split(q)
+            .matmul(&split(k).t().unwrap().contiguous().unwrap())
+            .unwrap()
+            .broadcast_add(&bias)
+            .unwrap();
+        let mut probs = ops::softmax_last_dim(&scores).unwrap();
+        if let Some(d) = dropout {
+            probs = (probs * d.mask(b, heads, t).unwrap()).unwrap();
+        }
+        let ctx = probs.matmul(&split(v)).unwrap();
+        ctx.transpose(1, 2)
+            .unwrap()
+            .contiguous()
+            .unwrap()
+            .reshape((b, t, hidden))
+            .unwrap()
     }
 
     fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
@@ -408,58 +491,90 @@ mod tests {
             .unwrap()
     }
 
-    #[test]
-    fn forward_and_gradients_match_composed_attention() {
+    fn check(
+        b: usize,
+        t: usize,
+        heads: usize,
+        d: usize,
+        lengths: &[usize],
+        dropout: Option<AttentionDropout>,
+    ) {
         let dev = Device::Cpu;
-        // Odd sizes, a ragged batch and (with 3 heads of 5) blocks smaller than T: row
-        // blocks only split for long keys, so also check a long sequence below.
-        for &(b, t, heads, d, ref lengths) in &[
-            (3usize, 7usize, 3usize, 5usize, vec![7usize, 4, 1]),
-            (1, 300, 2, 4, vec![300]),
-        ] {
-            let hidden = heads * d;
-            let var = |seed: u64| {
-                let n = b * t * hidden;
-                let data: Vec<f32> = (0..n)
-                    .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-                    .collect();
-                Var::from_tensor(&Tensor::from_vec(data, (b, t, hidden), &dev).unwrap()).unwrap()
-            };
-            let (q, k, v) = (var(1), var(2), var(3));
-            let weights = var(4); // a loss weight per output element
-            let fused = fused_attention(&q, &k, &v, lengths, heads).unwrap();
-            let composed = reference(&q, &k, &v, lengths, heads);
-            assert!(max_abs_diff(&fused, &composed) < 1e-5, "forward differs");
-            let loss_of = |o: &Tensor| (o * weights.as_tensor()).unwrap().sum_all().unwrap();
-            let gf = loss_of(&fused).backward().unwrap();
-            let gc = loss_of(&composed).backward().unwrap();
-            for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
-                let (a, c) = (gf.get(x).unwrap(), gc.get(x).unwrap());
-                let scale = c.abs().unwrap().max_keepdim(D::Minus1).unwrap();
-                let scale = scale.flatten_all().unwrap().max(0).unwrap();
-                let tol = 1e-5 * (1.0 + scale.to_scalar::<f32>().unwrap());
-                let diff = max_abs_diff(a, c);
-                assert!(diff < tol, "d{name} differs by {diff} (tolerance {tol})");
-            }
-            // Padded keys get no gradient.
-            if lengths[1..].iter().any(|&l| l < t) {
+        let hidden = heads * d;
+        let var = |seed: u64| {
+            let n = b * t * hidden;
+            let data: Vec<f32> = (0..n)
+                .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
+                .collect();
+            Var::from_tensor(&Tensor::from_vec(data, (b, t, hidden), &dev).unwrap()).unwrap()
+        };
+        let (q, k, v) = (var(1), var(2), var(3));
+        let weights = var(4); // a loss weight per output element
+        let fused = fused_attention(&q, &k, &v, lengths, heads, dropout).unwrap();
+        let composed = reference(&q, &k, &v, lengths, heads, dropout);
+        let diff = max_abs_diff(&fused, &composed);
+        assert!(
+            diff < 1e-5,
+            "{b}x{t}, {dropout:?}: forward differs by {diff}"
+        );
+        let loss_of = |o: &Tensor| (o * weights.as_tensor()).unwrap().sum_all().unwrap();
+        let gf = loss_of(&fused).backward().unwrap();
+        let gc = loss_of(&composed).backward().unwrap();
+        for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
+            let (a, c) = (gf.get(x).unwrap(), gc.get(x).unwrap());
+            let scale = c.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
+            let tol = 1e-5 * (1.0 + scale.to_scalar::<f32>().unwrap());
+            let diff = max_abs_diff(a, c);
+            assert!(
+                diff < tol,
+                "{b}x{t}, {dropout:?}: d{name} differs by {diff} (tolerance {tol})"
+            );
+        }
+        // Padded keys get no gradient.
+        for (i, &len) in lengths.iter().enumerate() {
+            if len < t {
                 let dk = gf
                     .get(&k)
                     .unwrap()
-                    .get(2)
+                    .get(i)
                     .unwrap()
-                    .narrow(0, 1, t - 1)
+                    .narrow(0, len, t - len)
                     .unwrap();
-                assert_eq!(
-                    dk.abs()
-                        .unwrap()
-                        .sum_all()
-                        .unwrap()
-                        .to_scalar::<f32>()
-                        .unwrap(),
-                    0.0
-                );
+                let total: f32 = dk.abs().unwrap().sum_all().unwrap().to_scalar().unwrap();
+                assert_eq!(total, 0.0, "padded keys of sequence {i} got a gradient");
             }
         }
+    }
+
+    #[test]
+    fn forward_and_gradients_match_composed_attention() {
+        // Odd sizes and a ragged batch; the 300-token sequence needs two row blocks.
+        check(3, 7, 3, 5, &[7, 4, 1], None);
+        check(1, 300, 2, 4, &[300], None);
+    }
+
+    #[test]
+    fn dropout_matches_composed_attention_under_the_same_mask() {
+        let drop = AttentionDropout { p: 0.3, seed: 7 };
+        let mask = drop.mask(2, 3, 9).unwrap();
+        let dropped: f32 = mask
+            .eq(0f32)
+            .unwrap()
+            .to_dtype(candle_core::DType::F32)
+            .unwrap()
+            .mean_all()
+            .unwrap()
+            .to_scalar()
+            .unwrap();
+        assert!((0.2..0.4).contains(&dropped), "dropped fraction {dropped}");
+        check(2, 9, 3, 4, &[9, 5], Some(drop));
+        check(
+            1,
+            300,
+            2,
+            4,
+            &[280],
+            Some(AttentionDropout { p: 0.1, seed: 3 }),
+        );
     }
 }

@@ -2,6 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
+use super::fused_attention::AttentionDropout;
 use super::ops;
 use super::params::{Builder, Init};
 
@@ -113,7 +114,7 @@ impl AttentionMask {
 }
 
 /// Multi-head self-attention on unsplit projections `q`, `k`, `v` [B, T, heads*head_dim]
-/// (q already scaled). On CPU in f32 without attention dropout this is the fused kernel
+/// (q already scaled). On CPU in f32 with a prefix mask this is the fused kernel
 /// ([`fused_attention`](super::fused_attention)); otherwise the composed [`attention`].
 pub fn self_attention(
     q: &Tensor,
@@ -124,14 +125,20 @@ pub fn self_attention(
     dropout_p: f64,
     rng: Option<&mut rand_chacha::ChaCha8Rng>,
 ) -> Result<Tensor> {
-    let no_dropout = dropout_p == 0.0 || rng.is_none();
-    if let (true, true, true, Some(lengths)) = (
+    if let (true, true, Some(lengths)) = (
         q.device().is_cpu(),
         q.dtype() == candle_core::DType::F32,
-        no_dropout,
         mask.lengths.as_ref(),
     ) {
-        return super::fused_attention::fused_attention(q, k, v, lengths, heads);
+        use rand::Rng;
+        let dropout = match rng {
+            Some(rng) if dropout_p > 0.0 => Some(AttentionDropout {
+                p: dropout_p as f32,
+                seed: rng.random(),
+            }),
+            _ => None,
+        };
+        return super::fused_attention::fused_attention(q, k, v, lengths, heads, dropout);
     }
     let split = |x: &Tensor| split_heads(x, heads);
     attention(
