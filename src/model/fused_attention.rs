@@ -439,8 +439,9 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::test_util::{max_abs, max_abs_diff, var};
     use crate::model::{nn, ops};
-    use candle_core::{Device, Var, D};
+    use candle_core::Device;
 
     /// The composed reference: split heads, masked softmax, the given dropout factors,
     /// value product, merge heads.
@@ -478,19 +479,6 @@ mod tests {
             .unwrap()
     }
 
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(D::Minus1)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap()
-    }
-
     fn check(
         b: usize,
         t: usize,
@@ -499,15 +487,8 @@ mod tests {
         lengths: &[usize],
         dropout: Option<AttentionDropout>,
     ) {
-        let dev = Device::Cpu;
-        let hidden = heads * d;
-        let var = |seed: u64| {
-            let n = b * t * hidden;
-            let data: Vec<f32> = (0..n)
-                .map(|i| (((i as u64 * 2654435761 + seed * 97) % 1000) as f32 / 500.0) - 1.0)
-                .collect();
-            Var::from_tensor(&Tensor::from_vec(data, (b, t, hidden), &dev).unwrap()).unwrap()
-        };
+        let shape = [b, t, heads * d];
+        let var = |seed: u64| var(&shape, seed, 0.0);
         let (q, k, v) = (var(1), var(2), var(3));
         let weights = var(4); // a loss weight per output element
         let fused = fused_attention(&q, &k, &v, lengths, heads, dropout).unwrap();
@@ -522,8 +503,7 @@ mod tests {
         let gc = loss_of(&composed).backward().unwrap();
         for (name, x) in [("q", &q), ("k", &k), ("v", &v)] {
             let (a, c) = (gf.get(x).unwrap(), gc.get(x).unwrap());
-            let scale = c.abs().unwrap().flatten_all().unwrap().max(0).unwrap();
-            let tol = 1e-5 * (1.0 + scale.to_scalar::<f32>().unwrap());
+            let tol = 1e-5 * (1.0 + max_abs(c));
             let diff = max_abs_diff(a, c);
             assert!(
                 diff < tol,

@@ -14,6 +14,8 @@ pub mod loader;
 pub mod nn;
 pub mod ops;
 pub mod params;
+#[cfg(test)]
+pub(crate) mod test_util;
 
 use std::path::Path;
 

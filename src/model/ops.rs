@@ -457,28 +457,7 @@ pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::{Device, Var};
-
-    fn var(shape: &[usize], seed: u64, offset: f32) -> Var {
-        let n: usize = shape.iter().product();
-        let data: Vec<f32> = (0..n)
-            .map(|i| (((i as u64 * 2654435761 + seed * 131) % 997) as f32 / 300.0) - 1.6 + offset)
-            .collect();
-        Var::from_tensor(&Tensor::from_vec(data, shape, &Device::Cpu).unwrap()).unwrap()
-    }
-
-    fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-        (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar()
-            .unwrap()
-    }
+    use crate::model::test_util::{max_abs, max_abs_diff, var};
 
     #[test]
     fn linear_on_constant_input_gives_the_weight_gradient_only() {
@@ -523,15 +502,7 @@ mod tests {
             let gc = loss(&composed).backward().unwrap();
             for (name, t) in [("x", &x), ("weight", &w), ("bias", &b)] {
                 let (a, c) = (gf.get(t).unwrap(), gc.get(t).unwrap());
-                let scale: f32 = c
-                    .abs()
-                    .unwrap()
-                    .flatten_all()
-                    .unwrap()
-                    .max(0)
-                    .unwrap()
-                    .to_scalar()
-                    .unwrap();
+                let scale = max_abs(c);
                 let diff = max_abs_diff(a, c);
                 assert!(
                     diff < 1e-5 * (1.0 + scale),
