@@ -383,39 +383,39 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tenso
     x.mul(&mask)
 }
 
-/// Matrix product of `x` [.., K] with `weight` [N, K]^T as one 2-D GEMM: flattening the
-/// leading dimensions avoids candle's broadcast (stride-0) batched matmul.
+/// `x` [.., K] times `weight` [N, K]^T plus `bias` as one 2-D GEMM: flattening the leading
+/// dimensions avoids candle's broadcast (stride-0) batched matmul. On CPU in f32 with a
+/// bias this is [`LinearOp`], whose bias rides in the GEMM's accumulator and whose backward
+/// computes only the gradients that are needed.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
     let rows = x.elem_count() / k;
     let x2 = x.reshape((rows, k))?;
-    let y = if !x.track_op() && weight.track_op() && x.device().is_cpu() && x.dtype() == DType::F32
-    {
-        x2.contiguous()?
-            .apply_op2(&weight.contiguous()?, ConstantInputMatmul)?
-    } else {
-        x2.matmul(&weight.t()?)?
-    };
     let y = match bias {
-        Some(b) => y.broadcast_add(b)?,
-        None => y,
+        Some(b) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            x2.contiguous()?
+                .apply_op3(&weight.contiguous()?, &b.contiguous()?, LinearOp)?
+        }
+        Some(b) => x2.matmul(&weight.t()?)?.broadcast_add(b)?,
+        None => x2.matmul(&weight.t()?)?,
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = weight.dim(0)?;
     y.reshape(out_dims)
 }
 
-/// `x @ w^T` for an input that needs no gradient (cached embeddings, a frozen encoder's
-/// output). candle's matmul backward always computes the input's gradient too, plus a
-/// zero tensor to accumulate it in: for the light-attention head's convolutions that is
-/// three buffers the size of the 9-residue window matrix per step, thrown away. This op's
-/// backward returns the weight gradient only.
-struct ConstantInputMatmul;
+/// `x @ w^T + b` for `(x [rows, K], w [N, K], b [N])` (CPU, f32). The forward writes the
+/// bias first and accumulates the product onto it (one pass, no broadcast add). The
+/// backward returns only the gradients of inputs that are part of the graph: candle's own
+/// matmul backward always computes the input's gradient, which for an input that needs
+/// none (cached embeddings, a frozen encoder's output: the light-attention head's
+/// convolutions run on 9-residue window matrices) is the largest product of the step.
+struct LinearOp;
 
-impl candle_core::CustomOp2 for ConstantInputMatmul {
+impl candle_core::CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
-        "protloc-constant-input-matmul"
+        "protloc-linear"
     }
 
     fn cpu_fwd(
@@ -424,25 +424,34 @@ impl candle_core::CustomOp2 for ConstantInputMatmul {
         l1: &candle_core::Layout,
         s2: &candle_core::CpuStorage,
         l2: &candle_core::Layout,
+        s3: &candle_core::CpuStorage,
+        l3: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (x, w) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
+        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let (rows, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
-        if k != k2 {
-            candle_core::bail!("linear: input has {k} features, weight expects {k2}");
+        if k != k2 || b.len() != n {
+            candle_core::bail!(
+                "linear: input has {k} features, weight is {n}x{k2}, bias {}",
+                b.len()
+            );
         }
-        let out = super::kernels::linear(x, w, None, k, n);
+        let out = super::kernels::linear(x, w, Some(b), k, n);
         Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
     }
 
     fn bwd(
         &self,
         x: &Tensor,
-        _w: &Tensor,
+        w: &Tensor,
+        b: &Tensor,
         _res: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        Ok((None, Some(grad_res.t()?.matmul(x)?)))
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let dx = x.track_op().then(|| grad_res.matmul(w)).transpose()?;
+        let dw = w.track_op().then(|| grad_res.t()?.matmul(x)).transpose()?;
+        let db = b.track_op().then(|| grad_res.sum(0)).transpose()?;
+        Ok((dx, dw, db))
     }
 }
 
@@ -460,27 +469,38 @@ mod tests {
     use crate::model::test_util::{max_abs, max_abs_diff, var};
 
     #[test]
-    fn linear_on_constant_input_gives_the_weight_gradient_only() {
-        let x = var(&[2, 5, 7], 1, 0.0).as_tensor().detach();
+    fn fused_linear_matches_matmul_plus_bias_and_skips_unneeded_gradients() {
+        let x_var = var(&[2, 5, 7], 1, 0.0);
         let (w, b) = (var(&[3, 7], 2, 0.0), var(&[3], 3, 0.0));
         let loss_w = var(&[2, 5, 3], 4, 0.0);
-        let y = linear(&x, &w, Some(&b)).unwrap();
-        let reference = x
-            .broadcast_matmul(&w.as_tensor().t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        assert!(max_abs_diff(&y, &reference) < 1e-5);
-        let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
-        let (g, gr) = (
-            loss(&y).backward().unwrap(),
-            loss(&reference).backward().unwrap(),
-        );
-        for (name, t) in [("weight", &w), ("bias", &b)] {
-            let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
-            assert!(diff < 1e-4, "d{name} differs by {diff}");
+        // A trainable input (a layer inside the encoder) and a constant one (cached
+        // embeddings): same outputs and parameter gradients; the constant gets none.
+        for x in [x_var.as_tensor().clone(), x_var.as_tensor().detach()] {
+            let y = linear(&x, &w, Some(&b)).unwrap();
+            let reference = x
+                .broadcast_matmul(&w.as_tensor().t().unwrap())
+                .unwrap()
+                .broadcast_add(&b)
+                .unwrap();
+            assert!(max_abs_diff(&y, &reference) < 1e-5);
+            let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
+            let (g, gr) = (
+                loss(&y).backward().unwrap(),
+                loss(&reference).backward().unwrap(),
+            );
+            for (name, t) in [("weight", &w), ("bias", &b)] {
+                let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
+                assert!(diff < 1e-4, "d{name} differs by {diff}");
+            }
+            match (x.track_op(), g.get(&x), gr.get(&x)) {
+                (true, Some(a), Some(c)) => assert!(max_abs_diff(a, c) < 1e-4),
+                (false, None, None) => {}
+                other => panic!(
+                    "input gradient presence wrong: {:?}",
+                    (other.0, other.1.is_some())
+                ),
+            }
         }
-        assert!(g.get(&x).is_none());
     }
 
     #[test]
