@@ -404,23 +404,6 @@ fn launcher_variables_without_a_backend_are_an_error_not_a_solo_run() {
     assert!(stderr.contains("MPI sees rank 0 of 1"), "{stderr}");
 }
 
-/// `step-*` checkpoint directories of a run, oldest first.
-fn checkpoints(run: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| {
-            p.file_name()
-                .unwrap()
-                .to_string_lossy()
-                .starts_with("step-")
-        })
-        .collect();
-    v.sort();
-    v
-}
-
 #[test]
 fn a_resumed_two_rank_run_with_dropout_ends_where_an_uninterrupted_one_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -439,7 +422,7 @@ fn a_resumed_two_rank_run_with_dropout_ends_where_an_uninterrupted_one_does() {
         .unwrap();
     check(&out, "mpirun -np 2 training with checkpoints");
     // Steps 3, 5 (epoch end), 6, 9, 10 (the end).
-    let ckpts = checkpoints(&run);
+    let ckpts = common::checkpoints(&run);
     let names: Vec<String> = ckpts
         .iter()
         .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
@@ -467,7 +450,12 @@ fn a_resumed_two_rank_run_with_dropout_ends_where_an_uninterrupted_one_does() {
         .output()
         .unwrap();
     check(&out, "mpirun -np 2 train --resume");
-    let resumed = weights(&checkpoints(&run).last().unwrap().join("model.safetensors"));
+    let resumed = weights(
+        &common::checkpoints(&run)
+            .last()
+            .unwrap()
+            .join("model.safetensors"),
+    );
     for (name, t) in &uninterrupted {
         assert_eq!(
             values(t),

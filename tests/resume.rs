@@ -51,29 +51,11 @@ fn resume(run: &Path) -> std::process::Output {
         .unwrap()
 }
 
-fn checkpoints(run: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
-        .map(|rd| {
-            rd.filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .unwrap()
-                        .to_string_lossy()
-                        .starts_with("step-")
-                })
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Starts a run and SIGKILLs it once `min_checkpoints` checkpoints exist (mid-epoch 1).
 fn start_and_kill(data: &Path, run: &Path, min_checkpoints: usize) {
     let mut child = train_cmd(data, run).spawn().unwrap();
     let t0 = Instant::now();
-    while checkpoints(run).len() < min_checkpoints {
+    while common::checkpoints(run).len() < min_checkpoints {
         assert!(
             t0.elapsed() < Duration::from_secs(300),
             "no checkpoints appeared"
@@ -90,7 +72,7 @@ fn start_and_kill(data: &Path, run: &Path, min_checkpoints: usize) {
 }
 
 fn final_weights(run: &Path) -> Vec<u8> {
-    let last = checkpoints(run).pop().expect("a final checkpoint");
+    let last = common::checkpoints(run).pop().expect("a final checkpoint");
     std::fs::read(last.join("model.safetensors")).unwrap()
 }
 
@@ -134,7 +116,7 @@ fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
     // Killed again; the newest checkpoint is then truncated (a half-written file).
     let damaged = dir.path().join("damaged");
     start_and_kill(&data, &damaged, 3);
-    let cps = checkpoints(&damaged);
+    let cps = common::checkpoints(&damaged);
     let latest = cps.last().unwrap().join("model.safetensors");
     let bytes = std::fs::read(&latest).unwrap();
     std::fs::write(&latest, &bytes[..bytes.len() / 2]).unwrap();

@@ -243,15 +243,18 @@ impl CustomOp3 for FusedAttention {
         grad_out: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let g = &self.geometry;
-        let flat = |t: &Tensor| t.flatten_all()?.to_vec1::<f32>();
+        // Read the inputs in place (q/k/v/out are contiguous already; the gradient may not be).
+        let c = Tensor::contiguous;
+        let (q, k, v, out, grad_out) = (c(q)?, c(k)?, c(v)?, c(out)?, c(grad_out)?);
         let lse = self.lse.lock().expect("lse lock");
+        let view = kernels::view;
         let (dq, dk, dv) = backward(
             g,
-            &flat(q)?,
-            &flat(k)?,
-            &flat(v)?,
-            &flat(out)?,
-            &flat(grad_out)?,
+            view(&q)?.get(),
+            view(&k)?.get(),
+            view(&v)?.get(),
+            view(&out)?.get(),
+            view(&grad_out)?.get(),
             &lse,
         );
         let shape = q.shape();

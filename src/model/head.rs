@@ -106,18 +106,22 @@ impl Head {
     pub fn new(root: &Builder, spec: HeadSpec) -> Result<Self> {
         let b = root.pp("classifier");
         let h = spec.input_dim;
+        // Mlp and light attention end in the same hidden layer -> `out` projection.
+        let hidden_out = || {
+            Linear::new(
+                &b.pp("out"),
+                spec.hidden,
+                spec.num_labels,
+                torch_std(spec.hidden),
+            )
+        };
         let (body, out, features) = match spec.kind {
             HeadKind::Linear => (Body::Pooled, Linear::new(&b, h, spec.num_labels, 0.02)?, h),
             HeadKind::Mlp => (
                 Body::Mlp {
                     dense: Linear::new(&b.pp("dense"), h, spec.hidden, torch_std(h))?,
                 },
-                Linear::new(
-                    &b.pp("out"),
-                    spec.hidden,
-                    spec.num_labels,
-                    torch_std(spec.hidden),
-                )?,
+                hidden_out()?,
                 spec.hidden,
             ),
             HeadKind::LightAttention => {
@@ -132,12 +136,7 @@ impl Head {
                         kernel: spec.kernel,
                         dense: Linear::new(&b.pp("dense"), 2 * h, spec.hidden, torch_std(2 * h))?,
                     },
-                    Linear::new(
-                        &b.pp("out"),
-                        spec.hidden,
-                        spec.num_labels,
-                        torch_std(spec.hidden),
-                    )?,
+                    hidden_out()?,
                     spec.hidden,
                 )
             }

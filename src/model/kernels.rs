@@ -79,10 +79,14 @@ impl View<'_> {
 pub fn view(t: &Tensor) -> Result<View<'_>> {
     let (guard, layout): (_, &Layout) = t.storage_and_layout();
     if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-        candle_core::bail!("fast inference path: expected an f32 CPU tensor");
+        candle_core::bail!(
+            "expected an f32 CPU tensor, got {:?} on {:?}",
+            t.dtype(),
+            t.device()
+        );
     }
     let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("fast inference path: expected a contiguous tensor");
+        candle_core::bail!("expected a contiguous tensor");
     };
     Ok(View { guard, start, end })
 }

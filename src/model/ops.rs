@@ -119,9 +119,15 @@ impl candle_core::CustomOp3 for LayerNormOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         use rayon::prelude::*;
         let d = weight.elem_count();
-        let xs = x.flatten_all()?.to_vec1::<f32>()?;
-        let w = weight.flatten_all()?.to_vec1::<f32>()?;
-        let gy = grad_res.flatten_all()?.to_vec1::<f32>()?;
+        // Read the inputs in place (only the gradient may need a contiguous copy).
+        let (x, weight, grad_res) = (
+            x.contiguous()?,
+            weight.contiguous()?,
+            grad_res.contiguous()?,
+        );
+        let (x_view, w_view) = (super::kernels::view(&x)?, super::kernels::view(&weight)?);
+        let g_view = super::kernels::view(&grad_res)?;
+        let (xs, w, gy) = (x_view.get(), w_view.get(), g_view.get());
         let stats = self.stats.lock().expect("stats lock");
         let mut dx = vec![0f32; xs.len()];
         let chunk = rows_per_task(d);

@@ -1,7 +1,7 @@
 //! Helpers shared by integration tests.
 #![allow(dead_code)]
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 /// `../shared` beside the repository (real data and checkpoints). Tests that need it fail
 /// with a clear message when it is missing instead of silently skipping.
@@ -33,4 +33,24 @@ pub fn rel_err(a: &[f32], b: &[f32]) -> f64 {
     let num: f64 = a.iter().zip(b).map(|(x, y)| ((x - y) as f64).powi(2)).sum();
     let den: f64 = b.iter().map(|y| (*y as f64).powi(2)).sum();
     (num / den.max(1e-30)).sqrt()
+}
+
+/// `step-*` checkpoint directories of a run, oldest first (none when the run has not
+/// written any yet).
+pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(run.join("checkpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .unwrap()
+                        .to_string_lossy()
+                        .starts_with("step-")
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
 }
