@@ -2,7 +2,7 @@
 //! embedding scaling and a final `emb_layer_norm_after`. Tensor names follow Hugging Face
 //! `EsmModel`.
 
-use candle_core::{DType, Result, Tensor, D};
+use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::bert::activation;
@@ -11,6 +11,7 @@ use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
 use super::params::Builder;
+use super::rotary::{self, RotaryTables};
 
 /// ESM-2 was pretrained masking 15% of tokens, 80% of those with `<mask>`; with
 /// `token_dropout` the embeddings are rescaled by the observed mask ratio.
@@ -146,17 +147,17 @@ impl Esm {
         let mask = nn::AttentionMask::new(attention_mask)?;
         // Every layer of a released checkpoint stores the same frequencies: build the tables
         // once and rebuild only if a layer differs.
-        let mut tables: Option<(&[f32], Tensor, Tensor)> = None;
+        let mut tables: Option<(&[f32], RotaryTables)> = None;
         for layer in &self.layers {
             if tables
                 .as_ref()
-                .is_none_or(|(f, _, _)| *f != layer.inv_freq.as_slice())
+                .is_none_or(|(f, _)| *f != layer.inv_freq.as_slice())
             {
-                let (cos, sin) = rotary_tables(t, &layer.inv_freq, x.device())?;
-                tables = Some((&layer.inv_freq, cos, sin));
+                let rot = RotaryTables::new(t, &layer.inv_freq, x.device())?;
+                tables = Some((&layer.inv_freq, rot));
             }
-            let (_, cos, sin) = tables.as_ref().expect("set above");
-            x = self.layer_forward(layer, &x, &mask, cos, sin, rng.as_deref_mut())?;
+            let (_, rot) = tables.as_ref().expect("set above");
+            x = self.layer_forward(layer, &x, &mask, rot, rng.as_deref_mut())?;
         }
         self.final_norm.forward(&x)
     }
@@ -256,7 +257,7 @@ impl Esm {
                 .as_ref()
                 .is_none_or(|(fr, _, _)| *fr != l.inv_freq.as_slice())
             {
-                let (cos, sin) = rotary_tables_half(max_len, &l.inv_freq);
+                let (cos, sin) = rotary::half_tables(max_len, &l.inv_freq);
                 tables = Some((&l.inv_freq, cos, sin));
             }
             let (_, cos, sin) = tables.as_ref().expect("set above");
@@ -324,15 +325,14 @@ impl Esm {
         l: &Layer,
         x: &Tensor,
         mask: &nn::AttentionMask,
-        cos: &Tensor,
-        sin: &Tensor,
+        rot: &RotaryTables,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let heads = self.cfg.num_attention_heads;
         let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
         let h = l.attn_norm.forward(x)?;
-        let q = apply_rotary(&(l.query.forward(&h)? * scale)?, heads, cos, sin)?;
-        let k = apply_rotary(&l.key.forward(&h)?, heads, cos, sin)?;
+        let q = rotary::apply(&l.query.forward(&h)?, heads, rot, scale)?;
+        let k = rotary::apply(&l.key.forward(&h)?, heads, rot, 1.0)?;
         let v = l.value.forward(&h)?;
         let p_attn = self.cfg.attention_probs_dropout_prob;
         let ctx = nn::self_attention(&q, &k, &v, heads, mask, p_attn, rng.as_deref_mut())?;
@@ -385,54 +385,4 @@ pub(crate) fn packed_linear_acc(
     }
     kernels::gemm_acc_wt(x, kernels::view(&l.weight)?.get(), acc, in_dim, out_dim);
     Ok(())
-}
-
-/// cos/sin tables [T, head_dim / 2] (the halves of [`rotary_tables`] are identical), with
-/// the same f32 arithmetic.
-fn rotary_tables_half(t: usize, inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let mut cos = Vec::with_capacity(t * inv_freq.len());
-    let mut sin = Vec::with_capacity(t * inv_freq.len());
-    for pos in 0..t {
-        for &f in inv_freq {
-            let a = pos as f32 * f;
-            cos.push(a.cos());
-            sin.push(a.sin());
-        }
-    }
-    (cos, sin)
-}
-
-/// cos/sin tables [T, head_dim] for rotary embeddings (frequencies duplicated across the two
-/// halves, as in HF `RotaryEmbedding`).
-fn rotary_tables(
-    t: usize,
-    inv_freq: &[f32],
-    dev: &candle_core::Device,
-) -> Result<(Tensor, Tensor)> {
-    let half = inv_freq.len();
-    let dim = 2 * half;
-    let mut angles = Vec::with_capacity(t * dim);
-    for pos in 0..t {
-        for j in 0..dim {
-            angles.push(pos as f32 * inv_freq[j % half]);
-        }
-    }
-    let angles = Tensor::from_vec(angles, (t, dim), dev)?;
-    Ok((angles.cos()?, angles.sin()?))
-}
-
-/// x * cos + rotate_half(x) * sin, with rotate_half(x) = [-x2, x1], per head of the unsplit
-/// projection `x` [B, T, heads * D]; `cos`/`sin` are [T, D].
-fn apply_rotary(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> Result<Tensor> {
-    let (b, t, hd) = x.dims3()?;
-    let d = hd / heads;
-    let x = x.reshape((b, t, heads, d))?;
-    let x1 = x.narrow(D::Minus1, 0, d / 2)?;
-    let x2 = x.narrow(D::Minus1, d / 2, d / 2)?;
-    let rotated = Tensor::cat(&[&x2.neg()?, &x1], D::Minus1)?;
-    let cos = cos.to_dtype(x.dtype())?.reshape((t, 1, d))?;
-    let sin = sin.to_dtype(x.dtype())?.reshape((t, 1, d))?;
-    x.broadcast_mul(&cos)?
-        .broadcast_add(&rotated.broadcast_mul(&sin)?)?
-        .reshape((b, t, hd))
 }

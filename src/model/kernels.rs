@@ -203,6 +203,24 @@ pub fn add_bias_rows(x: &mut [f32], b: &[f32]) {
     });
 }
 
+/// Sum of the rows of `x` [rows, cols] (a linear layer's bias gradient), split over threads
+/// by blocks of rows. candle's `sum(0)` walks the columns with a scalar loop on one thread,
+/// and took 6% of an ESM-2 training step.
+pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
+    let add = |mut acc: Vec<f32>, row: &[f32]| {
+        for (a, &v) in acc.iter_mut().zip(row) {
+            *a += v;
+        }
+        acc
+    };
+    x.par_chunks(cols * rows_per_task(cols))
+        .fold(
+            || vec![0f32; cols],
+            |acc, block| block.chunks(cols).fold(acc, add),
+        )
+        .reduce(|| vec![0f32; cols], |a, b| add(a, &b))
+}
+
 /// Multiplies every element by `s` in place.
 pub fn scale_inplace(x: &mut [f32], s: f32) {
     x.par_chunks_mut(16 * 1024).for_each(|c| {
@@ -780,6 +798,18 @@ mod tests {
     fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
         (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+    }
+
+    #[test]
+    fn column_sums_match_a_sequential_sum_across_many_row_blocks() {
+        let (rows, cols) = (20_000, 3); // several thousand rows per task: many tasks
+        let x = rand_vec(rows * cols, 5);
+        let got = column_sums(&x, cols);
+        for (c, &g) in got.iter().enumerate() {
+            let want: f64 = (0..rows).map(|r| x[r * cols + c] as f64).sum();
+            assert!((g as f64 - want).abs() < 1e-2, "column {c}: {g} vs {want}");
+        }
+        assert!(column_sums(&[], 4).iter().all(|&v| v == 0.0));
     }
 
     #[test]

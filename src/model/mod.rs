@@ -9,11 +9,13 @@ pub mod config;
 pub mod esm;
 pub mod fused_attention;
 pub mod head;
+pub mod head_gemm;
 pub mod kernels;
 pub mod loader;
 pub mod nn;
 pub mod ops;
 pub mod params;
+pub mod rotary;
 #[cfg(test)]
 pub(crate) mod test_util;
 

@@ -456,7 +456,15 @@ impl candle_core::CustomOp3 for LinearOp {
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let dx = x.track_op().then(|| grad_res.matmul(w)).transpose()?;
         let dw = w.track_op().then(|| grad_res.t()?.matmul(x)).transpose()?;
-        let db = b.track_op().then(|| grad_res.sum(0)).transpose()?;
+        let db = b
+            .track_op()
+            .then(|| {
+                let g = grad_res.contiguous()?;
+                let n = g.dim(1)?;
+                let sums = super::kernels::column_sums(super::kernels::view(&g)?.get(), n);
+                Tensor::from_vec(sums, n, g.device())
+            })
+            .transpose()?;
         Ok((dx, dw, db))
     }
 }
