@@ -20,6 +20,7 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::head_gemm::{self, Epilogue, Strided};
 use super::kernels;
 
 /// Scores kept per block (query rows x keys): 64 K floats = 256 KB, an L2-sized working set.
@@ -109,7 +110,7 @@ impl Geometry {
         self.batch * self.tokens * self.hidden()
     }
 
-    /// Query rows per block for `len` keys.
+    /// Query rows per block for rows of `len` scores.
     fn rows_per_block(&self, len: usize) -> usize {
         (SCORE_BLOCK / len.max(1)).clamp(1, self.tokens.max(1))
     }
@@ -119,14 +120,14 @@ impl Geometry {
         b * self.tokens * self.hidden() + h * self.head_dim
     }
 
-    /// Multiplies probability rows `r0..r0+r` of (b, h), `len` keys each, by their dropout
-    /// factors (no-op without dropout).
-    fn apply_dropout(&self, p: &mut [f32], b: usize, h: usize, r0: usize, len: usize) {
+    /// Multiplies probability rows `r0..r0+r` of (b, h) (rows of `ld` floats, the first `len`
+    /// real keys) by their dropout factors (no-op without dropout).
+    fn apply_dropout(&self, p: &mut [f32], ld: usize, b: usize, h: usize, r0: usize, len: usize) {
         let Some(drop) = self.dropout else { return };
         let t = self.tokens as u64;
-        for (i, row) in p.chunks_mut(len).enumerate() {
+        for (i, row) in p.chunks_mut(ld).enumerate() {
             let first = (((b * self.heads + h) as u64) * t + (r0 + i) as u64) * t;
-            for (j, v) in row.iter_mut().enumerate() {
+            for (j, v) in row[..len].iter_mut().enumerate() {
                 *v *= drop.factor(first + j as u64);
             }
         }
@@ -158,42 +159,6 @@ impl SharedMut {
     fn get(self) -> *mut f32 {
         self.0
     }
-}
-
-/// A matrix operand: pointer plus column and row strides (in floats), as `gemm` takes them.
-#[derive(Clone, Copy)]
-struct Mat {
-    ptr: *const f32,
-    cs: isize,
-    rs: isize,
-}
-
-/// `dst[m, n] (+)= lhs[m, k] @ rhs[k, n]`, single-threaded (tasks are already parallel).
-///
-/// # Safety
-/// Every operand must be valid for its shape and strides, and `dst` must not alias them.
-unsafe fn gemm_into(m: usize, n: usize, k: usize, dst: Mat, accumulate: bool, lhs: Mat, rhs: Mat) {
-    gemm::gemm(
-        m,
-        n,
-        k,
-        dst.ptr as *mut f32,
-        dst.cs,
-        dst.rs,
-        accumulate,
-        lhs.ptr,
-        lhs.cs,
-        lhs.rs,
-        rhs.ptr,
-        rhs.cs,
-        rhs.rs,
-        if accumulate { 1.0 } else { 0.0 },
-        1.0,
-        false,
-        false,
-        false,
-        gemm::Parallelism::None,
-    );
 }
 
 fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
@@ -268,50 +233,65 @@ impl CustomOp3 for FusedAttention {
 }
 
 /// Forward pass: the context [B, T, hidden] and the score rows' log-sum-exp [B, heads, T].
+///
+/// Per block: scores with their row maxima from one kernel, `exp(s - max)` and its row sum
+/// in one pass, the value product on the unnormalised probabilities, and `1 / sum` applied
+/// to the `head_dim`-wide output rows instead of to the `len`-wide probability rows.
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
-    let (t, d, rs) = (g.tokens, g.head_dim, g.hidden() as isize);
+    let (t, d, hidden) = (g.tokens, g.head_dim, g.hidden());
     let mut out = vec![0f32; g.elems()];
     let mut lse = vec![0f32; g.batch * g.heads * t];
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
-    g.tasks()
-        .into_par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (b, h)| {
+    g.tasks().into_par_iter().for_each_init(
+        <[Vec<f32>; 3]>::default,
+        |[scores, k_t, maxes]: &mut [Vec<f32>; 3], (b, h)| {
             let len = g.lengths[b];
             let base = g.base(b, h);
-            let rows = g.rows_per_block(len);
-            scores.resize(rows * len, 0.0);
-            let row_major = |p: *const f32| Mat { ptr: p, cs: 1, rs };
-            let mut r0 = 0;
-            while r0 < t {
-                let r = rows.min(t - r0);
-                let s = &mut scores[..r * len];
-                let sm = Mat {
-                    ptr: s.as_ptr(),
-                    cs: 1,
-                    rs: len as isize,
-                };
-                // SAFETY: q/k/v reads stay inside sequence b, head h's columns; `s` holds
-                // r x len; the output rows r0..r0+r of (b, h) belong to this task alone.
-                unsafe {
-                    let q_blk = row_major(q.as_ptr().add(base + r0 * g.hidden()));
-                    let k_t = Mat {
-                        ptr: k.as_ptr().add(base),
-                        cs: rs,
-                        rs: 1,
+            let ld = head_gemm::padded(len);
+            let rows = g.rows_per_block(ld);
+            scores.resize(rows * ld, 0.0);
+            maxes.resize(rows, 0.0);
+            // SAFETY (the whole task): q/k/v reads stay inside sequence b, head h's columns;
+            // `scores` holds r x ld; the output rows r0..r0+r and the lse entries of (b, h)
+            // belong to this task alone.
+            unsafe {
+                head_gemm::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
+                let mut r0 = 0;
+                while r0 < t {
+                    let r = rows.min(t - r0);
+                    let off = base + r0 * hidden;
+                    let s = &mut scores[..r * ld];
+                    let q_blk = Strided::rows(q.as_ptr().add(off), hidden);
+                    let row_max = &mut maxes[..r];
+                    let epi = Epilogue::StoreMax {
+                        valid: len,
+                        row_max,
                     };
-                    gemm_into(r, len, d, sm, false, q_blk, k_t);
+                    head_gemm::wide(r, d, q_blk, k_t, s.as_mut_ptr(), ld, epi);
                     let lse_rows = std::slice::from_raw_parts_mut(
                         lse_ptr.get().add((b * g.heads + h) * t + r0),
                         r,
                     );
-                    kernels::softmax_rows_lse(s, len, lse_rows);
-                    g.apply_dropout(s, b, h, r0, len);
-                    let o = row_major(out_ptr.get().add(base + r0 * g.hidden()));
-                    gemm_into(r, d, len, o, false, sm, row_major(v.as_ptr().add(base)));
+                    // From here on `maxes` holds 1 / sum of each row.
+                    for ((row, l), m) in s.chunks_mut(ld).zip(lse_rows).zip(maxes.iter_mut()) {
+                        let sum = kernels::exp_minus_sum(&mut row[..len], *m);
+                        *l = *m + sum.ln();
+                        *m = 1.0 / sum;
+                    }
+                    g.apply_dropout(s, ld, b, h, r0, len);
+                    let (v_rows, o) = (v.as_ptr().add(base), out_ptr.get().add(off));
+                    let p = Strided::rows(s.as_ptr(), ld);
+                    head_gemm::narrow(r, len, d, p, v_rows, hidden, o, hidden, false);
+                    for (i, &inv) in maxes[..r].iter().enumerate() {
+                        std::slice::from_raw_parts_mut(o.add(i * hidden), d)
+                            .iter_mut()
+                            .for_each(|x| *x *= inv);
+                    }
+                    r0 += r;
                 }
-                r0 += r;
             }
-        });
+        },
+    );
     (out, lse)
 }
 
@@ -326,7 +306,6 @@ fn backward(
     lse: &[f32],
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let (t, d, hidden) = (g.tokens, g.head_dim, g.hidden());
-    let rs = hidden as isize;
     let mut dq = vec![0f32; g.elems()];
     let mut dk = vec![0f32; g.elems()];
     let mut dv = vec![0f32; g.elems()];
@@ -336,103 +315,98 @@ fn backward(
         SharedMut(dv.as_mut_ptr()),
     );
     g.tasks().into_par_iter().for_each_init(
-        || (Vec::new(), Vec::new()),
-        |(p_buf, dp_buf): &mut (Vec<f32>, Vec<f32>), (b, h)| {
+        <[Vec<f32>; 5]>::default,
+        |[p_buf, dp_buf, k_t, v_t, dots]: &mut [Vec<f32>; 5], (b, h)| {
             let (dq_ptr, dk_ptr, dv_ptr) = ptrs;
             let len = g.lengths[b];
             let base = g.base(b, h);
-            let rows = g.rows_per_block(len);
-            p_buf.resize(rows * len, 0.0);
-            dp_buf.resize(rows * len, 0.0);
-            let row_major = |p: *const f32| Mat { ptr: p, cs: 1, rs };
-            let mut r0 = 0;
-            while r0 < t {
-                let r = rows.min(t - r0);
-                let off = base + r0 * hidden;
-                let p = &mut p_buf[..r * len];
-                let dp = &mut dp_buf[..r * len];
-                let block = |m: &[f32]| Mat {
-                    ptr: m.as_ptr(),
-                    cs: 1,
-                    rs: len as isize,
-                };
-                let block_t = |m: &[f32]| Mat {
-                    ptr: m.as_ptr(),
-                    cs: len as isize,
-                    rs: 1,
-                };
-                let k_t = Mat {
-                    ptr: k[base..].as_ptr(),
-                    cs: rs,
-                    rs: 1,
-                };
-                let v_t = Mat {
-                    ptr: v[base..].as_ptr(),
-                    cs: rs,
-                    rs: 1,
-                };
-                // SAFETY: reads stay inside sequence b, head h's columns of q/k/v/out/grad;
-                // dq rows r0..r0+r and dk/dv rows 0..len of (b, h) are written by this task
-                // alone; p/dp hold r x len.
-                unsafe {
+            let ld = head_gemm::padded(len);
+            let rows = g.rows_per_block(ld);
+            p_buf.resize(rows * ld, 0.0);
+            dp_buf.resize(rows * ld, 0.0);
+            dots.resize(rows, 0.0);
+            // Element (key j, query row i) of a block stored row-major by query: transposed.
+            let by_key = |m: &[f32]| Strided {
+                ptr: m.as_ptr(),
+                rs: 1,
+                cs: ld as isize,
+            };
+            // SAFETY (the whole task): reads stay inside sequence b, head h's columns of
+            // q/k/v/out/grad; dq rows r0..r0+r and dk/dv rows 0..len of (b, h) are written by
+            // this task alone; p/dp hold r x ld.
+            unsafe {
+                head_gemm::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
+                head_gemm::pack_transposed(v.as_ptr().add(base), hidden, len, d, v_t);
+                let mut r0 = 0;
+                while r0 < t {
+                    let r = rows.min(t - r0);
+                    let off = base + r0 * hidden;
+                    let p = &mut p_buf[..r * ld];
+                    let dp = &mut dp_buf[..r * ld];
+                    let (q_blk, g_blk) = (q.as_ptr().add(off), grad_out.as_ptr().add(off));
                     // P = exp(Q K^T - lse), recomputed.
-                    gemm_into(
-                        r,
-                        len,
-                        d,
-                        block(p),
-                        false,
-                        row_major(q[off..].as_ptr()),
-                        k_t,
-                    );
                     let lse_rows = &lse[(b * g.heads + h) * t + r0..][..r];
-                    kernels::exp_rows_minus(p, len, lse_rows);
-                    let g_blk = row_major(grad_out[off..].as_ptr());
+                    let epi = Epilogue::ExpMinus { lse: lse_rows };
+                    head_gemm::wide(
+                        r,
+                        d,
+                        Strided::rows(q_blk, hidden),
+                        k_t,
+                        p.as_mut_ptr(),
+                        ld,
+                        epi,
+                    );
                     // dV += Pd^T dO, Pd = P with dropout applied (in dp's buffer for now).
-                    let dv_blk = row_major(dv_ptr.get().add(base));
                     let pd: &[f32] = if g.dropout.is_some() {
                         dp.copy_from_slice(p);
-                        g.apply_dropout(dp, b, h, r0, len);
+                        g.apply_dropout(dp, ld, b, h, r0, len);
                         dp
                     } else {
                         p
                     };
-                    gemm_into(len, d, r, dv_blk, true, block_t(pd), g_blk);
-                    // dPd = dO V^T; dP = dPd * dropout; dS = P * (dP - rowsum(dO * O)).
-                    gemm_into(r, len, d, block(dp), false, g_blk, v_t);
-                    g.apply_dropout(dp, b, h, r0, len);
-                    for i in 0..r {
+                    let dv_rows = dv_ptr.get().add(base);
+                    head_gemm::narrow(len, r, d, by_key(pd), g_blk, hidden, dv_rows, hidden, true);
+                    // dS = P * (dP - rowsum(dO * O)), dP = dO V^T (times the dropout factors).
+                    for (i, di) in dots[..r].iter_mut().enumerate() {
                         let go = &grad_out[off + i * hidden..][..d];
                         let o = &out[off + i * hidden..][..d];
-                        let di: f32 = go.iter().zip(o).map(|(a, b)| a * b).sum();
-                        let prow = &p[i * len..][..len];
-                        for (s, &pi) in dp[i * len..][..len].iter_mut().zip(prow) {
-                            *s = pi * (*s - di);
+                        *di = go.iter().zip(o).map(|(a, b)| a * b).sum();
+                    }
+                    let dp_ptr = dp.as_mut_ptr();
+                    let g_rows = Strided::rows(g_blk, hidden);
+                    if g.dropout.is_some() {
+                        head_gemm::wide(r, d, g_rows, v_t, dp_ptr, ld, Epilogue::Store);
+                        g.apply_dropout(dp, ld, b, h, r0, len);
+                        for (i, &di) in dots[..r].iter().enumerate() {
+                            let prow = &p[i * ld..][..len];
+                            for (s, &pi) in dp[i * ld..][..len].iter_mut().zip(prow) {
+                                *s = pi * (*s - di);
+                            }
                         }
+                    } else {
+                        let epi = Epilogue::SoftmaxGrad {
+                            p: p.as_ptr(),
+                            di: &dots[..r],
+                        };
+                        head_gemm::wide(r, d, g_rows, v_t, dp_ptr, ld, epi);
                     }
                     // dQ = dS K, dK += dS^T Q
-                    let dq_blk = row_major(dq_ptr.get().add(off));
-                    gemm_into(
+                    let (k_rows, dq_rows) = (k.as_ptr().add(base), dq_ptr.get().add(off));
+                    head_gemm::narrow(
                         r,
-                        d,
                         len,
-                        dq_blk,
+                        d,
+                        Strided::rows(dp.as_ptr(), ld),
+                        k_rows,
+                        hidden,
+                        dq_rows,
+                        hidden,
                         false,
-                        block(dp),
-                        row_major(k[base..].as_ptr()),
                     );
-                    let dk_blk = row_major(dk_ptr.get().add(base));
-                    gemm_into(
-                        len,
-                        d,
-                        r,
-                        dk_blk,
-                        true,
-                        block_t(dp),
-                        row_major(q[off..].as_ptr()),
-                    );
+                    let dk_rows = dk_ptr.get().add(base);
+                    head_gemm::narrow(len, r, d, by_key(dp), q_blk, hidden, dk_rows, hidden, true);
+                    r0 += r;
                 }
-                r0 += r;
             }
         },
     );
@@ -534,6 +508,9 @@ mod tests {
         // Odd sizes and a ragged batch; the 300-token sequence needs two row blocks.
         check(3, 7, 3, 5, &[7, 4, 1], None);
         check(1, 300, 2, 4, &[300], None);
+        // Head widths the vector microkernels take (16 as ESM-2 8M, 24 = 16 + 8 columns).
+        check(2, 40, 2, 16, &[40, 17], None);
+        check(1, 300, 1, 24, &[300], None);
     }
 
     #[test]

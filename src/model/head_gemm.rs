@@ -18,6 +18,9 @@
 //! no copy. Without AVX2+FMA, or for a width that is not a multiple of 8, portable loops
 //! compute the same sums.
 
+#[cfg(target_arch = "x86_64")]
+use super::kernels::has_avx2_fma;
+
 /// Columns per [`wide`] tile: packed `Bt` rows are padded to a multiple of this.
 pub const TILE_COLS: usize = 16;
 /// Rows of `C` per microkernel tile.
@@ -68,28 +71,59 @@ pub unsafe fn pack_transposed(
     let ld = padded(rows);
     dst.clear();
     dst.resize(d * ld, 0.0);
-    for j in 0..rows {
-        // SAFETY: row j of the source, as the caller guarantees.
-        let row = unsafe { std::slice::from_raw_parts(src.add(j * rs), d) };
-        for (k, &v) in row.iter().enumerate() {
-            dst[k * ld + j] = v;
+    // Column by column: contiguous writes, and the source rows (one or a few cache lines
+    // each) stay in L1 between columns.
+    for (k, out) in dst.chunks_exact_mut(ld).enumerate() {
+        for (j, o) in out[..rows].iter_mut().enumerate() {
+            // SAFETY: element k of source row j, as the caller guarantees.
+            *o = unsafe { *src.add(j * rs + k) };
         }
     }
 }
 
+/// What [`wide`] does with each product before (or while) storing it.
+pub enum Epilogue<'a> {
+    /// `C = A Bt`.
+    Store,
+    /// `C = A Bt`, and `row_max[i]` = the largest of row `i`'s first `valid` columns (the
+    /// softmax's shift, without a separate pass over the scores).
+    StoreMax {
+        valid: usize,
+        row_max: &'a mut [f32],
+    },
+    /// `C = exp(A Bt - lse[i])`: probabilities recomputed from their log-sum-exp.
+    ExpMinus { lse: &'a [f32] },
+    /// `C = P * (A Bt - di[i])` element-wise, `P` laid out like `C`: the softmax backward
+    /// (`di` = rowsum(dO * O)).
+    SoftmaxGrad { p: *const f32, di: &'a [f32] },
+}
+
 /// `C[m, ld] = A[m, d] @ Bt[d, ld]` with `Bt` packed by [`pack_transposed`] (`ld` =
-/// `bt.len() / d`, a multiple of [`TILE_COLS`]); `C` rows at stride `c_rs >= ld`.
+/// `bt.len() / d`, a multiple of [`TILE_COLS`]); `C` rows at stride `c_rs >= ld`, finished
+/// by `epi`.
 ///
 /// # Safety
-/// `a` must be valid for `m x d`, `c` for `m` rows of `ld` floats at stride `c_rs`, and `c`
-/// must not overlap `a` or `bt`.
-pub unsafe fn wide(m: usize, d: usize, a: Strided, bt: &[f32], c: *mut f32, c_rs: usize) {
+/// `a` must be valid for `m x d`, `c` (and an epilogue's `P`) for `m` rows of `ld` floats at
+/// stride `c_rs`, `c` must not overlap `a`, `bt` or `P`, and the epilogue's slices must
+/// hold `m` entries.
+pub unsafe fn wide(
+    m: usize,
+    d: usize,
+    a: Strided,
+    bt: &[f32],
+    c: *mut f32,
+    c_rs: usize,
+    mut epi: Epilogue,
+) {
     let ld = bt.len() / d.max(1);
     debug_assert!(ld.is_multiple_of(TILE_COLS) && c_rs >= ld);
+    if let Epilogue::StoreMax { row_max, .. } = &mut epi {
+        row_max[..m].fill(f32::NEG_INFINITY);
+    }
     #[cfg(target_arch = "x86_64")]
     if has_avx2_fma() {
         // SAFETY: CPU features checked; bounds as the caller guarantees.
-        return unsafe { avx2::wide(m, d, a, bt, ld, c, c_rs) };
+        return unsafe { avx2::wide(m, d, a, bt, ld, c, c_rs, &mut epi) };
     }
     for i in 0..m {
         for j in 0..ld {
@@ -98,9 +132,26 @@ pub unsafe fn wide(m: usize, d: usize, a: Strided, bt: &[f32], c: *mut f32, c_rs
                 // SAFETY: inside A and Bt.
                 s += unsafe { *a.at(i, k) } * bt[k * ld + j];
             }
-            // SAFETY: inside C.
-            unsafe { *c.add(i * c_rs + j) = s };
+            // SAFETY: inside C (and P).
+            unsafe { *c.add(i * c_rs + j) = finish(&mut epi, i, j, i * c_rs + j, s) };
         }
+    }
+}
+
+/// The epilogue of one product `s` at row `i`, column `j` (offset `at` in `C` and `P`).
+#[inline(always)]
+fn finish(epi: &mut Epilogue, i: usize, j: usize, at: usize, s: f32) -> f32 {
+    match epi {
+        Epilogue::Store => s,
+        Epilogue::StoreMax { valid, row_max } => {
+            if j < *valid {
+                row_max[i] = row_max[i].max(s);
+            }
+            s
+        }
+        Epilogue::ExpMinus { lse } => super::kernels::fast_exp(s - lse[i]),
+        // SAFETY: P has C's layout, as `wide`'s caller guarantees.
+        Epilogue::SoftmaxGrad { p, di } => (unsafe { *p.add(at) }) * (s - di[i]),
     }
 }
 
@@ -149,20 +200,30 @@ pub unsafe fn narrow(
 }
 
 #[cfg(target_arch = "x86_64")]
-fn has_avx2_fma() -> bool {
-    use std::sync::OnceLock;
-    static HAS: OnceLock<bool> = OnceLock::new();
-    *HAS.get_or_init(|| {
-        std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma")
-    })
-}
+pub(crate) mod avx2 {
+    use super::{Epilogue, Strided, TILE_COLS, TILE_ROWS};
 
-#[cfg(target_arch = "x86_64")]
-mod avx2 {
-    use super::{Strided, TILE_COLS, TILE_ROWS};
     use std::arch::x86_64::*;
 
+    /// Epilogue kinds, as const parameters so each compiles to its own loop.
+    const STORE: u8 = 0;
+    const MAX: u8 = 1;
+    const EXP: u8 = 2;
+    const GRAD: u8 = 3;
+
+    /// An epilogue's operands as raw parts.
+    #[derive(Clone, Copy)]
+    struct Extra {
+        valid: usize,
+        row_max: *mut f32,
+        /// lse (EXP) or di (GRAD), one per row.
+        per_row: *const f32,
+        /// P (GRAD), laid out like C.
+        p: *const f32,
+    }
+
     #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
     pub unsafe fn wide(
         m: usize,
         d: usize,
@@ -171,63 +232,217 @@ mod avx2 {
         ld: usize,
         c: *mut f32,
         c_rs: usize,
+        epi: &mut Epilogue,
     ) {
+        let mut x = Extra {
+            valid: ld,
+            row_max: std::ptr::null_mut(),
+            per_row: std::ptr::null(),
+            p: std::ptr::null(),
+        };
+        let kind = match epi {
+            Epilogue::Store => STORE,
+            Epilogue::StoreMax { valid, row_max } => {
+                x.valid = *valid;
+                x.row_max = row_max.as_mut_ptr();
+                MAX
+            }
+            Epilogue::ExpMinus { lse } => {
+                x.per_row = lse.as_ptr();
+                EXP
+            }
+            Epilogue::SoftmaxGrad { p, di } => {
+                x.per_row = di.as_ptr();
+                x.p = *p;
+                GRAD
+            }
+        };
+        let bt = bt.as_ptr();
         let mut i0 = 0;
         while i0 < m {
             let rows = TILE_ROWS.min(m - i0);
-            for j0 in (0..ld).step_by(TILE_COLS) {
-                // SAFETY: rows i0..i0+rows and columns j0..j0+16 are inside A, Bt and C.
-                unsafe {
-                    let a0 = a.at(i0, 0);
-                    let b0 = bt.as_ptr().add(j0);
-                    let c0 = c.add(i0 * c_rs + j0);
-                    match rows {
-                        6 => wide_tile::<6>(d, a0, a, b0, ld, c0, c_rs),
-                        5 => wide_tile::<5>(d, a0, a, b0, ld, c0, c_rs),
-                        4 => wide_tile::<4>(d, a0, a, b0, ld, c0, c_rs),
-                        3 => wide_tile::<3>(d, a0, a, b0, ld, c0, c_rs),
-                        2 => wide_tile::<2>(d, a0, a, b0, ld, c0, c_rs),
-                        _ => wide_tile::<1>(d, a0, a, b0, ld, c0, c_rs),
-                    }
+            // SAFETY: rows i0..i0+rows of A, C (and P), all of Bt, as the caller guarantees.
+            unsafe {
+                let r = Rows {
+                    d,
+                    a0: a.at(i0, 0),
+                    a,
+                    bt,
+                    ld,
+                    c0: c.add(i0 * c_rs),
+                    c_rs,
+                    i0,
+                };
+                match (rows, kind) {
+                    (6, STORE) => wide_rows::<6, STORE>(&r, x),
+                    (6, MAX) => wide_rows::<6, MAX>(&r, x),
+                    (6, EXP) => wide_rows::<6, EXP>(&r, x),
+                    (6, _) => wide_rows::<6, GRAD>(&r, x),
+                    (5, STORE) => wide_rows::<5, STORE>(&r, x),
+                    (5, MAX) => wide_rows::<5, MAX>(&r, x),
+                    (5, EXP) => wide_rows::<5, EXP>(&r, x),
+                    (5, _) => wide_rows::<5, GRAD>(&r, x),
+                    (4, STORE) => wide_rows::<4, STORE>(&r, x),
+                    (4, MAX) => wide_rows::<4, MAX>(&r, x),
+                    (4, EXP) => wide_rows::<4, EXP>(&r, x),
+                    (4, _) => wide_rows::<4, GRAD>(&r, x),
+                    (3, STORE) => wide_rows::<3, STORE>(&r, x),
+                    (3, MAX) => wide_rows::<3, MAX>(&r, x),
+                    (3, EXP) => wide_rows::<3, EXP>(&r, x),
+                    (3, _) => wide_rows::<3, GRAD>(&r, x),
+                    (2, STORE) => wide_rows::<2, STORE>(&r, x),
+                    (2, MAX) => wide_rows::<2, MAX>(&r, x),
+                    (2, EXP) => wide_rows::<2, EXP>(&r, x),
+                    (2, _) => wide_rows::<2, GRAD>(&r, x),
+                    (_, STORE) => wide_rows::<1, STORE>(&r, x),
+                    (_, MAX) => wide_rows::<1, MAX>(&r, x),
+                    (_, EXP) => wide_rows::<1, EXP>(&r, x),
+                    (_, _) => wide_rows::<1, GRAD>(&r, x),
                 }
             }
             i0 += rows;
         }
     }
 
-    /// One `R x 16` tile of `C`: 2R accumulators, two `Bt` loads and R broadcasts per step.
-    #[target_feature(enable = "avx2,fma")]
-    #[inline]
-    unsafe fn wide_tile<const R: usize>(
+    /// Where `R` rows of a [`wide`] product read and write.
+    struct Rows {
         d: usize,
         a0: *const f32,
         a: Strided,
-        b0: *const f32,
+        bt: *const f32,
         ld: usize,
         c0: *mut f32,
         c_rs: usize,
-    ) {
-        let mut lo = [_mm256_setzero_ps(); R];
-        let mut hi = [_mm256_setzero_ps(); R];
-        for k in 0..d {
-            // SAFETY (whole body): offsets inside the tile the caller checked.
+        /// Index of the first row (into the epilogue's per-row slices and P).
+        i0: usize,
+    }
+
+    /// `R` rows x all columns, 16 at a time: 2R accumulators, two `Bt` loads and R
+    /// broadcasts per step over `d`, then the epilogue `K` on the registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    unsafe fn wide_rows<const R: usize, const K: u8>(t: &Rows, x: Extra) {
+        // Columns whose tiles lie wholly inside the valid range (for the row maxima).
+        let full = x.valid / TILE_COLS * TILE_COLS;
+        let mut maxv = [_mm256_set1_ps(f32::NEG_INFINITY); R];
+        for j0 in (0..t.ld).step_by(TILE_COLS) {
+            let mut acc = [[_mm256_setzero_ps(); 2]; R];
+            // SAFETY (whole body): offsets inside the rows and columns the caller checked.
             unsafe {
-                let bl = _mm256_loadu_ps(b0.add(k * ld));
-                let bh = _mm256_loadu_ps(b0.add(k * ld + 8));
-                for i in 0..R {
-                    let av = _mm256_set1_ps(*a0.offset(i as isize * a.rs + k as isize * a.cs));
-                    lo[i] = _mm256_fmadd_ps(av, bl, lo[i]);
-                    hi[i] = _mm256_fmadd_ps(av, bh, hi[i]);
+                let b0 = t.bt.add(j0);
+                for k in 0..t.d {
+                    let bl = _mm256_loadu_ps(b0.add(k * t.ld));
+                    let bh = _mm256_loadu_ps(b0.add(k * t.ld + 8));
+                    for (i, row) in acc.iter_mut().enumerate() {
+                        let at = i as isize * t.a.rs + k as isize * t.a.cs;
+                        let av = _mm256_set1_ps(*t.a0.offset(at));
+                        row[0] = _mm256_fmadd_ps(av, bl, row[0]);
+                        row[1] = _mm256_fmadd_ps(av, bh, row[1]);
+                    }
+                }
+                for (i, row) in acc.iter().enumerate() {
+                    let at = i * t.c_rs + j0;
+                    let mut out = *row;
+                    if K == EXP {
+                        let l = _mm256_set1_ps(*x.per_row.add(t.i0 + i));
+                        out = out.map(|v| exp(_mm256_sub_ps(v, l)));
+                    } else if K == GRAD {
+                        let di = _mm256_set1_ps(*x.per_row.add(t.i0 + i));
+                        let p = x.p.add(t.i0 * t.c_rs + at);
+                        out[0] = _mm256_mul_ps(_mm256_loadu_ps(p), _mm256_sub_ps(out[0], di));
+                        out[1] =
+                            _mm256_mul_ps(_mm256_loadu_ps(p.add(8)), _mm256_sub_ps(out[1], di));
+                    } else if K == MAX && j0 < full {
+                        maxv[i] = _mm256_max_ps(maxv[i], _mm256_max_ps(out[0], out[1]));
+                    }
+                    _mm256_storeu_ps(t.c0.add(at), out[0]);
+                    _mm256_storeu_ps(t.c0.add(at + 8), out[1]);
                 }
             }
         }
-        for i in 0..R {
-            // SAFETY: row i of the tile.
-            unsafe {
-                _mm256_storeu_ps(c0.add(i * c_rs), lo[i]);
-                _mm256_storeu_ps(c0.add(i * c_rs + 8), hi[i]);
+        if K == MAX {
+            for (i, &v) in maxv.iter().enumerate() {
+                // SAFETY: row i of C (columns full..valid were stored above) and of row_max.
+                unsafe {
+                    let row = std::slice::from_raw_parts(t.c0.add(i * t.c_rs), x.valid);
+                    let m = row[full..].iter().fold(hmax(v), |a, &b| a.max(b));
+                    *x.row_max.add(t.i0 + i) = m;
+                }
             }
         }
+    }
+
+    /// Largest of the 8 lanes.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn hmax(v: __m256) -> f32 {
+        let m = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let m = _mm_max_ss(m, _mm_shuffle_ps::<0b01>(m, m));
+        _mm_cvtss_f32(m)
+    }
+
+    /// [`fast_exp`](crate::model::kernels::fast_exp)'s range reduction and polynomial on 8
+    /// lanes, with fused multiply-adds (one rounding per step instead of two; results agree
+    /// with the scalar version to an ulp). Exponentials are what bounds the attention of
+    /// narrow heads: a score costs `head_dim` multiply-adds but one exp.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    pub(crate) fn exp(x: __m256) -> __m256 {
+        let c = _mm256_set1_ps;
+        const ROUND: f32 = 12_582_912.0;
+        let x = _mm256_max_ps(_mm256_min_ps(x, c(88.3)), c(-87.3));
+        let t = _mm256_fmadd_ps(x, c(std::f32::consts::LOG2_E), c(ROUND));
+        let n = _mm256_sub_ps(t, c(ROUND));
+        let bits = _mm256_sub_epi32(
+            _mm256_castps_si256(t),
+            _mm256_set1_epi32(ROUND.to_bits() as i32),
+        );
+        let r = _mm256_fnmadd_ps(n, c(0.693_359_4), x);
+        let r = _mm256_fnmadd_ps(n, c(-2.121_944_4e-4), r);
+        let mut p = c(1.987_569_1e-4);
+        for k in [
+            1.398_199_9e-3,
+            8.333_452e-3,
+            4.166_579_6e-2,
+            0.166_666_65,
+            0.5,
+        ] {
+            p = _mm256_fmadd_ps(p, r, c(k));
+        }
+        let y = _mm256_add_ps(_mm256_fmadd_ps(p, _mm256_mul_ps(r, r), r), c(1.0));
+        let scale = _mm256_slli_epi32::<23>(_mm256_add_epi32(bits, _mm256_set1_epi32(127)));
+        _mm256_mul_ps(y, _mm256_castsi256_ps(scale))
+    }
+
+    /// `exp(x - max)` over `row` in place, returning the sum (see
+    /// [`kernels::exp_minus_sum`](crate::model::kernels::exp_minus_sum)).
+    #[target_feature(enable = "avx2,fma")]
+    pub(crate) fn exp_minus_sum(row: &mut [f32], max: f32) -> f32 {
+        let m = _mm256_set1_ps(max);
+        let (mut s0, mut s1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut chunks = row.chunks_exact_mut(16);
+        for ch in &mut chunks {
+            // SAFETY: the chunk holds 16 floats.
+            unsafe {
+                let p = ch.as_mut_ptr();
+                let e0 = exp(_mm256_sub_ps(_mm256_loadu_ps(p), m));
+                let e1 = exp(_mm256_sub_ps(_mm256_loadu_ps(p.add(8)), m));
+                _mm256_storeu_ps(p, e0);
+                _mm256_storeu_ps(p.add(8), e1);
+                s0 = _mm256_add_ps(s0, e0);
+                s1 = _mm256_add_ps(s1, e1);
+            }
+        }
+        let mut lanes = [0f32; 8];
+        // SAFETY: 8 floats.
+        unsafe { _mm256_storeu_ps(lanes.as_mut_ptr(), _mm256_add_ps(s0, s1)) };
+        let mut sum: f32 = lanes.iter().sum();
+        for v in chunks.into_remainder() {
+            *v = crate::model::kernels::fast_exp(*v - max);
+            sum += *v;
+        }
+        sum
     }
 
     #[target_feature(enable = "avx2,fma")]
@@ -355,7 +570,7 @@ mod tests {
     }
 
     #[test]
-    fn wide_matches_reference_for_ragged_rows_and_columns() {
+    fn wide_and_its_epilogues_match_reference_for_ragged_rows_and_columns() {
         for (m, n, d) in [
             (13, 37, 16),
             (6, 16, 8),
@@ -373,31 +588,96 @@ mod tests {
             let ld = padded(n);
             assert_eq!(bt.len(), d * ld);
             let c_rs = ld + 2;
-            let mut c = vec![f32::NAN; m * c_rs];
-            // SAFETY: sizes as allocated above.
-            unsafe {
-                wide(
-                    m,
-                    d,
-                    Strided::rows(a.as_ptr(), a_rs),
-                    &bt,
-                    c.as_mut_ptr(),
-                    c_rs,
+            let want = reference(m, d, n, |i, k| a[i * a_rs + k], |k, j| b[j * b_rs + k]);
+            let run = |epi: Epilogue| {
+                let mut c = vec![f32::NAN; m * c_rs];
+                // SAFETY: sizes as allocated above; the epilogue's slices hold m rows.
+                unsafe {
+                    wide(
+                        m,
+                        d,
+                        Strided::rows(a.as_ptr(), a_rs),
+                        &bt,
+                        c.as_mut_ptr(),
+                        c_rs,
+                        epi,
+                    )
+                };
+                c
+            };
+            let close = |got: f32, want: f64, what: &str, i: usize, j: usize| {
+                assert!(
+                    (got as f64 - want).abs() < 1e-4 * (1.0 + want.abs()),
+                    "{what} ({m},{n},{d}) at {i},{j}: {got} vs {want}"
                 )
             };
-            let want = reference(m, d, n, |i, k| a[i * a_rs + k], |k, j| b[j * b_rs + k]);
+            // Store, and the row maxima over the first `valid` columns.
+            let valid = n - n / 3;
+            let mut row_max = vec![0f32; m];
+            let c = run(Epilogue::StoreMax {
+                valid,
+                row_max: &mut row_max,
+            });
             for i in 0..m {
                 for j in 0..n {
-                    let got = c[i * c_rs + j] as f64;
-                    assert!(
-                        (got - want[i * n + j]).abs() < 1e-4,
-                        "({m},{n},{d}) at {i},{j}"
-                    );
+                    close(c[i * c_rs + j], want[i * n + j], "store", i, j);
                 }
                 // Padding columns see zero keys.
                 assert!(c[i * c_rs + n..i * c_rs + ld].iter().all(|&v| v == 0.0));
+                let m_want = want[i * n..][..valid]
+                    .iter()
+                    .cloned()
+                    .fold(f64::MIN, f64::max);
+                close(row_max[i], m_want, "row max", i, 0);
+            }
+            // Probabilities from a log-sum-exp.
+            let lse: Vec<f32> = (0..m).map(|i| 0.5 + i as f32 * 0.1).collect();
+            let c = run(Epilogue::ExpMinus { lse: &lse });
+            for i in 0..m {
+                for j in 0..n {
+                    let e = (want[i * n + j] - lse[i] as f64).exp();
+                    close(c[i * c_rs + j], e, "exp", i, j);
+                }
+            }
+            // Softmax backward: P * (A Bt - di).
+            let p = data(m * c_rs, 9);
+            let di: Vec<f32> = (0..m).map(|i| 0.3 - i as f32 * 0.05).collect();
+            let c = run(Epilogue::SoftmaxGrad {
+                p: p.as_ptr(),
+                di: &di,
+            });
+            for i in 0..m {
+                for j in 0..n {
+                    let g = p[i * c_rs + j] as f64 * (want[i * n + j] - di[i] as f64);
+                    close(c[i * c_rs + j], g, "softmax grad", i, j);
+                }
             }
         }
+    }
+
+    #[test]
+    fn exp_minus_sum_matches_std_exp() {
+        // 16-wide vector chunks and a scalar tail; a wide range of exponents.
+        let orig: Vec<f32> = (0..37).map(|i| i as f32 * 2.7 - 60.0).collect();
+        let max = 30.0;
+        let mut row = orig.clone();
+        let sum = crate::model::kernels::exp_minus_sum(&mut row, max);
+        let mut want_sum = 0f64;
+        for (&x, &e) in orig.iter().zip(&row) {
+            let want = ((x - max) as f64).exp();
+            want_sum += want;
+            if x - max < -87.3 {
+                // Clamped (documented): about 1e-38 instead of a denormal.
+                assert!(e < 2e-38);
+                continue;
+            }
+            assert!(
+                (e as f64 - want).abs() <= 3e-7 * want,
+                "exp({}) = {e}, want {want}",
+                x - max
+            );
+        }
+        assert!((sum as f64 - want_sum).abs() <= 1e-6 * want_sum);
     }
 
     #[test]

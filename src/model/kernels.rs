@@ -7,24 +7,27 @@
 //! `[N, hidden]` matrix (`N` = real tokens of the batch, no padding rows at all), with
 //! [`Segment`]s saying where each sequence starts. Linear layers are single GEMMs over all
 //! `N` rows (the `gemm` crate, the same kernels candle uses, split over rayon threads);
-//! attention runs per (sequence, head, block of query rows) straight on the strided
-//! `[N, hidden]` Q/K/V, over that sequence's keys only, and writes its output in place.
+//! attention runs per (sequence, head): that head's keys are packed once, then blocks of
+//! query rows are computed straight from the strided `[N, hidden]` Q/V with the
+//! [`head_gemm`](super::head_gemm) microkernels, over that sequence's keys only, and the
+//! output is written in place.
 //!
 //! Memory is bounded for any length: a block holds at most `max(SCORE_BLOCK, MIN_QUERY_ROWS
-//! x len)` scores, so a 35,000-residue protein needs 36 MB of scores per thread instead of
+//! x len)` scores, so a 35,000-residue protein needs 2.2 MB of scores per thread instead of
 //! the 4.9 GB a full `T x T` matrix per head would take.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
+use super::head_gemm::{self, Epilogue, Strided};
+
 /// Scores per attention block (query rows x keys): 64K f32 = 256 KB, which stays in L2
 /// while the softmax and the PV product read it back.
 pub const SCORE_BLOCK: usize = 64 * 1024;
-/// Fewest query rows per block. Each block packs its sequence's keys and values for the
-/// GEMMs, so few rows per block make that packing dominate on long sequences (measured at
-/// 16 rows, one 8,192-token ESM-2 8M forward took 51 s, at 256 rows 28 s). Bounds scratch
-/// memory at `MIN_QUERY_ROWS * len` floats per thread (36 MB at 35,000 tokens).
-pub const MIN_QUERY_ROWS: usize = 256;
+/// Fewest query rows per block (a few microkernel tiles, so each pass over the packed keys
+/// does enough work). Bounds scratch memory at `MIN_QUERY_ROWS * len` floats per thread
+/// (2.2 MB at 35,000 tokens) once `len` outgrows [`SCORE_BLOCK`].
+pub const MIN_QUERY_ROWS: usize = 16;
 
 static PACKED_INFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -410,93 +413,36 @@ fn gelu_erf_backward_scalar(x: &[f32], g: &mut [f32]) {
     }
 }
 
-/// Softmax of one row in place (max-subtracted, so it never overflows). Plain indexed
-/// loops over 16-wide lanes: they vectorise inside the AVX2 wrapper below, where iterator
-/// adaptors (`for_each` → `fold`) ended up as separate, non-AVX functions.
+/// `exp(x - max)` over `row` in place; returns the sum (an unnormalised softmax row whose
+/// normalisation the caller folds into what it computes next).
+pub fn exp_minus_sum(row: &mut [f32], max: f32) -> f32 {
+    simd::exp_minus_sum(row, max)
+}
+
 #[inline(always)]
-fn softmax_row_scalar(row: &mut [f32]) {
-    const L: usize = 16;
-    let mut m = [f32::NEG_INFINITY; L];
-    let mut chunks = row.chunks_exact(L);
+fn exp_minus_sum_scalar(row: &mut [f32], max: f32) -> f32 {
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
     for c in &mut chunks {
-        let c: &[f32; L] = c.try_into().expect("exact chunk");
-        for i in 0..L {
-            m[i] = if c[i] > m[i] { c[i] } else { m[i] };
+        for i in 0..8 {
+            c[i] = fast_exp(c[i] - max);
+            acc[i] += c[i];
         }
     }
-    let mut max = f32::NEG_INFINITY;
-    for &v in m.iter().chain(chunks.remainder()) {
-        max = if v > max { v } else { max };
-    }
-    let mut acc = [0f32; L];
-    let mut chunks = row.chunks_exact_mut(L);
-    for c in &mut chunks {
-        let c: &mut [f32; L] = c.try_into().expect("exact chunk");
-        for i in 0..L {
-            let e = fast_exp(c[i] - max);
-            c[i] = e;
-            acc[i] += e;
-        }
-    }
-    let mut sum = 0f32;
+    let mut sum: f32 = acc.iter().sum();
     for v in chunks.into_remainder() {
         *v = fast_exp(*v - max);
         sum += *v;
     }
-    for a in acc {
-        sum += a;
-    }
-    let inv = 1.0 / sum;
-    for v in row.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// Softmax of each `len`-long row of `s` in place, writing each row's log-sum-exp
-/// (`max + ln(sum(exp(x - max)))`) to `lse` (the fused attention's backward recomputes the
-/// probabilities from it).
-pub fn softmax_rows_lse(s: &mut [f32], len: usize, lse: &mut [f32]) {
-    simd::softmax_rows_lse(s, len, lse)
-}
-
-/// `exp(x - lse[row])` over each `len`-long row of `s`, in place.
-pub fn exp_rows_minus(s: &mut [f32], len: usize, lse: &[f32]) {
-    simd::exp_rows_minus(s, len, lse)
-}
-
-#[inline(always)]
-fn softmax_rows_lse_scalar(s: &mut [f32], len: usize, lse: &mut [f32]) {
-    for (row, out) in s.chunks_mut(len).zip(lse.iter_mut()) {
-        let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-        let mut acc = [0f32; 8];
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            for i in 0..8 {
-                c[i] = fast_exp(c[i] - max);
-                acc[i] += c[i];
-            }
-        }
-        let mut sum: f32 = acc.iter().sum();
-        for v in chunks.into_remainder() {
-            *v = fast_exp(*v - max);
-            sum += *v;
-        }
-        let inv = 1.0 / sum;
-        row.iter_mut().for_each(|v| *v *= inv);
-        *out = max + sum.ln();
-    }
-}
-
-#[inline(always)]
-fn exp_rows_minus_scalar(s: &mut [f32], len: usize, lse: &[f32]) {
-    for (row, &l) in s.chunks_mut(len).zip(lse) {
-        row.iter_mut().for_each(|v| *v = fast_exp(*v - l));
-    }
+    sum
 }
 
 /// Element-wise kernels compiled twice: with AVX2+FMA (chosen at run time when the CPU has
 /// them; the default x86-64 target only allows SSE2, and the integer bit tricks of
 /// [`fast_exp`] need AVX2 to run 8 lanes wide) and portable.
+#[cfg(target_arch = "x86_64")]
+pub(crate) use simd::has_avx2_fma;
+
 mod simd {
     use super::Act;
 
@@ -524,49 +470,23 @@ mod simd {
         super::gelu_erf_backward_scalar(x, g)
     }
 
-    pub fn softmax_rows(s: &mut [f32], len: usize) {
+    pub fn exp_minus_sum(row: &mut [f32], max: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
             // SAFETY: as above.
-            return unsafe { softmax_rows_avx2(s, len) };
+            return unsafe { exp_minus_sum_avx2(row, max) };
         }
-        for row in s.chunks_mut(len) {
-            super::softmax_row_scalar(row);
-        }
-    }
-
-    pub fn softmax_rows_lse(s: &mut [f32], len: usize, lse: &mut [f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { softmax_rows_lse_avx2(s, len, lse) };
-        }
-        super::softmax_rows_lse_scalar(s, len, lse)
+        super::exp_minus_sum_scalar(row, max)
     }
 
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx2,fma")]
-    unsafe fn softmax_rows_lse_avx2(s: &mut [f32], len: usize, lse: &mut [f32]) {
-        super::softmax_rows_lse_scalar(s, len, lse)
-    }
-
-    pub fn exp_rows_minus(s: &mut [f32], len: usize, lse: &[f32]) {
-        #[cfg(target_arch = "x86_64")]
-        if has_avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { exp_rows_minus_avx2(s, len, lse) };
-        }
-        super::exp_rows_minus_scalar(s, len, lse)
+    unsafe fn exp_minus_sum_avx2(row: &mut [f32], max: f32) -> f32 {
+        super::super::head_gemm::avx2::exp_minus_sum(row, max)
     }
 
     #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_rows_minus_avx2(s: &mut [f32], len: usize, lse: &[f32]) {
-        super::exp_rows_minus_scalar(s, len, lse)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    fn has_avx2_fma() -> bool {
+    pub(crate) fn has_avx2_fma() -> bool {
         use std::sync::OnceLock;
         static HAS: OnceLock<bool> = OnceLock::new();
         *HAS.get_or_init(|| {
@@ -579,14 +499,6 @@ mod simd {
     #[target_feature(enable = "avx2,fma")]
     unsafe fn activation_avx2(c: &mut [f32], act: Act) {
         super::activation_scalar(c, act)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn softmax_rows_avx2(s: &mut [f32], len: usize) {
-        for row in s.chunks_mut(len) {
-            super::softmax_row_scalar(row);
-        }
     }
 }
 
@@ -649,83 +561,57 @@ pub fn attention_with_block(
     assert!(q.len() == n * hidden && k.len() == q.len() && v.len() == q.len());
     assert!(segs.iter().all(|s| s.start + s.len <= n));
     let mut out = take(n * hidden);
-    // Work items: (segment, head, first query row, rows).
-    let mut tasks = Vec::new();
-    for s in segs.iter().filter(|s| s.len > 0) {
-        let rows = (limits.scores / s.len).clamp(limits.min_rows.clamp(1, s.len), s.len.max(1));
-        for h in 0..heads {
-            let mut r0 = 0;
-            while r0 < s.len {
-                let r = rows.min(s.len - r0);
-                tasks.push((*s, h, r0, r));
-                r0 += r;
-            }
-        }
-    }
+    let tasks: Vec<(Segment, usize)> = segs
+        .iter()
+        .filter(|s| s.len > 0)
+        .flat_map(|s| (0..heads).map(move |h| (*s, h)))
+        .collect();
     let out_ptr = OutPtr(out.as_mut_ptr());
-    let rs = hidden as isize;
-    tasks
-        .into_par_iter()
-        .for_each_init(Vec::new, |scores: &mut Vec<f32>, (s, h, r0, r)| {
+    let d = head_dim;
+    tasks.into_par_iter().for_each_init(
+        <[Vec<f32>; 3]>::default,
+        |[scores, k_t, inv_sums]: &mut [Vec<f32>; 3], (s, h)| {
             let len = s.len;
-            scores.resize(r * len, 0.0);
-            let col = h * head_dim;
-            let q0 = (s.start + r0) * hidden + col;
-            let kv0 = s.start * hidden + col;
-            // SAFETY (both products): pointers and strides stay inside q/k/v (rows r0..r0+r and
-            // 0..len of this segment, columns col..col+head_dim); `scores` holds r x len; the
-            // output block (rows s.start+r0.., columns col..col+head_dim) belongs to this task
-            // alone, and `out` outlives the parallel loop.
+            let ld = head_gemm::padded(len);
+            let rows = (limits.scores / ld).clamp(limits.min_rows.clamp(1, len), len);
+            scores.resize(rows * ld, 0.0);
+            inv_sums.resize(rows, 0.0);
+            let kv0 = s.start * hidden + h * d;
+            // SAFETY (the whole task): pointers and strides stay inside q/k/v (rows of this
+            // segment, columns of head h); `scores` holds rows x ld; the output rows of this
+            // segment in head h's columns belong to this task alone, and `out` outlives the
+            // parallel loop.
             unsafe {
-                // scores[r, len] = Q_block [r, d] @ K^T [d, len]
-                gemm::gemm(
-                    r,
-                    len,
-                    head_dim,
-                    scores.as_mut_ptr(),
-                    1,
-                    len as isize,
-                    false,
-                    q.as_ptr().add(q0),
-                    1,
-                    rs,
-                    k.as_ptr().add(kv0),
-                    rs,
-                    1,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
+                head_gemm::pack_transposed(k.as_ptr().add(kv0), hidden, len, d, k_t);
+                let mut r0 = 0;
+                while r0 < len {
+                    let r = rows.min(len - r0);
+                    let q0 = kv0 + r0 * hidden;
+                    let sc = &mut scores[..r * ld];
+                    // Scores and their row maxima, then exp(s - max) with its row sums: the
+                    // 1 / sum is applied to the head_dim-wide output rows, not to the scores.
+                    let epi = Epilogue::StoreMax {
+                        valid: len,
+                        row_max: &mut inv_sums[..r],
+                    };
+                    let q_blk = Strided::rows(q.as_ptr().add(q0), hidden);
+                    head_gemm::wide(r, d, q_blk, k_t, sc.as_mut_ptr(), ld, epi);
+                    for (row, m) in sc.chunks_mut(ld).zip(inv_sums.iter_mut()) {
+                        *m = 1.0 / exp_minus_sum(&mut row[..len], *m);
+                    }
+                    let o = out_ptr.get().add(q0);
+                    let p = Strided::rows(sc.as_ptr(), ld);
+                    head_gemm::narrow(r, len, d, p, v.as_ptr().add(kv0), hidden, o, hidden, false);
+                    for (i, &inv) in inv_sums[..r].iter().enumerate() {
+                        std::slice::from_raw_parts_mut(o.add(i * hidden), d)
+                            .iter_mut()
+                            .for_each(|x| *x *= inv);
+                    }
+                    r0 += r;
+                }
             }
-            simd::softmax_rows(scores, len);
-            unsafe {
-                // out[r, d] = P [r, len] @ V [len, d]
-                gemm::gemm(
-                    r,
-                    head_dim,
-                    len,
-                    out_ptr.get().add(q0),
-                    1,
-                    rs,
-                    false,
-                    scores.as_ptr(),
-                    1,
-                    len as isize,
-                    v.as_ptr().add(kv0),
-                    1,
-                    rs,
-                    0.0,
-                    1.0,
-                    false,
-                    false,
-                    false,
-                    gemm::Parallelism::None,
-                );
-            }
-        });
+        },
+    );
     out
 }
 
