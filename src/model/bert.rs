@@ -5,6 +5,7 @@ use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
+use super::dropout::dropout_add;
 use super::esm::{packed_linear, packed_linear_acc};
 use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
@@ -295,11 +296,11 @@ impl Bert {
         let attn_p = self.cfg.attention_probs_dropout_prob;
         let ctx = nn::self_attention(&q, &k, &v, heads, mask, attn_p, rng.as_deref_mut())?;
         let p = self.cfg.hidden_dropout_prob;
-        let attn = ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())?;
-        let x = l.attn_norm.forward(&(attn + x)?)?;
+        let x = dropout_add(&l.attn_out.forward(&ctx)?, x, p, rng.as_deref_mut())?;
+        let x = l.attn_norm.forward(&x)?;
         let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;
-        let out = ops::dropout(&l.output.forward(&inter)?, p, rng)?;
-        l.out_norm.forward(&(out + x)?)
+        l.out_norm
+            .forward(&dropout_add(&l.output.forward(&inter)?, &x, p, rng)?)
     }
 
     pub fn config(&self) -> &EncoderConfig {

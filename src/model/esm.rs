@@ -7,9 +7,9 @@ use rand_chacha::ChaCha8Rng;
 
 use super::bert::activation;
 use super::config::EncoderConfig;
+use super::dropout::dropout_add;
 use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
-use super::ops;
 use super::params::Builder;
 use super::rotary::{self, RotaryTables};
 
@@ -337,10 +337,10 @@ impl Esm {
         let p_attn = self.cfg.attention_probs_dropout_prob;
         let ctx = nn::self_attention(&q, &k, &v, heads, mask, p_attn, rng.as_deref_mut())?;
         let p = self.cfg.hidden_dropout_prob;
-        let x = (ops::dropout(&l.attn_out.forward(&ctx)?, p, rng.as_deref_mut())? + x)?;
+        let x = dropout_add(&l.attn_out.forward(&ctx)?, x, p, rng.as_deref_mut())?;
         let h = l.ffn_norm.forward(&x)?;
         let inter = activation(&l.intermediate.forward(&h)?, &self.cfg.hidden_act)?;
-        ops::dropout(&l.output.forward(&inter)?, p, rng)? + x
+        dropout_add(&l.output.forward(&inter)?, &x, p, rng)
     }
 
     pub fn config(&self) -> &EncoderConfig {

@@ -26,38 +26,9 @@ use super::kernels;
 /// Scores kept per block (query rows x keys): 64 K floats = 256 KB, an L2-sized working set.
 const SCORE_BLOCK: usize = 64 * 1024;
 
-/// Dropout on the attention probabilities: drop probability and the mask's seed.
-#[derive(Clone, Copy, Debug)]
-pub struct AttentionDropout {
-    pub p: f32,
-    pub seed: u64,
-}
-
-impl AttentionDropout {
-    /// The factor probability `(b, h, i, j)` is multiplied by: 0 (dropped) or `1 / (1 - p)`.
-    #[inline]
-    fn factor(&self, index: u64) -> f32 {
-        // splitmix64: a counter-based generator, so any element's decision is recomputable.
-        let mut z = self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^= z >> 31;
-        let u = (z >> 40) as f32 / (1u64 << 24) as f32; // uniform in [0, 1)
-        if u < self.p {
-            0.0
-        } else {
-            1.0 / (1.0 - self.p)
-        }
-    }
-
-    /// The dropout factor of every element as a [B, heads, T, T] tensor (tests compare the
-    /// fused kernel with the composed attention under the same mask).
-    pub fn mask(&self, b: usize, heads: usize, t: usize) -> Result<Tensor> {
-        let n = b * heads * t * t;
-        let data: Vec<f32> = (0..n as u64).map(|i| self.factor(i)).collect();
-        Tensor::from_vec(data, (b, heads, t, t), &candle_core::Device::Cpu)
-    }
-}
+/// Dropout on the attention probabilities: mask row `(b * heads + h) * T + i` holds the
+/// factors of query `i`'s probabilities over the keys.
+pub use super::dropout::DropMask as AttentionDropout;
 
 /// Fused attention over `q`, `k`, `v` [B, T, heads*head_dim] (q already scaled) with key
 /// lengths `lengths[b]` (keys `>= lengths[b]` are padding) and optional dropout on the
@@ -124,12 +95,9 @@ impl Geometry {
     /// real keys) by their dropout factors (no-op without dropout).
     fn apply_dropout(&self, p: &mut [f32], ld: usize, b: usize, h: usize, r0: usize, len: usize) {
         let Some(drop) = self.dropout else { return };
-        let t = self.tokens as u64;
+        let first = ((b * self.heads + h) * self.tokens + r0) as u64;
         for (i, row) in p.chunks_mut(ld).enumerate() {
-            let first = (((b * self.heads + h) as u64) * t + (r0 + i) as u64) * t;
-            for (j, v) in row[..len].iter_mut().enumerate() {
-                *v *= drop.factor(first + j as u64);
-            }
+            drop.apply_row(drop.row_key(first + i as u64), &mut row[..len]);
         }
     }
 
@@ -420,6 +388,12 @@ mod tests {
     use crate::model::{nn, ops};
     use candle_core::Device;
 
+    /// The dropout factor of every probability as a [B, heads, T, T] tensor.
+    fn mask_tensor(d: &AttentionDropout, b: usize, heads: usize, t: usize) -> Tensor {
+        let f = d.factors(b * heads * t, t);
+        Tensor::from_vec(f, (b, heads, t, t), &Device::Cpu).unwrap()
+    }
+
     /// The composed reference: split heads, masked softmax, the given dropout factors,
     /// value product, merge heads.
     fn reference(
@@ -445,7 +419,7 @@ mod tests {
             .unwrap();
         let mut probs = ops::softmax_last_dim(&scores).unwrap();
         if let Some(d) = dropout {
-            probs = (probs * d.mask(b, heads, t).unwrap()).unwrap();
+            probs = (probs * mask_tensor(&d, b, heads, t)).unwrap();
         }
         let ctx = probs.matmul(&split(v)).unwrap();
         ctx.transpose(1, 2)
@@ -516,7 +490,7 @@ mod tests {
     #[test]
     fn dropout_matches_composed_attention_under_the_same_mask() {
         let drop = AttentionDropout { p: 0.3, seed: 7 };
-        let mask = drop.mask(2, 3, 9).unwrap();
+        let mask = mask_tensor(&drop, 2, 3, 9);
         let dropped: f32 = mask
             .eq(0f32)
             .unwrap()

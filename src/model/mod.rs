@@ -6,6 +6,7 @@
 
 pub mod bert;
 pub mod config;
+pub mod dropout;
 pub mod esm;
 pub mod fused_attention;
 pub mod head;

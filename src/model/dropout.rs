@@ -1,0 +1,218 @@
+//! Counter-based dropout: every element's keep/drop decision is a hash of (seed, row,
+//! column), so a backward pass regenerates the mask instead of storing it, and the inner
+//! loop over a row is plain 32-bit integer arithmetic that vectorises.
+//!
+//! Used for the attention probabilities (rows = score rows, inside the fused attention) and
+//! for hidden activations ([`dropout_add`]: rows = fixed-size chunks of the flattened
+//! tensor). The hidden version replaces a mask drawn element by element from ChaCha8 and a
+//! separate multiply and add, which together cost a few percent of a BERT training step.
+
+use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
+use rand::Rng;
+use rand_chacha::ChaCha8Rng;
+use rayon::prelude::*;
+
+/// Elements per mask row of a hidden activation (the hash's column counter is 32-bit).
+const CHUNK: usize = 16 * 1024;
+
+/// A dropout mask: drop probability and seed.
+#[derive(Clone, Copy, Debug)]
+pub struct DropMask {
+    pub p: f32,
+    pub seed: u64,
+}
+
+impl DropMask {
+    /// The hash key of mask row `row` (splitmix64 of seed and row).
+    #[inline]
+    pub fn row_key(&self, row: u64) -> u32 {
+        let mut z = self.seed ^ row.wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        (z ^ (z >> 31)) as u32
+    }
+
+    /// Multiplies `values` (the first columns of the row with key `key`) by their factors:
+    /// 0 for dropped elements, `1 / (1 - p)` for kept ones.
+    pub fn apply_row(&self, key: u32, values: &mut [f32]) {
+        #[cfg(target_arch = "x86_64")]
+        if super::kernels::has_avx2_fma() {
+            // SAFETY: the CPU supports the features the function is compiled for.
+            return unsafe { self.apply_row_avx2(key, values) };
+        }
+        self.apply_row_portable(key, values)
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn apply_row_avx2(&self, key: u32, values: &mut [f32]) {
+        self.apply_row_portable(key, values)
+    }
+
+    #[inline(always)]
+    fn apply_row_portable(&self, key: u32, values: &mut [f32]) {
+        // Drop when the hash's top 24 bits fall below p * 2^24.
+        let threshold = (self.p * (1u32 << 24) as f32) as u32;
+        let scale = 1.0 / (1.0 - self.p);
+        for (j, v) in values.iter_mut().enumerate() {
+            // murmur3's 32-bit finaliser of key and column.
+            let mut h = key ^ (j as u32).wrapping_mul(0x9E37_79B9);
+            h ^= h >> 16;
+            h = h.wrapping_mul(0x85EB_CA6B);
+            h ^= h >> 13;
+            h = h.wrapping_mul(0xC2B2_AE35);
+            h ^= h >> 16;
+            *v *= if (h >> 8) < threshold { 0.0 } else { scale };
+        }
+    }
+
+    /// The factors of `rows` mask rows of `cols` columns, row-major (tests compare fused
+    /// kernels with composed ops under the same mask).
+    pub fn factors(&self, rows: usize, cols: usize) -> Vec<f32> {
+        let mut out = vec![1f32; rows * cols];
+        for (r, row) in out.chunks_mut(cols.max(1)).enumerate() {
+            self.apply_row(self.row_key(r as u64), row);
+        }
+        out
+    }
+
+    /// Applies the mask to a flattened activation, in rows of [`CHUNK`] elements.
+    fn apply_flat(&self, x: &mut [f32]) {
+        x.par_chunks_mut(CHUNK)
+            .enumerate()
+            .for_each(|(r, row)| self.apply_row(self.row_key(r as u64), row));
+    }
+}
+
+/// `dropout(y) + residual` in training (`rng` given, `p > 0`), `y + residual` otherwise.
+/// On CPU in f32 one fused op with a counter-based mask; elsewhere the mask is built as a
+/// tensor from the same hash.
+pub fn dropout_add(
+    y: &Tensor,
+    residual: &Tensor,
+    p: f64,
+    rng: Option<&mut ChaCha8Rng>,
+) -> Result<Tensor> {
+    let mask = match rng {
+        Some(rng) if p > 0.0 => DropMask {
+            p: p as f32,
+            seed: rng.random(),
+        },
+        _ => return y + residual,
+    };
+    if y.device().is_cpu() && y.dtype() == DType::F32 && residual.dtype() == DType::F32 {
+        return y
+            .contiguous()?
+            .apply_op2(&residual.contiguous()?, DropoutAdd { mask });
+    }
+    let mut factors = vec![1f32; y.elem_count()];
+    mask.apply_flat(&mut factors);
+    let factors = Tensor::from_vec(factors, y.shape(), y.device())?.to_dtype(y.dtype())?;
+    y.mul(&factors)? + residual
+}
+
+/// `y * mask + residual` with the mask regenerated in the backward.
+struct DropoutAdd {
+    mask: DropMask,
+}
+
+fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
+    let CpuStorage::F32(data) = s else {
+        candle_core::bail!("dropout: f32 only")
+    };
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("dropout: contiguous input only"),
+    }
+}
+
+impl CustomOp2 for DropoutAdd {
+    fn name(&self) -> &'static str {
+        "protloc-dropout-add"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (y, r) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        if l1.shape() != l2.shape() {
+            candle_core::bail!("dropout_add: {:?} vs {:?}", l1.shape(), l2.shape());
+        }
+        let mut out = y.to_vec();
+        self.mask.apply_flat(&mut out);
+        out.par_chunks_mut(CHUNK)
+            .zip(r.par_chunks(CHUNK))
+            .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, &r)| *o += r));
+        Ok((CpuStorage::F32(out), l1.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        _y: &Tensor,
+        _residual: &Tensor,
+        _res: &Tensor,
+        grad_res: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let g = grad_res.contiguous()?;
+        let mut dy = super::kernels::view(&g)?.get().to_vec();
+        self.mask.apply_flat(&mut dy);
+        Ok((Some(Tensor::from_vec(dy, g.shape(), g.device())?), Some(g)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::test_util::{max_abs_diff, var};
+    use rand::SeedableRng;
+
+    #[test]
+    fn masks_drop_about_p_scale_the_rest_and_differ_by_row_and_seed() {
+        let m = DropMask { p: 0.25, seed: 9 };
+        let f = m.factors(64, 1000);
+        let dropped = f.iter().filter(|&&v| v == 0.0).count() as f64 / f.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.01, "dropped {dropped}");
+        assert!(f.iter().all(|&v| v == 0.0 || (v - 1.0 / 0.75).abs() < 1e-6));
+        assert_ne!(f[..1000], f[1000..2000], "rows share a mask");
+        let other = DropMask { p: 0.25, seed: 10 }.factors(1, 1000);
+        assert_ne!(f[..1000], other[..], "seeds share a mask");
+        // Same seed, same mask (what the backward relies on).
+        assert_eq!(f, m.factors(64, 1000));
+    }
+
+    #[test]
+    fn dropout_add_matches_mask_times_y_plus_residual_with_gradients() {
+        let shape = [3, 5, 7 * 1000]; // several mask chunks
+        let (y, r, w) = (
+            var(&shape, 1, 0.0),
+            var(&shape, 2, 0.0),
+            var(&shape, 3, 0.0),
+        );
+        let mut rng = ChaCha8Rng::seed_from_u64(4);
+        let fused = dropout_add(&y, &r, 0.2, Some(&mut rng)).unwrap();
+        // The same seed, drawn the same way, gives the reference mask.
+        let seed: u64 = ChaCha8Rng::seed_from_u64(4).random();
+        let mut f = vec![1f32; y.elem_count()];
+        DropMask { p: 0.2, seed }.apply_flat(&mut f);
+        let dropped = f.iter().filter(|&&v| v == 0.0).count();
+        assert!(dropped > 0 && dropped < f.len() / 2);
+        let mask = Tensor::from_vec(f, &shape[..], y.device()).unwrap();
+        let composed = ((y.as_tensor() * &mask).unwrap() + r.as_tensor()).unwrap();
+        assert!(max_abs_diff(&fused, &composed) < 1e-6);
+        let loss = |o: &Tensor| (o * w.as_tensor()).unwrap().sum_all().unwrap();
+        let (gf, gc) = (
+            loss(&fused).backward().unwrap(),
+            loss(&composed).backward().unwrap(),
+        );
+        for x in [&y, &r] {
+            assert!(max_abs_diff(gf.get(x).unwrap(), gc.get(x).unwrap()) < 1e-6);
+        }
+        // Without an rng (evaluation) it is a plain sum.
+        let eval = dropout_add(&y, &r, 0.2, None).unwrap();
+        assert!(max_abs_diff(&eval, &(y.as_tensor() + r.as_tensor()).unwrap()) < 1e-7);
+    }
+}
