@@ -81,8 +81,8 @@ fi
 
 if want train; then
     for model in "$ESM" "$ANTI" "$PB"; do
-        RS train --model "$model" --batch 8 --len 256 --iters 2
-        PT train --model "$model" --batch 8 --len 256 --iters 2
+        RS train --model "$model" --batch 8 --len 256 --iters 3
+        PT train --model "$model" --batch 8 --len 256 --iters 3
     done
 fi
 
