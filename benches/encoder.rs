@@ -9,7 +9,7 @@
 //!   forward  --model DIR --batch B --len T [--path fast|general] [--iters N]
 //!   train    --model DIR --batch B --len T [--iters N]
 //!   e2e      --model DIR --data FASTA [--subset N] [--max-residues 510]
-//!            [--style budget|fixed512] [--max-batch-tokens 8192]
+//!            [--style budget|fixed512] [--max-batch-tokens 2048]
 //!   scale    --model DIR --len T      (one sequence; reports time and peak RSS)
 //! ```
 
@@ -249,7 +249,7 @@ fn e2e(a: &Args) -> Result<serde_json::Value> {
     let n_out = match style {
         "budget" => {
             let limits = BatchLimits {
-                max_batch_tokens: a.num("max-batch-tokens", 8192)?,
+                max_batch_tokens: a.num("max-batch-tokens", 2048)?,
                 max_batch_size: 64,
             };
             protloc::infer::mean_embeddings(&base.encoder, pad, &Device::Cpu, &enc, limits, None)?

@@ -167,7 +167,7 @@ pub struct TrainCmd {
     #[arg(long)]
     pub skip_invalid: bool,
     /// Token budget of validation batches.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, default_value_t = 2048)]
     pub eval_batch_tokens: usize,
     /// Keep the encoder frozen: embed every protein once into a per-residue cache (--cache)
     /// and train only the head on it. Minutes per epoch on a CPU instead of hours.
@@ -265,8 +265,10 @@ pub struct ReportCmd {
 
 #[derive(Args, Debug)]
 pub struct Batching {
-    /// Padded tokens per inference batch (proteins are sorted by length and grouped).
-    #[arg(long, default_value_t = 8192)]
+    /// Padded tokens per inference batch (proteins are sorted by length and grouped). On
+    /// CPU, 2048 keeps a batch's activations in cache (measured fastest: README,
+    /// Performance); raise it on a GPU.
+    #[arg(long, default_value_t = 2048)]
     pub max_batch_tokens: usize,
     /// Proteins per inference batch at most.
     #[arg(long, default_value_t = 64)]

@@ -23,7 +23,7 @@ pub struct BatchLimits {
 impl Default for BatchLimits {
     fn default() -> Self {
         Self {
-            max_batch_tokens: 8192,
+            max_batch_tokens: 2048,
             max_batch_size: 64,
         }
     }

@@ -12,7 +12,15 @@ use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
 use super::params::Builder;
 
-pub(crate) fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
+/// `act(x @ W^T + b)` of an FFN's first layer; GELU (erf) is fused into the linear op.
+pub(crate) fn linear_activation(l: &Linear, x: &Tensor, act: &str) -> Result<Tensor> {
+    match act {
+        "gelu" => ops::linear_gelu_erf(x, &l.weight, l.bias.as_ref()),
+        _ => activation(&l.forward(x)?, act),
+    }
+}
+
+fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
     match act {
         "gelu" => ops::gelu_erf(x),
         "relu" => x.relu(),
@@ -298,7 +306,7 @@ impl Bert {
         let p = self.cfg.hidden_dropout_prob;
         let x = dropout_add(&l.attn_out.forward(&ctx)?, x, p, rng.as_deref_mut())?;
         let x = l.attn_norm.forward(&x)?;
-        let inter = activation(&l.intermediate.forward(&x)?, &self.cfg.hidden_act)?;
+        let inter = linear_activation(&l.intermediate, &x, &self.cfg.hidden_act)?;
         l.out_norm
             .forward(&dropout_add(&l.output.forward(&inter)?, &x, p, rng)?)
     }

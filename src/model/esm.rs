@@ -5,7 +5,7 @@
 use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
-use super::bert::activation;
+use super::bert::linear_activation;
 use super::config::EncoderConfig;
 use super::dropout::dropout_add;
 use super::kernels::{self, Act};
@@ -339,7 +339,7 @@ impl Esm {
         let p = self.cfg.hidden_dropout_prob;
         let x = dropout_add(&l.attn_out.forward(&ctx)?, x, p, rng.as_deref_mut())?;
         let h = l.ffn_norm.forward(&x)?;
-        let inter = activation(&l.intermediate.forward(&h)?, &self.cfg.hidden_act)?;
+        let inter = linear_activation(&l.intermediate, &h, &self.cfg.hidden_act)?;
         dropout_add(&l.output.forward(&inter)?, &x, p, rng)
     }
 

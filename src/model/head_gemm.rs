@@ -12,7 +12,8 @@
 //! - [`wide`]: `C[m, n] = A[m, d] @ Bt[d, n]` (scores `Q K^T`, and `dO V^T`), a 6 x 16 tile of
 //!   `C` in registers per step over `d`;
 //! - [`narrow`]: `C[m, d] (+)= A[m, k] @ B[k, d]` (`P V`, `dS K`, `P^T dO`, `dS^T Q`), 6 rows
-//!   of `C` in registers while `k` runs over the keys (or query rows).
+//!   of `C` in registers while `k` runs over the keys (or query rows), for `d` up to 24;
+//!   wider heads (64 for ProtBERT) go to the `gemm` crate, whose blocking suits them.
 //!
 //! Both take arbitrary row and column strides for `A`, so transposed probability blocks need
 //! no copy. Without AVX2+FMA, or for a width that is not a multiple of 8, portable loops
@@ -25,6 +26,8 @@ use super::kernels::has_avx2_fma;
 pub const TILE_COLS: usize = 16;
 /// Rows of `C` per microkernel tile.
 const TILE_ROWS: usize = 6;
+/// Widest `d` the [`narrow`] register tile takes; wider products go to the `gemm` crate.
+const NARROW_MAX: usize = 24;
 
 /// A strided matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
 #[derive(Clone, Copy, Debug)]
@@ -71,12 +74,15 @@ pub unsafe fn pack_transposed(
     let ld = padded(rows);
     dst.clear();
     dst.resize(d * ld, 0.0);
-    // Column by column: contiguous writes, and the source rows (one or a few cache lines
-    // each) stay in L1 between columns.
-    for (k, out) in dst.chunks_exact_mut(ld).enumerate() {
-        for (j, o) in out[..rows].iter_mut().enumerate() {
-            // SAFETY: element k of source row j, as the caller guarantees.
-            *o = unsafe { *src.add(j * rs + k) };
+    // In blocks of 16 source rows: the block (16 x d floats) stays in L1 while each of its
+    // columns is written out contiguously.
+    for j0 in (0..rows).step_by(TILE_COLS) {
+        let n = TILE_COLS.min(rows - j0);
+        for (k, out) in dst.chunks_exact_mut(ld).enumerate() {
+            for (j, o) in out[j0..j0 + n].iter_mut().enumerate() {
+                // SAFETY: element k of source row j0 + j, as the caller guarantees.
+                *o = unsafe { *src.add((j0 + j) * rs + k) };
+            }
         }
     }
 }
@@ -174,9 +180,38 @@ pub unsafe fn narrow(
     accumulate: bool,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if d.is_multiple_of(8) && has_avx2_fma() {
+    if d.is_multiple_of(8) && d <= NARROW_MAX && has_avx2_fma() {
         // SAFETY: CPU features checked; bounds as the caller guarantees.
         return unsafe { avx2::narrow(m, k, d, a, b, b_rs, c, c_rs, accumulate) };
+    }
+    if d > NARROW_MAX {
+        // Wide enough for the `gemm` crate's own blocking (measured at d = 64: 105 GFLOP/s
+        // against 61 for the register tile, which re-reads A once per 16 columns).
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            gemm::gemm(
+                m,
+                d,
+                k,
+                c,
+                1,
+                c_rs as isize,
+                accumulate,
+                a.ptr,
+                a.cs,
+                a.rs,
+                b,
+                1,
+                b_rs as isize,
+                if accumulate { 1.0 } else { 0.0 },
+                1.0,
+                false,
+                false,
+                false,
+                gemm::Parallelism::None,
+            )
+        };
+        return;
     }
     for i in 0..m {
         // SAFETY: row i of C, as the caller guarantees.

@@ -394,17 +394,42 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tenso
 /// bias this is [`LinearOp`], whose bias rides in the GEMM's accumulator and whose backward
 /// computes only the gradients that are needed.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, weight, bias, false)
+}
+
+/// `gelu_erf(linear(x, weight, bias))`. On CPU in f32 with a bias, one [`LinearOp`] that
+/// keeps the pre-activation and applies GELU's derivative to the incoming gradient in its
+/// own backward: the FFN's widest activation then has no graph node (and no zero-filled,
+/// accumulated gradient buffer) of its own.
+pub fn linear_gelu_erf(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
+    linear_with(x, weight, bias, true)
+}
+
+fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
     let rows = x.elem_count() / k;
     let x2 = x.reshape((rows, k))?;
     let y = match bias {
         Some(b) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+            let op = LinearOp {
+                pre_gelu: gelu.then(Default::default),
+            };
             x2.contiguous()?
-                .apply_op3(&weight.contiguous()?, &b.contiguous()?, LinearOp)?
+                .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)?
         }
-        Some(b) => x2.matmul(&weight.t()?)?.broadcast_add(b)?,
-        None => x2.matmul(&weight.t()?)?,
+        _ => {
+            let y = x2.matmul(&weight.t()?)?;
+            let y = match bias {
+                Some(b) => y.broadcast_add(b)?,
+                None => y,
+            };
+            if gelu {
+                gelu_erf(&y)?
+            } else {
+                y
+            }
+        }
     };
     let mut out_dims = dims.to_vec();
     *out_dims.last_mut().expect("non-empty dims") = weight.dim(0)?;
@@ -417,7 +442,11 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// matmul backward always computes the input's gradient, which for an input that needs
 /// none (cached embeddings, a frozen encoder's output: the light-attention head's
 /// convolutions run on 9-residue window matrices) is the largest product of the step.
-struct LinearOp;
+/// With `pre_gelu`, the output is `gelu_erf` of that, and the forward keeps the
+/// pre-activation there for the backward.
+struct LinearOp {
+    pre_gelu: Option<std::sync::Mutex<Vec<f32>>>,
+}
 
 impl candle_core::CustomOp3 for LinearOp {
     fn name(&self) -> &'static str {
@@ -442,7 +471,12 @@ impl candle_core::CustomOp3 for LinearOp {
                 b.len()
             );
         }
-        let out = super::kernels::linear(x, w, Some(b), k, n);
+        let mut out = super::kernels::linear(x, w, Some(b), k, n);
+        if let Some(pre) = &self.pre_gelu {
+            let mut act = out.clone();
+            super::kernels::activation_inplace(&mut act, super::kernels::Act::GeluErf);
+            *pre.lock().expect("pre-activation lock") = std::mem::replace(&mut out, act);
+        }
         Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
     }
 
@@ -454,6 +488,21 @@ impl candle_core::CustomOp3 for LinearOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let through_gelu;
+        let grad_res = match &self.pre_gelu {
+            Some(pre) => {
+                let g = grad_res.contiguous()?;
+                let mut d = super::kernels::view(&g)?.get().to_vec();
+                let z = pre.lock().expect("pre-activation lock");
+                if z.len() != d.len() {
+                    candle_core::bail!("linear+gelu backward: no pre-activation saved");
+                }
+                super::kernels::gelu_erf_backward_inplace(&z, &mut d);
+                through_gelu = Tensor::from_vec(d, g.shape(), g.device())?;
+                &through_gelu
+            }
+            None => grad_res,
+        };
         let dx = x.track_op().then(|| grad_res.matmul(w)).transpose()?;
         let dw = w.track_op().then(|| grad_res.t()?.matmul(x)).transpose()?;
         let db = b
@@ -514,6 +563,34 @@ mod tests {
                     (other.0, other.1.is_some())
                 ),
             }
+        }
+    }
+
+    #[test]
+    fn linear_gelu_matches_gelu_of_linear_forward_and_backward() {
+        let (x, w, b) = (
+            var(&[2, 5, 7], 1, 0.0),
+            var(&[9, 7], 2, 0.0),
+            var(&[9], 3, 0.5),
+        );
+        let loss_w = var(&[2, 5, 9], 4, 0.0);
+        let fused = linear_gelu_erf(&x, &w, Some(&b)).unwrap();
+        let lin = x
+            .broadcast_matmul(&w.as_tensor().t().unwrap())
+            .unwrap()
+            .broadcast_add(&b)
+            .unwrap();
+        let reference = lin.gelu_erf().unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-5);
+        assert!(max_abs_diff(&fused, &lin) > 1e-2, "no activation applied");
+        let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
+        let (g, gr) = (
+            loss(&fused).backward().unwrap(),
+            loss(&reference).backward().unwrap(),
+        );
+        for (name, t) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
+            assert!(diff < 1e-4, "d{name} differs by {diff}");
         }
     }
 

@@ -135,7 +135,7 @@ impl TrainArgs {
             max_steps: None,
             pool: Pool::Cls,
             skip_invalid: false,
-            eval_batch_tokens: 8192,
+            eval_batch_tokens: 2048,
             save_every_steps: 0,
             keep_last: default_keep_last(),
             max_bad_steps: default_max_bad_steps(),
