@@ -298,7 +298,7 @@ impl Bert {
     ) -> Result<Tensor> {
         let heads = self.cfg.num_attention_heads;
         let scale = 1.0 / (self.cfg.head_dim() as f64).sqrt();
-        let q = (l.query.forward(x)? * scale)?;
+        let q = l.query.forward_scaled(x, scale)?;
         let k = l.key.forward(x)?;
         let v = l.value.forward(x)?;
         let attn_p = self.cfg.attention_probs_dropout_prob;

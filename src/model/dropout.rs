@@ -12,6 +12,8 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
+use super::ops::f32_slice;
+
 /// Elements per mask row of a hidden activation (the hash's column counter is 32-bit).
 const CHUNK: usize = 16 * 1024;
 
@@ -116,16 +118,6 @@ struct DropoutAdd {
     mask: DropMask,
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("dropout: f32 only")
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("dropout: contiguous input only"),
-    }
-}
-
 impl CustomOp2 for DropoutAdd {
     fn name(&self) -> &'static str {
         "protloc-dropout-add"
@@ -138,7 +130,7 @@ impl CustomOp2 for DropoutAdd {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        let (y, r) = (f32_data(s1, l1)?, f32_data(s2, l2)?);
+        let (y, r) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?);
         if l1.shape() != l2.shape() {
             candle_core::bail!("dropout_add: {:?} vs {:?}", l1.shape(), l2.shape());
         }

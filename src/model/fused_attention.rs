@@ -22,6 +22,7 @@ use rayon::prelude::*;
 
 use super::head_gemm::{self, Epilogue, Strided};
 use super::kernels;
+use super::ops::f32_slice;
 
 /// Scores kept per block (query rows x keys): 64 K floats = 256 KB, an L2-sized working set.
 const SCORE_BLOCK: usize = 64 * 1024;
@@ -129,16 +130,6 @@ impl SharedMut {
     }
 }
 
-fn f32_data<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = s else {
-        candle_core::bail!("fused attention: {what} must be f32")
-    };
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("fused attention: {what} must be contiguous"),
-    }
-}
-
 impl CustomOp3 for FusedAttention {
     fn name(&self) -> &'static str {
         "protloc-fused-attention"
@@ -154,11 +145,7 @@ impl CustomOp3 for FusedAttention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let g = &self.geometry;
-        let (q, k, v) = (
-            f32_data(s1, l1, "q")?,
-            f32_data(s2, l2, "k")?,
-            f32_data(s3, l3, "v")?,
-        );
+        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         if q.len() != g.elems() || k.len() != g.elems() || v.len() != g.elems() {
             candle_core::bail!("fused attention: q/k/v sizes do not match {g:?}");
         }

@@ -25,6 +25,11 @@ impl Linear {
         ops::linear(x, &self.weight, self.bias.as_ref())
     }
 
+    /// `forward(x) * scale` in one op (attention queries).
+    pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
+        ops::linear_scaled(x, &self.weight, self.bias.as_ref(), scale)
+    }
+
     /// A copy whose tensors are cut from the autograd graph (frozen).
     pub fn detached(&self) -> Self {
         Self {

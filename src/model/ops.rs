@@ -256,8 +256,8 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
-/// The contiguous f32 slice of a CPU storage.
-fn f32_slice<'a>(
+/// The contiguous f32 slice of a CPU storage (the input of a custom op's forward).
+pub(crate) fn f32_slice<'a>(
     storage: &'a candle_core::CpuStorage,
     layout: &candle_core::Layout,
 ) -> Result<&'a [f32]> {
@@ -394,7 +394,7 @@ pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tenso
 /// bias this is [`LinearOp`], whose bias rides in the GEMM's accumulator and whose backward
 /// computes only the gradients that are needed.
 pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_with(x, weight, bias, false)
+    linear_then(x, weight, bias, Then::Nothing)
 }
 
 /// `gelu_erf(linear(x, weight, bias))`. On CPU in f32 with a bias, one [`LinearOp`] that
@@ -402,10 +402,29 @@ pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tens
 /// own backward: the FFN's widest activation then has no graph node (and no zero-filled,
 /// accumulated gradient buffer) of its own.
 pub fn linear_gelu_erf(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_with(x, weight, bias, true)
+    linear_then(x, weight, bias, Then::GeluErf)
 }
 
-fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -> Result<Tensor> {
+/// `linear(x, weight, bias) * scale` (attention queries), the scale inside the op: no
+/// separate node whose output the graph would keep alongside the projection's.
+pub fn linear_scaled(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    scale: f64,
+) -> Result<Tensor> {
+    linear_then(x, weight, bias, Then::Scale(scale as f32))
+}
+
+/// What a linear layer applies to its output.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Then {
+    Nothing,
+    GeluErf,
+    Scale(f32),
+}
+
+fn linear_then(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, then: Then) -> Result<Tensor> {
     let dims = x.dims();
     let k = dims[dims.len() - 1];
     let rows = x.elem_count() / k;
@@ -413,7 +432,11 @@ fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
     let y = match bias {
         Some(b) if x.device().is_cpu() && x.dtype() == DType::F32 => {
             let op = LinearOp {
-                pre_gelu: gelu.then(Default::default),
+                pre_gelu: (then == Then::GeluErf).then(Default::default),
+                scale: match then {
+                    Then::Scale(s) => s,
+                    _ => 1.0,
+                },
             };
             x2.contiguous()?
                 .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)?
@@ -424,10 +447,10 @@ fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
                 Some(b) => y.broadcast_add(b)?,
                 None => y,
             };
-            if gelu {
-                gelu_erf(&y)?
-            } else {
-                y
+            match then {
+                Then::Nothing => y,
+                Then::GeluErf => gelu_erf(&y)?,
+                Then::Scale(s) => (y * s as f64)?,
             }
         }
     };
@@ -443,9 +466,10 @@ fn linear_with(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, gelu: bool) -
 /// none (cached embeddings, a frozen encoder's output: the light-attention head's
 /// convolutions run on 9-residue window matrices) is the largest product of the step.
 /// With `pre_gelu`, the output is `gelu_erf` of that, and the forward keeps the
-/// pre-activation there for the backward.
+/// pre-activation there for the backward; otherwise it is multiplied by `scale`.
 struct LinearOp {
     pre_gelu: Option<std::sync::Mutex<Vec<f32>>>,
+    scale: f32,
 }
 
 impl candle_core::CustomOp3 for LinearOp {
@@ -472,6 +496,9 @@ impl candle_core::CustomOp3 for LinearOp {
             );
         }
         let mut out = super::kernels::linear(x, w, Some(b), k, n);
+        if self.scale != 1.0 {
+            super::kernels::scale_inplace(&mut out, self.scale);
+        }
         if let Some(pre) = &self.pre_gelu {
             let mut act = out.clone();
             super::kernels::activation_inplace(&mut act, super::kernels::Act::GeluErf);
@@ -488,6 +515,13 @@ impl candle_core::CustomOp3 for LinearOp {
         _res: &Tensor,
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let scaled;
+        let grad_res = if self.scale != 1.0 {
+            scaled = (grad_res * self.scale as f64)?;
+            &scaled
+        } else {
+            grad_res
+        };
         let through_gelu;
         let grad_res = match &self.pre_gelu {
             Some(pre) => {
@@ -563,6 +597,28 @@ mod tests {
                     (other.0, other.1.is_some())
                 ),
             }
+        }
+    }
+
+    #[test]
+    fn linear_scaled_matches_scaled_linear_forward_and_backward() {
+        let (x, w, b) = (
+            var(&[2, 5, 7], 1, 0.0),
+            var(&[9, 7], 2, 0.0),
+            var(&[9], 3, 0.5),
+        );
+        let loss_w = var(&[2, 5, 9], 4, 0.0);
+        let fused = linear_scaled(&x, &w, Some(&b), 0.125).unwrap();
+        let reference = (linear(&x, &w, Some(&b)).unwrap() * 0.125).unwrap();
+        assert!(max_abs_diff(&fused, &reference) < 1e-6);
+        let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
+        let (g, gr) = (
+            loss(&fused).backward().unwrap(),
+            loss(&reference).backward().unwrap(),
+        );
+        for (name, t) in [("x", &x), ("weight", &w), ("bias", &b)] {
+            let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
+            assert!(diff < 1e-5, "d{name} differs by {diff}");
         }
     }
 

@@ -142,13 +142,7 @@ impl candle_core::CustomOp1 for RotaryOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let candle_core::CpuStorage::F32(data) = storage else {
-            candle_core::bail!("rotary: f32 only")
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("rotary: contiguous input only")
-        };
-        let mut out = data[start..end].to_vec();
+        let mut out = super::ops::f32_slice(storage, layout)?.to_vec();
         self.rotate(&mut out, layout.shape(), false)?;
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
