@@ -564,6 +564,7 @@ pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 mod tests {
     use super::*;
     use crate::model::test_util::{max_abs, max_abs_diff, var};
+    use candle_core::Var;
 
     #[test]
     fn fused_linear_matches_matmul_plus_bias_and_skips_unneeded_gradients() {
@@ -600,54 +601,59 @@ mod tests {
         }
     }
 
-    #[test]
-    fn linear_scaled_matches_scaled_linear_forward_and_backward() {
-        let (x, w, b) = (
+    /// Inputs of a [2, 5, 7] -> 9 linear layer and a loss weight per output element.
+    fn linear_case() -> (Var, Var, Var, Var) {
+        (
             var(&[2, 5, 7], 1, 0.0),
             var(&[9, 7], 2, 0.0),
             var(&[9], 3, 0.5),
-        );
-        let loss_w = var(&[2, 5, 9], 4, 0.0);
-        let fused = linear_scaled(&x, &w, Some(&b), 0.125).unwrap();
-        let reference = (linear(&x, &w, Some(&b)).unwrap() * 0.125).unwrap();
-        assert!(max_abs_diff(&fused, &reference) < 1e-6);
+            var(&[2, 5, 9], 4, 0.0),
+        )
+    }
+
+    /// `fused` and `reference` agree, and so do the gradients of `params` under a weighted
+    /// sum of the outputs.
+    fn assert_same_forward_and_gradients(
+        fused: &Tensor,
+        reference: &Tensor,
+        params: [(&str, &Var); 3],
+        loss_w: &Var,
+        tol: f32,
+    ) {
+        assert!(max_abs_diff(fused, reference) < tol / 10.0);
         let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
         let (g, gr) = (
-            loss(&fused).backward().unwrap(),
-            loss(&reference).backward().unwrap(),
+            loss(fused).backward().unwrap(),
+            loss(reference).backward().unwrap(),
         );
-        for (name, t) in [("x", &x), ("weight", &w), ("bias", &b)] {
+        for (name, t) in params {
             let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
-            assert!(diff < 1e-5, "d{name} differs by {diff}");
+            assert!(diff < tol, "d{name} differs by {diff}");
         }
     }
 
     #[test]
+    fn linear_scaled_matches_scaled_linear_forward_and_backward() {
+        let (x, w, b, loss_w) = linear_case();
+        let fused = linear_scaled(&x, &w, Some(&b), 0.125).unwrap();
+        let reference = (linear(&x, &w, Some(&b)).unwrap() * 0.125).unwrap();
+        let params = [("x", &x), ("weight", &w), ("bias", &b)];
+        assert_same_forward_and_gradients(&fused, &reference, params, &loss_w, 1e-5);
+    }
+
+    #[test]
     fn linear_gelu_matches_gelu_of_linear_forward_and_backward() {
-        let (x, w, b) = (
-            var(&[2, 5, 7], 1, 0.0),
-            var(&[9, 7], 2, 0.0),
-            var(&[9], 3, 0.5),
-        );
-        let loss_w = var(&[2, 5, 9], 4, 0.0);
+        let (x, w, b, loss_w) = linear_case();
         let fused = linear_gelu_erf(&x, &w, Some(&b)).unwrap();
         let lin = x
             .broadcast_matmul(&w.as_tensor().t().unwrap())
             .unwrap()
             .broadcast_add(&b)
             .unwrap();
-        let reference = lin.gelu_erf().unwrap();
-        assert!(max_abs_diff(&fused, &reference) < 1e-5);
         assert!(max_abs_diff(&fused, &lin) > 1e-2, "no activation applied");
-        let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
-        let (g, gr) = (
-            loss(&fused).backward().unwrap(),
-            loss(&reference).backward().unwrap(),
-        );
-        for (name, t) in [("x", &x), ("weight", &w), ("bias", &b)] {
-            let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
-            assert!(diff < 1e-4, "d{name} differs by {diff}");
-        }
+        let reference = lin.gelu_erf().unwrap();
+        let params = [("x", &x), ("weight", &w), ("bias", &b)];
+        assert_same_forward_and_gradients(&fused, &reference, params, &loss_w, 1e-4);
     }
 
     #[test]
