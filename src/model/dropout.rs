@@ -134,11 +134,16 @@ impl CustomOp2 for DropoutAdd {
         if l1.shape() != l2.shape() {
             candle_core::bail!("dropout_add: {:?} vs {:?}", l1.shape(), l2.shape());
         }
+        // One pass per chunk: mask, then add the residual while the chunk is in cache (the
+        // chunks are `apply_flat`'s mask rows).
         let mut out = y.to_vec();
-        self.mask.apply_flat(&mut out);
         out.par_chunks_mut(CHUNK)
             .zip(r.par_chunks(CHUNK))
-            .for_each(|(o, r)| o.iter_mut().zip(r).for_each(|(o, &r)| *o += r));
+            .enumerate()
+            .for_each(|(i, (o, r))| {
+                self.mask.apply_row(self.mask.row_key(i as u64), o);
+                o.iter_mut().zip(r).for_each(|(o, &r)| *o += r);
+            });
         Ok((CpuStorage::F32(out), l1.shape().clone()))
     }
 

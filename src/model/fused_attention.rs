@@ -20,16 +20,13 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::dropout::DropMask;
 use super::head_gemm::{self, Epilogue, Strided};
 use super::kernels;
 use super::ops::f32_slice;
 
 /// Scores kept per block (query rows x keys): 64 K floats = 256 KB, an L2-sized working set.
 const SCORE_BLOCK: usize = 64 * 1024;
-
-/// Dropout on the attention probabilities: mask row `(b * heads + h) * T + i` holds the
-/// factors of query `i`'s probabilities over the keys.
-pub use super::dropout::DropMask as AttentionDropout;
 
 /// Fused attention over `q`, `k`, `v` [B, T, heads*head_dim] (q already scaled) with key
 /// lengths `lengths[b]` (keys `>= lengths[b]` are padding) and optional dropout on the
@@ -40,7 +37,7 @@ pub fn fused_attention(
     v: &Tensor,
     lengths: &[usize],
     heads: usize,
-    dropout: Option<AttentionDropout>,
+    dropout: Option<DropMask>,
 ) -> Result<Tensor> {
     let (b, t, hidden) = q.dims3()?;
     if lengths.len() != b || lengths.iter().any(|&l| l > t) || !hidden.is_multiple_of(heads) {
@@ -70,7 +67,7 @@ struct Geometry {
     heads: usize,
     head_dim: usize,
     lengths: Vec<usize>,
-    dropout: Option<AttentionDropout>,
+    dropout: Option<DropMask>,
 }
 
 impl Geometry {
@@ -93,7 +90,8 @@ impl Geometry {
     }
 
     /// Multiplies probability rows `r0..r0+r` of (b, h) (rows of `ld` floats, the first `len`
-    /// real keys) by their dropout factors (no-op without dropout).
+    /// real keys) by their dropout factors (no-op without dropout). Mask row
+    /// `(b * heads + h) * T + i` holds query `i`'s factors over the keys.
     fn apply_dropout(&self, p: &mut [f32], ld: usize, b: usize, h: usize, r0: usize, len: usize) {
         let Some(drop) = self.dropout else { return };
         let first = ((b * self.heads + h) * self.tokens + r0) as u64;
@@ -187,11 +185,8 @@ impl CustomOp3 for FusedAttention {
     }
 }
 
-/// Forward pass: the context [B, T, hidden] and the score rows' log-sum-exp [B, heads, T].
-///
-/// Per block: scores with their row maxima from one kernel, `exp(s - max)` and its row sum
-/// in one pass, the value product on the unnormalised probabilities, and `1 / sum` applied
-/// to the `head_dim`-wide output rows instead of to the `len`-wide probability rows.
+/// Forward pass: the context [B, T, hidden] and the score rows' log-sum-exp [B, heads, T],
+/// block by block with [`head_gemm::softmax_rows`].
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let (t, d, hidden) = (g.tokens, g.head_dim, g.hidden());
     let mut out = vec![0f32; g.elems()];
@@ -199,13 +194,13 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
     let (out_ptr, lse_ptr) = (SharedMut(out.as_mut_ptr()), SharedMut(lse.as_mut_ptr()));
     g.tasks().into_par_iter().for_each_init(
         <[Vec<f32>; 3]>::default,
-        |[scores, k_t, maxes]: &mut [Vec<f32>; 3], (b, h)| {
+        |[scores, k_t, inv_sums]: &mut [Vec<f32>; 3], (b, h)| {
             let len = g.lengths[b];
             let base = g.base(b, h);
             let ld = head_gemm::padded(len);
             let rows = g.rows_per_block(ld);
             scores.resize(rows * ld, 0.0);
-            maxes.resize(rows, 0.0);
+            inv_sums.resize(rows, 0.0);
             // SAFETY (the whole task): q/k/v reads stay inside sequence b, head h's columns;
             // `scores` holds r x ld; the output rows r0..r0+r and the lse entries of (b, h)
             // belong to this task alone.
@@ -215,33 +210,23 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
                 while r0 < t {
                     let r = rows.min(t - r0);
                     let off = base + r0 * hidden;
-                    let s = &mut scores[..r * ld];
-                    let q_blk = Strided::rows(q.as_ptr().add(off), hidden);
-                    let row_max = &mut maxes[..r];
-                    let epi = Epilogue::StoreMax {
-                        valid: len,
-                        row_max,
+                    let blk = head_gemm::AttentionBlock {
+                        r,
+                        len,
+                        d,
+                        q: Strided::rows(q.as_ptr().add(off), hidden),
+                        k_t,
+                        v: v.as_ptr().add(base),
+                        v_rs: hidden,
+                        out: out_ptr.get().add(off),
+                        out_rs: hidden,
                     };
-                    head_gemm::wide(r, d, q_blk, k_t, s.as_mut_ptr(), ld, epi);
                     let lse_rows = std::slice::from_raw_parts_mut(
                         lse_ptr.get().add((b * g.heads + h) * t + r0),
                         r,
                     );
-                    // From here on `maxes` holds 1 / sum of each row.
-                    for ((row, l), m) in s.chunks_mut(ld).zip(lse_rows).zip(maxes.iter_mut()) {
-                        let sum = kernels::exp_minus_sum(&mut row[..len], *m);
-                        *l = *m + sum.ln();
-                        *m = 1.0 / sum;
-                    }
-                    g.apply_dropout(s, ld, b, h, r0, len);
-                    let (v_rows, o) = (v.as_ptr().add(base), out_ptr.get().add(off));
-                    let p = Strided::rows(s.as_ptr(), ld);
-                    head_gemm::narrow(r, len, d, p, v_rows, hidden, o, hidden, false);
-                    for (i, &inv) in maxes[..r].iter().enumerate() {
-                        std::slice::from_raw_parts_mut(o.add(i * hidden), d)
-                            .iter_mut()
-                            .for_each(|x| *x *= inv);
-                    }
+                    let dropout = |p: &mut [f32]| g.apply_dropout(p, ld, b, h, r0, len);
+                    head_gemm::softmax_rows(&blk, scores, inv_sums, Some(lse_rows), dropout);
                     r0 += r;
                 }
             }
@@ -376,7 +361,7 @@ mod tests {
     use candle_core::Device;
 
     /// The dropout factor of every probability as a [B, heads, T, T] tensor.
-    fn mask_tensor(d: &AttentionDropout, b: usize, heads: usize, t: usize) -> Tensor {
+    fn mask_tensor(d: &DropMask, b: usize, heads: usize, t: usize) -> Tensor {
         let f = d.factors(b * heads * t, t);
         Tensor::from_vec(f, (b, heads, t, t), &Device::Cpu).unwrap()
     }
@@ -389,7 +374,7 @@ mod tests {
         v: &Tensor,
         lengths: &[usize],
         heads: usize,
-        dropout: Option<AttentionDropout>,
+        dropout: Option<DropMask>,
     ) -> Tensor {
         let (b, t, hidden) = q.dims3().unwrap();
         let mask: Vec<f32> = lengths
@@ -423,7 +408,7 @@ mod tests {
         heads: usize,
         d: usize,
         lengths: &[usize],
-        dropout: Option<AttentionDropout>,
+        dropout: Option<DropMask>,
     ) {
         let shape = [b, t, heads * d];
         let var = |seed: u64| var(&shape, seed, 0.0);
@@ -476,7 +461,7 @@ mod tests {
 
     #[test]
     fn dropout_matches_composed_attention_under_the_same_mask() {
-        let drop = AttentionDropout { p: 0.3, seed: 7 };
+        let drop = DropMask { p: 0.3, seed: 7 };
         let mask = mask_tensor(&drop, 2, 3, 9);
         let dropped: f32 = mask
             .eq(0f32)
@@ -489,13 +474,6 @@ mod tests {
             .unwrap();
         assert!((0.2..0.4).contains(&dropped), "dropped fraction {dropped}");
         check(2, 9, 3, 4, &[9, 5], Some(drop));
-        check(
-            1,
-            300,
-            2,
-            4,
-            &[280],
-            Some(AttentionDropout { p: 0.1, seed: 3 }),
-        );
+        check(1, 300, 2, 4, &[280], Some(DropMask { p: 0.1, seed: 3 }));
     }
 }

@@ -164,6 +164,70 @@ fn finish(epi: &mut Epilogue, i: usize, j: usize, at: usize, s: f32) -> f32 {
     }
 }
 
+/// Where a block of [`softmax_rows`] reads and writes: `r` query rows (at `q`) against
+/// `len` keys packed by [`pack_transposed`] (`k_t`), values as rows of `d` floats at stride
+/// `v_rs`, and the output as rows at stride `out_rs`.
+pub struct AttentionBlock<'a> {
+    pub r: usize,
+    pub len: usize,
+    pub d: usize,
+    pub q: Strided,
+    pub k_t: &'a [f32],
+    pub v: *const f32,
+    pub v_rs: usize,
+    pub out: *mut f32,
+    pub out_rs: usize,
+}
+
+/// Softmax attention of one block, shared by inference and the training forward: scores
+/// with their row maxima from one kernel, `exp(s - max)` and its row sum in one pass, the
+/// value product on the unnormalised probabilities, and `1 / sum` applied to the `d`-wide
+/// output rows instead of to the `len`-wide probability rows.
+///
+/// `scores` holds at least `r x padded(len)` floats and `inv_sums` at least `r`; `lse`, when
+/// given, receives each row's log-sum-exp; `on_probs` sees the unnormalised probabilities
+/// (rows of `padded(len)` floats) before the value product (dropout).
+///
+/// # Safety
+/// The block's pointers must be valid for their rows, and `out` must not overlap the
+/// inputs.
+pub unsafe fn softmax_rows(
+    blk: &AttentionBlock,
+    scores: &mut [f32],
+    inv_sums: &mut [f32],
+    mut lse: Option<&mut [f32]>,
+    on_probs: impl FnOnce(&mut [f32]),
+) {
+    let (r, len, d) = (blk.r, blk.len, blk.d);
+    let ld = padded(len);
+    let s = &mut scores[..r * ld];
+    let inv = &mut inv_sums[..r];
+    let epi = Epilogue::StoreMax {
+        valid: len,
+        row_max: &mut *inv,
+    };
+    // SAFETY (the whole body): as the caller guarantees; `s` holds r x ld.
+    unsafe {
+        wide(r, d, blk.q, blk.k_t, s.as_mut_ptr(), ld, epi);
+        // From here on `inv` holds 1 / sum of each row.
+        for (i, (row, m)) in s.chunks_mut(ld).zip(inv.iter_mut()).enumerate() {
+            let sum = crate::model::kernels::exp_minus_sum(&mut row[..len], *m);
+            if let Some(lse) = lse.as_deref_mut() {
+                lse[i] = *m + sum.ln();
+            }
+            *m = 1.0 / sum;
+        }
+        on_probs(s);
+        let p = Strided::rows(s.as_ptr(), ld);
+        narrow(r, len, d, p, blk.v, blk.v_rs, blk.out, blk.out_rs, false);
+        for (i, &f) in inv.iter().enumerate() {
+            std::slice::from_raw_parts_mut(blk.out.add(i * blk.out_rs), d)
+                .iter_mut()
+                .for_each(|x| *x *= f);
+        }
+    }
+}
+
 /// `C[m, d] (+)= A[m, k] @ B[k, d]`: `B` rows of `d` floats at stride `b_rs`, `C` rows at
 /// stride `c_rs`; `accumulate` adds to `C` instead of overwriting it.
 ///
@@ -296,6 +360,30 @@ pub(crate) mod avx2 {
             }
         };
         let bt = bt.as_ptr();
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            match kind {
+                STORE => wide_kind::<STORE>(m, d, a, bt, ld, c, c_rs, x),
+                MAX => wide_kind::<MAX>(m, d, a, bt, ld, c, c_rs, x),
+                EXP => wide_kind::<EXP>(m, d, a, bt, ld, c, c_rs, x),
+                _ => wide_kind::<GRAD>(m, d, a, bt, ld, c, c_rs, x),
+            }
+        }
+    }
+
+    /// All rows of a [`wide`] product with epilogue `K`, [`TILE_ROWS`] at a time.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn wide_kind<const K: u8>(
+        m: usize,
+        d: usize,
+        a: Strided,
+        bt: *const f32,
+        ld: usize,
+        c: *mut f32,
+        c_rs: usize,
+        x: Extra,
+    ) {
         let mut i0 = 0;
         while i0 < m {
             let rows = TILE_ROWS.min(m - i0);
@@ -311,31 +399,13 @@ pub(crate) mod avx2 {
                     c_rs,
                     i0,
                 };
-                match (rows, kind) {
-                    (6, STORE) => wide_rows::<6, STORE>(&r, x),
-                    (6, MAX) => wide_rows::<6, MAX>(&r, x),
-                    (6, EXP) => wide_rows::<6, EXP>(&r, x),
-                    (6, _) => wide_rows::<6, GRAD>(&r, x),
-                    (5, STORE) => wide_rows::<5, STORE>(&r, x),
-                    (5, MAX) => wide_rows::<5, MAX>(&r, x),
-                    (5, EXP) => wide_rows::<5, EXP>(&r, x),
-                    (5, _) => wide_rows::<5, GRAD>(&r, x),
-                    (4, STORE) => wide_rows::<4, STORE>(&r, x),
-                    (4, MAX) => wide_rows::<4, MAX>(&r, x),
-                    (4, EXP) => wide_rows::<4, EXP>(&r, x),
-                    (4, _) => wide_rows::<4, GRAD>(&r, x),
-                    (3, STORE) => wide_rows::<3, STORE>(&r, x),
-                    (3, MAX) => wide_rows::<3, MAX>(&r, x),
-                    (3, EXP) => wide_rows::<3, EXP>(&r, x),
-                    (3, _) => wide_rows::<3, GRAD>(&r, x),
-                    (2, STORE) => wide_rows::<2, STORE>(&r, x),
-                    (2, MAX) => wide_rows::<2, MAX>(&r, x),
-                    (2, EXP) => wide_rows::<2, EXP>(&r, x),
-                    (2, _) => wide_rows::<2, GRAD>(&r, x),
-                    (_, STORE) => wide_rows::<1, STORE>(&r, x),
-                    (_, MAX) => wide_rows::<1, MAX>(&r, x),
-                    (_, EXP) => wide_rows::<1, EXP>(&r, x),
-                    (_, _) => wide_rows::<1, GRAD>(&r, x),
+                match rows {
+                    6 => wide_rows::<6, K>(&r, x),
+                    5 => wide_rows::<5, K>(&r, x),
+                    4 => wide_rows::<4, K>(&r, x),
+                    3 => wide_rows::<3, K>(&r, x),
+                    2 => wide_rows::<2, K>(&r, x),
+                    _ => wide_rows::<1, K>(&r, x),
                 }
             }
             i0 += rows;
@@ -506,29 +576,42 @@ pub(crate) mod avx2 {
                     let a0 = a.at(i0, 0);
                     let (b0, c0) = (b.add(col), c.add(i0 * c_rs + col));
                     if d - col >= 16 {
-                        match rows {
-                            6 => narrow_tile::<6, 2>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            5 => narrow_tile::<5, 2>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            4 => narrow_tile::<4, 2>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            3 => narrow_tile::<3, 2>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            2 => narrow_tile::<2, 2>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            _ => narrow_tile::<1, 2>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                        }
+                        narrow_rows::<2>(rows, k, a0, a, b0, b_rs, c0, c_rs, accumulate);
                         col += 16;
                     } else {
-                        match rows {
-                            6 => narrow_tile::<6, 1>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            5 => narrow_tile::<5, 1>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            4 => narrow_tile::<4, 1>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            3 => narrow_tile::<3, 1>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            2 => narrow_tile::<2, 1>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                            _ => narrow_tile::<1, 1>(k, a0, a, b0, b_rs, c0, c_rs, accumulate),
-                        }
+                        narrow_rows::<1>(rows, k, a0, a, b0, b_rs, c0, c_rs, accumulate);
                         col += 8;
                     }
                 }
             }
             i0 += rows;
+        }
+    }
+
+    /// One tile of `rows` (1 to [`TILE_ROWS`]) rows x `8V` columns.
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn narrow_rows<const V: usize>(
+        rows: usize,
+        k: usize,
+        a0: *const f32,
+        a: Strided,
+        b0: *const f32,
+        b_rs: usize,
+        c0: *mut f32,
+        c_rs: usize,
+        acc: bool,
+    ) {
+        // SAFETY: as the caller guarantees.
+        unsafe {
+            match rows {
+                6 => narrow_tile::<6, V>(k, a0, a, b0, b_rs, c0, c_rs, acc),
+                5 => narrow_tile::<5, V>(k, a0, a, b0, b_rs, c0, c_rs, acc),
+                4 => narrow_tile::<4, V>(k, a0, a, b0, b_rs, c0, c_rs, acc),
+                3 => narrow_tile::<3, V>(k, a0, a, b0, b_rs, c0, c_rs, acc),
+                2 => narrow_tile::<2, V>(k, a0, a, b0, b_rs, c0, c_rs, acc),
+                _ => narrow_tile::<1, V>(k, a0, a, b0, b_rs, c0, c_rs, acc),
+            }
         }
     }
 

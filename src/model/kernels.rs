@@ -19,7 +19,7 @@
 use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
 
-use super::head_gemm::{self, Epilogue, Strided};
+use super::head_gemm::{self, Strided};
 
 /// Scores per attention block (query rows x keys): 64K f32 = 256 KB, which stays in L2
 /// while the softmax and the PV product read it back.
@@ -474,16 +474,10 @@ mod simd {
     pub fn exp_minus_sum(row: &mut [f32], max: f32) -> f32 {
         #[cfg(target_arch = "x86_64")]
         if has_avx2_fma() {
-            // SAFETY: as above.
-            return unsafe { exp_minus_sum_avx2(row, max) };
+            // SAFETY: as above (the intrinsics version lives with the attention kernels).
+            return unsafe { super::super::head_gemm::avx2::exp_minus_sum(row, max) };
         }
         super::exp_minus_sum_scalar(row, max)
-    }
-
-    #[cfg(target_arch = "x86_64")]
-    #[target_feature(enable = "avx2,fma")]
-    unsafe fn exp_minus_sum_avx2(row: &mut [f32], max: f32) -> f32 {
-        super::super::head_gemm::avx2::exp_minus_sum(row, max)
     }
 
     #[cfg(target_arch = "x86_64")]
@@ -588,26 +582,18 @@ pub fn attention_with_block(
                 while r0 < len {
                     let r = rows.min(len - r0);
                     let q0 = kv0 + r0 * hidden;
-                    let sc = &mut scores[..r * ld];
-                    // Scores and their row maxima, then exp(s - max) with its row sums: the
-                    // 1 / sum is applied to the head_dim-wide output rows, not to the scores.
-                    let epi = Epilogue::StoreMax {
-                        valid: len,
-                        row_max: &mut inv_sums[..r],
+                    let blk = head_gemm::AttentionBlock {
+                        r,
+                        len,
+                        d,
+                        q: Strided::rows(q.as_ptr().add(q0), hidden),
+                        k_t,
+                        v: v.as_ptr().add(kv0),
+                        v_rs: hidden,
+                        out: out_ptr.get().add(q0),
+                        out_rs: hidden,
                     };
-                    let q_blk = Strided::rows(q.as_ptr().add(q0), hidden);
-                    head_gemm::wide(r, d, q_blk, k_t, sc.as_mut_ptr(), ld, epi);
-                    for (row, m) in sc.chunks_mut(ld).zip(inv_sums.iter_mut()) {
-                        *m = 1.0 / exp_minus_sum(&mut row[..len], *m);
-                    }
-                    let o = out_ptr.get().add(q0);
-                    let p = Strided::rows(sc.as_ptr(), ld);
-                    head_gemm::narrow(r, len, d, p, v.as_ptr().add(kv0), hidden, o, hidden, false);
-                    for (i, &inv) in inv_sums[..r].iter().enumerate() {
-                        std::slice::from_raw_parts_mut(o.add(i * hidden), d)
-                            .iter_mut()
-                            .for_each(|x| *x *= inv);
-                    }
+                    head_gemm::softmax_rows(&blk, scores, inv_sums, None, |_| {});
                     r0 += r;
                 }
             }

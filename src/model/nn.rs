@@ -2,7 +2,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::fused_attention::AttentionDropout;
+use super::dropout::DropMask;
 use super::ops;
 use super::params::{Builder, Init};
 
@@ -137,7 +137,7 @@ pub fn self_attention(
     ) {
         use rand::Rng;
         let dropout = match rng {
-            Some(rng) if dropout_p > 0.0 => Some(AttentionDropout {
+            Some(rng) if dropout_p > 0.0 => Some(DropMask {
                 p: dropout_p as f32,
                 seed: rng.random(),
             }),
