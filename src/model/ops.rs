@@ -240,7 +240,8 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
     }
 
     fn bwd(&self, _arg: &Tensor, res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
-        let dot = (grad_res * res)?.sum_keepdim(D::Minus1)?;
+        let res = res.detach(); // an untracked gradient (see `LinearOp::bwd`)
+        let dot = (grad_res * &res)?.sum_keepdim(D::Minus1)?;
         Ok(Some(res.mul(&grad_res.broadcast_sub(&dot)?)?))
     }
 }
@@ -537,8 +538,18 @@ impl candle_core::CustomOp3 for LinearOp {
             }
             None => grad_res,
         };
-        let dx = x.track_op().then(|| grad_res.matmul(w)).transpose()?;
-        let dw = w.track_op().then(|| grad_res.t()?.matmul(x)).transpose()?;
+        // Multiply by detached copies: a product of tracked tensors records its inputs, and
+        // candle keeps parameter gradients until the step, so `dw` would otherwise hold this
+        // layer's input and output gradient (and its zero seed) alive to the end of backward
+        // (measured: +0.4 GB at peak for a 4-layer, hidden-1024 BERT at 8 x 256).
+        let dx = x
+            .track_op()
+            .then(|| grad_res.matmul(&w.detach()))
+            .transpose()?;
+        let dw = w
+            .track_op()
+            .then(|| grad_res.t()?.matmul(&x.detach()))
+            .transpose()?;
         let db = b
             .track_op()
             .then(|| {
