@@ -4,7 +4,11 @@
 # measurements in bench/.work/results.jsonl. See README "Performance".
 #
 #   bench/compare.sh [--threads 2] [--subset N] [--scale "64 128 ... 8192"] [--iters 3]
-#                    [--only forward,train,e2e,scale,gemm] [--long 35000|0]
+#                    [--rounds 2] [--only forward,train,e2e,scale,gemm] [--long 35000|0]
+#
+# Forward shapes and training steps run in --rounds alternating rounds (protloc, PyTorch,
+# protloc, PyTorch, ...) and the report keeps each side's best: a load change on a shared
+# machine then hits both sides instead of whichever happened to run during it.
 #
 # The first run creates bench/.venv and pip-installs torch + transformers from PyPI
 # (bench/requirements.txt; the torch wheel is large). Nothing here asserts speed.
@@ -14,6 +18,7 @@ cd "$(dirname "$0")/.."
 THREADS=2
 SUBSET=2768
 ITERS=3
+ROUNDS=2
 SCALE="64 128 256 512 1024 2048 4096 8192"
 ONLY="gemm,forward,train,e2e,scale"
 LONG=35000
@@ -23,6 +28,7 @@ while [ $# -gt 0 ]; do
         --threads) THREADS=$2; shift 2 ;;
         --subset) SUBSET=$2; shift 2 ;;
         --iters) ITERS=$2; shift 2 ;;
+        --rounds) ROUNDS=$2; shift 2 ;;
         --scale) SCALE=$2; shift 2 ;;
         --only) ONLY=$2; shift 2 ;;
         --long) LONG=$2; shift 2 ;;
@@ -72,17 +78,21 @@ if want forward; then
                 note skipped "antiberty ${1}x${2}: 512 position embeddings"
                 continue
             fi
-            RS forward --model "$model" --batch "$1" --len "$2" --iters "$ITERS"
             RS forward --model "$model" --batch "$1" --len "$2" --iters 1 --path general
-            PT forward --model "$model" --batch "$1" --len "$2" --iters "$ITERS"
+            for _ in $(seq "$ROUNDS"); do
+                RS forward --model "$model" --batch "$1" --len "$2" --iters "$ITERS"
+                PT forward --model "$model" --batch "$1" --len "$2" --iters "$ITERS"
+            done
         done
     done
 fi
 
 if want train; then
     for model in "$ESM" "$ANTI" "$PB"; do
-        RS train --model "$model" --batch 8 --len 256 --iters 3
-        PT train --model "$model" --batch 8 --len 256 --iters 3
+        for _ in $(seq "$ROUNDS"); do
+            RS train --model "$model" --batch 8 --len 256 --iters 3
+            PT train --model "$model" --batch 8 --len 256 --iters 3
+        done
     done
 fi
 
