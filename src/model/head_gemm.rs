@@ -74,14 +74,47 @@ pub unsafe fn pack_transposed(
     d: usize,
     dst: &mut Vec<f32>,
 ) {
-    let ld = padded(rows);
     dst.clear();
-    dst.resize(d * ld, 0.0);
+    dst.resize(d * padded(rows), 0.0);
+    // SAFETY: as the caller guarantees; `dst` holds d x padded(rows).
+    unsafe { pack_into(src, rs, rows, d, dst) };
+}
+
+/// [`pack_transposed`] in consecutive blocks of `block` rows (a multiple of [`TILE_COLS`]):
+/// the block of rows `b * block ..` is `[d, padded(its rows)]` starting at offset
+/// `b * block * d`, so [`wide`] can take one block of keys at a time. With `rows <= block`
+/// the layout is [`pack_transposed`]'s.
+///
+/// # Safety
+/// As [`pack_transposed`].
+pub unsafe fn pack_transposed_blocks(
+    src: *const f32,
+    rs: usize,
+    rows: usize,
+    d: usize,
+    block: usize,
+    dst: &mut Vec<f32>,
+) {
+    assert!(block > 0 && block.is_multiple_of(TILE_COLS));
+    dst.clear();
+    dst.resize(d * (rows / block * block + padded(rows % block)), 0.0);
+    for j0 in (0..rows).step_by(block) {
+        let n = block.min(rows - j0);
+        let out = &mut dst[j0 * d..(j0 + padded(n)) * d];
+        // SAFETY: rows j0..j0+n of the source, as the caller guarantees.
+        unsafe { pack_into(src.add(j0 * rs), rs, n, d, out) };
+    }
+}
+
+/// The packing itself, into `out` of exactly `d x padded(rows)` zeroed floats.
+unsafe fn pack_into(src: *const f32, rs: usize, rows: usize, d: usize, out: &mut [f32]) {
+    let ld = padded(rows);
+    debug_assert_eq!(out.len(), d * ld);
     // In blocks of 16 source rows: the block (16 x d floats) stays in L1 while each of its
     // columns is written out contiguously.
     for j0 in (0..rows).step_by(TILE_COLS) {
         let n = TILE_COLS.min(rows - j0);
-        for (k, out) in dst.chunks_exact_mut(ld).enumerate() {
+        for (k, out) in out.chunks_exact_mut(ld).enumerate() {
             for (j, o) in out[j0..j0 + n].iter_mut().enumerate() {
                 // SAFETY: element k of source row j0 + j, as the caller guarantees.
                 *o = unsafe { *src.add((j0 + j) * rs + k) };
@@ -224,6 +257,73 @@ pub unsafe fn softmax_rows(
             std::slice::from_raw_parts_mut(blk.out.add(i * blk.out_rs), d)
                 .iter_mut()
                 .for_each(|x| *x *= f);
+        }
+    }
+}
+
+/// [`softmax_rows`] for long sequences, one block of `key_block` keys at a time (keys packed
+/// by [`pack_transposed_blocks`] with the same block): the online softmax of flash
+/// attention. Each row keeps a running maximum and sum; when a later key block raises the
+/// maximum, the output and the sum so far are rescaled by `exp(old - new)`. Scores then
+/// take `r x key_block` floats and the keys and values of a block stay in L1/L2 while every
+/// query row of the block uses them, where [`softmax_rows`] streams all `len` keys through
+/// the cache once per six query rows (measured: see `kernels::KEY_BLOCK`). No
+/// log-sum-exp and no dropout: inference only (training sequences are at most a few hundred
+/// tokens, where the two agree in speed).
+///
+/// `scores` holds at least `r x key_block` floats and `stats` at least `3 r`.
+///
+/// # Safety
+/// As [`softmax_rows`].
+pub unsafe fn softmax_rows_streaming(
+    blk: &AttentionBlock,
+    key_block: usize,
+    scores: &mut [f32],
+    stats: &mut [f32],
+) {
+    let (r, len, d) = (blk.r, blk.len, blk.d);
+    let (run_max, rest) = stats[..3 * r].split_at_mut(r);
+    let (run_sum, block_max) = rest.split_at_mut(r);
+    run_max.fill(f32::NEG_INFINITY);
+    run_sum.fill(0.0);
+    // SAFETY (the whole body): as the caller guarantees; `s` holds r x ld of one block, and
+    // the blocked packing puts the block of keys k0.. at offset k0 * d.
+    unsafe {
+        let out_row = |i: usize| std::slice::from_raw_parts_mut(blk.out.add(i * blk.out_rs), d);
+        for k0 in (0..len).step_by(key_block) {
+            let n = key_block.min(len - k0);
+            let ld = padded(n);
+            let s = &mut scores[..r * ld];
+            let epi = Epilogue::StoreMax {
+                valid: n,
+                row_max: &mut *block_max,
+            };
+            wide(
+                r,
+                d,
+                blk.q,
+                &blk.k_t[k0 * d..(k0 + ld) * d],
+                s.as_mut_ptr(),
+                ld,
+                epi,
+            );
+            for (i, row) in s.chunks_mut(ld).enumerate() {
+                let m = run_max[i].max(block_max[i]);
+                if k0 > 0 && m > run_max[i] {
+                    let rescale = crate::model::kernels::fast_exp(run_max[i] - m);
+                    run_sum[i] *= rescale;
+                    out_row(i).iter_mut().for_each(|x| *x *= rescale);
+                }
+                run_max[i] = m;
+                run_sum[i] += crate::model::kernels::exp_minus_sum(&mut row[..n], m);
+            }
+            let p = Strided::rows(s.as_ptr(), ld);
+            let v = blk.v.add(k0 * blk.v_rs);
+            narrow(r, n, d, p, v, blk.v_rs, blk.out, blk.out_rs, k0 > 0);
+        }
+        for (i, &sum) in run_sum.iter().enumerate() {
+            let f = 1.0 / sum;
+            out_row(i).iter_mut().for_each(|x| *x *= f);
         }
     }
 }

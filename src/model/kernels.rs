@@ -12,9 +12,10 @@
 //! [`head_gemm`](super::head_gemm) microkernels, over that sequence's keys only, and the
 //! output is written in place.
 //!
-//! Memory is bounded for any length: a block holds at most `max(SCORE_BLOCK, MIN_QUERY_ROWS
-//! x len)` scores, so a 35,000-residue protein needs 2.2 MB of scores per thread instead of
-//! the 4.9 GB a full `T x T` matrix per head would take.
+//! Memory is bounded for any length: a block holds at most `SCORE_BLOCK` scores (sequences
+//! longer than `KEY_BLOCK` take their keys a block at a time, with an online softmax), so a
+//! 35,000-residue protein needs 256 KB of scores per thread instead of the 4.9 GB a full
+//! `T x T` matrix per head would take.
 
 use candle_core::{CpuStorage, Layout, Result, Storage, StorageRef, Tensor};
 use rayon::prelude::*;
@@ -25,9 +26,15 @@ use super::head_gemm::{self, Strided};
 /// while the softmax and the PV product read it back.
 pub const SCORE_BLOCK: usize = 64 * 1024;
 /// Fewest query rows per block (a few microkernel tiles, so each pass over the packed keys
-/// does enough work). Bounds scratch memory at `MIN_QUERY_ROWS * len` floats per thread
-/// (2.2 MB at 35,000 tokens) once `len` outgrows [`SCORE_BLOCK`].
+/// does enough work). With [`KEY_BLOCK`]-wide blocks a block always has more rows than
+/// this; it binds only for the wider blocks tests choose.
 pub const MIN_QUERY_ROWS: usize = 16;
+/// Keys per block of the streaming (online-softmax) attention, used once a sequence has
+/// more keys than this ([`head_gemm::softmax_rows_streaming`]). Measured on ESM-2 8M, one
+/// sequence (`benches/encoder.rs scale`): 8,192 tokens took 5.4-5.6 s with blocks of 256
+/// keys, 5.8-5.9 s with 128, 6.0 s with 512, 7.2 s with 1,024 and 7.9-9.3 s unblocked;
+/// 1,024 tokens 0.17-0.19 s against 0.21; at 512 tokens and below, no difference.
+pub const KEY_BLOCK: usize = 256;
 
 static PACKED_INFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
 
@@ -528,16 +535,22 @@ pub fn attention(
     let limits = BlockLimits {
         scores: SCORE_BLOCK,
         min_rows: MIN_QUERY_ROWS,
+        key_block: std::env::var("PROTLOC_KEY_BLOCK")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(KEY_BLOCK),
     };
     attention_with_block(q, k, v, segs, heads, head_dim, limits)
 }
 
 /// Size of an attention block: query rows x keys at most `scores`, but at least `min_rows`
-/// query rows (see [`SCORE_BLOCK`], [`MIN_QUERY_ROWS`]).
+/// query rows; sequences longer than `key_block` (a multiple of 16) take their keys in
+/// blocks of that many (see [`SCORE_BLOCK`], [`MIN_QUERY_ROWS`], [`KEY_BLOCK`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BlockLimits {
     pub scores: usize,
     pub min_rows: usize,
+    pub key_block: usize,
 }
 
 /// [`attention`] with chosen block limits (tests use small blocks to exercise the row
@@ -567,17 +580,23 @@ pub fn attention_with_block(
         <[Vec<f32>; 3]>::default,
         |[scores, k_t, inv_sums]: &mut [Vec<f32>; 3], (s, h)| {
             let len = s.len;
-            let ld = head_gemm::padded(len);
-            let rows = (limits.scores / ld).clamp(limits.min_rows.clamp(1, len), len);
-            scores.resize(rows * ld, 0.0);
-            inv_sums.resize(rows, 0.0);
+            let streaming = len > limits.key_block;
+            let width = if streaming {
+                limits.key_block
+            } else {
+                head_gemm::padded(len)
+            };
+            let rows = (limits.scores / width).clamp(limits.min_rows.clamp(1, len), len);
+            scores.resize(rows * width, 0.0);
+            inv_sums.resize(3 * rows, 0.0);
             let kv0 = s.start * hidden + h * d;
             // SAFETY (the whole task): pointers and strides stay inside q/k/v (rows of this
             // segment, columns of head h); `scores` holds rows x ld; the output rows of this
             // segment in head h's columns belong to this task alone, and `out` outlives the
             // parallel loop.
             unsafe {
-                head_gemm::pack_transposed(k.as_ptr().add(kv0), hidden, len, d, k_t);
+                let k0 = k.as_ptr().add(kv0);
+                head_gemm::pack_transposed_blocks(k0, hidden, len, d, limits.key_block, k_t);
                 let mut r0 = 0;
                 while r0 < len {
                     let r = rows.min(len - r0);
@@ -593,7 +612,11 @@ pub fn attention_with_block(
                         out: out_ptr.get().add(q0),
                         out_rs: hidden,
                     };
-                    head_gemm::softmax_rows(&blk, scores, inv_sums, None, |_| {});
+                    if streaming {
+                        head_gemm::softmax_rows_streaming(&blk, width, scores, inv_sums);
+                    } else {
+                        head_gemm::softmax_rows(&blk, scores, inv_sums, None, |_| {});
+                    }
                     r0 += r;
                 }
             }
@@ -809,17 +832,28 @@ mod tests {
         );
         // Large scores so the softmax is peaked and max subtraction matters.
         let q: Vec<f32> = q.iter().map(|x| x * 8.0).collect();
-        for block in [SCORE_BLOCK, 100, 1] {
+        // Whole rows, row chunks down to one row, and key blocks of 16 and 32 (the 70- and
+        // 37-token sequences stream their keys, with a last block that is not full).
+        for (block, key_block) in [
+            (SCORE_BLOCK, KEY_BLOCK),
+            (100, KEY_BLOCK),
+            (1, 16),
+            (100, 32),
+        ] {
             let limits = BlockLimits {
                 scores: block,
                 min_rows: 1,
+                key_block,
             };
             let ours = attention_with_block(&q, &k, &v, &segs, heads, d, limits);
             for s in &segs {
                 let want = naive_attention(&q, &k, &v, *s, heads, d);
                 let got = &ours[s.start * hd..(s.start + s.len) * hd];
                 for (a, b) in got.iter().zip(&want) {
-                    assert!((*a as f64 - b).abs() < 1e-5, "block {block}: {a} vs {b}");
+                    assert!(
+                        (*a as f64 - b).abs() < 1e-5,
+                        "block {block}, key block {key_block}: {a} vs {b}"
+                    );
                 }
             }
         }
