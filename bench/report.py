@@ -70,8 +70,8 @@ def main():
         "best of alternating rounds per side (peak RSS: the largest of the rounds), all tokens real (no padding); `general` is protloc's differentiable path (the "
         "pre-issue-4 inference path), `packed` the inference kernels. % peak = achieved "
         "GFLOP/s (projections + FFN + attention) / the best measured GEMM rate of either side "
-        "(measured at the start and the end of the run; under a changing load a run can land "
-        "above 100%).",
+        "(best of 10 products, measured at the start, between stages and at the end of the run; "
+        "under a changing load a run can land above 100%).",
         "",
     ]
     if gemm:
