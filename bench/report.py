@@ -67,7 +67,8 @@ def main():
         f"at end: {notes.get('load_end', ['?'])[0]} (the machine is shared; expect noise).",
         "",
         "Ratios are protloc / PyTorch (above 1 = protloc faster). Forward and training: the "
-        "best of alternating rounds per side (peak RSS: the largest of the rounds), all tokens real (no padding); `general` is protloc's differentiable path (the "
+        "best of alternating rounds per side (peak RSS: the largest of the rounds), all "
+        "tokens real (no padding); `general` is protloc's differentiable path (the "
         "pre-issue-4 inference path), `packed` the inference kernels. % peak = achieved "
         "GFLOP/s (projections + FFN + attention) / the best measured GEMM rate of either side "
         "(best of 10 products, measured at the start, between stages and at the end of the run; "

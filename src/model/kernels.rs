@@ -25,10 +25,6 @@ use super::head_gemm::{self, Strided};
 /// Scores per attention block (query rows x keys): 64K f32 = 256 KB, which stays in L2
 /// while the softmax and the PV product read it back.
 pub const SCORE_BLOCK: usize = 64 * 1024;
-/// Fewest query rows per block (a few microkernel tiles, so each pass over the packed keys
-/// does enough work). With [`KEY_BLOCK`]-wide blocks a block always has more rows than
-/// this; it binds only for the wider blocks tests choose.
-pub const MIN_QUERY_ROWS: usize = 16;
 /// Keys per block of the streaming (online-softmax) attention, used once a sequence has
 /// more keys than this ([`head_gemm::softmax_rows_streaming`]). Measured on ESM-2 8M, one
 /// sequence (`benches/encoder.rs scale`): 8,192 tokens took 5.4-5.6 s with blocks of 256
@@ -534,22 +530,17 @@ pub fn attention(
 ) -> Vec<f32> {
     let limits = BlockLimits {
         scores: SCORE_BLOCK,
-        min_rows: MIN_QUERY_ROWS,
-        key_block: std::env::var("PROTLOC_KEY_BLOCK")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(KEY_BLOCK),
+        key_block: KEY_BLOCK,
     };
     attention_with_block(q, k, v, segs, heads, head_dim, limits)
 }
 
-/// Size of an attention block: query rows x keys at most `scores`, but at least `min_rows`
-/// query rows; sequences longer than `key_block` (a multiple of 16) take their keys in
-/// blocks of that many (see [`SCORE_BLOCK`], [`MIN_QUERY_ROWS`], [`KEY_BLOCK`]).
+/// Size of an attention block: query rows x keys at most `scores` (but at least one row);
+/// sequences longer than `key_block` (a multiple of 16) take their keys in blocks of that
+/// many, so a block is never wider than `key_block` (see [`SCORE_BLOCK`], [`KEY_BLOCK`]).
 #[derive(Debug, Clone, Copy)]
 pub struct BlockLimits {
     pub scores: usize,
-    pub min_rows: usize,
     pub key_block: usize,
 }
 
@@ -586,12 +577,12 @@ pub fn attention_with_block(
             } else {
                 head_gemm::padded(len)
             };
-            let rows = (limits.scores / width).clamp(limits.min_rows.clamp(1, len), len);
+            let rows = (limits.scores / width).clamp(1, len);
             scores.resize(rows * width, 0.0);
             inv_sums.resize(3 * rows, 0.0);
             let kv0 = s.start * hidden + h * d;
             // SAFETY (the whole task): pointers and strides stay inside q/k/v (rows of this
-            // segment, columns of head h); `scores` holds rows x ld; the output rows of this
+            // segment, columns of head h); `scores` holds rows x width; the output rows of this
             // segment in head h's columns belong to this task alone, and `out` outlives the
             // parallel loop.
             unsafe {
@@ -842,7 +833,6 @@ mod tests {
         ] {
             let limits = BlockLimits {
                 scores: block,
-                min_rows: 1,
                 key_block,
             };
             let ours = attention_with_block(&q, &k, &v, &segs, heads, d, limits);
