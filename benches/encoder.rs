@@ -67,7 +67,7 @@ impl Args {
 }
 
 fn main() -> Result<()> {
-    protloc::alloc::tune_for_tensors();
+    protloc::runtime::tune_for_tensors();
     let args = Args::parse()?;
     let threads = args.num("threads", 2)?;
     rayon::ThreadPoolBuilder::new()

@@ -5,7 +5,6 @@
 //! `model` (BERT / ESM-2 encoders, heads, checkpoint loading) -> `train` / `eval` / `infer`,
 //! with `cli` wiring them to the `protloc` binary.
 
-pub mod alloc;
 pub mod artifacts;
 pub mod cache;
 pub mod cli;
@@ -17,6 +16,7 @@ pub mod infer;
 pub mod model;
 pub mod progress;
 pub mod report;
+pub mod runtime;
 pub mod serve;
 pub mod tokenize;
 pub mod train;

@@ -12,7 +12,7 @@ pub use commands::Cli;
 /// Parses arguments, runs the command, prints errors (with their causes) and maps them to
 /// a non-zero exit code.
 pub fn main() -> ExitCode {
-    crate::alloc::tune_for_tensors();
+    crate::runtime::tune_for_tensors();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.quiet);
     match commands::run(cli) {
