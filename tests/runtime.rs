@@ -10,7 +10,11 @@ const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
 fn candle_pool_parks_at_once_unless_the_user_set_a_spin_limit() {
     std::env::set_var(VAR, "123");
     tune_for_tensors();
-    assert_eq!(std::env::var(VAR).as_deref(), Ok("123"), "a user's setting must win");
+    assert_eq!(
+        std::env::var(VAR).as_deref(),
+        Ok("123"),
+        "a user's setting must win"
+    );
 
     std::env::remove_var(VAR);
     tune_for_tensors();
