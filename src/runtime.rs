@@ -33,4 +33,4 @@ pub fn tune_for_tensors() {
 }
 
 /// How many rounds candle's element-wise pool spins before parking (candle's default 25,000).
-const CANDLE_SPIN_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+pub const CANDLE_SPIN_VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";

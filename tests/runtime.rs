@@ -2,9 +2,7 @@
 //! core from the GEMM threads), unless the user chose otherwise. One test in its own
 //! process, because it changes the environment.
 
-use protloc::runtime::tune_for_tensors;
-
-const VAR: &str = "CANDLE_BARRIER_POOL_SPIN_LIMIT";
+use protloc::runtime::{tune_for_tensors, CANDLE_SPIN_VAR as VAR};
 
 #[test]
 fn candle_pool_parks_at_once_unless_the_user_set_a_spin_limit() {
