@@ -116,6 +116,8 @@ impl Row {
 }
 
 fn main() -> Result<()> {
+    // The in-process server must run as `protloc serve` does (allocator, candle's pool).
+    protloc::runtime::tune_for_tensors();
     let args = parse_args()?;
     let ds = read_dataset(&args.data, ReadOptions::default())?;
     let test: Vec<_> = ds.records.iter().filter(|r| r.is_test).collect();
