@@ -6,6 +6,8 @@
 //! ```text
 //! cargo bench --bench encoder -- MODE [--threads N] [options]
 //!   gemm     --m 4096 --k 1024 --n 4096
+//!   scores   --rows 256 --keys 256 --d 64   (the attention score kernel, single-threaded,
+//!            once per kernel this CPU has: one record per kernel in a JSON array)
 //!   forward  --model DIR --batch B --len T [--path fast|general] [--iters N]
 //!   train    --model DIR --batch B --len T [--iters N]
 //!   e2e      --model DIR --data FASTA [--subset N] [--max-residues 510]
@@ -78,6 +80,7 @@ fn main() -> Result<()> {
     }
     let record = match args.mode.as_str() {
         "gemm" => gemm(&args)?,
+        "scores" => scores(&args)?,
         "forward" => forward(&args)?,
         "train" => train(&args)?,
         "e2e" => e2e(&args)?,
@@ -118,6 +121,53 @@ fn gemm(a: &Args) -> Result<serde_json::Value> {
     })?;
     let gflops = 2.0 * (m * n * k) as f64 / secs / 1e9;
     Ok(json!({"kind": "gemm", "m": m, "k": k, "n": n, "seconds": secs, "gflops": gflops}))
+}
+
+/// The attention score product `Q K^T` with the row maxima (inference's epilogue), as one
+/// attention block computes it, repeated over 64 blocks so a run lasts long enough to time.
+fn scores(a: &Args) -> Result<serde_json::Value> {
+    use protloc::model::head_gemm::{self, Epilogue, Strided, WideKernel};
+    let (rows, keys, d) = (a.num("rows", 256)?, a.num("keys", 256)?, a.num("d", 64)?);
+    let q: Vec<f32> = (0..rows * d)
+        .map(|i| ((i % 97) as f32 - 48.0) * 1e-2)
+        .collect();
+    let k: Vec<f32> = (0..keys * d)
+        .map(|i| ((i % 89) as f32 - 44.0) * 1e-2)
+        .collect();
+    let mut k_t = Vec::new();
+    // SAFETY: `k` holds `keys` rows of `d` floats.
+    unsafe { head_gemm::pack_transposed(k.as_ptr(), d, keys, d, &mut k_t) };
+    let ld = head_gemm::padded(keys);
+    let mut out = vec![0f32; rows * ld];
+    let mut row_max = vec![0f32; rows];
+    let mut records = Vec::new();
+    for kernel in WideKernel::available() {
+        let secs = best_of(a.num("iters", 5)?, || {
+            for _ in 0..64 {
+                let epi = Epilogue::StoreMax {
+                    valid: keys,
+                    row_max: &mut row_max,
+                };
+                // SAFETY: sizes as allocated above.
+                unsafe {
+                    head_gemm::wide_with(
+                        kernel,
+                        rows,
+                        d,
+                        Strided::rows(q.as_ptr(), d),
+                        &k_t,
+                        out.as_mut_ptr(),
+                        ld,
+                        epi,
+                    )
+                };
+            }
+            Ok(())
+        })?;
+        let gflops = 64.0 * 2.0 * (rows * keys * d) as f64 / secs / 1e9;
+        records.push(json!({"kernel": format!("{kernel:?}"), "seconds": secs, "gflops": gflops}));
+    }
+    Ok(json!({"kind": "scores", "rows": rows, "keys": keys, "d": d, "kernels": records}))
 }
 
 /// `batch` copies of a `len`-token input (specials included) built from [`RESIDUES`].
