@@ -106,14 +106,16 @@ fn best_of(iters: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     Ok(best)
 }
 
+/// `n` deterministic operand values: a zero-centred sawtooth of `period` steps of `step`
+/// (co-prime periods for the two operands of a product, so no row repeats another).
+fn sawtooth(n: usize, period: usize, step: f32) -> Vec<f32> {
+    let mid = (period / 2) as f32;
+    (0..n).map(|i| ((i % period) as f32 - mid) * step).collect()
+}
+
 fn gemm(a: &Args) -> Result<serde_json::Value> {
     let (m, k, n) = (a.num("m", 4096)?, a.num("k", 1024)?, a.num("n", 4096)?);
-    let x: Vec<f32> = (0..m * k)
-        .map(|i| ((i % 97) as f32 - 48.0) * 1e-3)
-        .collect();
-    let w: Vec<f32> = (0..n * k)
-        .map(|i| ((i % 89) as f32 - 44.0) * 1e-3)
-        .collect();
+    let (x, w) = (sawtooth(m * k, 97, 1e-3), sawtooth(n * k, 89, 1e-3));
     let mut out = vec![0f32; m * n];
     let secs = best_of(a.num("iters", 3)?, || {
         kernels::gemm_acc_wt(&x, &w, &mut out, k, n);
@@ -128,12 +130,7 @@ fn gemm(a: &Args) -> Result<serde_json::Value> {
 fn scores(a: &Args) -> Result<serde_json::Value> {
     use protloc::model::head_gemm::{self, Epilogue, Strided, WideKernel};
     let (rows, keys, d) = (a.num("rows", 256)?, a.num("keys", 256)?, a.num("d", 64)?);
-    let q: Vec<f32> = (0..rows * d)
-        .map(|i| ((i % 97) as f32 - 48.0) * 1e-2)
-        .collect();
-    let k: Vec<f32> = (0..keys * d)
-        .map(|i| ((i % 89) as f32 - 44.0) * 1e-2)
-        .collect();
+    let (q, k) = (sawtooth(rows * d, 97, 1e-2), sawtooth(keys * d, 89, 1e-2));
     let mut k_t = Vec::new();
     // SAFETY: `k` holds `keys` rows of `d` floats.
     unsafe { head_gemm::pack_transposed(k.as_ptr(), d, keys, d, &mut k_t) };
