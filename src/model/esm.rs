@@ -59,18 +59,23 @@ impl Esm {
                 let a = l.pp("attention");
                 Ok(Layer {
                     attn_norm: LayerNorm::new(&a.pp("LayerNorm"), h, eps)?,
-                    query: Linear::new(&a.pp("self.query"), h, h, std)?,
-                    key: Linear::new(&a.pp("self.key"), h, h, std)?,
-                    value: Linear::new(&a.pp("self.value"), h, h, std)?,
-                    attn_out: Linear::new(&a.pp("output.dense"), h, h, std)?,
+                    query: Linear::projection(&a.pp("self.query"), h, h, std)?,
+                    key: Linear::projection(&a.pp("self.key"), h, h, std)?,
+                    value: Linear::projection(&a.pp("self.value"), h, h, std)?,
+                    attn_out: Linear::projection(&a.pp("output.dense"), h, h, std)?,
                     ffn_norm: LayerNorm::new(&l.pp("LayerNorm"), h, eps)?,
-                    intermediate: Linear::new(
+                    intermediate: Linear::projection(
                         &l.pp("intermediate.dense"),
                         h,
                         cfg.intermediate_size,
                         std,
                     )?,
-                    output: Linear::new(&l.pp("output.dense"), cfg.intermediate_size, h, std)?,
+                    output: Linear::projection(
+                        &l.pp("output.dense"),
+                        cfg.intermediate_size,
+                        h,
+                        std,
+                    )?,
                     inv_freq: match a.pp("self.rotary_embeddings").buffer("inv_freq")? {
                         Some(t) => t.to_dtype(DType::F32)?.to_vec1()?,
                         None => default_inv_freq(cfg.head_dim()),
@@ -361,11 +366,12 @@ pub(crate) fn packed_linear(
     in_dim: usize,
     out_dim: usize,
 ) -> Result<Vec<f32>> {
-    let w = kernels::view(&l.weight)?;
+    let (w, layout) = kernels::weight_view(&l.weight)?;
     let b = l.bias.as_ref().map(kernels::view).transpose()?;
     Ok(kernels::linear(
         x,
         w.get(),
+        layout,
         b.as_ref().map(|b| b.get()),
         in_dim,
         out_dim,
@@ -383,6 +389,7 @@ pub(crate) fn packed_linear_acc(
     if let Some(b) = &l.bias {
         kernels::add_bias_rows(acc, kernels::view(b)?.get());
     }
-    kernels::gemm_acc_wt(x, kernels::view(&l.weight)?.get(), acc, in_dim, out_dim);
+    let (w, layout) = kernels::weight_view(&l.weight)?;
+    kernels::gemm_acc_wt(x, w.get(), layout, acc, in_dim, out_dim);
     Ok(())
 }

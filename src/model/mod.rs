@@ -20,6 +20,7 @@ pub mod rotary;
 #[cfg(test)]
 pub(crate) mod test_util;
 
+use std::collections::HashMap;
 use std::path::Path;
 
 use anyhow::{bail, Context, Result};
@@ -136,12 +137,37 @@ pub struct BaseModel {
     pub source: String,
 }
 
+/// What a loaded model is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// Fine-tuning: every parameter is a trainable variable.
+    Training,
+    /// Inference only (embed, predict, eval, serve): the encoder layers' weights are frozen
+    /// and column-major, which the inference GEMM reads fastest
+    /// ([`ParamStore::for_inference`]). Such a model can still be saved, not trained.
+    Inference,
+}
+
+fn new_store(
+    source: HashMap<String, Tensor>,
+    source_name: String,
+    seed: u64,
+    device: &Device,
+    purpose: Purpose,
+) -> ParamStore {
+    let store = ParamStore::new(source, source_name, seed, device, DType::F32);
+    match purpose {
+        Purpose::Training => store,
+        Purpose::Inference => store.for_inference(),
+    }
+}
+
 /// Loads a base model (`scratch:SIZE`, a local HF directory or a hub id). Parameters the
 /// encoder needs must all be in the checkpoint; extra tensors (pretraining heads) are ignored.
-pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
+pub fn load_base(spec: &str, seed: u64, device: &Device, purpose: Purpose) -> Result<BaseModel> {
     if let Some(size) = spec.strip_prefix("scratch:") {
         let cfg = scratch_config(size)?;
-        let store = ParamStore::new(Default::default(), spec, seed, device, DType::F32);
+        let store = new_store(Default::default(), spec.into(), seed, device, purpose);
         let encoder = Encoder::new(&store.initialising(), &cfg)?;
         return Ok(BaseModel {
             cfg,
@@ -152,7 +178,7 @@ pub fn load_base(spec: &str, seed: u64, device: &Device) -> Result<BaseModel> {
         });
     }
     let files = loader::resolve(spec)?;
-    let (cfg, tokenizer, store, encoder) = load_encoder(&files, seed, device)?;
+    let (cfg, tokenizer, store, encoder) = load_encoder(&files, seed, device, purpose)?;
     tracing::debug!(unused = ?store.unused_source_names(), "tensors not used by the encoder");
     Ok(BaseModel {
         cfg,
@@ -170,6 +196,7 @@ fn load_encoder(
     files: &loader::ModelFiles,
     seed: u64,
     device: &Device,
+    purpose: Purpose,
 ) -> Result<(EncoderConfig, Tokenizer, ParamStore, Encoder)> {
     let cfg = loader::read_config(&files.config)?;
     let tokenizer = Tokenizer::from_file(&files.vocab)?;
@@ -177,7 +204,7 @@ fn load_encoder(
     let arch = cfg.arch().map_err(anyhow::Error::msg)?;
     let tensors = loader::read_weights(&files.weights, arch, device)?;
     let source = files.weights.display().to_string();
-    let store = ParamStore::new(tensors, source, seed, device, DType::F32);
+    let store = new_store(tensors, source, seed, device, purpose);
     let encoder = Encoder::new(&store.strict(), &cfg)?;
     Ok((cfg, tokenizer, store, encoder))
 }
@@ -356,7 +383,8 @@ impl SequenceClassifier {
             .forward(&hidden, &batch.residue_mask, None)
     }
 
-    /// Loads a run directory written by `protloc train`.
+    /// Loads a run directory written by `protloc train`, for inference ([`Purpose::Inference`]:
+    /// it can be saved again, not trained further).
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
         let files = loader::from_dir(dir)?;
         let text = std::fs::read_to_string(&files.config)?;
@@ -370,7 +398,7 @@ impl SequenceClassifier {
                 dir.display()
             ),
         };
-        let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device)?;
+        let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device, Purpose::Inference)?;
         let head = Head::new(&store.strict(), task.head_spec(cfg.hidden_size))?;
         store.release_source();
         let base = BaseModel {

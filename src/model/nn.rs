@@ -21,6 +21,15 @@ impl Linear {
         })
     }
 
+    /// An encoder layer's projection: like [`Self::new`], but a store made for inference
+    /// keeps the weight column-major and frozen ([`Builder::linear_weight`]).
+    pub fn projection(b: &Builder, in_dim: usize, out_dim: usize, init_std: f64) -> Result<Self> {
+        Ok(Self {
+            weight: b.linear_weight(out_dim, in_dim, Init::Normal(init_std))?,
+            bias: Some(b.get(out_dim, "bias", Init::Zeros)?),
+        })
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
         ops::linear(x, &self.weight, self.bias.as_ref())
     }

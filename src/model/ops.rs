@@ -496,7 +496,8 @@ impl candle_core::CustomOp3 for LinearOp {
                 b.len()
             );
         }
-        let mut out = super::kernels::linear(x, w, Some(b), k, n);
+        let mut out =
+            super::kernels::linear(x, w, super::kernels::WeightLayout::OutIn, Some(b), k, n);
         if self.scale != 1.0 {
             super::kernels::scale_inplace(&mut out, self.scale);
         }

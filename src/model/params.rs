@@ -29,6 +29,10 @@ struct Inner {
     /// Non-trainable tensors from the checkpoint that the model uses (e.g. ESM-2's stored
     /// rotary `inv_freq`); saved with the model.
     buffers: BTreeMap<String, Tensor>,
+    /// Frozen parameters of a store made for inference ([`ParamStore::for_inference`]): the
+    /// encoder layers' weights, column-major. Saved and fingerprinted like the variables
+    /// (their logical values are the same), never trained.
+    frozen: BTreeMap<String, Tensor>,
     source: HashMap<String, Tensor>,
     source_name: String,
     rng: ChaCha8Rng,
@@ -40,6 +44,7 @@ pub struct ParamStore {
     inner: Arc<Mutex<Inner>>,
     device: Device,
     dtype: DType,
+    inference: bool,
 }
 
 impl ParamStore {
@@ -55,13 +60,25 @@ impl ParamStore {
             inner: Arc::new(Mutex::new(Inner {
                 vars: BTreeMap::new(),
                 buffers: BTreeMap::new(),
+                frozen: BTreeMap::new(),
                 source,
                 source_name: source_name.into(),
                 rng: ChaCha8Rng::seed_from_u64(seed),
             })),
             device: device.clone(),
             dtype,
+            inference: false,
         }
+    }
+
+    /// The same (still empty) store for a model that only runs inference: the encoder layers'
+    /// projection weights ([`Builder::linear_weight`]) are kept frozen and column-major, the
+    /// layout the inference GEMM reads fastest (see
+    /// [`WeightLayout::InOut`](super::kernels::WeightLayout::InOut)), instead of as
+    /// trainable row-major variables. Call before building the model.
+    pub fn for_inference(mut self) -> Self {
+        self.inference = true;
+        self
     }
 
     /// A builder that requires every parameter to come from the checkpoint.
@@ -92,7 +109,8 @@ impl ParamStore {
             .collect()
     }
 
-    /// Parameter and buffer tensors by name, for saving.
+    /// Parameter and buffer tensors by name, for saving (frozen column-major weights as they
+    /// are: saving and fingerprinting read logical values, whatever the layout).
     pub fn tensors(&self) -> HashMap<String, Tensor> {
         let mut out: HashMap<String, Tensor> = self
             .vars()
@@ -101,6 +119,7 @@ impl ParamStore {
             .collect();
         let inner = self.inner.lock().expect("param store lock");
         out.extend(inner.buffers.iter().map(|(k, t)| (k.clone(), t.clone())));
+        out.extend(inner.frozen.iter().map(|(k, t)| (k.clone(), t.clone())));
         out
     }
 
@@ -110,7 +129,11 @@ impl ParamStore {
         let mut names: Vec<String> = inner
             .source
             .keys()
-            .filter(|k| !inner.vars.contains_key(*k) && !inner.buffers.contains_key(*k))
+            .filter(|k| {
+                !inner.vars.contains_key(*k)
+                    && !inner.buffers.contains_key(*k)
+                    && !inner.frozen.contains_key(*k)
+            })
             .cloned()
             .collect();
         names.sort();
@@ -126,8 +149,18 @@ impl ParamStore {
         &self.device
     }
 
+    /// Parameters of the model, trainable or frozen ([`Self::for_inference`]).
     pub fn num_parameters(&self) -> usize {
-        self.vars().iter().map(|(_, v)| v.elem_count()).sum()
+        let frozen: usize = {
+            let inner = self.inner.lock().expect("param store lock");
+            inner.frozen.values().map(Tensor::elem_count).sum()
+        };
+        frozen
+            + self
+                .vars()
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .sum::<usize>()
     }
 }
 
@@ -192,14 +225,46 @@ impl Builder {
     /// The parameter `name` with `shape`: from the checkpoint, else initialised (or an error
     /// naming the tensor when this builder is strict).
     pub fn get(&self, shape: impl Into<Shape>, name: &str, init: Init) -> Result<Tensor> {
-        let shape: Shape = shape.into();
         let full = self.full_name(name);
         let mut inner = self.store.inner.lock().expect("param store lock");
         if let Some(var) = inner.vars.get(&full) {
             return Ok(var.as_tensor().clone());
         }
+        let tensor = self.value(&mut inner, &full, shape.into(), init)?;
+        let var = Var::from_tensor(&tensor)?;
+        let out = var.as_tensor().clone();
+        inner.vars.insert(full, var);
+        Ok(out)
+    }
+
+    /// An encoder layer's projection weight `[out_dim, in_dim]` named `weight`: a trainable
+    /// variable, or in a store made for inference ([`ParamStore::for_inference`]) a frozen
+    /// column-major tensor (f32 on CPU; other dtypes and devices stay row-major).
+    pub fn linear_weight(&self, out_dim: usize, in_dim: usize, init: Init) -> Result<Tensor> {
+        let store = &self.store;
+        if !(store.inference && store.dtype == DType::F32 && store.device.is_cpu()) {
+            return self.get((out_dim, in_dim), "weight", init);
+        }
+        let full = self.full_name("weight");
+        let mut inner = store.inner.lock().expect("param store lock");
+        if let Some(t) = inner.frozen.get(&full) {
+            return Ok(t.clone());
+        }
+        let row_major = self
+            .value(&mut inner, &full, (out_dim, in_dim).into(), init)?
+            .contiguous()?;
+        let in_out =
+            super::kernels::transpose(super::kernels::view(&row_major)?.get(), out_dim, in_dim);
+        let column_major = Tensor::from_vec(in_out, (in_dim, out_dim), &store.device)?.t()?;
+        inner.frozen.insert(full, column_major.clone());
+        Ok(column_major)
+    }
+
+    /// The value of parameter `full` from the checkpoint (shape-checked, converted to the
+    /// store's device and dtype), else initialised, else an error when strict.
+    fn value(&self, inner: &mut Inner, full: &str, shape: Shape, init: Init) -> Result<Tensor> {
         let (dev, dtype) = (&self.store.device, self.store.dtype);
-        let tensor = match inner.source.get(&full) {
+        match inner.source.get(full) {
             Some(t) => {
                 if t.shape() != &shape {
                     candle_core::bail!(
@@ -210,20 +275,16 @@ impl Builder {
                         shape.dims()
                     );
                 }
-                t.to_device(dev)?.to_dtype(dtype)?
+                t.to_device(dev)?.to_dtype(dtype)
             }
-            None if self.allow_init => init_tensor(&mut inner.rng, &shape, init, dev, dtype)?,
+            None if self.allow_init => init_tensor(&mut inner.rng, &shape, init, dev, dtype),
             None => candle_core::bail!(
                 "{}: missing tensor '{}' (shape {:?}); is this checkpoint the architecture its config.json says?",
                 inner.source_name,
                 full,
                 shape.dims()
             ),
-        };
-        let var = Var::from_tensor(&tensor)?;
-        let out = var.as_tensor().clone();
-        inner.vars.insert(full, var);
-        Ok(out)
+        }
     }
 }
 

@@ -35,7 +35,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let t0 = Instant::now();
     let (dataset, train_idx, val_idx) = prepare_data(args)?;
-    let base = model::load_base(&args.model, args.seed, &device)?;
+    // The encoder only embeds (frozen): its weights in the inference layout.
+    let base = model::load_base(&args.model, args.seed, &device, model::Purpose::Inference)?;
     let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
     if args.head != HeadKind::LightAttention && args.pool == model::Pool::Cls {
         bail!("--frozen trains on cached residue embeddings, which have no [CLS] vector: use --pool mean (or --head light-attention)");
@@ -106,9 +107,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     };
 
     let mut params = Vec::new();
-    let mut total_params = 0;
+    let total_params = model.base.store.num_parameters();
     for (name, var) in model.base.store.vars() {
-        total_params += var.elem_count();
         if !is_head(&name) {
             continue;
         }

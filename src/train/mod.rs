@@ -527,7 +527,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
     let (dataset, train_idx, val_idx) = prepare_data(args)?;
 
     // Model.
-    let mut base = model::load_base(&args.model, args.seed, &device)?;
+    let mut base = model::load_base(&args.model, args.seed, &device, model::Purpose::Training)?;
     if let Some(p) = args.dropout {
         base.cfg.hidden_dropout_prob = p;
         base.cfg.attention_probs_dropout_prob = p;
