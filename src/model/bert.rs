@@ -6,7 +6,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
 use super::dropout::dropout_add;
-use super::esm::{packed_linear, packed_linear_acc};
+use super::esm::{packed_linear, packed_linear_acc, packed_linear_scaled};
 use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
@@ -261,8 +261,7 @@ impl Bert {
         let act = Act::from_name(&cfg.hidden_act);
         let scale = (1.0 / (d as f64).sqrt()) as f32;
         for l in &self.layers {
-            let mut q = packed_linear(&x, &l.query, h, h)?;
-            kernels::scale_inplace(&mut q, scale);
+            let q = packed_linear_scaled(&x, &l.query, h, h, scale)?;
             let k = packed_linear(&x, &l.key, h, h)?;
             let v = packed_linear(&x, &l.value, h, h)?;
             let ctx = kernels::attention(&q, &k, &v, &segs, heads, d);

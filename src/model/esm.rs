@@ -366,15 +366,27 @@ pub(crate) fn packed_linear(
     in_dim: usize,
     out_dim: usize,
 ) -> Result<Vec<f32>> {
+    packed_linear_scaled(x, l, in_dim, out_dim, 1.0)
+}
+
+/// `(x @ W^T + b) * scale` of a [`Linear`] on packed rows (BERT's attention queries).
+pub(crate) fn packed_linear_scaled(
+    x: &[f32],
+    l: &Linear,
+    in_dim: usize,
+    out_dim: usize,
+    scale: f32,
+) -> Result<Vec<f32>> {
     let (w, layout) = kernels::weight_view(&l.weight)?;
     let b = l.bias.as_ref().map(kernels::view).transpose()?;
-    Ok(kernels::linear(
+    Ok(kernels::linear_scaled(
         x,
         w.get(),
         layout,
         b.as_ref().map(|b| b.get()),
         in_dim,
         out_dim,
+        scale,
     ))
 }
 

@@ -111,6 +111,36 @@ thread_local! {
 /// and page-faulted in on every layer of every batch (measured: ~3% of a ProtBERT-width
 /// forward in the kernel's page-clearing code).
 pub fn take(len: usize) -> Vec<f32> {
+    let mut v = pooled(len);
+    v.resize(len, 0.0);
+    v
+}
+
+/// A buffer of `rows` rows, each `row * scale`, reusing a pooled buffer: one parallel write
+/// pass where [`take`] and [`add_bias_rows`] took a zeroing pass and a read-modify-write pass
+/// (the bias a linear layer's GEMM then accumulates onto).
+pub fn take_rows(rows: usize, row: &[f32], scale: f32) -> Vec<f32> {
+    let (d, len) = (row.len(), rows * row.len());
+    let mut v = pooled(len);
+    if len == 0 {
+        return v;
+    }
+    v.spare_capacity_mut()[..len]
+        .par_chunks_mut(d * rows_per_task(d))
+        .for_each(|chunk| {
+            for out in chunk.chunks_mut(d) {
+                for (o, &b) in out.iter_mut().zip(row) {
+                    o.write(b * scale);
+                }
+            }
+        });
+    // SAFETY: the loop above initialised all `len` elements (every chunk is whole rows).
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// An empty buffer with room for `len` floats: the smallest pooled one that fits, or new.
+fn pooled(len: usize) -> Vec<f32> {
     let reused = POOL.with(|p| {
         let mut p = p.borrow_mut();
         let best = p
@@ -123,7 +153,7 @@ pub fn take(len: usize) -> Vec<f32> {
     });
     let mut v = reused.unwrap_or_default();
     v.clear();
-    v.resize(len, 0.0);
+    v.reserve(len);
     v
 }
 
@@ -224,6 +254,19 @@ pub fn gemm_acc_wt(
     in_dim: usize,
     out_dim: usize,
 ) {
+    gemm_acc_wt_scaled(x, w, layout, out, in_dim, out_dim, 1.0)
+}
+
+/// [`gemm_acc_wt`] with the product scaled: `out += scale * (x @ W^T)`.
+fn gemm_acc_wt_scaled(
+    x: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    out: &mut [f32],
+    in_dim: usize,
+    out_dim: usize,
+    scale: f32,
+) {
     let rows = x.len() / in_dim;
     assert_eq!(x.len(), rows * in_dim);
     assert_eq!(w.len(), out_dim * in_dim);
@@ -255,7 +298,7 @@ pub fn gemm_acc_wt(
             w_cs,
             w_rs,
             1.0,
-            1.0,
+            scale,
             false,
             false,
             false,
@@ -273,12 +316,26 @@ pub fn linear(
     in_dim: usize,
     out_dim: usize,
 ) -> Vec<f32> {
+    linear_scaled(x, w, layout, b, in_dim, out_dim, 1.0)
+}
+
+/// `(x @ W^T + b) * scale` (attention queries), computed as `b * scale + scale * (x @ W^T)`:
+/// the scale rides on the bias fill and the GEMM's own multiplier instead of another pass.
+pub fn linear_scaled(
+    x: &[f32],
+    w: &[f32],
+    layout: WeightLayout,
+    b: Option<&[f32]>,
+    in_dim: usize,
+    out_dim: usize,
+    scale: f32,
+) -> Vec<f32> {
     let rows = x.len() / in_dim;
-    let mut out = take(rows * out_dim);
-    if let Some(b) = b {
-        add_bias_rows(&mut out, b);
-    }
-    gemm_acc_wt(x, w, layout, &mut out, in_dim, out_dim);
+    let mut out = match b {
+        Some(b) => take_rows(rows, b, scale),
+        None => take(rows * out_dim),
+    };
+    gemm_acc_wt_scaled(x, w, layout, &mut out, in_dim, out_dim, scale);
     out
 }
 
@@ -311,15 +368,6 @@ pub fn column_sums(x: &[f32], cols: usize) -> Vec<f32> {
         .map(|block| block.chunks(cols).fold(vec![0f32; cols], add))
         .collect();
     partial.iter().fold(vec![0f32; cols], |acc, p| add(acc, p))
-}
-
-/// Multiplies every element by `s` in place.
-pub fn scale_inplace(x: &mut [f32], s: f32) {
-    x.par_chunks_mut(16 * 1024).for_each(|c| {
-        for v in c {
-            *v *= s;
-        }
-    });
 }
 
 /// Rows per rayon task for row-wise passes: about 16K elements, so tasks are worth
@@ -983,6 +1031,22 @@ mod tests {
                 assert!((a - b).abs() < 1e-4, "{layout:?}: {a} vs {b}");
             }
         }
+    }
+
+    #[test]
+    fn take_rows_overwrites_a_recycled_buffer() {
+        // A pooled buffer full of garbage, larger than needed: every element of the result
+        // must be the scaled row, whatever the buffer held.
+        recycle(vec![f32::NAN; 5000]);
+        let row = [1.0f32, -2.0, 0.5];
+        let v = take_rows(1001, &row, 0.25);
+        assert_eq!(v.len(), 3003);
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(*x, row[i % 3] * 0.25, "element {i}");
+        }
+        recycle(v);
+        assert!(take_rows(0, &row, 1.0).is_empty());
+        assert!(take_rows(7, &[], 1.0).is_empty());
     }
 
     #[test]

@@ -496,11 +496,8 @@ impl candle_core::CustomOp3 for LinearOp {
                 b.len()
             );
         }
-        let mut out =
-            super::kernels::linear(x, w, super::kernels::WeightLayout::OutIn, Some(b), k, n);
-        if self.scale != 1.0 {
-            super::kernels::scale_inplace(&mut out, self.scale);
-        }
+        let layout = super::kernels::WeightLayout::OutIn;
+        let mut out = super::kernels::linear_scaled(x, w, layout, Some(b), k, n, self.scale);
         if let Some(pre) = &self.pre_gelu {
             let mut act = out.clone();
             super::kernels::activation_inplace(&mut act, super::kernels::Act::GeluErf);
