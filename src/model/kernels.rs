@@ -389,14 +389,39 @@ pub fn layer_norm_inplace(x: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
 
 /// Layer normalisation of every row of `x` into a new buffer.
 pub fn layer_norm(x: &[f32], w: &[f32], b: &[f32], eps: f32) -> Vec<f32> {
-    let mut out = take(x.len());
-    out.copy_from_slice(x);
-    layer_norm_inplace(&mut out, w, b, eps);
+    let d = w.len();
+    let mut out = pooled(x.len());
+    if x.is_empty() {
+        return out;
+    }
+    // Read x, write the output once (no zeroing pass, no copy then normalise in place).
+    out.spare_capacity_mut()[..x.len()]
+        .par_chunks_mut(d * rows_per_task(d))
+        .zip(x.par_chunks(d * rows_per_task(d)))
+        .for_each(|(dst, src)| {
+            for (dst, row) in dst.chunks_mut(d).zip(src.chunks(d)) {
+                let (mean, inv) = row_stats(row, eps);
+                for (((o, &v), &ww), &bb) in dst.iter_mut().zip(row).zip(w).zip(b) {
+                    o.write((v - mean) * inv * ww + bb);
+                }
+            }
+        });
+    // SAFETY: every element was written above (the chunks cover x, row by row).
+    unsafe { out.set_len(x.len()) };
     out
 }
 
 #[inline]
 fn layer_norm_row(row: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
+    let (mean, inv) = row_stats(row, eps);
+    for ((v, &ww), &bb) in row.iter_mut().zip(w).zip(b) {
+        *v = (*v - mean) * inv * ww + bb;
+    }
+}
+
+/// Mean and `1 / sqrt(variance + eps)` of a row (two passes, as PyTorch computes them).
+#[inline]
+fn row_stats(row: &[f32], eps: f32) -> (f32, f32) {
     let n = row.len() as f32;
     let mean = sum8(row) / n;
     let mut var_acc = [0f32; 8];
@@ -411,10 +436,7 @@ fn layer_norm_row(row: &mut [f32], w: &[f32], b: &[f32], eps: f32) {
     for &v in chunks.remainder() {
         var += (v - mean) * (v - mean);
     }
-    let inv = 1.0 / (var / n + eps).sqrt();
-    for ((v, &ww), &bb) in row.iter_mut().zip(w).zip(b) {
-        *v = (*v - mean) * inv * ww + bb;
-    }
+    (mean, 1.0 / (var / n + eps).sqrt())
 }
 
 /// Sum with eight independent accumulators (vectorises; also slightly more accurate than a
@@ -1000,10 +1022,17 @@ mod tests {
         .unwrap()
         .to_vec1::<f32>()
         .unwrap();
+        // Into a recycled buffer of garbage (every element must be written), and in place:
+        // the same arithmetic, so the same bits.
+        recycle(vec![f32::NAN; rows * d + 5]);
         let ours = layer_norm(&x, &w, &b, 1e-5);
+        assert_eq!(ours.len(), rows * d);
         for (a, b) in ours.iter().zip(&want) {
             assert!((a - b).abs() < 1e-5, "{a} vs {b}");
         }
+        let mut in_place = x.clone();
+        layer_norm_inplace(&mut in_place, &w, &b, 1e-5);
+        assert_eq!(in_place, ours);
     }
 
     #[test]
