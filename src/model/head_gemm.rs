@@ -110,6 +110,11 @@ pub unsafe fn pack_transposed_blocks(
 unsafe fn pack_into(src: *const f32, rs: usize, rows: usize, d: usize, out: &mut [f32]) {
     let ld = padded(rows);
     debug_assert_eq!(out.len(), d * ld);
+    #[cfg(target_arch = "x86_64")]
+    if d.is_multiple_of(8) && has_avx2_fma() {
+        // SAFETY: CPU features checked; bounds as the caller guarantees.
+        return unsafe { avx2::pack_into(src, rs, rows, d, out) };
+    }
     // In blocks of 16 source rows: the block (16 x d floats) stays in L1 while each of its
     // columns is written out contiguously.
     for j0 in (0..rows).step_by(TILE_COLS) {
@@ -471,6 +476,79 @@ pub(crate) mod avx2 {
     use super::{Epilogue, Strided, TILE_COLS, TILE_ROWS};
 
     use std::arch::x86_64::*;
+
+    /// [`pack_into`](super::pack_into) for `d` a multiple of 8: blocks of 8 rows x 8
+    /// columns are transposed in registers (8 loads, 24 shuffles, 8 stores where the scalar
+    /// gather took 64 loads and 64 stores); the last `rows % 8` rows go element by element.
+    /// Measured: the packing was 0.8% of a ProtBERT-shape 4x1024 forward.
+    ///
+    /// # Safety
+    /// As [`pack_into`](super::pack_into); `d % 8 == 0`, AVX2 available.
+    #[target_feature(enable = "avx2,fma")]
+    pub(super) unsafe fn pack_into(
+        src: *const f32,
+        rs: usize,
+        rows: usize,
+        d: usize,
+        out: &mut [f32],
+    ) {
+        let ld = super::padded(rows);
+        debug_assert!(d.is_multiple_of(8) && out.len() == d * ld);
+        let dst = out.as_mut_ptr();
+        let whole = rows / 8 * 8;
+        for j0 in (0..whole).step_by(8) {
+            for k0 in (0..d).step_by(8) {
+                // SAFETY: rows j0..j0+8, columns k0..k0+8 of the source (caller's bounds);
+                // output rows k0..k0+8, columns j0..j0+8 < ld of `out`.
+                unsafe {
+                    let r: [__m256; 8] =
+                        std::array::from_fn(|i| _mm256_loadu_ps(src.add((j0 + i) * rs + k0)));
+                    for (i, col) in transpose8(r).into_iter().enumerate() {
+                        _mm256_storeu_ps(dst.add((k0 + i) * ld + j0), col);
+                    }
+                }
+            }
+        }
+        for j in whole..rows {
+            for k in 0..d {
+                // SAFETY: element k of source row j; out[k * ld + j] with j < ld.
+                unsafe { *dst.add(k * ld + j) = *src.add(j * rs + k) };
+            }
+        }
+    }
+
+    /// The 8 x 8 transpose of 8 rows held in registers.
+    #[target_feature(enable = "avx2,fma")]
+    #[inline]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        // Interleave pairs of rows, then pairs of pairs, then swap 128-bit halves.
+        let t0 = _mm256_unpacklo_ps(r[0], r[1]);
+        let t1 = _mm256_unpackhi_ps(r[0], r[1]);
+        let t2 = _mm256_unpacklo_ps(r[2], r[3]);
+        let t3 = _mm256_unpackhi_ps(r[2], r[3]);
+        let t4 = _mm256_unpacklo_ps(r[4], r[5]);
+        let t5 = _mm256_unpackhi_ps(r[4], r[5]);
+        let t6 = _mm256_unpacklo_ps(r[6], r[7]);
+        let t7 = _mm256_unpackhi_ps(r[6], r[7]);
+        let u0 = _mm256_shuffle_ps::<0x44>(t0, t2);
+        let u1 = _mm256_shuffle_ps::<0xEE>(t0, t2);
+        let u2 = _mm256_shuffle_ps::<0x44>(t1, t3);
+        let u3 = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        let u4 = _mm256_shuffle_ps::<0x44>(t4, t6);
+        let u5 = _mm256_shuffle_ps::<0xEE>(t4, t6);
+        let u6 = _mm256_shuffle_ps::<0x44>(t5, t7);
+        let u7 = _mm256_shuffle_ps::<0xEE>(t5, t7);
+        [
+            _mm256_permute2f128_ps::<0x20>(u0, u4),
+            _mm256_permute2f128_ps::<0x20>(u1, u5),
+            _mm256_permute2f128_ps::<0x20>(u2, u6),
+            _mm256_permute2f128_ps::<0x20>(u3, u7),
+            _mm256_permute2f128_ps::<0x31>(u0, u4),
+            _mm256_permute2f128_ps::<0x31>(u1, u5),
+            _mm256_permute2f128_ps::<0x31>(u2, u6),
+            _mm256_permute2f128_ps::<0x31>(u3, u7),
+        ]
+    }
 
     /// Epilogue kinds, as const parameters so each compiles to its own loop.
     const STORE: u8 = 0;
@@ -1081,6 +1159,42 @@ mod tests {
                     for j in 0..n {
                         let g = p[i * c_rs + j] as f64 * (want[i * n + j] - di[i] as f64);
                         close(c[i * c_rs + j], g, "softmax grad", i, j);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn packing_transposes_strided_rows_with_zero_padding() {
+        // Widths on the 8-wide register path (8, 16, 64) and off it (12); row counts on and
+        // off the 8 x 8 blocks and the 16-column padding; rows strided wider than `d`.
+        for d in [8, 12, 16, 64] {
+            for rows in [1, 7, 8, 9, 16, 17, 33, 70] {
+                let rs = d + 5;
+                let src: Vec<f32> = (0..rows * rs).map(|v| v as f32 + 0.5).collect();
+                let mut out = vec![f32::NAN; 3];
+                // SAFETY: `src` holds `rows` rows of `rs >= d` floats.
+                unsafe { pack_transposed(src.as_ptr(), rs, rows, d, &mut out) };
+                let ld = padded(rows);
+                assert_eq!(out.len(), d * ld);
+                for k in 0..d {
+                    for j in 0..ld {
+                        let want = if j < rows { src[j * rs + k] } else { 0.0 };
+                        assert_eq!(out[k * ld + j], want, "d={d} rows={rows} k={k} j={j}");
+                    }
+                }
+                // In blocks of 32 keys: block b holds rows 32b.. as its own [d, padded(n)].
+                let mut blocks = Vec::new();
+                // SAFETY: as above.
+                unsafe { pack_transposed_blocks(src.as_ptr(), rs, rows, d, 32, &mut blocks) };
+                for j0 in (0..rows).step_by(32) {
+                    let n = 32.min(rows - j0);
+                    let blk = &blocks[j0 * d..][..d * padded(n)];
+                    for k in 0..d {
+                        for j in 0..n {
+                            assert_eq!(blk[k * padded(n) + j], src[(j0 + j) * rs + k]);
+                        }
                     }
                 }
             }
