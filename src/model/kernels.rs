@@ -83,7 +83,16 @@ impl View<'_> {
 
 /// Borrows the data of a contiguous f32 CPU tensor without copying.
 pub fn view(t: &Tensor) -> Result<View<'_>> {
-    let (guard, layout): (_, &Layout) = t.storage_and_layout();
+    let (guard, layout) = f32_cpu_storage(t)?;
+    let Some((start, end)) = layout.contiguous_offsets() else {
+        candle_core::bail!("expected a contiguous tensor");
+    };
+    Ok(View { guard, start, end })
+}
+
+/// The storage (read-locked) and layout of `t`, which must hold f32 on the CPU.
+fn f32_cpu_storage(t: &Tensor) -> Result<(StorageRef<'_>, &Layout)> {
+    let (guard, layout) = t.storage_and_layout();
     if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
         candle_core::bail!(
             "expected an f32 CPU tensor, got {:?} on {:?}",
@@ -91,10 +100,7 @@ pub fn view(t: &Tensor) -> Result<View<'_>> {
             t.device()
         );
     }
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("expected a contiguous tensor");
-    };
-    Ok(View { guard, start, end })
+    Ok((guard, layout))
 }
 
 /// Most floats the buffer pool keeps per thread (256 MB): enough for the working set of an
@@ -195,14 +201,7 @@ pub enum WeightLayout {
 
 /// A read view of a linear layer's weight and how it lies in memory (see [`WeightLayout`]).
 pub fn weight_view(t: &Tensor) -> Result<(View<'_>, WeightLayout)> {
-    let (guard, layout): (_, &Layout) = t.storage_and_layout();
-    if !matches!(&*guard, Storage::Cpu(CpuStorage::F32(_))) {
-        candle_core::bail!(
-            "expected an f32 CPU weight, got {:?} on {:?}",
-            t.dtype(),
-            t.device()
-        );
-    }
+    let (guard, layout) = f32_cpu_storage(t)?;
     if let Some((start, end)) = layout.contiguous_offsets() {
         return Ok((View { guard, start, end }, WeightLayout::OutIn));
     }
