@@ -46,6 +46,12 @@ pub struct CacheSpec {
     pub hidden_size: usize,
     pub max_residues: usize,
     pub truncate: Truncation,
+    /// `None`: the encoder's output, residue rows only (what frozen heads train on).
+    /// `Some(n)`: the hidden states after the first `n` encoder layers, every token's row
+    /// (special tokens included), which `train --train-top-layers` runs the remaining layers
+    /// on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub layer: Option<usize>,
 }
 
 impl CacheSpec {
@@ -56,7 +62,17 @@ impl CacheSpec {
             hidden_size: model.cfg.hidden_size,
             max_residues,
             truncate,
+            layer: None,
         })
+    }
+
+    /// The same spec for the states after the first `layer` encoder layers (see
+    /// [`Self::layer`]).
+    pub fn at_layer(self, layer: usize) -> Self {
+        Self {
+            layer: Some(layer),
+            ..self
+        }
     }
 }
 
@@ -65,7 +81,7 @@ pub fn encoder_fingerprint(model: &BaseModel) -> Result<String> {
     let tensors = model.store.tensors();
     let mut names: Vec<&String> = tensors
         .keys()
-        .filter(|n| !n.starts_with("classifier.") && !n.starts_with("membrane_classifier."))
+        .filter(|n| !crate::model::head::is_head_param(n))
         .collect();
     names.sort();
     let mut h = crc32fast::Hasher::new();
@@ -233,19 +249,28 @@ impl EmbeddingCache {
                 .iter()
                 .map(|(_, s)| model.tokenizer.encode(s, spec.max_residues, spec.truncate))
                 .collect();
-            let rows = residue_rows(model, &encoded, limits, progress)?;
-            let total_rows: usize = encoded.iter().map(|e| e.used_residues).sum();
+            let (rows, row_count): (Vec<Vec<f32>>, Vec<usize>) = match spec.layer {
+                None => (
+                    residue_rows(model, &encoded, limits, progress)?,
+                    encoded.iter().map(|e| e.used_residues).collect(),
+                ),
+                Some(layer) => (
+                    token_rows(model, &encoded, layer, limits, progress)?,
+                    encoded.iter().map(|e| e.ids.len()).collect(),
+                ),
+            };
+            let total_rows: usize = row_count.iter().sum();
             let mut data: Vec<f16> = Vec::with_capacity(total_rows * hidden);
             let shard_index = self.manifest.shards.len();
             let mut entries = Vec::with_capacity(chunk.len());
-            for ((key, _), (enc, r)) in chunk.iter().zip(encoded.iter().zip(rows)) {
-                debug_assert_eq!(r.len(), enc.used_residues * hidden);
+            for ((key, _), (&len, r)) in chunk.iter().zip(row_count.iter().zip(rows)) {
+                debug_assert_eq!(r.len(), len * hidden);
                 entries.push((
                     key.clone(),
                     Entry {
                         shard: shard_index,
                         row: data.len() / hidden,
-                        len: enc.used_residues,
+                        len,
                     },
                 ));
                 data.extend(r.into_iter().map(f16::from_f32));
@@ -306,7 +331,8 @@ impl EmbeddingCache {
         Ok(())
     }
 
-    /// A padded batch of the cached rows of `sequences`.
+    /// A padded batch of the cached rows of `sequences` (residues, or for a cache
+    /// [`at_layer`](CacheSpec::at_layer) every token, the mask then being the attention mask).
     pub fn batch(&mut self, sequences: &[&str], device: &Device) -> Result<ResidueBatch> {
         let hidden = self.manifest.spec.hidden_size;
         // Decode each protein's f16 rows straight into its slot of the padded buffer.
@@ -357,6 +383,57 @@ impl EmbeddingCache {
 
 fn write_manifest(dir: &Path, m: &Manifest) -> Result<()> {
     crate::artifacts::write_atomic(&dir.join(MANIFEST), serde_json::to_string(m)?.as_bytes())
+}
+
+/// Hidden states after the first `layer` encoder layers, every token of each protein
+/// (specials included), flattened [tokens * H], in input order.
+pub fn token_rows(
+    model: &BaseModel,
+    encoded: &[Encoded],
+    layer: usize,
+    limits: BatchLimits,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<Vec<Vec<f32>>> {
+    let encoder = model.encoder.detached();
+    let device = model.store.device().clone();
+    infer::batched_rows(
+        encoded,
+        model.tokenizer.pad_id,
+        limits,
+        &device,
+        progress,
+        |batch| {
+            let hidden = encoder.forward_until(&batch.ids, &batch.attention_mask, layer, None)?;
+            let (b, t, h) = hidden.dims3()?;
+            let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
+            let mask = batch.attention_mask.to_vec2::<f32>()?;
+            Ok((0..b)
+                .map(|i| {
+                    let n = mask[i].iter().filter(|&&m| m > 0.0).count();
+                    flat[i * t * h..(i * t + n) * h].to_vec()
+                })
+                .collect())
+        },
+    )
+}
+
+/// The residue mask [B, T] of a token mask [B, T] ("ones then zeros" per row): every real
+/// token but the first and the last (the special tokens around the residues).
+pub fn residues_of_tokens(mask: &Tensor) -> Result<Tensor> {
+    let mut rows: Vec<Vec<f32>> = mask.to_vec2()?;
+    for row in &mut rows {
+        let n = row.iter().filter(|&&m| m > 0.0).count();
+        if n > 0 {
+            row[0] = 0.0;
+            row[n - 1] = 0.0;
+        }
+    }
+    let (b, t) = mask.dims2()?;
+    Ok(Tensor::from_vec(
+        rows.concat(),
+        (b, t),
+        mask.device(),
+    )?)
 }
 
 /// Final hidden states of the residue tokens of each protein, flattened [used_residues * H],

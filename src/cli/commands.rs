@@ -120,7 +120,7 @@ pub struct TrainCmd {
     #[arg(long)]
     pub batch_size: Option<usize>,
     /// Peak learning rate, linear warm-up then linear decay (default 2e-5; 1e-3 with
-    /// --frozen).
+    /// --frozen or --lora-rank).
     #[arg(long)]
     pub lr: Option<f64>,
     /// Learning rate of the new classifier head (default: --lr).
@@ -205,6 +205,25 @@ pub struct TrainCmd {
     /// Train on a seeded, stratified sample of N training records (test records untouched).
     #[arg(long, value_name = "N")]
     pub train_sample: Option<usize>,
+    /// Fine-tune the top K encoder layers (and the head) on cached states of the layers below:
+    /// they are computed once into the --cache (keyed by layer too), so a step costs K/L of
+    /// the encoder's forward and backward. Uses the --frozen defaults (batch, epochs,
+    /// dropout, pooling); --lr 1e-4 for the layers and --head-lr 1e-3 unless given. With
+    /// --lora-rank, adapters on those layers train instead of their weights.
+    #[arg(long, default_value_t = 0, value_name = "K")]
+    pub train_top_layers: usize,
+    /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its
+    /// own weights stay frozen; saving merges them into the weights, so the run directory
+    /// is an ordinary model. 0 = off. Adapters skip the first --freeze-layers layers.
+    #[arg(long, default_value_t = 0, value_name = "R")]
+    pub lora_rank: usize,
+    /// LoRA scaling: adapter outputs are multiplied by alpha / R (default: R, scale 1).
+    #[arg(long)]
+    pub lora_alpha: Option<f64>,
+    /// Which linear layers get adapters: q, k, v (attention projections), o (attention
+    /// output), ffn (both feed-forward layers).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "q,k,v,o,ffn")]
+    pub lora_targets: Vec<crate::model::lora::LoraTarget>,
     /// Transport between processes when started by a launcher (mpirun, srun, torchrun-style
     /// RANK/WORLD_SIZE); --batch-size is then per process. Ignored in a single process.
     #[arg(long, value_enum, default_value_t = crate::dist::Backend::Auto, env = "PROTLOC_DIST_BACKEND")]
@@ -535,11 +554,29 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     args.save_every_steps = c.save_every_steps;
     args.keep_last = c.keep_last;
     args.max_bad_steps = c.max_bad_steps.max(1);
-    let frozen = c.frozen;
-    args.epochs = c.epochs.unwrap_or(if frozen { 10 } else { 3 });
-    args.batch_size = c.batch_size.unwrap_or(if frozen { 32 } else { 4 });
-    args.lr = c.lr.unwrap_or(if frozen { 1e-3 } else { 2e-5 });
-    args.head_lr = c.head_lr;
+    let top = c.train_top_layers;
+    // Defaults of the cached paths (--frozen, --train-top-layers) apply to both.
+    let cached = c.frozen || top > 0;
+    args.epochs = c.epochs.unwrap_or(if cached { 10 } else { 3 });
+    args.batch_size = c.batch_size.unwrap_or(if cached { 32 } else { 4 });
+    let lora = c.lora_rank > 0;
+    // Adapters start at zero and hold few parameters: they need a head-like learning rate;
+    // pretrained top layers a gentler one than the new head.
+    args.lr = c.lr.unwrap_or(if top > 0 && !lora {
+        1e-4
+    } else if cached || lora {
+        1e-3
+    } else {
+        2e-5
+    });
+    args.train_top_layers = top;
+    args.lora = crate::model::lora::LoraConfig {
+        rank: c.lora_rank,
+        alpha: c.lora_alpha.unwrap_or(c.lora_rank as f64),
+        targets: c.lora_targets,
+        from_layer: 0,
+    };
+    args.head_lr = c.head_lr.or((top > 0 && !lora).then_some(1e-3));
     args.weight_decay = c.weight_decay;
     args.warmup_ratio = c.warmup_ratio;
     args.max_residues = c.max_residues;
@@ -554,10 +591,10 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     args.max_steps = c.max_steps;
     args.pool = c
         .pool
-        .unwrap_or(if frozen { Pool::Mean } else { Pool::Cls });
+        .unwrap_or(if cached { Pool::Mean } else { Pool::Cls });
     args.skip_invalid = c.skip_invalid;
     args.eval_batch_tokens = c.eval_batch_tokens;
-    args.frozen = frozen;
+    args.frozen = c.frozen;
     args.cache = c.cache;
     args.head = c.head;
     args.head_hidden = c.head_hidden;

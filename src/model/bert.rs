@@ -10,12 +10,13 @@ use super::esm::{packed_linear, packed_linear_acc, packed_linear_scaled};
 use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
+use super::lora::LoraConfig;
 use super::params::Builder;
 
 /// `act(x @ W^T + b)` of an FFN's first layer; GELU (erf) is fused into the linear op.
 pub(crate) fn linear_activation(l: &Linear, x: &Tensor, act: &str) -> Result<Tensor> {
     match act {
-        "gelu" => ops::linear_gelu_erf(x, &l.weight, l.bias.as_ref()),
+        "gelu" if l.lora.is_none() => ops::linear_gelu_erf(x, &l.weight, l.bias.as_ref()),
         _ => activation(&l.forward(x)?, act),
     }
 }
@@ -146,8 +147,20 @@ impl Bert {
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        self.forward_until(ids, attention_mask, self.layers.len(), rng)
+    }
+
+    /// Hidden states after the embeddings and the first `until` layers [B, T, H].
+    pub fn forward_until(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        until: usize,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
+        let until = until.min(self.layers.len());
         let (_, t) = ids.dims2()?;
         if t > self.cfg.max_position_embeddings {
             candle_core::bail!(
@@ -160,7 +173,7 @@ impl Bert {
             && kernels::packed_inference_enabled()
             && self.is_detached()
         {
-            if let Some(out) = self.forward_packed(ids, attention_mask)? {
+            if let Some(out) = self.forward_packed(ids, attention_mask, until)? {
                 return Ok(out);
             }
         }
@@ -178,7 +191,24 @@ impl Bert {
             rng.as_deref_mut(),
         )?;
         let mask = nn::AttentionMask::new(attention_mask)?;
-        for layer in &self.layers {
+        for layer in &self.layers[..until] {
+            x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
+        }
+        Ok(x)
+    }
+
+    /// The layers from `from` on, applied to hidden states `x` [B, T, H] that the first
+    /// `from` layers produced ([`Self::forward_until`]): the encoder's output.
+    pub fn forward_from(
+        &self,
+        x: &Tensor,
+        attention_mask: &Tensor,
+        from: usize,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let mask = nn::AttentionMask::new(attention_mask)?;
+        let mut x = x.clone();
+        for layer in &self.layers[from.min(self.layers.len())..] {
             x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
         }
         Ok(x)
@@ -203,6 +233,9 @@ impl Bert {
                 &l.intermediate,
                 &l.output,
             ] {
+                if lin.lora.is_some() {
+                    return false; // adapters run in the general path (merged when detached)
+                }
                 tensors.push(&lin.weight);
                 tensors.extend(lin.bias.as_ref());
             }
@@ -214,7 +247,12 @@ impl Bert {
     }
 
     /// Inference on packed real tokens (see [`kernels`] and `Esm::forward_packed`).
-    fn forward_packed(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Tensor>> {
+    fn forward_packed(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        until: usize,
+    ) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
         let e = &self.embeddings;
         if e.word.weight.dtype() != DType::F32 {
@@ -260,7 +298,7 @@ impl Bert {
         }
         let act = Act::from_name(&cfg.hidden_act);
         let scale = (1.0 / (d as f64).sqrt()) as f32;
-        for l in &self.layers {
+        for l in &self.layers[..until] {
             let q = packed_linear_scaled(&x, &l.query, h, h, scale)?;
             let k = packed_linear(&x, &l.key, h, h)?;
             let v = packed_linear(&x, &l.value, h, h)?;
@@ -313,6 +351,28 @@ impl Bert {
         let inter = linear_activation(&l.intermediate, &x, &self.cfg.hidden_act)?;
         l.out_norm
             .forward(&dropout_add(&l.output.forward(&inter)?, &x, p, rng)?)
+    }
+
+    /// Adds LoRA adapters to the linear layers `lora` selects ([`LoraConfig::adapts`]); `b`
+    /// is the encoder's builder (under its `bert.`/`esm.` prefix). Adapted layers' own
+    /// weights leave the autograd graph.
+    pub fn attach_lora(&mut self, b: &Builder, lora: &LoraConfig) -> Result<()> {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let lb = b.pp("encoder.layer").pp(i);
+            for (path, lin) in [
+                ("attention.self.query", &mut l.query),
+                ("attention.self.key", &mut l.key),
+                ("attention.self.value", &mut l.value),
+                ("attention.output.dense", &mut l.attn_out),
+                ("intermediate.dense", &mut l.intermediate),
+                ("output.dense", &mut l.output),
+            ] {
+                if lora.adapts(i, path) {
+                    *lin = lin.with_lora(&lb.pp(path), lora.rank, lora.alpha)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &EncoderConfig {

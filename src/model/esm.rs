@@ -10,6 +10,7 @@ use super::config::EncoderConfig;
 use super::dropout::dropout_add;
 use super::kernels::{self, Act};
 use super::nn::{self, Embedding, LayerNorm, Linear};
+use super::lora::LoraConfig;
 use super::params::Builder;
 use super::rotary::{self, RotaryTables};
 
@@ -127,15 +128,27 @@ impl Esm {
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
-        mut rng: Option<&mut ChaCha8Rng>,
+        rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let (_, t) = ids.dims2()?;
+        self.forward_until(ids, attention_mask, self.layers.len(), rng)
+    }
+
+    /// Hidden states after the embeddings and the first `until` layers [B, T, H]; with every
+    /// layer, the encoder's output (after the final LayerNorm).
+    pub fn forward_until(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        until: usize,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let until = until.min(self.layers.len());
         if rng.is_none()
             && ids.device().is_cpu()
             && kernels::packed_inference_enabled()
             && self.is_detached()
         {
-            if let Some(out) = self.forward_packed(ids, attention_mask)? {
+            if let Some(out) = self.forward_packed(ids, attention_mask, until)? {
                 return Ok(out);
             }
         }
@@ -149,11 +162,37 @@ impl Esm {
         }
         // Padding positions are zeroed, as in HF `EsmEmbeddings`.
         x = x.broadcast_mul(&mask.unsqueeze(2)?.to_dtype(x.dtype())?)?;
+        self.run_layers(&x, attention_mask, 0, until, rng)
+    }
+
+    /// The layers from `from` on (and the final LayerNorm), applied to hidden states `x`
+    /// [B, T, H] that the first `from` layers produced ([`Self::forward_until`]).
+    pub fn forward_from(
+        &self,
+        x: &Tensor,
+        attention_mask: &Tensor,
+        from: usize,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        self.run_layers(x, attention_mask, from, self.layers.len(), rng)
+    }
+
+    /// Layers `from..until` on `x`, then the final LayerNorm when `until` is the last.
+    fn run_layers(
+        &self,
+        x: &Tensor,
+        attention_mask: &Tensor,
+        from: usize,
+        until: usize,
+        mut rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        let (_, t, _) = x.dims3()?;
+        let mut x = x.clone();
         let mask = nn::AttentionMask::new(attention_mask)?;
         // Every layer of a released checkpoint stores the same frequencies: build the tables
         // once and rebuild only if a layer differs.
         let mut tables: Option<(&[f32], RotaryTables)> = None;
-        for layer in &self.layers {
+        for layer in &self.layers[from.min(until)..until] {
             if tables
                 .as_ref()
                 .is_none_or(|(f, _)| *f != layer.inv_freq.as_slice())
@@ -164,7 +203,11 @@ impl Esm {
             let (_, rot) = tables.as_ref().expect("set above");
             x = self.layer_forward(layer, &x, &mask, rot, rng.as_deref_mut())?;
         }
-        self.final_norm.forward(&x)
+        if until == self.layers.len() {
+            self.final_norm.forward(&x)
+        } else {
+            Ok(x)
+        }
     }
 
     /// True when no weight is part of an autograd graph (a [`Esm::detached`] copy): then
@@ -187,6 +230,9 @@ impl Esm {
                 &l.intermediate,
                 &l.output,
             ] {
+                if lin.lora.is_some() {
+                    return false; // adapters run in the general path (merged when detached)
+                }
                 tensors.push(&lin.weight);
                 tensors.extend(lin.bias.as_ref());
             }
@@ -200,7 +246,12 @@ impl Esm {
     /// Inference on packed real tokens (see [`kernels`]): no padding rows, fused attention
     /// over each sequence's own keys, rotary and scaling in one pass. Returns `None` (use the
     /// general path) for non-f32 weights or masks that are not "ones then zeros".
-    fn forward_packed(&self, ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Tensor>> {
+    fn forward_packed(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        until: usize,
+    ) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
         if self.word.weight.dtype() != DType::F32 {
             return Ok(None);
@@ -257,7 +308,7 @@ impl Esm {
         let scale = 1.0 / (d as f64).sqrt();
         let max_len = lengths.iter().copied().max().unwrap_or(0);
         let mut tables: Option<(&[f32], Vec<f32>, Vec<f32>)> = None;
-        for l in &self.layers {
+        for l in &self.layers[..until] {
             if tables
                 .as_ref()
                 .is_none_or(|(fr, _, _)| *fr != l.inv_freq.as_slice())
@@ -298,7 +349,7 @@ impl Esm {
             packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
             kernels::recycle(inter);
         }
-        {
+        if until == self.layers.len() {
             let n = &self.final_norm;
             let (w, b) = (kernels::view(&n.weight)?, kernels::view(&n.bias)?);
             kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
@@ -346,6 +397,28 @@ impl Esm {
         let h = l.ffn_norm.forward(&x)?;
         let inter = linear_activation(&l.intermediate, &h, &self.cfg.hidden_act)?;
         dropout_add(&l.output.forward(&inter)?, &x, p, rng)
+    }
+
+    /// Adds LoRA adapters to the linear layers `lora` selects ([`LoraConfig::adapts`]); `b`
+    /// is the encoder's builder (under its `bert.`/`esm.` prefix). Adapted layers' own
+    /// weights leave the autograd graph.
+    pub fn attach_lora(&mut self, b: &Builder, lora: &LoraConfig) -> Result<()> {
+        for (i, l) in self.layers.iter_mut().enumerate() {
+            let lb = b.pp("encoder.layer").pp(i);
+            for (path, lin) in [
+                ("attention.self.query", &mut l.query),
+                ("attention.self.key", &mut l.key),
+                ("attention.self.value", &mut l.value),
+                ("attention.output.dense", &mut l.attn_out),
+                ("intermediate.dense", &mut l.intermediate),
+                ("output.dense", &mut l.output),
+            ] {
+                if lora.adapts(i, path) {
+                    *lin = lin.with_lora(&lb.pp(path), lora.rank, lora.alpha)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn config(&self) -> &EncoderConfig {

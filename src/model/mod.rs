@@ -13,6 +13,7 @@ pub mod head;
 pub mod head_gemm;
 pub mod kernels;
 pub mod loader;
+pub mod lora;
 pub mod nn;
 pub mod ops;
 pub mod params;
@@ -60,6 +61,47 @@ impl Encoder {
         match self {
             Encoder::Bert(m) => m.forward(ids, attention_mask, rng),
             Encoder::Esm(m) => m.forward(ids, attention_mask, rng),
+        }
+    }
+
+    /// Adds LoRA adapters (see [`lora`]) with parameters from `b` (the model's root builder).
+    pub fn attach_lora(&mut self, b: &params::Builder, cfg: &lora::LoraConfig) -> Result<()> {
+        let arch = self.config().arch().map_err(anyhow::Error::msg)?;
+        let b = b.pp(arch.prefix());
+        match self {
+            Encoder::Bert(m) => m.attach_lora(&b, cfg)?,
+            Encoder::Esm(m) => m.attach_lora(&b, cfg)?,
+        }
+        Ok(())
+    }
+
+    /// Hidden states [B, T, H] after the embeddings and the first `until` layers (all of
+    /// them: the same as [`Self::forward`]). What `train --train-top-layers` caches.
+    pub fn forward_until(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        until: usize,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.forward_until(ids, attention_mask, until, rng),
+            Encoder::Esm(m) => m.forward_until(ids, attention_mask, until, rng),
+        }
+    }
+
+    /// The rest of the encoder from layer `from` on, applied to the states that
+    /// [`Self::forward_until`] gave for `from`: the last hidden states [B, T, H].
+    pub fn forward_from(
+        &self,
+        x: &Tensor,
+        attention_mask: &Tensor,
+        from: usize,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> candle_core::Result<Tensor> {
+        match self {
+            Encoder::Bert(m) => m.forward_from(x, attention_mask, from, rng),
+            Encoder::Esm(m) => m.forward_from(x, attention_mask, from, rng),
         }
     }
 
@@ -411,6 +453,52 @@ impl SequenceClassifier {
         Ok(Self { base, head, task })
     }
 
+    /// With LoRA adapters, also writes them alone (`adapter_model.safetensors`: the
+    /// `*.lora_A.weight` / `*.lora_B.weight` tensors, plus the head's) and
+    /// `adapter_config.json` (PEFT's field names: `r`, `lora_alpha`, `target_modules`, ...):
+    /// a few MB that rebuild this model on top of its base encoder. `model.safetensors`
+    /// already holds the adapters merged in.
+    fn save_adapters(&self, dir: &Path) -> Result<()> {
+        let (mut tensors, scales) = self.base.store.adapter_tensors();
+        if tensors.is_empty() {
+            return Ok(());
+        }
+        let all = self.base.store.tensors();
+        tensors.extend(
+            all.into_iter()
+                .filter(|(n, _)| head::is_head_param(n)),
+        );
+        let mut modules: Vec<&str> = scales
+            .keys()
+            .filter_map(|p| p.split(".encoder.layer.").nth(1))
+            .filter_map(|rest| rest.split_once('.').map(|(_, path)| path))
+            .collect();
+        modules.sort();
+        modules.dedup();
+        let rank = tensors
+            .iter()
+            .find(|(n, _)| n.ends_with(".lora_A.weight"))
+            .map(|(_, t)| t.dim(0))
+            .transpose()?
+            .unwrap_or(0);
+        let scale = scales.values().next().copied().unwrap_or(1.0);
+        let config = serde_json::json!({
+            "peft_type": "LORA",
+            "base_model_name_or_path": self.task.base_model,
+            "r": rank,
+            "lora_alpha": scale * rank as f64,
+            "target_modules": modules,
+            "adapted_layers": scales.keys().collect::<Vec<_>>(),
+            "bias": "none",
+            "merged_into": "model.safetensors",
+        });
+        crate::artifacts::write_atomic(
+            &dir.join("adapter_config.json"),
+            serde_json::to_string_pretty(&config)?.as_bytes(),
+        )?;
+        crate::artifacts::save_safetensors_atomic(&dir.join("adapter_model.safetensors"), &tensors)
+    }
+
     /// Writes `config.json`, `vocab.txt` and `model.safetensors` into `dir` atomically.
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
@@ -448,8 +536,9 @@ impl SequenceClassifier {
         )?;
         crate::artifacts::save_safetensors_atomic(
             &dir.join("model.safetensors"),
-            &self.base.store.tensors(),
+            &self.base.store.merged_tensors()?,
         )?;
+        self.save_adapters(dir)?;
         // A stale .bin from an earlier run would be ignored (safetensors wins), but remove it
         // so the directory is unambiguous.
         let _ = std::fs::remove_file(dir.join("pytorch_model.bin"));

@@ -3,14 +3,17 @@
 use candle_core::{Result, Tensor};
 
 use super::dropout::DropMask;
+use super::lora::Lora;
 use super::ops;
 use super::params::{Builder, Init};
 
-/// `y = x W^T + b`, with HF names `weight` [out, in] and `bias` [out].
+/// `y = x W^T + b`, with HF names `weight` [out, in] and `bias` [out], plus an optional
+/// low-rank adapter ([`Lora`]) on a frozen `W`.
 #[derive(Clone, Debug)]
 pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
+    pub lora: Option<Lora>,
 }
 
 impl Linear {
@@ -18,6 +21,7 @@ impl Linear {
         Ok(Self {
             weight: b.get((out_dim, in_dim), "weight", Init::Normal(init_std))?,
             bias: Some(b.get(out_dim, "bias", Init::Zeros)?),
+            lora: None,
         })
     }
 
@@ -27,23 +31,51 @@ impl Linear {
         Ok(Self {
             weight: b.linear_weight(out_dim, in_dim, Init::Normal(init_std))?,
             bias: Some(b.get(out_dim, "bias", Init::Zeros)?),
+            lora: None,
         })
     }
 
+    /// Adds a LoRA adapter of `rank` (see [`Lora`]) under this layer's builder `b`; the
+    /// layer's own weight and bias are cut from the autograd graph (frozen).
+    pub fn with_lora(&self, b: &Builder, rank: usize, alpha: f64) -> Result<Self> {
+        let (out_dim, in_dim) = self.weight.dims2()?;
+        let mut frozen = self.detached();
+        frozen.lora = Some(Lora::new(b, in_dim, out_dim, rank, alpha)?);
+        Ok(frozen)
+    }
+
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(x, &self.weight, self.bias.as_ref())
+        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => y + l.forward(x)?,
+        }
     }
 
     /// `forward(x) * scale` in one op (attention queries).
     pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
-        ops::linear_scaled(x, &self.weight, self.bias.as_ref(), scale)
+        let y = ops::linear_scaled(x, &self.weight, self.bias.as_ref(), scale)?;
+        match &self.lora {
+            None => Ok(y),
+            Some(l) => y + (l.forward(x)? * scale)?,
+        }
     }
 
-    /// A copy whose tensors are cut from the autograd graph (frozen).
+    /// A copy whose tensors are cut from the autograd graph (frozen). An adapter is merged
+    /// into the copy's weight (`W + scale * B A`), so inference runs one product per layer
+    /// and the packed kernels apply.
     pub fn detached(&self) -> Self {
+        let weight = match &self.lora {
+            None => self.weight.detach(),
+            Some(l) => l
+                .delta()
+                .and_then(|d| self.weight.detach() + d)
+                .expect("LoRA delta has the weight's shape"),
+        };
         Self {
-            weight: self.weight.detach(),
+            weight,
             bias: self.bias.as_ref().map(Tensor::detach),
+            lora: None,
         }
     }
 }

@@ -33,6 +33,10 @@ struct Inner {
     /// encoder layers' weights, column-major. Saved and fingerprinted like the variables
     /// (their logical values are the same), never trained.
     frozen: BTreeMap<String, Tensor>,
+    /// LoRA adapters by the prefix of the layer they adapt (`esm.encoder.layer.0.attention.
+    /// self.query`), with their scale: `PREFIX.lora_A.weight` and `PREFIX.lora_B.weight` are
+    /// variables, merged into `PREFIX.weight` on save ([`ParamStore::merged_tensors`]).
+    adapters: BTreeMap<String, f64>,
     source: HashMap<String, Tensor>,
     source_name: String,
     rng: ChaCha8Rng,
@@ -61,6 +65,7 @@ impl ParamStore {
                 vars: BTreeMap::new(),
                 buffers: BTreeMap::new(),
                 frozen: BTreeMap::new(),
+                adapters: BTreeMap::new(),
                 source,
                 source_name: source_name.into(),
                 rng: ChaCha8Rng::seed_from_u64(seed),
@@ -121,6 +126,44 @@ impl ParamStore {
         out.extend(inner.buffers.iter().map(|(k, t)| (k.clone(), t.clone())));
         out.extend(inner.frozen.iter().map(|(k, t)| (k.clone(), t.clone())));
         out
+    }
+
+    /// The model as it computes: [`Self::tensors`] with every LoRA adapter merged into the
+    /// weight it adapts (`W + scale * B A`) and the adapter tensors left out. This is what a
+    /// run directory stores, so loading it needs no adapter code and costs nothing extra.
+    pub fn merged_tensors(&self) -> Result<HashMap<String, Tensor>> {
+        let mut out = self.tensors();
+        let adapters = self.inner.lock().expect("param store lock").adapters.clone();
+        for (prefix, scale) in adapters {
+            let (a, b) = adapter_names(&prefix);
+            let (Some(a), Some(b)) = (out.remove(&a), out.remove(&b)) else {
+                candle_core::bail!("LoRA adapter {prefix}: missing lora_A/lora_B");
+            };
+            let name = format!("{prefix}.weight");
+            let w = out
+                .get(&name)
+                .ok_or_else(|| candle_core::Error::msg(format!("LoRA adapter: no {name}")))?;
+            let merged = (w + (b.matmul(&a)? * scale)?)?.contiguous()?;
+            out.insert(name, merged);
+        }
+        Ok(out)
+    }
+
+    /// The LoRA adapters alone (`PREFIX.lora_A.weight`, `PREFIX.lora_B.weight`) with their
+    /// scales; empty without adapters.
+    pub fn adapter_tensors(&self) -> (HashMap<String, Tensor>, BTreeMap<String, f64>) {
+        let adapters = self.inner.lock().expect("param store lock").adapters.clone();
+        let all = self.tensors();
+        let mut out = HashMap::new();
+        for prefix in adapters.keys() {
+            let (a, b) = adapter_names(prefix);
+            for n in [a, b] {
+                if let Some(t) = all.get(&n) {
+                    out.insert(n, t.clone());
+                }
+            }
+        }
+        (out, adapters)
     }
 
     /// Names present in the checkpoint but never requested (e.g. pretraining heads).
@@ -210,6 +253,13 @@ impl Builder {
         }
     }
 
+    /// Records that this builder's layer (its prefix) carries a LoRA adapter with `scale`
+    /// (see [`ParamStore::merged_tensors`]).
+    pub fn register_adapter(&self, scale: f64) {
+        let mut inner = self.store.inner.lock().expect("param store lock");
+        inner.adapters.insert(self.prefix.clone(), scale);
+    }
+
     /// A non-trainable tensor from the checkpoint, if it has one under this name.
     pub fn buffer(&self, name: &str) -> Result<Option<Tensor>> {
         let full = self.full_name(name);
@@ -286,6 +336,19 @@ impl Builder {
             ),
         }
     }
+}
+
+/// Names of the adapter tensors of the layer `prefix`.
+fn adapter_names(prefix: &str) -> (String, String) {
+    (
+        format!("{prefix}.lora_A.weight"),
+        format!("{prefix}.lora_B.weight"),
+    )
+}
+
+/// Whether `name` is a LoRA adapter tensor.
+pub fn is_adapter(name: &str) -> bool {
+    name.contains(".lora_A.") || name.contains(".lora_B.")
 }
 
 fn init_tensor(

