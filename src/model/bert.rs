@@ -8,9 +8,9 @@ use super::config::EncoderConfig;
 use super::dropout::dropout_add;
 use super::esm::{packed_linear, packed_linear_acc, packed_linear_scaled};
 use super::kernels::{self, Act};
+use super::lora::LoraConfig;
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
-use super::lora::LoraConfig;
 use super::params::Builder;
 
 /// `act(x @ W^T + b)` of an FFN's first layer; GELU (erf) is fused into the linear op.

@@ -9,8 +9,8 @@ use super::bert::linear_activation;
 use super::config::EncoderConfig;
 use super::dropout::dropout_add;
 use super::kernels::{self, Act};
-use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::lora::LoraConfig;
+use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::params::Builder;
 use super::rotary::{self, RotaryTables};
 

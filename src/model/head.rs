@@ -288,6 +288,9 @@ pub fn is_head_param(name: &str) -> bool {
 /// whose weight is stored as [C_out, k*H] (offset-major); one large GEMM is both faster on a
 /// CPU and simpler to differentiate than a direct convolution.
 pub fn im2col(x: &Tensor, kernel: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+        return ops::im2col(x, kernel);
+    }
     let l = x.dim(1)?;
     let half = kernel / 2;
     let padded = x.pad_with_zeros(1, half, kernel - 1 - half)?;

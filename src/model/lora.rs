@@ -98,7 +98,9 @@ impl Lora {
         // which has that variance); B: zeros.
         let std = (1.0 / (3.0 * in_dim as f64)).sqrt();
         let scale = alpha / rank as f64;
-        let a = b.pp("lora_A").get((rank, in_dim), "weight", Init::Normal(std))?;
+        let a = b
+            .pp("lora_A")
+            .get((rank, in_dim), "weight", Init::Normal(std))?;
         let bm = b.pp("lora_B").get((out_dim, rank), "weight", Init::Zeros)?;
         b.register_adapter(scale);
         Ok(Self { a, b: bm, scale })
@@ -114,4 +116,3 @@ impl Lora {
         self.b.detach().matmul(&self.a.detach())? * self.scale
     }
 }
-

@@ -464,10 +464,7 @@ impl SequenceClassifier {
             return Ok(());
         }
         let all = self.base.store.tensors();
-        tensors.extend(
-            all.into_iter()
-                .filter(|(n, _)| head::is_head_param(n)),
-        );
+        tensors.extend(all.into_iter().filter(|(n, _)| head::is_head_param(n)));
         let mut modules: Vec<&str> = scales
             .keys()
             .filter_map(|p| p.split(".encoder.layer.").nth(1))

@@ -133,7 +133,12 @@ impl ParamStore {
     /// run directory stores, so loading it needs no adapter code and costs nothing extra.
     pub fn merged_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = self.tensors();
-        let adapters = self.inner.lock().expect("param store lock").adapters.clone();
+        let adapters = self
+            .inner
+            .lock()
+            .expect("param store lock")
+            .adapters
+            .clone();
         for (prefix, scale) in adapters {
             let (a, b) = adapter_names(&prefix);
             let (Some(a), Some(b)) = (out.remove(&a), out.remove(&b)) else {
@@ -152,7 +157,12 @@ impl ParamStore {
     /// The LoRA adapters alone (`PREFIX.lora_A.weight`, `PREFIX.lora_B.weight`) with their
     /// scales; empty without adapters.
     pub fn adapter_tensors(&self) -> (HashMap<String, Tensor>, BTreeMap<String, f64>) {
-        let adapters = self.inner.lock().expect("param store lock").adapters.clone();
+        let adapters = self
+            .inner
+            .lock()
+            .expect("param store lock")
+            .adapters
+            .clone();
         let all = self.tensors();
         let mut out = HashMap::new();
         for prefix in adapters.keys() {

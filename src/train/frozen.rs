@@ -230,10 +230,8 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), &val_targets);
             if args.multi_label {
                 // Per-location thresholds tuned on validation; saved with the model.
-                let truth = multi_label_truth(&val_targets);
-                let th = multilabel::tune_thresholds(&truth, &probs, labels.len());
-                let decided = multilabel::decide(&probs, &th);
-                metrics.accuracy = multilabel::report(&truth, &decided, &labels, &th).accuracy;
+                let (accuracy, th) = tune_thresholds(&probs, &val_targets, &labels);
+                metrics.accuracy = accuracy;
                 model.task.thresholds = Some(th);
             }
             Some(metrics)
@@ -276,6 +274,20 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     })
 }
 
+/// Per-location decision thresholds tuned on validation probabilities (best MCC each), and
+/// the exact-match accuracy they give there.
+pub(crate) fn tune_thresholds(
+    probs: &[Vec<f32>],
+    targets: &[Target],
+    labels: &[String],
+) -> (f64, Vec<f32>) {
+    let truth = multi_label_truth(targets);
+    let th = multilabel::tune_thresholds(&truth, probs, labels.len());
+    let decided = multilabel::decide(probs, &th);
+    let accuracy = multilabel::report(&truth, &decided, labels, &th).accuracy;
+    (accuracy, th)
+}
+
 /// 0/1 location sets of multi-label targets.
 fn multi_label_truth(targets: &[Target]) -> Vec<Vec<bool>> {
     targets
@@ -300,10 +312,11 @@ fn cached_forward(
     Ok(match from_layer {
         None => model.head.forward_residues(&batch.x, &batch.mask, rng)?,
         Some(n) => {
-            let hidden = model
-                .base
-                .encoder
-                .forward_from(&batch.x, &batch.mask, n, rng.as_deref_mut())?;
+            let hidden =
+                model
+                    .base
+                    .encoder
+                    .forward_from(&batch.x, &batch.mask, n, rng.as_deref_mut())?;
             let residues = crate::cache::residues_of_tokens(&batch.mask)?;
             model.head.forward(&hidden, &residues, rng)?
         }

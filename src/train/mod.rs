@@ -656,7 +656,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         ..TaskConfig::new(labels.clone(), &args.model)
     };
     let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
-    let model = SequenceClassifier::new(base, task)?;
+    let mut model = SequenceClassifier::new(base, task)?;
     let objective = Objective {
         class_weights: Objective::class_weights(
             &train_set.targets,
@@ -817,6 +817,9 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
     let mut train_loop_s = 0f64;
     let profile = world > 1 && std::env::var_os("PROTLOC_DIST_PROFILE").is_some();
     let mut dropout_rng = rank_dropout_rng(&st, rank, world)?;
+    // A handle on the parameters (shared, not copied): the model itself is updated between
+    // checkpoints (tuned thresholds).
+    let store = model.base.store.clone();
     let save_checkpoint = |st: &mut LoopState, opt: &AdamW, rng: &ChaCha8Rng| -> Result<()> {
         if args.save_every_steps == 0 {
             return Ok(());
@@ -832,7 +835,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
             &args.output,
             st,
             opt.steps_taken(),
-            &model.base.store.tensors(),
+            &store.tensors(),
             &opt.export_moments()?,
             args.keep_last,
         )?;
@@ -984,7 +987,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         train_loop_s += loop_start.elapsed().as_secs_f64();
         pb.finish_and_clear();
         let m = finish_epoch(
-            &model,
+            &mut model,
             comm,
             val_local,
             val_set.len(),
@@ -1087,7 +1090,7 @@ fn gather_word_pos(comm: &dyn Collective, rng: &ChaCha8Rng) -> Result<Vec<String
 
 #[allow(clippy::too_many_arguments)]
 fn finish_epoch(
-    model: &SequenceClassifier,
+    model: &mut SequenceClassifier,
     comm: &dyn Collective,
     val: &Examples,
     val_total: usize,
@@ -1105,11 +1108,17 @@ fn finish_epoch(
             None
         } else {
             let out = infer::head_outputs(model, &val.enc, limits, None)?;
-            Some(validation_metrics(
-                &out.probabilities,
-                out.membrane.as_deref(),
-                &val.targets,
-            ))
+            let mut m =
+                validation_metrics(&out.probabilities, out.membrane.as_deref(), &val.targets);
+            if model.task.multi_label && comm.world_size() == 1 {
+                // Per-location thresholds tuned on validation, saved with the model (as for
+                // heads on a frozen encoder).
+                let (accuracy, th) =
+                    frozen::tune_thresholds(&out.probabilities, &val.targets, &model.task.labels);
+                m.accuracy = accuracy;
+                model.task.thresholds = Some(th);
+            }
+            Some(m)
         };
         if comm.world_size() == 1 {
             local
