@@ -65,7 +65,7 @@ pub fn encoder_fingerprint(model: &BaseModel) -> Result<String> {
     let tensors = model.store.tensors();
     let mut names: Vec<&String> = tensors
         .keys()
-        .filter(|n| !n.starts_with("classifier.") && !n.starts_with("membrane_classifier."))
+        .filter(|n| !crate::model::is_head_param(n))
         .collect();
     names.sort();
     let mut h = crc32fast::Hasher::new();
