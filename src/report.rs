@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, Result};
 use base64::Engine;
 
-use crate::eval::plot::{self, CurvePoint};
+use crate::eval::plot;
 use crate::eval::run::EvalOutput;
 use crate::train::EpochMetrics;
 
@@ -44,16 +44,7 @@ pub fn write(run_dir: &Path, eval: Option<&EvalOutput>, out_dir: &Path) -> Resul
     let metrics = read_metrics(run_dir)?;
     let mut images = Vec::new();
     let curves = out_dir.join("training_curves.png");
-    let points: Vec<CurvePoint> = metrics
-        .iter()
-        .map(|m| CurvePoint {
-            epoch: m.epoch as f64,
-            train_loss: Some(m.train_loss),
-            val_loss: m.val_loss,
-            val_accuracy: m.val_accuracy,
-        })
-        .collect();
-    plot::plot_training_curves(&points, &curves)?;
+    plot::plot_training_curves(&crate::train::curve_points(&metrics), &curves)?;
     images.push(curves.clone());
 
     let args = std::fs::read_to_string(run_dir.join("training_args.json")).unwrap_or_default();
@@ -73,7 +64,11 @@ pub fn write(run_dir: &Path, eval: Option<&EvalOutput>, out_dir: &Path) -> Resul
     for m in &metrics {
         html.push_str(&format!(
             "<tr><td>{}</td><td>{}</td><td>{:.4}</td><td>{}</td><td>{}</td><td>{}</td><td>{:.0}</td></tr>",
-            m.epoch,
+            // Ensemble members train one after another; each counts its own epochs.
+            match m.member {
+                Some(k) => format!("member {k}: {}", m.epoch),
+                None => m.epoch.to_string(),
+            },
             m.step,
             m.train_loss,
             opt(m.val_loss, 4),

@@ -638,3 +638,46 @@ fn sharded_predictions_merge_into_exactly_the_unsharded_output() {
     assert!(!bad.status.success());
     assert!(String::from_utf8_lossy(&bad.stderr).contains("0 <= I < N"));
 }
+
+/// `train --help` documents the ensemble flags, and the CLI passes them on: bad combinations
+/// fail with the library's messages before any model is loaded.
+#[test]
+fn ensemble_flags_are_documented_and_checked() {
+    let help = protloc().args(["train", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needle in ["--ensemble <N>", "--folds <N>", "SEED+k", "partition k"] {
+        assert!(
+            help.contains(needle),
+            "train --help lacks {needle:?}:\n{help}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.fasta");
+    protloc::demo::write_dataset(&data, 2, 1).unwrap();
+    let out = dir.path().join("run");
+    let base = |extra: &[&str]| {
+        let mut v: Vec<std::ffi::OsString> = ["train", "--model", "scratch:tiny", "--data"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        v.push(data.clone().into());
+        v.push("--output".into());
+        v.push(out.clone().into());
+        v.extend(extra.iter().map(Into::into));
+        v
+    };
+    fails_with(&base(&["--ensemble", "2"]), &["add --frozen"]);
+    fails_with(
+        &base(&["--frozen", "--ensemble", "0"]),
+        &["--ensemble must be at least 1"],
+    );
+    fails_with(
+        &base(&["--frozen", "--folds", "5", "--partition", "1"]),
+        &["cannot be combined with --partition"],
+    );
+    fails_with(
+        &base(&["--frozen", "--folds", "5"]),
+        &["no `partition` column"],
+    );
+    assert!(!out.join("config.json").exists());
+}

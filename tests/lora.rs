@@ -204,20 +204,28 @@ fn merged_model_equals_adapted_model() {
             ..TaskConfig::new(protloc::train::default_labels(), &esm_dir())
         };
         let model = SequenceClassifier::new(base, task).unwrap();
-        let adapted_out = model.forward_all(&batch, None).unwrap();
-        let merged_out = model.inference_outputs(&batch).unwrap();
+        // The adapted model's own outputs, turned into probabilities the one way the crate does.
+        let adapted_out = model
+            .combine(&[model.forward_all(&batch, None).unwrap()])
+            .unwrap();
+        let merged_out = model.inference_probabilities(&batch).unwrap();
         let out_dir = dir.path().join(format!("{head:?}"));
         model.save(&out_dir).unwrap();
         let loaded = SequenceClassifier::load(&out_dir, &Device::Cpu).unwrap();
-        let loaded_out = loaded.inference_outputs(&batch).unwrap();
+        let loaded_out = loaded.inference_probabilities(&batch).unwrap();
         for (what, other) in [("in-memory merge", &merged_out), ("saved run", &loaded_out)] {
             let d = max_abs_diff(&adapted_out.logits, &other.logits);
             assert!(d < 1e-5, "{head:?} {what}: logits differ by {d:e}");
+            let d = max_abs_diff(&adapted_out.location, &other.location);
+            assert!(d < 1e-6, "{head:?} {what}: probabilities differ by {d:e}");
             let d = max_abs_diff(
                 adapted_out.membrane.as_ref().unwrap(),
                 other.membrane.as_ref().unwrap(),
             );
-            assert!(d < 1e-5, "{head:?} {what}: membrane logits differ by {d:e}");
+            assert!(
+                d < 1e-6,
+                "{head:?} {what}: membrane probabilities differ by {d:e}"
+            );
         }
         // The adapters changed the model: the merge is not trivially the base.
         let plain = model::load_base(&esm_dir(), 3, &Device::Cpu, Purpose::Inference).unwrap();
@@ -318,7 +326,7 @@ fn lora_training_changes_only_adapted_weights() {
             .unwrap();
     let mut changed = 0;
     for (name, t) in &saved {
-        if protloc::model::head::is_head_param(name) {
+        if protloc::model::is_head_param(name) {
             continue;
         }
         let b = base

@@ -73,6 +73,7 @@ fn ping_health_info_metrics_openapi() {
     assert_eq!(info["limits"]["auth"], false);
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(info["model_type"], "bert");
+    assert_eq!(info["ensemble_members"], 1);
 
     // A prediction first, so the batch metrics are non-empty.
     let r = post_json(&a, &predict_url(), &json!("MKTAYIAKQR"));

@@ -137,7 +137,8 @@ fn gradients_through_cached_states_equal_whole_model() {
         .unwrap();
     let residues = residues_of_tokens(&b.attention_mask).unwrap();
     assert_eq!(vec_of(&residues), vec_of(&b.residue_mask));
-    let cached = loss_of(&model.head.forward(&hidden, &residues, None).unwrap().logits);
+    let head = model.head().unwrap();
+    let cached = loss_of(&head.forward(&hidden, &residues, None).unwrap().logits);
     let (lw, lc) = (
         whole.to_scalar::<f32>().unwrap(),
         cached.to_scalar::<f32>().unwrap(),
@@ -149,7 +150,7 @@ fn gradients_through_cached_states_equal_whole_model() {
     for (name, var) in model.base.store.vars() {
         let (a, c) = (gw.get(var.as_tensor()), gc.get(var.as_tensor()));
         let in_top = name.contains(".layer.5.") || name.contains("emb_layer_norm_after");
-        let head = protloc::model::head::is_head_param(&name);
+        let head = protloc::model::is_head_param(&name);
         if !(in_top || head) {
             assert!(
                 a.is_none() && c.is_none(),
@@ -271,7 +272,7 @@ fn top_layer_training_changes_only_the_top_layer() {
         candle_core::safetensors::load(out.join("model.safetensors"), &Device::Cpu).unwrap();
     let mut changed = 0;
     for (name, t) in &saved {
-        if protloc::model::head::is_head_param(name) {
+        if protloc::model::is_head_param(name) {
             continue;
         }
         let same = vec_of(t) == vec_of(&base[name]);

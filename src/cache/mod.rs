@@ -81,7 +81,7 @@ pub fn encoder_fingerprint(model: &BaseModel) -> Result<String> {
     let tensors = model.store.tensors();
     let mut names: Vec<&String> = tensors
         .keys()
-        .filter(|n| !crate::model::head::is_head_param(n))
+        .filter(|n| !crate::model::is_head_param(n))
         .collect();
     names.sort();
     let mut h = crc32fast::Hasher::new();

@@ -224,6 +224,18 @@ pub struct TrainCmd {
     /// output), ffn (both feed-forward layers).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "q,k,v,o,ffn")]
     pub lora_targets: Vec<crate::model::lora::LoraTarget>,
+    /// With --frozen: train N heads on the same embedding cache and average their
+    /// probabilities in eval, predict and serve (the encoder still runs once per protein).
+    /// Member k uses seed SEED+k for its initialisation, shuffling, dropout and stratified
+    /// validation split, and keeps its own best epoch. One run directory holds them all.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub ensemble: usize,
+    /// With --frozen: an ensemble of N heads over homology partitions (DeepLoc 2.0 trains
+    /// five): member k validates (and tunes multi-label thresholds) on partition k of the
+    /// CSV `partition` column and trains on all other records. Excludes --partition and
+    /// --ensemble.
+    #[arg(long, value_name = "N")]
+    pub folds: Option<usize>,
     /// Transport between processes when started by a launcher (mpirun, srun, torchrun-style
     /// RANK/WORLD_SIZE); --batch-size is then per process. Ignored in a single process.
     #[arg(long, value_enum, default_value_t = crate::dist::Backend::Auto, env = "PROTLOC_DIST_BACKEND")]
@@ -604,11 +616,17 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     args.multi_label = c.multi_label;
     args.partition = c.partition;
     args.train_sample = c.train_sample;
+    args.ensemble = c.ensemble;
+    args.folds = c.folds;
     let summary = crate::train::train_with(&args, comm)?;
     if !comm.is_root() {
         return Ok(());
     }
     crate::train::plot_curves(&args.output, &summary)?;
+    if !summary.members.is_empty() {
+        print_members(&summary, &args.output);
+        return Ok(());
+    }
     eprintln!(
         "trained {} of {} parameters for {} steps on {} proteins ({} validation); best epoch {} saved to {}",
         summary.trainable_parameters,
@@ -620,6 +638,41 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
         args.output.display()
     );
     Ok(())
+}
+
+/// One line per ensemble member (its own validation split, never the test set), then the
+/// ensemble's.
+fn print_members(summary: &crate::train::TrainSummary, output: &std::path::Path) {
+    let n = summary.members.len();
+    let opt = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.4}"));
+    for (k, m) in summary.members.iter().enumerate() {
+        let held_out = match m.holdout_partition {
+            Some(p) => format!("partition {p}"),
+            None => format!("seed {}", m.seed),
+        };
+        eprintln!(
+            "member {k}: best epoch {}, validation accuracy {} (loss {}) on {} proteins ({held_out}), trained on {}",
+            m.best_epoch,
+            opt(m.val_accuracy),
+            opt(m.val_loss),
+            m.val_records,
+            m.train_records
+        );
+    }
+    let accs: Vec<f64> = summary
+        .members
+        .iter()
+        .filter_map(|m| m.val_accuracy)
+        .collect();
+    let mean = (!accs.is_empty()).then(|| accs.iter().sum::<f64>() / accs.len() as f64);
+    eprintln!(
+        "trained an ensemble of {n} heads ({} parameters each, {} in all with the encoder) for {} steps; mean member validation accuracy {} (each on its own split); saved to {}",
+        summary.trainable_parameters,
+        summary.total_parameters,
+        summary.steps,
+        opt(mean),
+        output.display()
+    );
 }
 
 fn report(c: ReportCmd) -> Result<()> {

@@ -82,7 +82,8 @@ pub struct HeadPredictions {
     pub membrane: Option<Vec<f32>>,
 }
 
-/// Location (and membrane) probabilities per protein, in input order.
+/// Location (and membrane) probabilities per protein, in input order (an ensemble's: the
+/// mean of its members', see [`SequenceClassifier::combine`]).
 pub fn head_outputs(
     model: &SequenceClassifier,
     encoded: &[Encoded],
@@ -99,30 +100,34 @@ pub fn head_outputs(
         &device,
         progress,
         |b| {
-            let out = model.inference_outputs(b)?;
-            let probs = model.probabilities(&out.logits)?;
-            let probs = match &out.membrane {
-                Some(m) => {
-                    let pm = crate::model::ops::softmax_last_dim(m)?.narrow(1, 1, 1)?;
-                    candle_core::Tensor::cat(&[&probs, &pm], 1)?
-                }
-                None => probs,
+            let p = model.inference_probabilities(b)?;
+            let probs = match &p.membrane {
+                Some(m) => candle_core::Tensor::cat(&[&p.location, &m.unsqueeze(1)?], 1)?,
+                None => p.location,
             };
             probs.to_vec2()
         },
     )?;
-    let mut probabilities = Vec::with_capacity(rows.len());
-    let mut membrane = has_membrane.then(|| Vec::with_capacity(rows.len()));
-    for mut r in rows {
-        if let Some(m) = membrane.as_mut() {
-            m.push(r.pop().expect("membrane column"));
+    Ok(HeadPredictions::from_rows(rows, has_membrane))
+}
+
+impl HeadPredictions {
+    /// From rows of the C location probabilities followed, when `has_membrane`, by
+    /// P(membrane).
+    pub(crate) fn from_rows(rows: Vec<Vec<f32>>, has_membrane: bool) -> Self {
+        let mut probabilities = Vec::with_capacity(rows.len());
+        let mut membrane = has_membrane.then(|| Vec::with_capacity(rows.len()));
+        for mut r in rows {
+            if let Some(m) = membrane.as_mut() {
+                m.push(r.pop().expect("membrane column"));
+            }
+            probabilities.push(r);
         }
-        probabilities.push(r);
+        Self {
+            probabilities,
+            membrane,
+        }
     }
-    Ok(HeadPredictions {
-        probabilities,
-        membrane,
-    })
 }
 
 /// Mean-pooled residue embeddings per protein, in input order.

@@ -130,16 +130,28 @@ impl Esm {
         attention_mask: &Tensor,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        self.forward_until(ids, attention_mask, self.layers.len(), rng)
+        self.forward_range(ids, attention_mask, self.layers.len(), true, rng)
     }
 
-    /// Hidden states after the embeddings and the first `until` layers [B, T, H]; with every
-    /// layer, the encoder's output (after the final LayerNorm).
+    /// Hidden states after the embeddings and the first `until` layers [B, T, H] (before the
+    /// final LayerNorm, which [`Self::forward_from`] applies).
     pub fn forward_until(
         &self,
         ids: &Tensor,
         attention_mask: &Tensor,
         until: usize,
+        rng: Option<&mut ChaCha8Rng>,
+    ) -> Result<Tensor> {
+        self.forward_range(ids, attention_mask, until, false, rng)
+    }
+
+    /// The embeddings and layers `..until`, then the final LayerNorm if `final_norm`.
+    fn forward_range(
+        &self,
+        ids: &Tensor,
+        attention_mask: &Tensor,
+        until: usize,
+        final_norm: bool,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let until = until.min(self.layers.len());
@@ -148,7 +160,7 @@ impl Esm {
             && kernels::packed_inference_enabled()
             && self.is_detached()
         {
-            if let Some(out) = self.forward_packed(ids, attention_mask, until)? {
+            if let Some(out) = self.forward_packed(ids, attention_mask, until, final_norm)? {
                 return Ok(out);
             }
         }
@@ -162,7 +174,7 @@ impl Esm {
         }
         // Padding positions are zeroed, as in HF `EsmEmbeddings`.
         x = x.broadcast_mul(&mask.unsqueeze(2)?.to_dtype(x.dtype())?)?;
-        self.run_layers(&x, attention_mask, 0, until, rng)
+        self.run_layers(&x, attention_mask, 0, until, final_norm, rng)
     }
 
     /// The layers from `from` on (and the final LayerNorm), applied to hidden states `x`
@@ -174,16 +186,17 @@ impl Esm {
         from: usize,
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        self.run_layers(x, attention_mask, from, self.layers.len(), rng)
+        self.run_layers(x, attention_mask, from, self.layers.len(), true, rng)
     }
 
-    /// Layers `from..until` on `x`, then the final LayerNorm when `until` is the last.
+    /// Layers `from..until` on `x`, then the final LayerNorm if `final_norm`.
     fn run_layers(
         &self,
         x: &Tensor,
         attention_mask: &Tensor,
         from: usize,
         until: usize,
+        final_norm: bool,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
@@ -203,7 +216,7 @@ impl Esm {
             let (_, rot) = tables.as_ref().expect("set above");
             x = self.layer_forward(layer, &x, &mask, rot, rng.as_deref_mut())?;
         }
-        if until == self.layers.len() {
+        if final_norm {
             self.final_norm.forward(&x)
         } else {
             Ok(x)
@@ -251,6 +264,7 @@ impl Esm {
         ids: &Tensor,
         attention_mask: &Tensor,
         until: usize,
+        final_norm: bool,
     ) -> Result<Option<Tensor>> {
         let cfg = &self.cfg;
         if self.word.weight.dtype() != DType::F32 {
@@ -349,7 +363,7 @@ impl Esm {
             packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
             kernels::recycle(inter);
         }
-        if until == self.layers.len() {
+        if final_norm {
             let n = &self.final_norm;
             let (w, b) = (kernels::view(&n.weight)?, kernels::view(&n.bias)?);
             kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);

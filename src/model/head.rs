@@ -277,12 +277,6 @@ impl Head {
     }
 }
 
-/// Whether a parameter name belongs to the classification head (`classifier.*`,
-/// `membrane_classifier.*`) rather than the encoder.
-pub fn is_head_param(name: &str) -> bool {
-    name.starts_with("classifier.") || name.starts_with("membrane_classifier.")
-}
-
 /// "Same" 1-D convolution input as a matrix: [B, L, H] -> [B, L, k*H], row l holding
 /// residues l-k/2 ..= l+k/2 (zeros beyond the ends). A linear layer on it is a convolution
 /// whose weight is stored as [C_out, k*H] (offset-major); one large GEMM is both faster on a

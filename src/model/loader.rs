@@ -219,11 +219,10 @@ fn read_safetensors_mmap(path: &Path, device: &Device) -> Result<Vec<(String, Te
         .collect()
 }
 
-/// Task-head tensors stored at the top level of HF task models (not part of the encoder).
+/// Task-head tensors stored at the top level of HF task models and run directories (not
+/// part of the encoder).
 fn is_head_tensor(name: &str) -> bool {
-    ["classifier.", "cls.", "lm_head.", "membrane_classifier."]
-        .iter()
-        .any(|p| name.starts_with(p))
+    super::is_head_param(name) || ["cls.", "lm_head."].iter().any(|p| name.starts_with(p))
 }
 
 fn rename_legacy(name: &str) -> String {

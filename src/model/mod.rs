@@ -3,6 +3,14 @@
 //! A *base model* is a pretrained encoder (a Hugging Face directory or hub id) or
 //! `scratch:SIZE`; a *run directory* is what `protloc train` writes: the encoder plus a
 //! classifier head, with labels and preprocessing settings in `config.json`.
+//!
+//! An *ensemble* run directory (`protloc train --frozen --ensemble N` or `--folds N`) holds
+//! the encoder once and N heads: member k's tensors are named `ensemble.{k}.classifier.*`
+//! (and `ensemble.{k}.membrane_classifier.*`) instead of `classifier.*`, and the `"protloc"`
+//! section of `config.json` has `"ensemble": N` plus a `"members"` list (seed, held-out
+//! partition, validation metrics and multi-label thresholds of each). Inference runs the
+//! encoder once and averages the members' probabilities ([`SequenceClassifier::combine`]).
+//! A single model has neither key (older run directories load as single models).
 
 pub mod bert;
 pub mod config;
@@ -75,8 +83,9 @@ impl Encoder {
         Ok(())
     }
 
-    /// Hidden states [B, T, H] after the embeddings and the first `until` layers (all of
-    /// them: the same as [`Self::forward`]). What `train --train-top-layers` caches.
+    /// Hidden states [B, T, H] after the embeddings and the first `until` layers (before
+    /// ESM-2's final LayerNorm, which [`Self::forward_from`] applies). What
+    /// `train --train-top-layers` caches.
     pub fn forward_until(
         &self,
         ids: &Tensor,
@@ -295,6 +304,71 @@ pub struct TaskConfig {
     /// The encoder was kept frozen (trained on cached embeddings).
     #[serde(default)]
     pub frozen_encoder: bool,
+    /// Heads averaged at inference: 1 for a single model, N for an ensemble (member k's
+    /// tensors under `ensemble.{k}.`). Not written for a single model; absent means 1.
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub ensemble: usize,
+    /// How each member of an ensemble was trained and validated, in member order (empty for
+    /// a single model). A multi-label ensemble decides with `thresholds`, the mean of the
+    /// members' own.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<MemberInfo>,
+}
+
+/// One member of an ensemble: how it was trained and how it did on its own validation split
+/// (at its best epoch, the one kept).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct MemberInfo {
+    /// Seed of its initialisation, shuffling and dropout, and (without `--folds`) of its
+    /// stratified validation split.
+    pub seed: u64,
+    /// The homology partition it held out for validation (`--folds`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub holdout_partition: Option<u32>,
+    pub train_records: usize,
+    pub val_records: usize,
+    /// The epoch whose weights were kept (best validation accuracy; the last without a
+    /// validation split).
+    pub best_epoch: usize,
+    pub val_accuracy: Option<f64>,
+    pub val_loss: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_membrane_accuracy: Option<f64>,
+    /// Its multi-label thresholds, tuned on its validation split.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<f32>>,
+}
+
+fn one() -> usize {
+    1
+}
+
+fn is_one(n: &usize) -> bool {
+    *n == 1
+}
+
+/// Name prefix of member `k`'s head tensors in a model with `n` heads: none for a single
+/// model (`classifier.*`, the Hugging Face names), `ensemble.{k}` for an ensemble.
+pub fn member_prefix(k: usize, n: usize) -> Option<String> {
+    (n > 1).then(|| format!("ensemble.{k}"))
+}
+
+/// Whether `name` is a head parameter (of a single model or of any ensemble member), not an
+/// encoder one.
+pub fn is_head_param(name: &str) -> bool {
+    name.starts_with("classifier.")
+        || name.starts_with("membrane_classifier.")
+        || name.starts_with("ensemble.")
+}
+
+/// Whether `name` is a parameter of member `k`'s head in a model with `n` heads.
+pub fn is_member_param(name: &str, k: usize, n: usize) -> bool {
+    match member_prefix(k, n) {
+        None => is_head_param(name),
+        Some(p) => name
+            .strip_prefix(p.as_str())
+            .is_some_and(|rest| rest.starts_with('.')),
+    }
 }
 
 pub(crate) fn default_head_hidden() -> usize {
@@ -337,30 +411,80 @@ impl TaskConfig {
             multi_label: false,
             thresholds: None,
             frozen_encoder: false,
+            ensemble: 1,
+            members: Vec::new(),
         }
     }
 }
 
-/// Encoder + classifier head + everything needed to preprocess input the same way as in
+/// Probabilities of one batch (see [`SequenceClassifier::combine`]).
+pub struct BatchProbabilities {
+    /// [B, C] location probabilities: softmax, or per-location sigmoids for a multi-label
+    /// model; an ensemble's are the mean of its members'.
+    pub location: Tensor,
+    /// [B] probability of being membrane-bound (members' mean), for heads with that output.
+    pub membrane: Option<Tensor>,
+    /// [B, C] location logits; an ensemble's are the mean of its members' (reported as raw
+    /// scores only: the probabilities are not their softmax).
+    pub logits: Tensor,
+}
+
+/// Encoder + classifier head(s) + everything needed to preprocess input the same way as in
 /// training.
 pub struct SequenceClassifier {
     pub base: BaseModel,
-    pub head: Head,
+    /// One head, or the `task.ensemble` members of an ensemble, in member order.
+    pub heads: Vec<Head>,
     pub task: TaskConfig,
 }
 
 impl SequenceClassifier {
-    /// Puts a freshly initialised head on `base`.
+    /// Puts `task.ensemble` freshly initialised heads on `base`, drawn one after another
+    /// from the store's RNG (see [`Self::new_ensemble`] for one seed per member).
     pub fn new(base: BaseModel, task: TaskConfig) -> Result<Self> {
+        Self::build(base, task, None)
+    }
+
+    /// An ensemble of `seeds.len()` (= `task.ensemble`) fresh heads on `base`; member k is
+    /// initialised from `seeds[k]`, as a single model's head would be in a fresh store with
+    /// that seed.
+    pub fn new_ensemble(base: BaseModel, task: TaskConfig, seeds: &[u64]) -> Result<Self> {
+        if seeds.len() != task.ensemble {
+            bail!(
+                "{} member seeds for an ensemble of {}",
+                seeds.len(),
+                task.ensemble
+            );
+        }
+        Self::build(base, task, Some(seeds))
+    }
+
+    fn build(base: BaseModel, task: TaskConfig, seeds: Option<&[u64]>) -> Result<Self> {
+        if task.ensemble == 0 {
+            bail!("an ensemble needs at least one member");
+        }
         // The new head starts from scratch: drop the checkpoint's remaining tensors first, or
         // a pretrained classifier that happens to share a name and shape (e.g. the
         // `classifier.dense` of an *ForSequenceClassification checkpoint) would be reused.
         base.store.release_source();
-        let head = Head::new(
-            &base.store.initialising(),
-            task.head_spec(base.cfg.hidden_size),
-        )?;
-        Ok(Self { base, head, task })
+        let spec = task.head_spec(base.cfg.hidden_size);
+        let heads = (0..task.ensemble)
+            .map(|k| {
+                if let Some(seeds) = seeds {
+                    base.store.reseed(seeds[k]);
+                }
+                Head::new(
+                    &member_builder(base.store.initialising(), k, task.ensemble),
+                    spec.clone(),
+                )
+            })
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(Self { base, heads, task })
+    }
+
+    /// Heads averaged at inference (1 for a single model).
+    pub fn members(&self) -> usize {
+        self.heads.len()
     }
 
     /// Tokenizes `sequence` with the truncation this model was trained with.
@@ -379,28 +503,39 @@ impl SequenceClassifier {
         Ok(self.forward_all(batch, rng)?.logits)
     }
 
-    /// Every output of the head (location logits and, if present, membrane logits).
+    /// The head of a single model (fine-tuning trains one).
+    pub fn head(&self) -> candle_core::Result<&Head> {
+        match self.heads.as_slice() {
+            [head] => Ok(head),
+            heads => candle_core::bail!(
+                "this is an ensemble of {} heads, not a single model",
+                heads.len()
+            ),
+        }
+    }
+
+    /// Every output of the head (location logits and, if present, membrane logits) of a
+    /// single model, for training.
     pub fn forward_all(
         &self,
         batch: &Batch,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> candle_core::Result<HeadOutput> {
+        let head = self.head()?;
         let hidden =
             self.base
                 .encoder
                 .forward(&batch.ids, &batch.attention_mask, rng.as_deref_mut())?;
-        self.head.forward(&hidden, &batch.residue_mask, rng)
+        head.forward(&hidden, &batch.residue_mask, rng)
     }
 
     /// Class probabilities [B, C] (inference): softmax, or per-location sigmoids for a
-    /// multi-label model. Runs on detached views of the weights so activations are freed as
-    /// soon as they are used.
+    /// multi-label model (an ensemble's: its members' mean).
     pub fn predict_proba(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        let out = self.inference_outputs(batch)?;
-        self.probabilities(&out.logits)
+        Ok(self.inference_probabilities(batch)?.location)
     }
 
-    /// Location probabilities from logits, as this model's task defines them.
+    /// Location probabilities of one head from its logits, as this model's task defines them.
     pub fn probabilities(&self, logits: &Tensor) -> candle_core::Result<Tensor> {
         if self.task.multi_label {
             candle_nn::ops::sigmoid(logits)
@@ -409,20 +544,78 @@ impl SequenceClassifier {
         }
     }
 
-    /// Logits [B, C] for inference (see [`Self::inference_outputs`]).
-    pub fn inference_logits(&self, batch: &Batch) -> candle_core::Result<Tensor> {
-        Ok(self.inference_outputs(batch)?.logits)
-    }
-
-    /// All head outputs for inference, on detached views of the weights: ops on trainable
-    /// variables record their inputs, which would keep every activation of the forward pass
-    /// alive until its end (gigabytes for long proteins).
-    pub fn inference_outputs(&self, batch: &Batch) -> candle_core::Result<HeadOutput> {
+    /// Probabilities of a tokenized batch (inference): the encoder runs once, then every head.
+    /// Runs on detached views of the weights: ops on trainable variables record their
+    /// inputs, which would keep every activation of the forward pass alive until its end
+    /// (gigabytes for long proteins).
+    pub fn inference_probabilities(
+        &self,
+        batch: &Batch,
+    ) -> candle_core::Result<BatchProbabilities> {
         let encoder = self.base.encoder.detached();
         let hidden = encoder.forward(&batch.ids, &batch.attention_mask, None)?;
-        self.head
-            .detached()
-            .forward(&hidden, &batch.residue_mask, None)
+        self.hidden_probabilities(&hidden, &batch.residue_mask, 0..self.members())
+    }
+
+    /// Probabilities from the encoder's output (`hidden` [B, T, H] with special tokens,
+    /// `residue_mask` [B, T]; see [`Head::forward`]) for the heads `members`.
+    pub fn hidden_probabilities(
+        &self,
+        hidden: &Tensor,
+        residue_mask: &Tensor,
+        members: std::ops::Range<usize>,
+    ) -> candle_core::Result<BatchProbabilities> {
+        let outputs = self.heads[members]
+            .iter()
+            .map(|h| h.detached().forward(hidden, residue_mask, None))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.combine(&outputs)
+    }
+
+    /// Probabilities from cached per-residue rows (`x` [B, L, H], `mask` [B, L]; see
+    /// [`Head::forward_residues`]) for the heads `members` (all of them: `0..self.members()`).
+    pub fn residue_probabilities(
+        &self,
+        x: &Tensor,
+        mask: &Tensor,
+        members: std::ops::Range<usize>,
+    ) -> candle_core::Result<BatchProbabilities> {
+        let outputs = self.heads[members]
+            .iter()
+            .map(|h| h.detached().forward_residues(x, mask, None))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        self.combine(&outputs)
+    }
+
+    /// The one place head outputs become probabilities: each head's location probabilities
+    /// ([`Self::probabilities`]) and P(membrane) (softmax of its membrane logits), averaged
+    /// over the heads (an ensemble's members; a single head's are returned as they are).
+    pub fn combine(&self, outputs: &[HeadOutput]) -> candle_core::Result<BatchProbabilities> {
+        let mean = |ts: Vec<Tensor>| -> candle_core::Result<Tensor> {
+            match ts.len() {
+                0 => candle_core::bail!("no head outputs to combine"),
+                1 => Ok(ts.into_iter().next().expect("one")),
+                _ => Tensor::stack(&ts, 0)?.mean(0),
+            }
+        };
+        let location = outputs
+            .iter()
+            .map(|o| self.probabilities(&o.logits))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let membrane = outputs
+            .iter()
+            .map(|o| {
+                o.membrane
+                    .as_ref()
+                    .map(|m| ops::softmax_last_dim(m)?.narrow(1, 1, 1)?.squeeze(1))
+                    .transpose()
+            })
+            .collect::<candle_core::Result<Option<Vec<_>>>>()?;
+        Ok(BatchProbabilities {
+            location: mean(location)?,
+            membrane: membrane.map(mean).transpose()?,
+            logits: mean(outputs.iter().map(|o| o.logits.clone()).collect())?,
+        })
     }
 
     /// Loads a run directory written by `protloc train`, for inference ([`Purpose::Inference`]:
@@ -440,8 +633,19 @@ impl SequenceClassifier {
                 dir.display()
             ),
         };
+        let n = task.ensemble;
+        if n == 0 || !(task.members.is_empty() || task.members.len() == n) {
+            bail!(
+                "{}: invalid ensemble ({n} heads, {} member records)",
+                files.config.display(),
+                task.members.len()
+            );
+        }
         let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device, Purpose::Inference)?;
-        let head = Head::new(&store.strict(), task.head_spec(cfg.hidden_size))?;
+        let spec = task.head_spec(cfg.hidden_size);
+        let heads = (0..n)
+            .map(|k| Head::new(&member_builder(store.strict(), k, n), spec.clone()))
+            .collect::<candle_core::Result<Vec<_>>>()?;
         store.release_source();
         let base = BaseModel {
             cfg,
@@ -450,7 +654,7 @@ impl SequenceClassifier {
             encoder,
             source: dir.display().to_string(),
         };
-        Ok(Self { base, head, task })
+        Ok(Self { base, heads, task })
     }
 
     /// With LoRA adapters, also writes them alone (`adapter_model.safetensors`: the
@@ -464,7 +668,7 @@ impl SequenceClassifier {
             return Ok(());
         }
         let all = self.base.store.tensors();
-        tensors.extend(all.into_iter().filter(|(n, _)| head::is_head_param(n)));
+        tensors.extend(all.into_iter().filter(|(n, _)| is_head_param(n)));
         let mut modules: Vec<&str> = scales
             .keys()
             .filter_map(|p| p.split(".encoder.layer.").nth(1))
@@ -496,7 +700,8 @@ impl SequenceClassifier {
         crate::artifacts::save_safetensors_atomic(&dir.join("adapter_model.safetensors"), &tensors)
     }
 
-    /// Writes `config.json`, `vocab.txt` and `model.safetensors` into `dir` atomically.
+    /// Writes `config.json`, `vocab.txt` and `model.safetensors` into `dir` atomically (every
+    /// head of an ensemble; see the module docs).
     pub fn save(&self, dir: &Path) -> Result<()> {
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut config = serde_json::to_value(&self.base.cfg)?;
@@ -540,5 +745,48 @@ impl SequenceClassifier {
         // so the directory is unambiguous.
         let _ = std::fs::remove_file(dir.join("pytorch_model.bin"));
         Ok(())
+    }
+}
+
+/// The builder of member `k`'s head (of `n`) under `root`.
+fn member_builder(root: params::Builder, k: usize, n: usize) -> params::Builder {
+    match member_prefix(k, n) {
+        Some(p) => root.pp(p),
+        None => root,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn member_parameter_names() {
+        assert_eq!(member_prefix(0, 1), None);
+        assert_eq!(member_prefix(2, 3).as_deref(), Some("ensemble.2"));
+        assert!(is_member_param("classifier.weight", 0, 1));
+        assert!(is_member_param("membrane_classifier.bias", 0, 1));
+        assert!(!is_member_param(
+            "esm.encoder.layer.0.attention.self.query.weight",
+            0,
+            1
+        ));
+        assert!(is_member_param("ensemble.1.classifier.out.weight", 1, 12));
+        assert!(!is_member_param("ensemble.11.classifier.out.weight", 1, 12));
+        assert!(!is_member_param("ensemble.0.classifier.out.weight", 1, 12));
+        assert!(is_head_param("ensemble.3.membrane_classifier.weight"));
+        assert!(!is_head_param("bert.embeddings.word_embeddings.weight"));
+    }
+
+    #[test]
+    fn old_task_configs_are_single_models() {
+        let task = TaskConfig::new(vec!["A".into(), "B".into()], "scratch:tiny");
+        let mut v = serde_json::to_value(&task).unwrap();
+        let obj = v.as_object_mut().unwrap();
+        // A single model writes neither key, so its config.json is unchanged.
+        assert!(!obj.contains_key("ensemble") && !obj.contains_key("members"));
+        obj.remove("frozen_encoder");
+        let back: TaskConfig = serde_json::from_value(v).unwrap();
+        assert_eq!((back.ensemble, back.members.len()), (1, 0));
     }
 }

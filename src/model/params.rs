@@ -193,6 +193,12 @@ impl ParamStore {
         names
     }
 
+    /// Restarts the initialisation RNG from `seed`: parameters initialised from now on are
+    /// drawn as in a fresh store seeded with `seed` (ensemble members, each from its own seed).
+    pub fn reseed(&self, seed: u64) {
+        self.inner.lock().expect("param store lock").rng = ChaCha8Rng::seed_from_u64(seed);
+    }
+
     /// Drops the checkpoint tensors (they are copied into the variables).
     pub fn release_source(&self) {
         self.inner.lock().expect("param store lock").source.clear();

@@ -26,7 +26,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::model::{ops, SequenceClassifier};
+use crate::model::SequenceClassifier;
 use crate::tokenize::{Batch, Encoded, Tokenizer, Truncation};
 use metrics::Metrics;
 use queue::{Batcher, Engine, QueueConfig, Scored};
@@ -102,6 +102,9 @@ pub struct Info {
     pub labels: Vec<String>,
     /// Whether the model predicts membrane-bound/soluble (not with the current head).
     pub membrane_head: bool,
+    /// Heads whose probabilities are averaged: 1 for a single model, N for an ensemble
+    /// (`protloc train --frozen --ensemble N` or `--folds N`).
+    pub ensemble_members: usize,
     pub max_residues: usize,
     /// `head` or `head-tail`.
     #[schema(value_type = String, example = "head-tail")]
@@ -145,9 +148,9 @@ struct ModelEngine {
 impl Engine for ModelEngine {
     fn score(&mut self, items: &[&Encoded]) -> Result<Vec<Scored>> {
         let batch = Batch::collate(items, self.model.base.tokenizer.pad_id, &self.device)?;
-        let logits = self.model.inference_logits(&batch)?;
-        let probs: Vec<Vec<f32>> = ops::softmax_last_dim(&logits)?.to_vec2()?;
-        let logits: Vec<Vec<f32>> = logits.to_vec2()?;
+        let p = self.model.inference_probabilities(&batch)?;
+        let probs: Vec<Vec<f32>> = p.location.to_vec2()?;
+        let logits: Vec<Vec<f32>> = p.logits.to_vec2()?;
         Ok(probs
             .into_iter()
             .zip(logits)
@@ -187,6 +190,7 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
         base_model: task.base_model.clone(),
         labels: task.labels.clone(),
         membrane_head: false,
+        ensemble_members: task.ensemble,
         max_residues: task.max_residues,
         truncate: opts.truncate.unwrap_or(task.truncate),
         no_truncate: opts.no_truncate,

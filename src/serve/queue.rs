@@ -18,7 +18,8 @@ use tokio::sync::oneshot;
 use super::metrics::Metrics;
 use crate::tokenize::Encoded;
 
-/// Scores of one sequence: softmax probabilities and the raw logits, in label order.
+/// Scores of one sequence, in label order: the model's probabilities and its raw logits (an
+/// ensemble's: the means over its members).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
     pub probabilities: Vec<f32>,

@@ -98,7 +98,8 @@ impl IntoResponse for ApiError {
 pub struct PredictParams {
     /// Report only the `top_k` most probable locations per protein (default: all).
     pub top_k: Option<usize>,
-    /// Also report the raw classifier scores (logits) of those locations.
+    /// Also report the raw classifier scores (logits) of those locations (an ensemble's: the
+    /// mean of its members' logits).
     pub raw_scores: Option<bool>,
 }
 

@@ -5,6 +5,10 @@
 //!
 //! The saved run directory is a complete model (encoder + head), so `eval`, `predict` and
 //! `serve` use it like any fine-tuned one.
+//!
+//! The same loop fine-tunes the top K encoder layers (`--train-top-layers K`): the cache then
+//! holds the states entering layer L-K (every token), computed once, and each step runs
+//! those K layers and the head forward and backward.
 
 use std::time::Instant;
 
@@ -17,24 +21,27 @@ use rand_chacha::ChaCha8Rng;
 use super::objective::{LocationTarget, Objective, Target};
 use super::optim::{self, AdamW, AdamWConfig, LinearSchedule};
 use super::{
-    default_labels, effective_max_residues, prepare_data, record_epoch, validation_metrics,
-    EpochMetrics, TrainArgs, TrainSummary,
+    default_labels, effective_max_residues, plan_members, record_epoch, save_best,
+    validation_metrics, EpochMetrics, MemberPlan, TrainArgs, TrainSummary,
 };
 use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
 use crate::eval::multilabel;
 use crate::infer::BatchLimits;
-use crate::model::{self, HeadKind, SequenceClassifier, TaskConfig};
+use crate::model::{self, HeadKind, MemberInfo, SequenceClassifier, TaskConfig};
 use crate::tokenize::BatchPlan;
 
 /// Proteins per validation batch on cached rows.
 const EVAL_BATCH: usize = 32;
 
-/// Runs `protloc train --frozen`.
+/// Runs `protloc train --frozen`: one head, or an ensemble of `args.members()` heads trained
+/// one after another on the same cached embeddings (see [`super::plan_members`] for their
+/// seeds and splits).
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let t0 = Instant::now();
-    let (dataset, train_idx, val_idx) = prepare_data(args)?;
+    let (dataset, plans) = plan_members(args)?;
+    let n = plans.len();
     let top = args.train_top_layers;
     // A frozen encoder only embeds: its weights in the inference layout. Top layers train.
     let purpose = if top > 0 {
@@ -58,17 +65,31 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         bail!("--frozen trains on cached residue embeddings, which have no [CLS] vector: use --pool mean (or --head light-attention)");
     }
     let labels = default_labels();
-    let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
-    let (train_recs, val_recs) = (pick(&train_idx), pick(&val_idx));
-    let to_targets = |recs: &[&Record]| -> Result<Vec<Target>> {
-        recs.iter()
-            .map(|r| Target::of(r, &labels, args.multi_label))
-            .collect()
-    };
-    let (train_targets, val_targets) = (to_targets(&train_recs)?, to_targets(&val_recs)?);
-    let membrane = super::resolve_membrane(args.membrane, &train_targets, true);
+    // Every record some member trains or validates on, in first-use order.
+    let mut used: Vec<usize> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in &plans {
+        used.extend(p.train.iter().chain(&p.val).filter(|&&i| seen.insert(i)));
+    }
+    let mut targets: Vec<Option<Target>> = vec![None; dataset.records.len()];
+    for &i in &used {
+        targets[i] = Some(Target::of(&dataset.records[i], &labels, args.multi_label)?);
+    }
+    // Trained when any member's training data has membrane flags (auto).
+    let mut in_train = vec![false; dataset.records.len()];
+    for p in &plans {
+        for &i in &p.train {
+            in_train[i] = true;
+        }
+    }
+    let train_union: Vec<Target> = used
+        .iter()
+        .filter(|&&i| in_train[i])
+        .map(|&i| member_target(&targets, i).clone())
+        .collect();
+    let membrane = super::resolve_membrane(args.membrane, &train_union, true);
 
-    // Embeddings: reuse what the cache has, embed the rest.
+    // Embeddings: reuse what the cache has, embed the rest; once for all members.
     let cache_dir = args
         .cache
         .clone()
@@ -78,10 +99,9 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         spec = spec.at_layer(n);
     }
     let mut cache = EmbeddingCache::open(&cache_dir, spec)?;
-    let all: Vec<&str> = train_recs
+    let all: Vec<&str> = used
         .iter()
-        .chain(&val_recs)
-        .map(|r| r.sequence.as_str())
+        .map(|&i| dataset.records[i].sequence.as_str())
         .collect();
     let missing = all.iter().filter(|s| !cache.contains(s)).count();
     if missing > 0 {
@@ -116,28 +136,157 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         membrane,
         multi_label: args.multi_label,
         frozen_encoder: from_layer.is_none(),
+        ensemble: n,
         ..TaskConfig::new(labels.clone(), &args.model)
     };
-    let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
-    let lora = match from_layer {
-        Some(n) => super::prepare_encoder(&mut base, n, &args.lora)?,
+    let top = match from_layer {
+        Some(from) => Some(TopLayers {
+            from,
+            prefix: base.cfg.arch().map_err(anyhow::Error::msg)?.prefix(),
+            lora: super::prepare_encoder(&mut base, from, &args.lora)?.is_some(),
+        }),
         None => None,
     };
-    let mut model = SequenceClassifier::new(base, task)?;
+    let mut model = if n == 1 {
+        // Exactly the single-model run: the head draws from the store seeded with `seed`.
+        SequenceClassifier::new(base, task)?
+    } else {
+        let seeds: Vec<u64> = plans.iter().map(|p| p.seed).collect();
+        SequenceClassifier::new_ensemble(base, task, &seeds)?
+    };
+    let total_params = model.base.store.num_parameters();
+    std::fs::create_dir_all(&args.output)
+        .with_context(|| format!("cannot create {}", args.output.display()))?;
+    crate::artifacts::write_atomic(
+        &args.output.join("training_args.json"),
+        serde_json::to_string_pretty(args)?.as_bytes(),
+    )?;
+    let metrics_path = args.output.join("metrics.jsonl");
+    let _ = std::fs::remove_file(&metrics_path);
+
+    let mut epochs = Vec::new();
+    let mut members = Vec::with_capacity(n);
+    let mut first: Option<MemberRun> = None;
+    let mut steps = 0;
+    for (k, plan) in plans.iter().enumerate() {
+        let run = train_member(
+            &mut model,
+            k,
+            plan,
+            &dataset.records,
+            &targets,
+            &mut cache,
+            args,
+            &metrics_path,
+            &t0,
+            top.as_ref(),
+        )?;
+        steps += run.steps;
+        epochs.extend(run.history.iter().cloned());
+        members.push(run.info.clone());
+        if first.is_none() {
+            first = Some(run);
+        }
+    }
+    let first = first.expect("at least one member");
+    if n > 1 {
+        if model.task.multi_label {
+            // The ensemble decides on its mean probabilities with the mean thresholds.
+            let th: Vec<&Vec<f32>> = members
+                .iter()
+                .filter_map(|m| m.thresholds.as_ref())
+                .collect();
+            model.task.thresholds = (th.len() == n).then(|| {
+                (0..labels.len())
+                    .map(|c| th.iter().map(|t| t[c]).sum::<f32>() / n as f32)
+                    .collect()
+            });
+        }
+        model.task.members = members.clone();
+        // Written once every member has its best weights (restored by `train_member`).
+        model.save(&args.output)?;
+        tracing::info!(
+            members = n,
+            "saved the ensemble to {}",
+            args.output.display()
+        );
+    }
+    Ok(TrainSummary {
+        epochs,
+        best_epoch: first.info.best_epoch,
+        steps,
+        train_records: first.info.train_records,
+        val_records: first.info.val_records,
+        trainable_parameters: first.trainable,
+        total_parameters: total_params,
+        // One process; the head's epochs are not timed apart from validation here.
+        world_size: 1,
+        train_loop_s: t0.elapsed().as_secs_f64(),
+        comm_s: 0.0,
+        comm_wait_s: 0.0,
+        members: if n > 1 { members } else { Vec::new() },
+    })
+}
+
+/// The encoder layers a `--train-top-layers` run trains.
+struct TopLayers {
+    /// First trained layer (the cache holds the states entering it).
+    from: usize,
+    /// The encoder's parameter prefix (`bert`, `esm`).
+    prefix: &'static str,
+    /// LoRA adapters train instead of the layers' weights.
+    lora: bool,
+}
+
+/// What training one member produced.
+struct MemberRun {
+    history: Vec<EpochMetrics>,
+    steps: usize,
+    trainable: usize,
+    info: MemberInfo,
+}
+
+/// Trains head `k` of `model` on `plan`'s split and leaves its best epoch's weights in place.
+/// A single model (`model.members() == 1`) is saved whenever it improves, as it always was;
+/// an ensemble member's best weights are kept in memory for the caller to save.
+#[allow(clippy::too_many_arguments)]
+fn train_member(
+    model: &mut SequenceClassifier,
+    k: usize,
+    plan: &MemberPlan,
+    records: &[Record],
+    targets: &[Option<Target>],
+    cache: &mut EmbeddingCache,
+    args: &TrainArgs,
+    metrics_path: &std::path::Path,
+    t0: &Instant,
+    top: Option<&TopLayers>,
+) -> Result<MemberRun> {
+    let device = Device::Cpu;
+    let n = model.members();
+    let ensemble = n > 1;
+    let labels = model.task.labels.clone();
+    let pick = |idx: &[usize]| idx.iter().map(|&i| &records[i]).collect::<Vec<_>>();
+    let (train_recs, val_recs) = (pick(&plan.train), pick(&plan.val));
+    let of = |idx: &[usize]| -> Vec<Target> {
+        idx.iter()
+            .map(|&i| member_target(targets, i).clone())
+            .collect()
+    };
+    let (train_targets, val_targets) = (of(&plan.train), of(&plan.val));
     let objective = Objective {
         class_weights: Objective::class_weights(&train_targets, labels.len(), args.class_weighting),
         multi_label: args.multi_label,
-        membrane,
+        membrane: model.task.membrane,
     };
 
     let mut params = Vec::new();
-    let total_params = model.base.store.num_parameters();
     let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
     for (name, var) in model.base.store.vars() {
-        let is_head = model::head::is_head_param(&name);
-        let trains = match from_layer {
-            None => is_head,
-            Some(n) => super::trains(&name, prefix, n, lora.is_some()),
+        let head = model::is_member_param(&name, k, n);
+        let trains = match top {
+            None => head,
+            Some(t) => head || super::trains(&name, t.prefix, t.from, t.lora),
         };
         if !trains {
             continue;
@@ -147,9 +296,10 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         } else {
             args.weight_decay
         };
-        let scale = if is_head { head_lr_scale } else { 1.0 };
+        let scale = if head { head_lr_scale } else { 1.0 };
         params.push((name, var, scale, wd));
     }
+    let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
     let mut opt = AdamW::new(AdamWConfig::default(), params)?;
     let schedule = LinearSchedule::for_run(
@@ -159,29 +309,37 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         args.epochs,
         args.max_steps,
     );
-    std::fs::create_dir_all(&args.output)
-        .with_context(|| format!("cannot create {}", args.output.display()))?;
-    crate::artifacts::write_atomic(
-        &args.output.join("training_args.json"),
-        serde_json::to_string_pretty(args)?.as_bytes(),
-    )?;
-    let metrics_path = args.output.join("metrics.jsonl");
-    let _ = std::fs::remove_file(&metrics_path);
+    if ensemble {
+        let held_out = match plan.holdout_partition {
+            Some(p) => format!("partition {p}"),
+            None => "stratified split".into(),
+        };
+        println!(
+            "Member {k} of {n} (seed {}): {} training proteins, {} validation ({held_out})",
+            plan.seed,
+            train_recs.len(),
+            val_recs.len()
+        );
+    }
     tracing::info!(
+        member = k,
         train = train_recs.len(),
         val = val_recs.len(),
         trainable,
         head = ?args.head,
-        membrane,
-        top_layers = top,
+        membrane = model.task.membrane,
+        top_layers = top.map_or(0, |t| model.base.cfg.num_hidden_layers - t.from),
         "training on cached encoder states"
     );
 
     let lengths: Vec<usize> = train_recs.iter().map(|r| r.sequence.len()).collect();
-    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(args.seed);
-    let mut dropout_rng = ChaCha8Rng::seed_from_u64(args.seed ^ 0x5eed_d20f_u64);
+    let mut shuffle_rng = ChaCha8Rng::seed_from_u64(plan.seed);
+    let mut dropout_rng = ChaCha8Rng::seed_from_u64(plan.seed ^ 0x5eed_d20f_u64);
     let mut history: Vec<EpochMetrics> = Vec::new();
     let mut best = None;
+    // The best epoch's multi-label thresholds, and an ensemble member's best weights.
+    let mut best_thresholds = None;
+    let mut best_weights: Option<Vec<candle_core::Tensor>> = None;
     let mut step = 0usize;
     'epochs: for epoch in 1..=args.epochs {
         let mut order: Vec<usize> = (0..train_recs.len()).collect();
@@ -201,7 +359,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
                 .collect();
             let batch = cache.batch(&seqs, &device)?;
             let targets: Vec<&Target> = group.iter().map(|&i| &train_targets[i]).collect();
-            let out = cached_forward(&model, &batch, from_layer, Some(&mut dropout_rng))?;
+            let out = cached_forward(model, k, &batch, top, Some(&mut dropout_rng))?;
             let (loss, location_loss) = objective.loss(&out, &targets)?;
             if !location_loss.is_finite() {
                 bail!("non-finite loss at epoch {epoch}, step {step}: lower --lr");
@@ -221,56 +379,99 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             }
         }
         pb.finish_and_clear();
+        let mut thresholds = None;
         let val = if val_recs.is_empty() {
             None
         } else {
             let seqs: Vec<&str> = val_recs.iter().map(|r| r.sequence.as_str()).collect();
-            let out = cached_outputs(&model, &mut cache, &seqs, &device)?;
+            let out = cached_member_outputs(model, k..k + 1, cache, &seqs, &device)?;
             let probs = out.probabilities;
             let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), &val_targets);
             if args.multi_label {
                 // Per-location thresholds tuned on validation; saved with the model.
                 let (accuracy, th) = tune_thresholds(&probs, &val_targets, &labels);
                 metrics.accuracy = accuracy;
-                model.task.thresholds = Some(th);
+                thresholds = Some(th);
             }
             Some(metrics)
         };
-        let m = EpochMetrics::new(
+        let mut m = EpochMetrics::new(
             epoch,
             step,
             loss_sum / loss_n.max(1) as f64,
             val,
             schedule.lr(step.saturating_sub(1)),
-            &t0,
+            t0,
         );
-        record_epoch(
-            &model,
-            args,
-            true,
-            &metrics_path,
-            m,
-            &mut history,
-            &mut best,
-        )?;
+        if ensemble {
+            m.member = Some(k);
+            m.val_records = Some(val_recs.len());
+        } else if thresholds.is_some() {
+            model.task.thresholds = thresholds.clone();
+        }
+        if record_epoch(true, metrics_path, m, &mut history, &mut best)? {
+            best_thresholds = thresholds;
+            if ensemble {
+                let weights = member_vars
+                    .iter()
+                    .map(|v| v.as_tensor().copy())
+                    .collect::<candle_core::Result<Vec<_>>>()?;
+                best_weights = Some(weights);
+            } else {
+                save_best(model, &args.output, epoch)?;
+            }
+        }
         if stop {
             break 'epochs;
         }
     }
     let best_epoch = best.map_or(history.len(), |b| b.2);
-    Ok(TrainSummary {
-        epochs: history,
-        best_epoch,
-        steps: step,
+    if ensemble {
+        let Some(weights) = best_weights else {
+            bail!("ensemble member {k} had no epoch with finite losses: nothing to save");
+        };
+        for (var, w) in member_vars.iter().zip(&weights) {
+            var.set(w)?;
+        }
+    }
+    let best_metrics = history.iter().find(|m| m.epoch == best_epoch);
+    let info = MemberInfo {
+        seed: plan.seed,
+        holdout_partition: plan.holdout_partition,
         train_records: train_recs.len(),
         val_records: val_recs.len(),
-        trainable_parameters: trainable,
-        total_parameters: total_params,
-        // One process; the head's epochs are not timed apart from validation here.
-        world_size: 1,
-        train_loop_s: t0.elapsed().as_secs_f64(),
-        comm_s: 0.0,
-        comm_wait_s: 0.0,
+        best_epoch,
+        val_accuracy: best_metrics.and_then(|m| m.val_accuracy),
+        val_loss: best_metrics.and_then(|m| m.val_loss),
+        val_membrane_accuracy: best_metrics.and_then(|m| m.val_membrane_accuracy),
+        thresholds: best_thresholds,
+    };
+    Ok(MemberRun {
+        history,
+        steps: step,
+        trainable,
+        info,
+    })
+}
+
+/// Head `k`'s outputs on a batch of cached rows: a frozen encoder's residue rows, or the
+/// states entering the top layers, which then run before the head.
+fn cached_forward(
+    model: &SequenceClassifier,
+    k: usize,
+    batch: &crate::cache::ResidueBatch,
+    top: Option<&TopLayers>,
+    mut rng: Option<&mut ChaCha8Rng>,
+) -> Result<model::HeadOutput> {
+    let head = &model.heads[k];
+    Ok(match top {
+        None => head.forward_residues(&batch.x, &batch.mask, rng)?,
+        Some(t) => {
+            let encoder = &model.base.encoder;
+            let hidden = encoder.forward_from(&batch.x, &batch.mask, t.from, rng.as_deref_mut())?;
+            let residues = crate::cache::residues_of_tokens(&batch.mask)?;
+            head.forward(&hidden, &residues, rng)?
+        }
     })
 }
 
@@ -288,6 +489,11 @@ pub(crate) fn tune_thresholds(
     (accuracy, th)
 }
 
+/// The target of record `i`, computed for every record a member uses.
+fn member_target(targets: &[Option<Target>], i: usize) -> &Target {
+    targets[i].as_ref().expect("target of a used record")
+}
+
 /// 0/1 location sets of multi-label targets.
 fn multi_label_truth(targets: &[Target]) -> Vec<Vec<bool>> {
     targets
@@ -301,81 +507,55 @@ fn multi_label_truth(targets: &[Target]) -> Vec<Vec<bool>> {
 
 const DEFAULT_CLASSES: usize = crate::data::DEEPLOC_LOCATIONS.len();
 
-/// The head's outputs on a batch of cached rows: a frozen encoder's residue rows, or the
-/// states entering layer `from_layer`, which the top layers then run on.
-fn cached_forward(
-    model: &SequenceClassifier,
-    batch: &crate::cache::ResidueBatch,
-    from_layer: Option<usize>,
-    mut rng: Option<&mut ChaCha8Rng>,
-) -> Result<model::HeadOutput> {
-    Ok(match from_layer {
-        None => model.head.forward_residues(&batch.x, &batch.mask, rng)?,
-        Some(n) => {
-            let hidden =
-                model
-                    .base
-                    .encoder
-                    .forward_from(&batch.x, &batch.mask, n, rng.as_deref_mut())?;
-            let residues = crate::cache::residues_of_tokens(&batch.mask)?;
-            model.head.forward(&hidden, &residues, rng)?
-        }
-    })
-}
-
 /// Location probabilities (and membrane probabilities, when the head predicts them) of the
-/// cached proteins `seqs`, in order, without gradient tracking. The cache is a frozen
-/// encoder's output, or the states of a lower layer ([`CacheSpec::at_layer`]) that the
-/// model's upper layers then run on.
+/// cached proteins `seqs`, in order, without gradient tracking; an ensemble's are the mean
+/// of its members'. The cache is a frozen encoder's output, or the states entering a layer
+/// ([`CacheSpec::at_layer`]) that the model's upper layers then run on.
 pub fn cached_outputs(
     model: &SequenceClassifier,
     cache: &mut EmbeddingCache,
     seqs: &[&str],
     device: &Device,
 ) -> Result<crate::infer::HeadPredictions> {
-    let head = model.head.detached();
+    cached_member_outputs(model, 0..model.members(), cache, seqs, device)
+}
+
+/// [`cached_outputs`] of the heads `members` only (one member's, during its training).
+fn cached_member_outputs(
+    model: &SequenceClassifier,
+    members: std::ops::Range<usize>,
+    cache: &mut EmbeddingCache,
+    seqs: &[&str],
+    device: &Device,
+) -> Result<crate::infer::HeadPredictions> {
     let from_layer = cache.spec().layer;
     let encoder = from_layer.map(|_| model.base.encoder.detached());
-    let mut probs = Vec::with_capacity(seqs.len());
-    let mut membrane: Option<Vec<f32>> = model.task.membrane.then(Vec::new);
     // Length-sorted batches pad little; results go back to input order.
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].len());
-    let mut rows: Vec<(usize, Vec<f32>, Option<f32>)> = Vec::with_capacity(seqs.len());
+    // One row per protein: the C location probabilities, then P(membrane) if present.
+    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
     for group in order.chunks(EVAL_BATCH) {
         let s: Vec<&str> = group.iter().map(|&i| seqs[i]).collect();
         let batch = cache.batch(&s, device)?;
-        let out = match (from_layer, &encoder) {
+        let p = match (from_layer, &encoder) {
             (Some(n), Some(encoder)) => {
                 let hidden = encoder.forward_from(&batch.x, &batch.mask, n, None)?;
                 let residues = crate::cache::residues_of_tokens(&batch.mask)?;
-                head.forward(&hidden, &residues, None)?
+                model.hidden_probabilities(&hidden, &residues, members.clone())?
             }
-            _ => head.forward_residues(&batch.x, &batch.mask, None)?,
+            _ => model.residue_probabilities(&batch.x, &batch.mask, members.clone())?,
         };
-        let p: Vec<Vec<f32>> = model.probabilities(&out.logits)?.to_vec2()?;
-        let m: Option<Vec<f32>> = match &out.membrane {
-            Some(t) => Some(
-                crate::model::ops::softmax_last_dim(t)?
-                    .narrow(1, 1, 1)?
-                    .squeeze(1)?
-                    .to_vec1()?,
-            ),
-            None => None,
+        let t = match &p.membrane {
+            Some(m) => candle_core::Tensor::cat(&[&p.location, &m.unsqueeze(1)?], 1)?,
+            None => p.location,
         };
-        for (k, (&i, row)) in group.iter().zip(p).enumerate() {
-            rows.push((i, row, m.as_ref().map(|m| m[k])));
+        for (&i, row) in group.iter().zip(t.to_vec2::<f32>()?) {
+            rows[i] = row;
         }
     }
-    rows.sort_by_key(|r| r.0);
-    for (_, p, m) in rows {
-        probs.push(p);
-        if let (Some(v), Some(m)) = (membrane.as_mut(), m) {
-            v.push(m);
-        }
-    }
-    Ok(crate::infer::HeadPredictions {
-        probabilities: probs,
-        membrane,
-    })
+    Ok(crate::infer::HeadPredictions::from_rows(
+        rows,
+        model.task.membrane,
+    ))
 }

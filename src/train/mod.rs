@@ -90,6 +90,17 @@ pub struct TrainArgs {
     /// are not touched; the validation split is taken from the sample).
     #[serde(default)]
     pub train_sample: Option<usize>,
+    /// Heads trained on the frozen encoder and averaged at inference; member k uses seed
+    /// `seed + k` for its initialisation, shuffling, dropout and validation split.
+    #[serde(
+        default = "default_ensemble",
+        skip_serializing_if = "is_default_ensemble"
+    )]
+    pub ensemble: usize,
+    /// An ensemble over homology partitions instead: member k validates on partition k (and
+    /// trains on the others); excludes `partition` and `ensemble`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub folds: Option<usize>,
     /// Processes the run was trained on (data-parallel ranks); `batch_size` is per rank.
     /// Filled in when the run starts; a resumed run must use the same number.
     #[serde(default = "default_world_size")]
@@ -126,6 +137,14 @@ fn default_lora() -> LoraConfig {
         targets: LoraTarget::ALL.to_vec(),
         from_layer: 0,
     }
+}
+
+fn default_ensemble() -> usize {
+    1
+}
+
+fn is_default_ensemble(n: &usize) -> bool {
+    *n == 1
 }
 
 impl TrainArgs {
@@ -167,6 +186,8 @@ impl TrainArgs {
             multi_label: false,
             partition: None,
             train_sample: None,
+            ensemble: default_ensemble(),
+            folds: None,
             world_size: 1,
             lora: default_lora(),
             train_top_layers: 0,
@@ -214,7 +235,29 @@ impl TrainArgs {
                 bail!("--lora-targets needs at least one of q, k, v, o, ffn");
             }
         }
+        if self.ensemble == 0 {
+            bail!("--ensemble must be at least 1 (the number of heads to train and average)");
+        }
+        if let Some(n) = self.folds {
+            if n < 2 {
+                bail!("--folds must be at least 2 (one member per held-out partition; for a single model validated on partition K use --partition K)");
+            }
+            if self.partition.is_some() {
+                bail!("--folds {n} holds out partition k for member k: it cannot be combined with --partition");
+            }
+            if self.ensemble > 1 {
+                bail!("--folds {n} already trains {n} members (one per held-out partition): drop --ensemble");
+            }
+        }
+        if self.members() > 1 && !self.frozen {
+            bail!("--ensemble and --folds train several heads on one frozen encoder's cached embeddings: add --frozen (ensembles of fine-tuned encoders are not supported)");
+        }
         Ok(())
+    }
+
+    /// Models the run trains: `folds`, else `ensemble`.
+    pub fn members(&self) -> usize {
+        self.folds.unwrap_or(self.ensemble)
     }
 }
 
@@ -231,6 +274,12 @@ pub struct EpochMetrics {
     pub val_membrane_accuracy: Option<f64>,
     pub lr: f64,
     pub elapsed_s: f64,
+    /// The ensemble member this epoch trained (ensembles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub member: Option<usize>,
+    /// Proteins in that member's validation split (ensembles only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub val_records: Option<usize>,
 }
 
 /// Validation results of one epoch.
@@ -259,6 +308,8 @@ impl EpochMetrics {
             val_membrane_accuracy: val.and_then(|v| v.membrane_accuracy),
             lr,
             elapsed_s: t0.elapsed().as_secs_f64(),
+            member: None,
+            val_records: None,
         }
     }
 }
@@ -337,6 +388,11 @@ pub struct TrainSummary {
     /// (measured with a barrier before each gradient all-reduce when PROTLOC_DIST_PROFILE is
     /// set; otherwise only the small per-batch reductions count here).
     pub comm_wait_s: f64,
+    /// An ensemble's members (empty for a single model). The fields above then describe the
+    /// first member, except `epochs` (every member's, tagged `member`), `steps` and
+    /// `total_parameters` (all members').
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<model::MemberInfo>,
 }
 
 /// Encoded proteins and their class indices, kept apart so the encodings can be handed to
@@ -454,7 +510,7 @@ pub(crate) fn prepare_encoder(
 /// Whether parameter `name` trains: the head always; with LoRA the adapters; otherwise
 /// every encoder parameter outside the embeddings and the first `frozen_layers` layers.
 pub(crate) fn trains(name: &str, prefix: &str, frozen_layers: usize, lora: bool) -> bool {
-    if model::head::is_head_param(name) {
+    if model::is_head_param(name) {
         return true;
     }
     if lora {
@@ -515,6 +571,77 @@ pub fn resume_with(run_dir: &std::path::Path, comm: &dyn Collective) -> Result<T
 /// Reads the data and splits it: (all records, training indices, validation indices). Test
 /// records are never in either list.
 pub(crate) fn prepare_data(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize>, Vec<usize>)> {
+    let (dataset, pool) = training_pool(args)?;
+    let (train, val) = split_pool(args, &dataset, &pool, args.seed, args.partition)?;
+    Ok((dataset, train, val))
+}
+
+/// One model of a run (an ensemble member, or the only one): its seed and its split.
+pub(crate) struct MemberPlan {
+    pub seed: u64,
+    /// The partition it validates on (`--partition`, or partition k for member k of
+    /// `--folds`).
+    pub holdout_partition: Option<u32>,
+    pub train: Vec<usize>,
+    pub val: Vec<usize>,
+}
+
+/// Reads the data and splits it once per member ([`TrainArgs::members`]): member k with seed
+/// `seed + k`, validating on a stratified split drawn with that seed (or on `--partition`),
+/// or with `--folds` on partition k. One member is exactly [`prepare_data`]'s split.
+pub(crate) fn plan_members(args: &TrainArgs) -> Result<(data::Dataset, Vec<MemberPlan>)> {
+    let (dataset, pool) = training_pool(args)?;
+    if let Some(n) = args.folds {
+        let mut present: Vec<u32> = pool
+            .iter()
+            .filter_map(|&i| dataset.records[i].partition)
+            .collect();
+        present.sort_unstable();
+        present.dedup();
+        if present.is_empty() {
+            bail!(
+                "--folds {n} holds out partition k for member k, but {} has no `partition` column (DeepLoc 2.0's CSV has one, 0-4)",
+                args.data.display()
+            );
+        }
+        if let Some(k) = (0..n as u32).find(|k| present.binary_search(k).is_err()) {
+            bail!(
+                "--folds {n}: no training record of {} is in partition {k} (partitions present: {present:?})",
+                args.data.display()
+            );
+        }
+        let unassigned = pool
+            .iter()
+            .filter(|&&i| dataset.records[i].partition.is_none())
+            .count();
+        if unassigned > 0 {
+            tracing::warn!(
+                "{unassigned} training records have no partition: every member trains on them"
+            );
+        }
+    }
+    let plans = (0..args.members())
+        .map(|k| {
+            let seed = args.seed.wrapping_add(k as u64);
+            let holdout = match args.folds {
+                Some(_) => Some(k as u32),
+                None => args.partition,
+            };
+            let (train, val) = split_pool(args, &dataset, &pool, seed, holdout)?;
+            Ok(MemberPlan {
+                seed,
+                holdout_partition: holdout,
+                train,
+                val,
+            })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    Ok((dataset, plans))
+}
+
+/// Reads the data: (all records, the training pool: not test-tagged, sampled with
+/// `--train-sample`).
+fn training_pool(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize>)> {
     let opts = ReadOptions {
         skip_invalid: args.skip_invalid,
         require_labels: true,
@@ -552,8 +679,20 @@ pub(crate) fn prepare_data(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize
             train_pool = sample;
         }
     }
-    if let Some(p) = args.partition {
-        let (val, train): (Vec<usize>, Vec<usize>) = train_pool
+    Ok((dataset, train_pool))
+}
+
+/// (training, validation) indices of `pool`: the records of `partition` against the rest,
+/// or a stratified split drawn with `seed`.
+fn split_pool(
+    args: &TrainArgs,
+    dataset: &data::Dataset,
+    pool: &[usize],
+    seed: u64,
+    partition: Option<u32>,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    if let Some(p) = partition {
+        let (val, train): (Vec<usize>, Vec<usize>) = pool
             .iter()
             .partition(|&&i| dataset.records[i].partition == Some(p));
         if val.is_empty() {
@@ -562,16 +701,10 @@ pub(crate) fn prepare_data(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize
                 args.data.display()
             );
         }
-        return Ok((dataset, train, val));
+        return Ok((train, val));
     }
-    let (train_idx, val_idx) = data::split::stratified_validation(
-        &dataset.records,
-        &train_pool,
-        args.val_fraction,
-        args.seed,
-    )
-    .map_err(anyhow::Error::msg)?;
-    Ok((dataset, train_idx, val_idx))
+    data::split::stratified_validation(&dataset.records, pool, args.val_fraction, seed)
+        .map_err(anyhow::Error::msg)
 }
 
 /// Runs `protloc train` in this process alone.
@@ -689,7 +822,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         if !trains(&name, prefix, args.freeze_layers, lora.is_some()) {
             continue;
         }
-        let scale = if model::head::is_head_param(&name) {
+        let scale = if model::is_head_param(&name) {
             head_lr_scale
         } else {
             1.0
@@ -998,15 +1131,10 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
             schedule.lr(st.step.saturating_sub(1)),
             &t0,
         )?;
-        record_epoch(
-            &model,
-            args,
-            root,
-            &metrics_path,
-            m,
-            &mut st.history,
-            &mut st.best,
-        )?;
+        let epoch_done = m.epoch;
+        if record_epoch(root, &metrics_path, m, &mut st.history, &mut st.best)? && root {
+            save_best(&model, &args.output, epoch_done)?;
+        }
         st.epoch += 1;
         st.next_batch = 0;
         st.epoch_rng = next_epoch_rng;
@@ -1045,6 +1173,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         train_loop_s,
         comm_s,
         comm_wait_s,
+        members: Vec::new(),
     })
 }
 
@@ -1157,16 +1286,14 @@ fn finish_epoch(
 /// validation set the latest epoch is kept).
 ///
 /// Every rank keeps the same bookkeeping (it goes into checkpoints); only `root` prints
-/// and writes.
+/// and writes. Returns whether this epoch is the new best (the caller keeps its weights).
 fn record_epoch(
-    model: &SequenceClassifier,
-    args: &TrainArgs,
     root: bool,
     metrics_path: &std::path::Path,
     m: EpochMetrics,
     history: &mut Vec<EpochMetrics>,
     best: &mut Option<(f64, f64, usize)>,
-) -> Result<()> {
+) -> Result<bool> {
     if root {
         println!("Epoch {} (step {}):", m.epoch, m.step);
         println!("Training Loss: {}", m.train_loss);
@@ -1198,32 +1325,39 @@ fn record_epoch(
     }
     if improved {
         *best = Some(key);
-        if root {
-            model.save(&args.output)?;
-            tracing::info!(
-                epoch = m.epoch,
-                "saved best model to {}",
-                args.output.display()
-            );
-        }
     }
     history.push(m);
+    Ok(improved)
+}
+
+/// Writes the best model so far into the run directory.
+fn save_best(model: &SequenceClassifier, dir: &std::path::Path, epoch: usize) -> Result<()> {
+    model.save(dir)?;
+    tracing::info!(epoch, "saved best model to {}", dir.display());
     Ok(())
 }
 
 /// Writes `training_curves.png` into the run directory.
 pub fn plot_curves(run_dir: &std::path::Path, summary: &TrainSummary) -> Result<()> {
-    let points: Vec<crate::eval::plot::CurvePoint> = summary
-        .epochs
+    crate::eval::plot::plot_training_curves(
+        &curve_points(&summary.epochs),
+        &run_dir.join("training_curves.png"),
+    )
+}
+
+/// The points of the training curves: every epoch of a single model; of an ensemble, those of
+/// its first member (the others' are in `metrics.jsonl`, tagged `member`).
+pub fn curve_points(epochs: &[EpochMetrics]) -> Vec<crate::eval::plot::CurvePoint> {
+    epochs
         .iter()
+        .filter(|m| m.member.unwrap_or(0) == 0)
         .map(|m| crate::eval::plot::CurvePoint {
             epoch: m.epoch as f64,
             train_loss: Some(m.train_loss),
             val_loss: m.val_loss,
             val_accuracy: m.val_accuracy,
         })
-        .collect();
-    crate::eval::plot::plot_training_curves(&points, &run_dir.join("training_curves.png"))
+        .collect()
 }
 
 #[cfg(test)]
