@@ -24,7 +24,7 @@ use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
 use crate::eval::multilabel;
 use crate::infer::BatchLimits;
-use crate::model::{self, HeadKind, SequenceClassifier, TaskConfig};
+use crate::model::{self, SequenceClassifier, TaskConfig};
 use crate::tokenize::BatchPlan;
 
 /// Proteins per validation batch on cached rows.
@@ -38,9 +38,6 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     // The encoder only embeds (frozen): its weights in the inference layout.
     let base = model::load_base(&args.model, args.seed, &device, model::Purpose::Inference)?;
     let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
-    if args.head != HeadKind::LightAttention && args.pool == model::Pool::Cls {
-        bail!("--frozen trains on cached residue embeddings, which have no [CLS] vector: use --pool mean (or --head light-attention)");
-    }
     let labels = default_labels();
     let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
     let (train_recs, val_recs) = (pick(&train_idx), pick(&val_idx));

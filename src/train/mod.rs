@@ -180,6 +180,17 @@ impl TrainArgs {
         if self.max_residues == Some(0) {
             bail!("--max-residues must be at least 1");
         }
+        if self.frozen {
+            if let Some(why) = self.head.cached_rows_unsupported(self.pool) {
+                bail!("--frozen trains on cached residue embeddings: {why}");
+            }
+        }
+        if self.head == HeadKind::Reference && self.pool != Pool::Cls {
+            bail!(
+                "--head reference always pools with BERT's pooler on the first ([CLS]) token, as \
+                 the reference workflow does: drop --pool mean (or use --head linear with it)"
+            );
+        }
         Ok(())
     }
 }
@@ -381,6 +392,15 @@ pub fn effective_max_residues(
     }
 }
 
+/// Head dropout when fine-tuning without `--dropout`: the reference workflow's 0.2 for its
+/// head, 0.1 (BERT's own) otherwise.
+pub fn default_head_dropout(head: HeadKind) -> f64 {
+    match head {
+        HeadKind::Reference => 0.2,
+        _ => 0.1,
+    }
+}
+
 /// Default residues per protein for training (see [`effective_max_residues`]).
 pub const DEFAULT_MAX_RESIDUES: usize = 510;
 
@@ -567,7 +587,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         pool: args.pool,
         truncate: args.truncate,
         max_residues: max_res,
-        head_dropout: args.dropout.unwrap_or(0.1),
+        head_dropout: args.dropout.unwrap_or(default_head_dropout(args.head)),
         head: args.head,
         head_hidden: args.head_hidden,
         la_kernel: args.la_kernel,
