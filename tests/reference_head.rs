@@ -368,9 +368,7 @@ fn frozen_reference_head_and_mean_pooling_are_refused() {
     frozen.frozen = true;
     for pool in [Pool::Mean, Pool::Cls] {
         frozen.pool = pool;
-        let err = train(&frozen)
-            .err()
-            .expect("--frozen --head reference must fail");
+        let err = train(&frozen).expect_err("--frozen --head reference must fail");
         let msg = format!("{err:#}");
         assert!(
             msg.contains("--frozen") && msg.contains("reference head") && msg.contains("[CLS]"),
@@ -381,7 +379,7 @@ fn frozen_reference_head_and_mean_pooling_are_refused() {
 
     let mut mean = tiny_args(&data, &run);
     mean.pool = Pool::Mean;
-    let msg = format!("{:#}", train(&mean).err().expect("--pool mean must fail"));
+    let msg = format!("{:#}", train(&mean).expect_err("--pool mean must fail"));
     assert!(
         msg.contains("--head reference") && msg.contains("--pool mean"),
         "{msg}"

@@ -182,7 +182,7 @@ impl TrainArgs {
         }
         if self.frozen {
             if let Some(why) = self.head.cached_rows_unsupported(self.pool) {
-                bail!("--frozen trains on cached residue embeddings: {why}");
+                bail!("--frozen: {why}");
             }
         }
         if self.head == HeadKind::Reference && self.pool != Pool::Cls {
