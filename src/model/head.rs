@@ -395,8 +395,9 @@ pub fn pool(hidden: &Tensor, residue_mask: &Tensor, pool: Pool) -> Result<Tensor
     }
 }
 
-/// Dropout + linear layer (`classifier.weight` [C, H], `classifier.bias` [C]): the
-/// reference workflow's head, kept as a building block for tests and tools.
+/// Dropout + linear layer (`classifier.weight` [C, H], `classifier.bias` [C]): the `linear`
+/// head's classifier, kept as a building block for tests and tools (the reference workflow's
+/// own head, with pooler and tanh, is [`HeadKind::Reference`]).
 pub struct ClassifierHead {
     pub dropout: f64,
     pub linear: Linear,
