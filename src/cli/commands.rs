@@ -146,7 +146,8 @@ pub struct TrainCmd {
     /// Clip the global gradient norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
-    /// Dropout of the head (default 0.1); when given, also the encoder's dropout.
+    /// Dropout of the head (default 0.1; 0.2 for --head reference, 0.25 with --frozen); when
+    /// given, also the encoder's dropout.
     #[arg(long)]
     pub dropout: Option<f64>,
     /// Fraction of the training records held out for validation (stratified, seeded).
@@ -161,7 +162,8 @@ pub struct TrainCmd {
     #[arg(long)]
     pub max_steps: Option<usize>,
     /// Pooling of token states into one vector per protein (default cls; mean with
-    /// --frozen, whose cached embeddings hold residues only).
+    /// --frozen, whose cached embeddings hold residues only). --head reference always uses
+    /// BERT's pooler on the first token and refuses mean.
     #[arg(long, value_enum)]
     pub pool: Option<Pool>,
     #[arg(long)]
@@ -177,7 +179,8 @@ pub struct TrainCmd {
     /// across runs while the encoder, truncation and residue limit are unchanged.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
-    /// Head architecture.
+    /// Head architecture (reference: the reference workflow's pooler -> dropout -> linear ->
+    /// tanh; not with --frozen).
     #[arg(long, value_enum, default_value_t = HeadKind::Linear)]
     pub head: HeadKind,
     /// Feed-forward width of the mlp and light-attention heads.

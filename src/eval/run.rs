@@ -168,6 +168,10 @@ fn cached_predictions(
     chosen: &[&Record],
     limits: BatchLimits,
 ) -> Result<infer::HeadPredictions> {
+    // Before the cache is opened (and possibly rebuilt for this encoder).
+    if let Some(why) = model.task.head.cached_rows_unsupported(model.task.pool) {
+        bail!("--cache cannot serve this model (evaluate it without --cache): {why}");
+    }
     let spec = crate::cache::CacheSpec::for_model(
         &model.base,
         model.task.max_residues,

@@ -1,7 +1,11 @@
 //! Classification heads on top of an encoder's hidden states.
 //!
-//! Three kinds, all with an optional membrane/soluble output trained jointly:
-//! - `linear`: dropout + linear on a pooled vector (the reference workflow's head);
+//! Four kinds, all with an optional membrane/soluble output trained jointly:
+//! - `linear`: dropout + linear on a pooled vector;
+//! - `reference`: the reference workflow's head, faithfully: BERT's pooler (dense + tanh on
+//!   the first token, pretrained weights `<bert|esm>.pooler.dense.*` when the checkpoint has
+//!   them), dropout, linear, tanh. The tanh outputs are the logits (the reference trains
+//!   cross-entropy on them and takes their argmax), so they lie in [-1, 1];
 //! - `mlp`: a small feed-forward network on the pooled vector (the frozen-embedding baseline
 //!   of Stärk et al. 2021: Linear -> Dropout -> ReLU -> Linear);
 //! - `light-attention`: Stärk et al. 2021. Two 1-D convolutions over the residues produce
@@ -19,7 +23,10 @@ use serde::{Deserialize, Serialize};
 
 use super::nn::Linear;
 use super::ops;
-use super::params::Builder;
+use super::params::{Builder, ParamStore};
+
+/// Initial standard deviation of a pooler the checkpoint lacks (BERT's `initializer_range`).
+const POOLER_STD: f64 = 0.02;
 
 /// How per-token hidden states become one vector per protein.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -43,6 +50,28 @@ pub enum HeadKind {
     Mlp,
     /// Light Attention (convolutional attention pooling over residues + max pooling + MLP).
     LightAttention,
+    /// The reference workflow's head: pooler (dense + tanh on the first token, pretrained
+    /// when the checkpoint has one) -> dropout -> linear -> tanh; ignores `pool`.
+    Reference,
+}
+
+impl HeadKind {
+    /// Why this head cannot read cached per-residue embeddings (`--frozen`, `eval --cache`)
+    /// with `pool`, if it cannot: the cache holds residues only, no first-token vector.
+    pub fn cached_rows_unsupported(self, pool: Pool) -> Option<&'static str> {
+        match (self, pool) {
+            (HeadKind::Reference, _) => Some(
+                "the reference head reads BERT's pooler on the first ([CLS]) token, which cached \
+                 residue embeddings do not have: train it by fine-tuning (without --frozen), or \
+                 use --frozen with --head linear, mlp or light-attention",
+            ),
+            (HeadKind::LightAttention, _) | (_, Pool::Mean) => None,
+            (_, Pool::Cls) => Some(
+                "cached residue embeddings have no [CLS] vector: use --pool mean (or --head \
+                 light-attention) with --frozen",
+            ),
+        }
+    }
 }
 
 /// Shape of a head.
@@ -52,6 +81,9 @@ pub struct HeadSpec {
     pub pool: Pool,
     /// Encoder hidden size (input width).
     pub input_dim: usize,
+    /// Name prefix of the encoder's parameters (`bert`, `esm`): the `reference` head's pooler
+    /// is `<prefix>.pooler.dense`, its name in Hugging Face `BertModel`/`EsmModel`.
+    pub encoder_prefix: &'static str,
     pub num_labels: usize,
     /// Width of the feed-forward layer of `mlp` and `light-attention`.
     pub hidden: usize,
@@ -82,11 +114,18 @@ enum Body {
         kernel: usize,
         dense: Linear,
     },
+    /// Pooler (dense + tanh on the first token), dropout; `out` is followed by a tanh.
+    Reference {
+        pooler: Linear,
+    },
 }
 
 /// A classification head (see the module docs). Parameters live under `classifier.` and
 /// `membrane_classifier.`; the `linear` kind keeps the Hugging Face names
-/// `classifier.weight`/`classifier.bias`.
+/// `classifier.weight`/`classifier.bias`. The `reference` kind's linear layer is
+/// `classifier.1` (the reference's `Sequential(Dropout, Linear, Tanh)` saves it under that
+/// name) and its pooler is the encoder's (`bert.pooler.dense`, see [`Head::pooler_name`]), so
+/// a reference `state_dict` maps onto it name for name.
 pub struct Head {
     pub spec: HeadSpec,
     body: Body,
@@ -117,6 +156,14 @@ impl Head {
         };
         let (body, out, features) = match spec.kind {
             HeadKind::Linear => (Body::Pooled, Linear::new(&b, h, spec.num_labels, 0.02)?, h),
+            HeadKind::Reference => (
+                Body::Reference {
+                    pooler: Linear::new(&Self::pooler_builder(root, &spec), h, h, POOLER_STD)?,
+                },
+                // PyTorch's default `nn.Linear` initialisation, as in the reference.
+                Linear::new(&b.pp("1"), h, spec.num_labels, torch_std(h))?,
+                h,
+            ),
             HeadKind::Mlp => (
                 Body::Mlp {
                     dense: Linear::new(&b.pp("dense"), h, spec.hidden, torch_std(h))?,
@@ -159,10 +206,50 @@ impl Head {
         })
     }
 
+    fn pooler_builder(root: &Builder, spec: &HeadSpec) -> Builder {
+        root.pp(spec.encoder_prefix).pp("pooler").pp("dense")
+    }
+
+    /// Full names of the `reference` head's pooler tensors (`bert.pooler.dense.weight`, ...).
+    pub fn pooler_names(spec: &HeadSpec) -> [String; 2] {
+        let p = format!("{}.pooler.dense", spec.encoder_prefix);
+        [format!("{p}.weight"), format!("{p}.bias")]
+    }
+
+    /// Reads the `reference` head's pooler from the checkpoint in `store` (or initialises it,
+    /// with a warning naming the missing tensors) and registers it as a variable, so that a
+    /// head built afterwards on a store whose checkpoint was released finds the pretrained
+    /// weights. Does nothing for the other kinds, which never reuse checkpoint tensors.
+    pub fn load_pretrained_pooler(store: &ParamStore, spec: &HeadSpec) -> Result<()> {
+        if spec.kind != HeadKind::Reference {
+            return Ok(());
+        }
+        let b = Self::pooler_builder(&store.initialising(), spec);
+        let missing: Vec<String> = ["weight", "bias"]
+            .into_iter()
+            .zip(Self::pooler_names(spec))
+            .filter(|(short, _)| !b.contains(short))
+            .map(|(_, full)| full)
+            .collect();
+        if !missing.is_empty() {
+            tracing::warn!(
+                missing = ?missing,
+                "the checkpoint has no pretrained pooler for the reference head: initialising it \
+                 from scratch (Normal(0, {POOLER_STD}) weight, zero bias)"
+            );
+        }
+        let h = spec.input_dim;
+        Linear::new(&b, h, h, POOLER_STD)?;
+        Ok(())
+    }
+
     /// A copy outside the autograd graph, for inference.
     pub fn detached(&self) -> Self {
         let body = match &self.body {
             Body::Pooled => Body::Pooled,
+            Body::Reference { pooler } => Body::Reference {
+                pooler: pooler.detached(),
+            },
             Body::Mlp { dense } => Body::Mlp {
                 dense: dense.detached(),
             },
@@ -205,6 +292,17 @@ impl Head {
                     .narrow(1, 1, t - 1)?;
                 self.forward_residues(&x, &m.narrow(1, 1, t - 1)?, rng)
             }
+            Body::Reference { ref pooler } => {
+                // BertPooler: dense + tanh on the first token's state, whatever `pool` says.
+                let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                let pooled = pooler.forward(&first)?.tanh()?;
+                let features = ops::dropout(&pooled, self.spec.dropout, rng)?;
+                let out = self.outputs(&features)?;
+                Ok(HeadOutput {
+                    logits: out.logits.tanh()?,
+                    membrane: out.membrane,
+                })
+            }
             _ => {
                 let pooled = pool(hidden, residue_mask, self.spec.pool)?;
                 self.pooled_outputs(&pooled, rng)
@@ -243,10 +341,8 @@ impl Head {
                 self.outputs(&h)
             }
             _ => {
-                if self.spec.pool == Pool::Cls {
-                    candle_core::bail!(
-                        "cached residue embeddings have no [CLS] vector: use --pool mean with --frozen"
-                    );
+                if let Some(why) = self.spec.kind.cached_rows_unsupported(self.spec.pool) {
+                    candle_core::bail!("{why}");
                 }
                 let pooled = ops::masked_mean(x, mask)?;
                 self.pooled_outputs(&pooled, rng)
@@ -302,8 +398,9 @@ pub fn pool(hidden: &Tensor, residue_mask: &Tensor, pool: Pool) -> Result<Tensor
     }
 }
 
-/// Dropout + linear layer (`classifier.weight` [C, H], `classifier.bias` [C]): the
-/// reference workflow's head, kept as a building block for tests and tools.
+/// Dropout + linear layer (`classifier.weight` [C, H], `classifier.bias` [C]): the `linear`
+/// head's classifier, kept as a building block for tests and tools (the reference workflow's
+/// own head, with pooler and tanh, is [`HeadKind::Reference`]).
 pub struct ClassifierHead {
     pub dropout: f64,
     pub linear: Linear,
@@ -346,6 +443,7 @@ mod tests {
             kind,
             pool: Pool::Mean,
             input_dim: 6,
+            encoder_prefix: "bert",
             num_labels: 3,
             hidden: 5,
             kernel: 3,
@@ -394,5 +492,63 @@ mod tests {
                 .unwrap();
             assert!(diff.to_scalar::<f32>().unwrap() < 1e-5, "{kind:?}");
         }
+    }
+
+    /// The reference head: tanh(linear(tanh(pooler(first token)))) whatever `pool` says, its
+    /// parameters under the reference's names; cached residue rows are refused.
+    #[test]
+    fn reference_head_is_pooler_linear_tanh_on_the_first_token() {
+        let dev = Device::Cpu;
+        let store =
+            crate::model::params::ParamStore::new(Default::default(), "test", 3, &dev, DType::F32);
+        let head = Head::new(&store.initialising(), spec(HeadKind::Reference)).unwrap();
+        let names: Vec<String> = store.vars().into_iter().map(|(n, _)| n).collect();
+        for want in [
+            "bert.pooler.dense.weight",
+            "bert.pooler.dense.bias",
+            "classifier.1.weight",
+            "classifier.1.bias",
+            "membrane_classifier.weight",
+        ] {
+            assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
+        }
+        let hidden = (Tensor::randn(0f32, 1.0, (2, 4, 6), &dev).unwrap() * 3.0).unwrap();
+        let residue_mask = Tensor::new(&[[0f32, 1., 1., 0.], [0., 1., 0., 0.]], &dev).unwrap();
+        let got = head.forward(&hidden, &residue_mask, None).unwrap();
+        let Body::Reference { pooler } = &head.body else {
+            panic!("not a reference body")
+        };
+        let first = hidden.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();
+        let pooled = pooler.forward(&first).unwrap().tanh().unwrap();
+        let want = head.out.forward(&pooled).unwrap().tanh().unwrap();
+        let diff = (&got.logits - &want)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(diff < 1e-6, "logits differ by {diff}");
+        let logits: Vec<Vec<f32>> = got.logits.to_vec2().unwrap();
+        assert!(logits.iter().flatten().all(|x| x.abs() <= 1.0));
+        // Residues other than the first token do not matter.
+        let other = Tensor::cat(
+            &[
+                hidden.narrow(1, 0, 1).unwrap(),
+                Tensor::zeros((2, 3, 6), DType::F32, &dev).unwrap(),
+            ],
+            1,
+        )
+        .unwrap();
+        let again = head.forward(&other, &residue_mask, None).unwrap();
+        let again: Vec<Vec<f32>> = again.logits.to_vec2().unwrap();
+        assert_eq!(again, logits);
+        let err = head
+            .forward_residues(&hidden, &residue_mask, None)
+            .err()
+            .expect("cached rows must be refused")
+            .to_string();
+        assert!(err.contains("pooler"), "{err}");
     }
 }

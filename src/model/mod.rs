@@ -380,18 +380,19 @@ pub(crate) fn default_la_kernel() -> usize {
 }
 
 impl TaskConfig {
-    /// The head's shape for an encoder of width `input_dim`.
-    pub fn head_spec(&self, input_dim: usize) -> HeadSpec {
-        HeadSpec {
+    /// The head's shape for the encoder `cfg`.
+    pub fn head_spec(&self, cfg: &EncoderConfig) -> Result<HeadSpec> {
+        Ok(HeadSpec {
             kind: self.head,
             pool: self.pool,
-            input_dim,
+            input_dim: cfg.hidden_size,
+            encoder_prefix: cfg.arch().map_err(anyhow::Error::msg)?.prefix(),
             num_labels: self.labels.len(),
             hidden: self.head_hidden,
             kernel: self.la_kernel,
             dropout: self.head_dropout,
             membrane: self.membrane,
-        }
+        })
     }
 
     /// Defaults for a task over `labels` with the reference head.
@@ -466,8 +467,11 @@ impl SequenceClassifier {
         // The new head starts from scratch: drop the checkpoint's remaining tensors first, or
         // a pretrained classifier that happens to share a name and shape (e.g. the
         // `classifier.dense` of an *ForSequenceClassification checkpoint) would be reused.
+        // The one deliberate exception: the reference head's pooler is part of the pretrained
+        // BERT (`bert.pooler.dense`), so it is read before the checkpoint goes.
+        let spec = task.head_spec(&base.cfg)?;
+        Head::load_pretrained_pooler(&base.store, &spec)?;
         base.store.release_source();
-        let spec = task.head_spec(base.cfg.hidden_size);
         let heads = (0..task.ensemble)
             .map(|k| {
                 if let Some(seeds) = seeds {
@@ -642,7 +646,7 @@ impl SequenceClassifier {
             );
         }
         let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device, Purpose::Inference)?;
-        let spec = task.head_spec(cfg.hidden_size);
+        let spec = task.head_spec(&cfg)?;
         let heads = (0..n)
             .map(|k| Head::new(&member_builder(store.strict(), k, n), spec.clone()))
             .collect::<candle_core::Result<Vec<_>>>()?;

@@ -28,7 +28,7 @@ use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
 use crate::eval::multilabel;
 use crate::infer::BatchLimits;
-use crate::model::{self, HeadKind, MemberInfo, SequenceClassifier, TaskConfig};
+use crate::model::{self, MemberInfo, SequenceClassifier, TaskConfig};
 use crate::tokenize::BatchPlan;
 
 /// Proteins per validation batch on cached rows.
@@ -58,12 +58,6 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     // The cache holds the states entering the first trained layer (every token), or with a
     // frozen encoder its output (residues only).
     let from_layer = (top > 0).then_some(layers - top);
-    if from_layer.is_none()
-        && args.head != HeadKind::LightAttention
-        && args.pool == model::Pool::Cls
-    {
-        bail!("--frozen trains on cached residue embeddings, which have no [CLS] vector: use --pool mean (or --head light-attention)");
-    }
     let labels = default_labels();
     // Every record some member trains or validates on, in first-use order.
     let mut used: Vec<usize> = Vec::new();

@@ -252,6 +252,17 @@ impl TrainArgs {
         if self.members() > 1 && !self.frozen {
             bail!("--ensemble and --folds train several heads on one frozen encoder's cached embeddings: add --frozen (ensembles of fine-tuned encoders are not supported)");
         }
+        if self.frozen {
+            if let Some(why) = self.head.cached_rows_unsupported(self.pool) {
+                bail!("--frozen: {why}");
+            }
+        }
+        if self.head == HeadKind::Reference && self.pool != Pool::Cls {
+            bail!(
+                "--head reference always pools with BERT's pooler on the first ([CLS]) token, as \
+                 the reference workflow does: drop --pool mean (or use --head linear with it)"
+            );
+        }
         Ok(())
     }
 
@@ -468,6 +479,15 @@ pub fn effective_max_residues(
         ),
         Some(n) => Ok(n),
         None => Ok(limit.min(DEFAULT_MAX_RESIDUES)),
+    }
+}
+
+/// Head dropout when fine-tuning without `--dropout`: the reference workflow's 0.2 for its
+/// head, 0.1 (BERT's own) otherwise.
+pub fn default_head_dropout(head: HeadKind) -> f64 {
+    match head {
+        HeadKind::Reference => 0.2,
+        _ => 0.1,
     }
 }
 
@@ -780,7 +800,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
         pool: args.pool,
         truncate: args.truncate,
         max_residues: max_res,
-        head_dropout: args.dropout.unwrap_or(0.1),
+        head_dropout: args.dropout.unwrap_or(default_head_dropout(args.head)),
         head: args.head,
         head_hidden: args.head_hidden,
         la_kernel: args.la_kernel,
