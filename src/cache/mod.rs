@@ -394,27 +394,7 @@ pub fn token_rows(
     limits: BatchLimits,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<Vec<f32>>> {
-    let encoder = model.encoder.detached();
-    let device = model.store.device().clone();
-    infer::batched_rows(
-        encoded,
-        model.tokenizer.pad_id,
-        limits,
-        &device,
-        progress,
-        |batch| {
-            let hidden = encoder.forward_until(&batch.ids, &batch.attention_mask, layer, None)?;
-            let (b, t, h) = hidden.dims3()?;
-            let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
-            let mask = batch.attention_mask.to_vec2::<f32>()?;
-            Ok((0..b)
-                .map(|i| {
-                    let n = mask[i].iter().filter(|&&m| m > 0.0).count();
-                    flat[i * t * h..(i * t + n) * h].to_vec()
-                })
-                .collect())
-        },
-    )
+    encoder_rows(model, encoded, Some(layer), limits, progress)
 }
 
 /// The residue mask [B, T] of a token mask [B, T] ("ones then zeros" per row): every real
@@ -440,6 +420,18 @@ pub fn residue_rows(
     limits: BatchLimits,
     progress: Option<&indicatif::ProgressBar>,
 ) -> Result<Vec<Vec<f32>>> {
+    encoder_rows(model, encoded, None, limits, progress)
+}
+
+/// What a cache stores per protein: with `layer`, every token's state after that many
+/// layers; without, the residue tokens' final states.
+fn encoder_rows(
+    model: &BaseModel,
+    encoded: &[Encoded],
+    layer: Option<usize>,
+    limits: BatchLimits,
+    progress: Option<&indicatif::ProgressBar>,
+) -> Result<Vec<Vec<f32>>> {
     let encoder = model.encoder.detached();
     let device = model.store.device().clone();
     infer::batched_rows(
@@ -449,18 +441,29 @@ pub fn residue_rows(
         &device,
         progress,
         |batch| {
-            let hidden = encoder.forward(&batch.ids, &batch.attention_mask, None)?;
+            let (hidden, rows, skip) = match layer {
+                Some(n) => (
+                    encoder.forward_until(&batch.ids, &batch.attention_mask, n, None)?,
+                    &batch.attention_mask,
+                    0,
+                ),
+                // Residues are the contiguous run of 1s after the leading special token.
+                None => (
+                    encoder.forward(&batch.ids, &batch.attention_mask, None)?,
+                    &batch.residue_mask,
+                    1,
+                ),
+            };
             let (b, t, h) = hidden.dims3()?;
             let flat = hidden.flatten_all()?.to_vec1::<f32>()?;
-            let res = batch.residue_mask.to_vec2::<f32>()?;
-            let mut out = Vec::with_capacity(b);
-            for (i, mask_row) in res.iter().enumerate() {
-                // Residues are the contiguous run of 1s after the leading special token.
-                let n = mask_row.iter().filter(|&&m| m > 0.0).count();
-                let start = (i * t + 1) * h;
-                out.push(flat[start..start + n * h].to_vec());
-            }
-            Ok(out)
+            let mask = rows.to_vec2::<f32>()?;
+            Ok((0..b)
+                .map(|i| {
+                    let n = mask[i].iter().filter(|&&m| m > 0.0).count();
+                    let start = (i * t + skip) * h;
+                    flat[start..start + n * h].to_vec()
+                })
+                .collect())
         },
     )
 }

@@ -358,19 +358,18 @@ impl Bert {
     /// weights leave the autograd graph.
     pub fn attach_lora(&mut self, b: &Builder, lora: &LoraConfig) -> Result<()> {
         for (i, l) in self.layers.iter_mut().enumerate() {
-            let lb = b.pp("encoder.layer").pp(i);
-            for (path, lin) in [
-                ("attention.self.query", &mut l.query),
-                ("attention.self.key", &mut l.key),
-                ("attention.self.value", &mut l.value),
-                ("attention.output.dense", &mut l.attn_out),
-                ("intermediate.dense", &mut l.intermediate),
-                ("output.dense", &mut l.output),
-            ] {
-                if lora.adapts(i, path) {
-                    *lin = lin.with_lora(&lb.pp(path), lora.rank, lora.alpha)?;
-                }
-            }
+            lora.adapt_layer(
+                &b.pp("encoder.layer").pp(i),
+                i,
+                [
+                    &mut l.query,
+                    &mut l.key,
+                    &mut l.value,
+                    &mut l.attn_out,
+                    &mut l.intermediate,
+                    &mut l.output,
+                ],
+            )?;
         }
         Ok(())
     }

