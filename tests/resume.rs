@@ -3,16 +3,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
-
-fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_protloc"))
-}
 
 fn train_cmd(data: &Path, out: &Path) -> Command {
-    let mut c = Command::new(bin());
+    let mut c = Command::new(common::bin());
     c.stdout(std::process::Stdio::null())
         .env("PROTLOC_LOG", "warn")
         .args([
@@ -41,41 +36,6 @@ fn train_cmd(data: &Path, out: &Path) -> Command {
     c
 }
 
-fn resume(run: &Path) -> std::process::Output {
-    Command::new(bin())
-        .env("PROTLOC_LOG", "warn")
-        .arg("train")
-        .arg("--resume")
-        .arg(run)
-        .output()
-        .unwrap()
-}
-
-/// Starts a run and SIGKILLs it once `min_checkpoints` checkpoints exist (mid-epoch 1).
-fn start_and_kill(data: &Path, run: &Path, min_checkpoints: usize) {
-    let mut child = train_cmd(data, run).spawn().unwrap();
-    let t0 = Instant::now();
-    while common::checkpoints(run).len() < min_checkpoints {
-        assert!(
-            t0.elapsed() < Duration::from_secs(300),
-            "no checkpoints appeared"
-        );
-        assert!(
-            child.try_wait().unwrap().is_none(),
-            "the run finished before it could be killed"
-        );
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    child.kill().unwrap(); // SIGKILL
-    let status = child.wait().unwrap();
-    assert!(!status.success(), "the run was not killed");
-}
-
-fn final_weights(run: &Path) -> Vec<u8> {
-    let last = common::checkpoints(run).pop().expect("a final checkpoint");
-    std::fs::read(last.join("model.safetensors")).unwrap()
-}
-
 #[test]
 fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
     let dir = tempfile::tempdir().unwrap();
@@ -87,8 +47,8 @@ fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
 
     // Killed mid-epoch, then resumed.
     let killed = dir.path().join("killed");
-    start_and_kill(&data, &killed, 2);
-    let out = resume(&killed);
+    common::start_and_kill(train_cmd(&data, &killed), &killed, 2);
+    let out = common::resume(&killed);
     assert!(
         out.status.success(),
         "{}",
@@ -96,8 +56,8 @@ fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
     );
     assert!(String::from_utf8_lossy(&out.stderr).contains("resuming from"));
     assert_eq!(
-        final_weights(&reference),
-        final_weights(&killed),
+        common::final_weights(&reference),
+        common::final_weights(&killed),
         "resumed run differs from the uninterrupted one"
     );
     assert_eq!(
@@ -115,12 +75,12 @@ fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
 
     // Killed again; the newest checkpoint is then truncated (a half-written file).
     let damaged = dir.path().join("damaged");
-    start_and_kill(&data, &damaged, 3);
+    common::start_and_kill(train_cmd(&data, &damaged), &damaged, 3);
     let cps = common::checkpoints(&damaged);
     let latest = cps.last().unwrap().join("model.safetensors");
     let bytes = std::fs::read(&latest).unwrap();
     std::fs::write(&latest, &bytes[..bytes.len() / 2]).unwrap();
-    let out = resume(&damaged);
+    let out = common::resume(&damaged);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{err}");
     assert!(
@@ -134,8 +94,8 @@ fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
         .to_string();
     assert!(err.contains(&used), "expected to resume from {used}: {err}");
     assert_eq!(
-        final_weights(&reference),
-        final_weights(&damaged),
+        common::final_weights(&reference),
+        common::final_weights(&damaged),
         "fallback resume differs"
     );
 }
@@ -143,7 +103,7 @@ fn killed_and_resumed_runs_match_uninterrupted_ones_bit_for_bit() {
 #[test]
 fn resume_without_checkpoints_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
-    let out = resume(dir.path());
+    let out = common::resume(dir.path());
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("training_args.json"));
 }

@@ -131,7 +131,10 @@ impl candle_core::CustomOp3 for LayerNormOp {
         let stats = self.stats.lock().expect("stats lock");
         let mut dx = vec![0f32; xs.len()];
         let chunk = rows_per_task(d);
-        let (dw, db) = dx
+        // Per-block partial sums of dw/db, added in block order afterwards: the blocks
+        // depend on the shape alone, so the sums are bit-for-bit the same whatever the
+        // thread count or scheduling (a rayon `reduce` would pair them as work is stolen).
+        let partials: Vec<(Vec<f32>, Vec<f32>)> = dx
             .par_chunks_mut(d * chunk)
             .zip(xs.par_chunks(d * chunk))
             .zip(gy.par_chunks(d * chunk))
@@ -160,14 +163,12 @@ impl candle_core::CustomOp3 for LayerNormOp {
                 }
                 (dw, db)
             })
-            .reduce(
-                || (vec![0f32; d], vec![0f32; d]),
-                |(mut aw, mut ab), (bw, bb)| {
-                    aw.iter_mut().zip(&bw).for_each(|(a, b)| *a += b);
-                    ab.iter_mut().zip(&bb).for_each(|(a, b)| *a += b);
-                    (aw, ab)
-                },
-            );
+            .collect();
+        let (mut dw, mut db) = (vec![0f32; d], vec![0f32; d]);
+        for (bw, bb) in &partials {
+            dw.iter_mut().zip(bw).for_each(|(a, b)| *a += b);
+            db.iter_mut().zip(bb).for_each(|(a, b)| *a += b);
+        }
         let dev = x.device();
         Ok((
             Some(Tensor::from_vec(dx, x.shape(), dev)?),

@@ -142,7 +142,13 @@ impl AdamW {
         let mut total = 0f64;
         for g in grads.iter().flatten() {
             let v: Vec<f32> = g.flatten_all()?.to_vec1()?;
-            total += v.par_iter().map(|x| (*x as f64) * (*x as f64)).sum::<f64>();
+            // Fixed blocks summed in order (not rayon's `sum`, whose pairing follows work
+            // stealing): the clip factor, and so the weights, repeat bit for bit.
+            let partial: Vec<f64> = v
+                .par_chunks(CHUNK)
+                .map(|c| c.iter().map(|&x| (x as f64) * (x as f64)).sum::<f64>())
+                .collect();
+            total += partial.iter().sum::<f64>();
         }
         Ok(total.sqrt())
     }

@@ -3,6 +3,9 @@
 
 use std::path::{Path, PathBuf};
 
+use assert_cmd::Command;
+use candle_core::{Device, Tensor};
+
 /// `../shared` beside the repository (real data and checkpoints). Tests that need it fail
 /// with a clear message when it is missing instead of silently skipping.
 pub fn shared_dir() -> PathBuf {
@@ -69,4 +72,98 @@ pub fn vec_of(t: &candle_core::Tensor) -> Vec<f32> {
         .and_then(|t| t.to_dtype(candle_core::DType::F32))
         .and_then(|t| t.to_vec1())
         .expect("tensor to f32 values")
+}
+
+// The `protloc` binary and the files around a run, for the CLI tests of both suites.
+
+pub fn protloc() -> Command {
+    let mut cmd = Command::cargo_bin("protloc").unwrap();
+    cmd.env("PROTLOC_LOG", "warn");
+    cmd
+}
+
+pub fn load(path: &Path) -> std::collections::HashMap<String, Tensor> {
+    candle_core::safetensors::load(path, &Device::Cpu).unwrap()
+}
+
+pub fn same(a: &Tensor, b: &Tensor) -> bool {
+    let a: Vec<f32> = a.flatten_all().unwrap().to_vec1().unwrap();
+    let b: Vec<f32> = b.flatten_all().unwrap().to_vec1().unwrap();
+    a.len() == b.len() && a.iter().zip(&b).all(|(x, y)| x.to_bits() == y.to_bits())
+}
+
+pub fn metrics(run: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+pub fn fails_with(args: &[std::ffi::OsString], needles: &[&str]) {
+    let out = protloc().args(args).output().unwrap();
+    assert!(!out.status.success(), "expected failure for {args:?}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    for n in needles {
+        assert!(err.contains(n), "stderr of {args:?} lacks {n:?}:\n{err}");
+    }
+}
+
+/// The parameter called `name` in a store (panics naming it when absent).
+pub fn var_named(store: &protloc::model::ParamStore, name: &str) -> candle_core::Var {
+    store
+        .vars()
+        .into_iter()
+        .find(|(n, _)| n == name)
+        .unwrap_or_else(|| panic!("no parameter {name}"))
+        .1
+}
+
+/// The `protloc` binary under test, for `std::process::Command`.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_protloc"))
+}
+
+/// `protloc train --resume RUN`, run to the end.
+pub fn resume(run: &Path) -> std::process::Output {
+    std::process::Command::new(bin())
+        .env("PROTLOC_LOG", "warn")
+        .arg("train")
+        .arg("--resume")
+        .arg(run)
+        .output()
+        .unwrap()
+}
+
+/// Starts `train` (writing checkpoints into `run`) and SIGKILLs it once `min_checkpoints`
+/// checkpoints exist; fails if the run ends first.
+pub fn start_and_kill(mut train: std::process::Command, run: &Path, min_checkpoints: usize) {
+    let mut child = train.spawn().unwrap();
+    let t0 = std::time::Instant::now();
+    while checkpoints(run).len() < min_checkpoints {
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(600),
+            "no checkpoints appeared"
+        );
+        assert!(
+            child.try_wait().unwrap().is_none(),
+            "the run finished before it could be killed"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    child.kill().unwrap(); // SIGKILL
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "the run was not killed");
+}
+
+/// The bytes of a run's newest checkpoint weights.
+pub fn final_weights(run: &Path) -> Vec<u8> {
+    let last = checkpoints(run).pop().expect("a final checkpoint");
+    std::fs::read(last.join("model.safetensors")).unwrap()
 }

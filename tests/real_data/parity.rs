@@ -1,7 +1,7 @@
 //! Numerical parity with PyTorch `transformers` on the real shared checkpoints.
 //! Fixtures: `tests/fixtures/*.safetensors`, made by `tools/make_fixtures.py`.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, IndexOp, Tensor};
 use protloc::model::{load_base, Encoder, Purpose};

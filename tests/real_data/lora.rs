@@ -2,7 +2,7 @@
 //! one, rank 0 / fresh adapters against the frozen encoder, and a training run that changes
 //! only what the adapters cover.
 
-mod common;
+use crate::common;
 
 use std::collections::HashMap;
 

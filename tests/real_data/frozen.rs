@@ -2,7 +2,7 @@
 //! resumption, invalidation) and heads trained on it (loss falls; the saved run directory
 //! predicts like the head did on cached rows).
 
-mod common;
+use crate::common;
 
 use candle_core::Device;
 use protloc::cache::{residue_rows, CacheSpec, EmbeddingCache};

@@ -2,7 +2,7 @@
 //! gradients through cached lower-layer states equal those of the whole model with the lower
 //! layers frozen, the cache keys on the layer, and a run trains only the top layers.
 
-mod common;
+use crate::common;
 
 use candle_core::{Device, Tensor};
 use protloc::cache::{residues_of_tokens, token_rows, CacheSpec, EmbeddingCache};

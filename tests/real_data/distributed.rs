@@ -5,7 +5,7 @@
 //! a target directory of its own so it does not wait on the lock of the build running the
 //! tests) and need Open MPI's `mpirun`. They fail, rather than skip, when it is missing.
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
