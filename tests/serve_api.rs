@@ -74,6 +74,10 @@ fn ping_health_info_metrics_openapi() {
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(info["model_type"], "bert");
     assert_eq!(info["ensemble_members"], 1);
+    // Fine-tuned single-label, without the membrane output (see tests/answers.rs for the rest).
+    assert_eq!(info["membrane_head"], false);
+    assert_eq!(info["multi_label"], false);
+    assert!(info.get("thresholds").is_none());
 
     // A prediction first, so the batch metrics are non-empty.
     let r = post_json(&a, &predict_url(), &json!("MKTAYIAKQR"));

@@ -48,19 +48,9 @@ pub fn binary_mcc(tp: usize, fp: usize, tn: usize, fn_: usize) -> f64 {
 }
 
 /// Turns probabilities into location sets with `thresholds`; a protein with no location
-/// above its threshold gets its most probable one (every protein is somewhere).
-pub fn decide(probs: &[Vec<f32>], thresholds: &[f32]) -> Vec<Vec<bool>> {
-    probs
-        .iter()
-        .map(|p| {
-            let mut row: Vec<bool> = p.iter().zip(thresholds).map(|(&q, &t)| q >= t).collect();
-            if !row.iter().any(|&b| b) && !p.is_empty() {
-                row[crate::infer::argmax(p)] = true;
-            }
-            row
-        })
-        .collect()
-}
+/// above its threshold gets its most probable one (every protein is somewhere). The rule
+/// every command answers with lives in [`crate::model::answer`].
+pub use crate::model::answer::decide;
 
 /// Computes the report. `y_true` and `y_pred` are [N][C] indicator rows.
 pub fn report(
@@ -181,15 +171,6 @@ mod tests {
             r.per_label.iter().map(|l| l.support).collect::<Vec<_>>(),
             vec![2, 2, 2]
         );
-    }
-
-    #[test]
-    fn decide_falls_back_to_the_most_probable_location() {
-        let probs = vec![vec![0.2, 0.4, 0.1], vec![0.9, 0.7, 0.1]];
-        let d = decide(&probs, &[0.5, 0.5, 0.5]);
-        assert_eq!(d, rows(&[&[0, 1, 0], &[1, 1, 0]]));
-        let d = decide(&probs, &[0.5, 0.8, 0.05]);
-        assert_eq!(d, rows(&[&[0, 0, 1], &[1, 0, 1]]));
     }
 
     #[test]

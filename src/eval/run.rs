@@ -111,44 +111,50 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
             p
         }
     };
-    let probs = &preds.probabilities;
-    let (report, multi_label) = if model.task.multi_label {
-        let thresholds = model
-            .task
-            .thresholds
-            .clone()
-            .unwrap_or_else(|| vec![0.5; labels.len()]);
-        let y_true: Vec<Vec<bool>> = targets
-            .iter()
-            .map(|t| match &t.location {
-                LocationTarget::Multi(v) => v.iter().map(|&y| y > 0.5).collect(),
-                LocationTarget::Single(_) => unreachable!("multi-label targets"),
-            })
-            .collect();
-        let y_pred = multilabel::decide(probs, &thresholds);
-        (
-            None,
-            Some(multilabel::report(&y_true, &y_pred, labels, &thresholds)),
-        )
-    } else {
-        let y_true: Vec<usize> = targets
-            .iter()
-            .map(|t| match t.location {
-                LocationTarget::Single(c) => c as usize,
-                LocationTarget::Multi(_) => unreachable!("single-label targets"),
-            })
-            .collect();
-        let y_pred: Vec<usize> = probs.iter().map(|p| infer::argmax(p)).collect();
-        (
-            Some(ClassificationReport::compute(&y_true, &y_pred, labels)?),
-            None,
-        )
+    // The same answers `predict` and `serve` give (see `crate::model::answer`).
+    let rule = model.answer_rule();
+    let answers = preds.into_answers(&rule);
+    let (report, multi_label) = match &rule.thresholds {
+        Some(thresholds) => {
+            let y_true: Vec<Vec<bool>> = targets
+                .iter()
+                .map(|t| match &t.location {
+                    LocationTarget::Multi(v) => v.iter().map(|&y| y > 0.5).collect(),
+                    LocationTarget::Single(_) => unreachable!("multi-label targets"),
+                })
+                .collect();
+            let y_pred: Vec<Vec<bool>> = answers.iter().map(|a| a.chosen()).collect();
+            (
+                None,
+                Some(multilabel::report(&y_true, &y_pred, labels, thresholds)),
+            )
+        }
+        None => {
+            let y_true: Vec<usize> = targets
+                .iter()
+                .map(|t| match t.location {
+                    LocationTarget::Single(c) => c as usize,
+                    LocationTarget::Multi(_) => unreachable!("single-label targets"),
+                })
+                .collect();
+            let y_pred: Vec<usize> = answers.iter().map(|a| a.best).collect();
+            (
+                Some(ClassificationReport::compute(&y_true, &y_pred, labels)?),
+                None,
+            )
+        }
     };
     let truth: Vec<Option<bool>> = targets.iter().map(|t| t.membrane).collect();
-    let membrane_accuracy = preds.membrane.as_ref().and_then(|m| {
-        let pred: Vec<bool> = m.iter().map(|&p| p >= 0.5).collect();
-        super::metrics::binary_accuracy_masked(&truth, &pred)
-    });
+    let membrane_accuracy = rule
+        .membrane
+        .then(|| {
+            let pred: Vec<bool> = answers
+                .iter()
+                .map(|a| a.membrane.is_some_and(|m| m.bound))
+                .collect();
+            super::metrics::binary_accuracy_masked(&truth, &pred)
+        })
+        .flatten();
     Ok(EvalOutput {
         model: args.model.display().to_string(),
         data: args.data.display().to_string(),

@@ -9,7 +9,7 @@ use anyhow::Result;
 use candle_core::Device;
 use indicatif::ProgressBar;
 
-use crate::model::{Encoder, SequenceClassifier};
+use crate::model::{Answer, AnswerRule, Encoder, SequenceClassifier};
 use crate::tokenize::{Batch, BatchPlan, Encoded};
 
 /// Batch sizing for inference.
@@ -112,6 +112,11 @@ pub fn head_outputs(
 }
 
 impl HeadPredictions {
+    /// Every protein's answer under `rule` (see [`crate::model::answer`]).
+    pub fn into_answers(self, rule: &AnswerRule) -> Vec<Answer> {
+        rule.answers(self.probabilities, self.membrane)
+    }
+
     /// From rows of the C location probabilities followed, when `has_membrane`, by
     /// P(membrane).
     pub(crate) fn from_rows(rows: Vec<Vec<f32>>, has_membrane: bool) -> Self {
@@ -144,16 +149,4 @@ pub fn mean_embeddings(
     })
 }
 
-/// Index of the largest value.
-pub fn argmax(row: &[f32]) -> usize {
-    row.iter()
-        .enumerate()
-        .fold((0, f32::NEG_INFINITY), |(bi, bv), (i, &v)| {
-            if v > bv {
-                (i, v)
-            } else {
-                (bi, bv)
-            }
-        })
-        .0
-}
+pub use crate::model::answer::argmax;

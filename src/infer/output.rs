@@ -6,6 +6,8 @@ use std::path::Path;
 use anyhow::Result;
 use serde::Serialize;
 
+use crate::model::Answer;
+
 /// Output table format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
 #[serde(rename_all = "lowercase")]
@@ -49,6 +51,31 @@ pub struct Prediction<'a> {
         skip_serializing_if = "Option::is_none"
     )]
     pub membrane: Option<f32>,
+    /// `Membrane` or `Soluble`, for models with a membrane output.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub membrane_label: Option<&'a str>,
+}
+
+impl<'a> Prediction<'a> {
+    /// The row of `answer` (see [`crate::model::answer`]), for a model over `labels`.
+    pub fn of(
+        id: &'a str,
+        labels: &'a [String],
+        answer: &'a Answer,
+        length: usize,
+        residues_used: usize,
+    ) -> Self {
+        Self {
+            id,
+            prediction: &answer.prediction,
+            confidence: answer.confidence,
+            length,
+            residues_used,
+            probabilities: (labels, &answer.probabilities),
+            membrane: answer.membrane.map(|m| m.probability),
+            membrane_label: answer.membrane.map(|m| m.label()),
+        }
+    }
 }
 
 fn ser_probs<S: serde::Serializer>(p: &(&[String], &[f32]), s: S) -> Result<S::Ok, S::Error> {
@@ -68,7 +95,8 @@ pub struct PredictionWriter<W: Write> {
 }
 
 impl<W: Write> PredictionWriter<W> {
-    /// `membrane`: the model predicts membrane-bound vs soluble (adds a column).
+    /// `membrane`: the model predicts membrane-bound vs soluble (adds the
+    /// `membrane_probability` and `membrane_label` columns).
     pub fn new(out: W, format: Format, labels: &[String], membrane: bool) -> Result<Self> {
         match format {
             Format::Jsonl => Ok(Self {
@@ -83,7 +111,7 @@ impl<W: Write> PredictionWriter<W> {
                 header.extend(labels.iter().cloned());
                 header.extend(["length".to_string(), "residues_used".to_string()]);
                 if membrane {
-                    header.push("membrane_probability".into());
+                    header.extend(["membrane_probability".into(), "membrane_label".into()]);
                 }
                 w.write_record(&header)?;
                 Ok(Self {
@@ -111,6 +139,9 @@ impl<W: Write> PredictionWriter<W> {
                 row.extend([p.length.to_string(), p.residues_used.to_string()]);
                 if let Some(m) = p.membrane {
                     row.push(format!("{m:.6}"));
+                }
+                if let Some(l) = p.membrane_label {
+                    row.push(l.to_string());
                 }
                 w.write_record(&row)?;
             }
@@ -150,6 +181,7 @@ mod tests {
             residues_used: 8,
             probabilities: (&labels, &probs),
             membrane: None,
+            membrane_label: None,
         };
         let mut w = PredictionWriter::new(Vec::new(), Format::Tsv, &labels, false).unwrap();
         w.write(&p).unwrap();
@@ -162,5 +194,27 @@ mod tests {
         assert_eq!(v["probabilities"]["Cytoplasm"], 0.75);
         assert_eq!(v["residues_used"], 8);
         assert_eq!(Format::from_path(Path::new("x.CSV")), Format::Csv);
+    }
+
+    #[test]
+    fn membrane_columns_come_from_the_answer() {
+        let labels = vec!["Nucleus".to_string(), "Cytoplasm".to_string()];
+        let rule = crate::model::AnswerRule {
+            labels: labels.clone(),
+            thresholds: Some(vec![0.5, 0.5]),
+            membrane: true,
+        };
+        let answer = rule.answer(vec![0.75, 0.5], Some(0.625));
+        let p = Prediction::of("P1", &labels, &answer, 10, 10);
+        let mut w = PredictionWriter::new(Vec::new(), Format::Csv, &labels, true).unwrap();
+        w.write(&p).unwrap();
+        let text = String::from_utf8(w.finish().unwrap()).unwrap();
+        assert_eq!(text, "id,prediction,confidence,Nucleus,Cytoplasm,length,residues_used,membrane_probability,membrane_label\nP1,Nucleus|Cytoplasm,0.750000,0.750000,0.500000,10,10,0.625000,Membrane\n");
+        let mut w = PredictionWriter::new(Vec::new(), Format::Jsonl, &labels, true).unwrap();
+        w.write(&p).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&w.finish().unwrap()).unwrap();
+        assert_eq!(v["prediction"], "Nucleus|Cytoplasm");
+        assert_eq!(v["membrane_probability"], 0.625);
+        assert_eq!(v["membrane_label"], "Membrane");
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 use candle_core::Device;
 
 use super::output::{Format, Prediction, PredictionWriter};
-use super::{argmax, head_outputs, mean_embeddings, BatchLimits};
+use super::{head_outputs, mean_embeddings, BatchLimits};
 use crate::data::{self, fasta::FastaStream, DataError, ReadOptions, Record};
 use crate::model::{self, SequenceClassifier};
 use crate::tokenize::{Encoded, Truncation};
@@ -103,45 +103,22 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
         None => Box::new(limited),
     };
     let labels = model.task.labels.clone();
+    let rule = model.answer_rule();
     let pb = crate::progress::bar(0, "predicting", "proteins");
     let n = crate::artifacts::with_output(args.output.as_deref(), |out| {
         let mut writer = PredictionWriter::new(out, format, &labels, model.task.membrane)?;
         let n = for_each_chunk(source, |chunk| {
             pb.inc_length(chunk.len() as u64);
             let enc: Vec<Encoded> = chunk.iter().map(|r| model.encode(&r.sequence)).collect();
-            let out = head_outputs(&model, &enc, args.limits, Some(&pb))?;
-            let thresholds = model.task.multi_label.then(|| {
-                model
-                    .task
-                    .thresholds
-                    .clone()
-                    .unwrap_or_else(|| vec![0.5; labels.len()])
-            });
-            for (k, ((rec, e), p)) in chunk.iter().zip(&enc).zip(&out.probabilities).enumerate() {
-                let best = argmax(p);
-                // Multi-label models name every location over its threshold ("A|B").
-                let prediction = match &thresholds {
-                    Some(th) => {
-                        let set = crate::eval::multilabel::decide(std::slice::from_ref(p), th);
-                        labels
-                            .iter()
-                            .zip(&set[0])
-                            .filter(|(_, &on)| on)
-                            .map(|(l, _)| l.as_str())
-                            .collect::<Vec<_>>()
-                            .join("|")
-                    }
-                    None => labels[best].clone(),
-                };
-                writer.write(&Prediction {
-                    id: &rec.id,
-                    prediction: &prediction,
-                    confidence: p[best],
-                    length: e.total_residues,
-                    residues_used: e.used_residues,
-                    probabilities: (&labels, p),
-                    membrane: out.membrane.as_ref().map(|m| m[k]),
-                })?;
+            let answers = head_outputs(&model, &enc, args.limits, Some(&pb))?.into_answers(&rule);
+            for ((rec, e), a) in chunk.iter().zip(&enc).zip(&answers) {
+                writer.write(&Prediction::of(
+                    &rec.id,
+                    &labels,
+                    a,
+                    e.total_residues,
+                    e.used_residues,
+                ))?;
             }
             Ok(())
         })?;

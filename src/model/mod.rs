@@ -12,6 +12,7 @@
 //! encoder once and averages the members' probabilities ([`SequenceClassifier::combine`]).
 //! A single model has neither key (older run directories load as single models).
 
+pub mod answer;
 pub mod bert;
 pub mod config;
 pub mod dropout;
@@ -37,6 +38,7 @@ use candle_core::{DType, Device, Tensor};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
+pub use answer::{Answer, AnswerRule, MembraneAnswer};
 pub use config::{Arch, EncoderConfig};
 pub use head::{ClassifierHead, Head, HeadKind, HeadOutput, HeadSpec, Pool};
 pub use params::ParamStore;
@@ -491,6 +493,11 @@ impl SequenceClassifier {
         self.heads.len()
     }
 
+    /// How this model's outputs become its answers (see [`answer`]).
+    pub fn answer_rule(&self) -> AnswerRule {
+        AnswerRule::for_task(&self.task)
+    }
+
     /// Tokenizes `sequence` with the truncation this model was trained with.
     pub fn encode(&self, sequence: &str) -> crate::tokenize::Encoded {
         self.base
@@ -643,6 +650,18 @@ impl SequenceClassifier {
                 "{}: invalid ensemble ({n} heads, {} member records)",
                 files.config.display(),
                 task.members.len()
+            );
+        }
+        if let Some(th) = task
+            .thresholds
+            .as_ref()
+            .filter(|t| t.len() != task.labels.len())
+        {
+            bail!(
+                "{}: {} multi-label thresholds for {} labels",
+                files.config.display(),
+                th.len(),
+                task.labels.len()
             );
         }
         let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device, Purpose::Inference)?;

@@ -26,7 +26,7 @@ use candle_core::Device;
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
-use crate::model::SequenceClassifier;
+use crate::model::{answer, AnswerRule, SequenceClassifier};
 use crate::tokenize::{Batch, Encoded, Tokenizer, Truncation};
 use metrics::Metrics;
 use queue::{Batcher, Engine, QueueConfig, Scored};
@@ -100,8 +100,20 @@ pub struct Info {
     pub base_model: String,
     /// Locations, in the model's output order.
     pub labels: Vec<String>,
-    /// Whether the model predicts membrane-bound/soluble (not with the current head).
+    /// Whether the model predicts membrane-bound/soluble: predictions then carry
+    /// `membrane_probability` and `membrane_label`.
     pub membrane_head: bool,
+    /// P(membrane) from which a protein is called membrane-bound, for models with the
+    /// membrane output.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membrane_threshold: Option<f32>,
+    /// Whether the model names every location over its threshold (`"A|B"`) instead of the
+    /// single most probable one.
+    #[serde(default)]
+    pub multi_label: bool,
+    /// The per-location decision thresholds of a multi-label model, in label order.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<routes::ClassThreshold>>,
     /// Heads whose probabilities are averaged: 1 for a single model, N for an ensemble
     /// (`protloc train --frozen --ensemble N` or `--folds N`).
     pub ensemble_members: usize,
@@ -132,6 +144,8 @@ pub struct Limits {
 pub struct AppState {
     pub opts: ServeOptions,
     pub info: Info,
+    /// How the model's outputs become answers (labels, thresholds, membrane output).
+    pub rule: AnswerRule,
     pub tokenizer: Tokenizer,
     pub batcher: Batcher,
     pub metrics: Arc<Metrics>,
@@ -139,9 +153,11 @@ pub struct AppState {
     pub started: Instant,
 }
 
-/// Runs the classifier on the inference threads.
+/// Runs the classifier on the inference threads and turns its outputs into answers with the
+/// rule `predict` and `eval` use.
 struct ModelEngine {
     model: SequenceClassifier,
+    rule: AnswerRule,
     device: Device,
 }
 
@@ -149,15 +165,12 @@ impl Engine for ModelEngine {
     fn score(&mut self, items: &[&Encoded]) -> Result<Vec<Scored>> {
         let batch = Batch::collate(items, self.model.base.tokenizer.pad_id, &self.device)?;
         let p = self.model.inference_probabilities(&batch)?;
-        let probs: Vec<Vec<f32>> = p.location.to_vec2()?;
+        let answers = self.rule.batch_answers(&p)?;
         let logits: Vec<Vec<f32>> = p.logits.to_vec2()?;
-        Ok(probs
+        Ok(answers
             .into_iter()
             .zip(logits)
-            .map(|(probabilities, logits)| Scored {
-                probabilities,
-                logits,
-            })
+            .map(|(answer, logits)| Scored { answer, logits })
             .collect())
     }
 }
@@ -182,14 +195,29 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
                 model.base.cfg.model_type.clone(),
                 model.base.tokenizer.clone(),
             );
-            Ok((ModelEngine { model, device }, info))
+            let rule = model.answer_rule();
+            Ok((
+                ModelEngine {
+                    model,
+                    rule,
+                    device,
+                },
+                info,
+            ))
         })?;
+    let rule = AnswerRule::for_task(&task);
     let info = Info {
         model: opts.model.display().to_string(),
         model_type,
         base_model: task.base_model.clone(),
         labels: task.labels.clone(),
-        membrane_head: false,
+        membrane_head: rule.membrane,
+        membrane_threshold: rule.membrane.then_some(answer::MEMBRANE_THRESHOLD),
+        multi_label: rule.multi_label(),
+        thresholds: rule
+            .thresholds
+            .as_deref()
+            .map(|th| routes::ClassThreshold::list(&rule.labels, th)),
         ensemble_members: task.ensemble,
         max_residues: task.max_residues,
         truncate: opts.truncate.unwrap_or(task.truncate),
@@ -210,6 +238,7 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
     Ok(Arc::new(AppState {
         opts,
         info,
+        rule,
         tokenizer,
         batcher,
         metrics,

@@ -7,7 +7,8 @@ use serde::{Deserialize, Serialize};
 use utoipa::{OpenApi, ToSchema};
 
 use super::routes::{
-    ClassProbability, ClassScore, ErrorBody, PredictParams, PredictResponse, ProteinPrediction,
+    ClassProbability, ClassScore, ClassThreshold, ErrorBody, MembraneLabel, PredictParams,
+    PredictResponse, ProteinPrediction,
 };
 use super::{Info, Limits};
 
@@ -83,7 +84,7 @@ fn ping() {}
 #[utoipa::path(get, path = "/health", responses((status = 200), (status = 503)))]
 fn health() {}
 
-/// The model (labels, truncation) and the server's limits.
+/// The model (labels, outputs, decision thresholds, truncation) and the server's limits.
 #[utoipa::path(get, path = "/v1/info", responses((status = 200, body = Info)))]
 fn info() {}
 
@@ -97,7 +98,7 @@ fn metrics() {}
     paths(invocations, v1_predict, ping, health, info, metrics),
     components(schemas(
         PredictRequest, InputItem, PredictResponse, ProteinPrediction, ClassProbability,
-        ClassScore, ErrorBody, Info, Limits
+        ClassScore, ClassThreshold, MembraneLabel, ErrorBody, Info, Limits
     )),
     modifiers(&BearerAuth)
 )]
@@ -141,6 +142,28 @@ mod tests {
         assert!(
             v["components"]["schemas"]["ProteinPrediction"]["properties"]["residues_used"]
                 .is_object()
+        );
+        let prediction = &v["components"]["schemas"]["ProteinPrediction"]["properties"];
+        for field in [
+            "locations",
+            "thresholds",
+            "membrane_probability",
+            "membrane_label",
+        ] {
+            assert!(prediction[field].is_object(), "ProteinPrediction.{field}");
+        }
+        let info = &v["components"]["schemas"]["Info"]["properties"];
+        for field in [
+            "membrane_head",
+            "membrane_threshold",
+            "multi_label",
+            "thresholds",
+        ] {
+            assert!(info[field].is_object(), "Info.{field}");
+        }
+        assert_eq!(
+            v["components"]["schemas"]["MembraneLabel"]["enum"],
+            serde_json::json!(["Membrane", "Soluble"])
         );
         assert!(v["paths"]["/v1/predict"]["post"]["parameters"]
             .as_array()

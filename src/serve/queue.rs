@@ -16,13 +16,14 @@ use anyhow::Result;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
+use crate::model::Answer;
 use crate::tokenize::Encoded;
 
-/// Scores of one sequence, in label order: the model's probabilities and its raw logits (an
-/// ensemble's: the means over its members).
+/// What the model says about one sequence: its answer (see [`crate::model::answer`]) and its
+/// raw location logits in label order (an ensemble's: the means over its members).
 #[derive(Debug, Clone, PartialEq)]
 pub struct Scored {
-    pub probabilities: Vec<f32>,
+    pub answer: Answer,
     pub logits: Vec<f32>,
 }
 
@@ -466,7 +467,12 @@ mod tests {
             Ok(items
                 .iter()
                 .map(|e| Scored {
-                    probabilities: vec![e.ids[0] as f32],
+                    answer: crate::model::AnswerRule {
+                        labels: vec!["x".into()],
+                        thresholds: None,
+                        membrane: false,
+                    }
+                    .answer(vec![e.ids[0] as f32], None),
                     logits: vec![e.ids.len() as f32],
                 })
                 .collect())
@@ -548,11 +554,15 @@ mod tests {
         );
         b.set_paused(false);
         let out1 = rx1.blocking_recv().unwrap().unwrap();
-        let firsts: Vec<f32> = out1.rows.iter().map(|r| r.probabilities[0]).collect();
+        let firsts: Vec<f32> = out1
+            .rows
+            .iter()
+            .map(|r| r.answer.probabilities[0])
+            .collect();
         assert_eq!(firsts, vec![7.0, 8.0, 9.0]);
         assert_eq!(out1.rows[1].logits, vec![10.0]);
         let out2 = rx2.blocking_recv().unwrap().unwrap();
-        assert_eq!(out2.rows[0].probabilities, vec![3.0]);
+        assert_eq!(out2.rows[0].answer.probabilities, vec![3.0]);
         assert_eq!(*sizes.lock().unwrap(), vec![4]);
         assert_eq!(metrics.batch_stats(), (1, 4.0));
         b.shutdown();

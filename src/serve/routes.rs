@@ -18,7 +18,7 @@ use utoipa::{IntoParams, ToSchema};
 use super::parse::{parse_body, BodyKind, Input};
 use super::queue::{JobOutput, SubmitError};
 use super::AppState;
-use crate::infer::argmax;
+use crate::model::{AnswerRule, MembraneAnswer};
 use crate::tokenize::Encoded;
 
 /// An error response: `{"error": message, "code": machine-readable code}`.
@@ -117,20 +117,74 @@ pub struct ClassScore {
     pub score: f32,
 }
 
-/// The prediction for one protein.
+/// One location's decision threshold (multi-label models).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
+pub struct ClassThreshold {
+    pub label: String,
+    /// The location is predicted when its probability is at least this.
+    pub threshold: f32,
+}
+
+impl ClassThreshold {
+    /// `labels` paired with `thresholds`, in label order.
+    pub fn list(labels: &[String], thresholds: &[f32]) -> Vec<ClassThreshold> {
+        labels
+            .iter()
+            .zip(thresholds)
+            .map(|(label, &threshold)| ClassThreshold {
+                label: label.clone(),
+                threshold,
+            })
+            .collect()
+    }
+}
+
+/// Membrane-bound or soluble (`membrane_probability` at least 0.5, or below).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
+pub enum MembraneLabel {
+    Membrane,
+    Soluble,
+}
+
+impl MembraneLabel {
+    fn of(m: &MembraneAnswer) -> Self {
+        if m.bound {
+            MembraneLabel::Membrane
+        } else {
+            MembraneLabel::Soluble
+        }
+    }
+}
+
+/// The prediction for one protein: the same answer `protloc predict` gives.
 #[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
 pub struct ProteinPrediction {
     /// The id given (FASTA header word, CSV/JSON `id`), else `seqN` (1-based position).
     pub id: String,
-    /// The most probable location.
+    /// The predicted location: the most probable one, or for a multi-label model every
+    /// location at or over its threshold joined by `|` in label order (`Cytoplasm|Nucleus`;
+    /// the most probable when none is).
     pub prediction: String,
-    /// Its probability.
+    /// The predicted locations as a list, in label order (one for single-label models).
+    #[serde(default)]
+    pub locations: Vec<String>,
+    /// The probability of the most probable location.
     pub confidence: f32,
-    /// Locations by decreasing probability (`top_k` of them when asked).
+    /// Locations by decreasing probability (`top_k` of them when asked). Softmax
+    /// probabilities, or independent per-location sigmoids for multi-label models.
     pub probabilities: Vec<ClassProbability>,
     /// Raw scores in the same order, with `raw_scores=true`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub scores: Option<Vec<ClassScore>>,
+    /// The decision threshold of every location, in label order (multi-label models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub thresholds: Option<Vec<ClassThreshold>>,
+    /// Probability of being membrane-bound (models with a membrane output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membrane_probability: Option<f32>,
+    /// Membrane-bound or soluble (models with a membrane output).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub membrane_label: Option<MembraneLabel>,
     /// Residues in the protein.
     pub length: usize,
     /// Residues the model saw (less than `length` when truncated).
@@ -469,7 +523,7 @@ async fn predict_inner(
         Ok(Ok(Ok(out))) => out,
     };
     drop(guard);
-    let labels = &app.info.labels;
+    let rule = &app.rule;
     let resp = match format {
         OutFormat::Json => {
             let predictions = inputs
@@ -477,12 +531,12 @@ async fn predict_inner(
                 .zip(&encoded)
                 .zip(&out.rows)
                 .map(|((inp, enc), row)| {
-                    build_prediction(labels, inp, enc, row, params.top_k, params.raw_scores)
+                    build_prediction(rule, inp, enc, row, params.top_k, params.raw_scores)
                 })
                 .collect();
             Json(PredictResponse { predictions }).into_response()
         }
-        OutFormat::Csv => csv_response(labels, &inputs, &encoded, &out)?,
+        OutFormat::Csv => csv_response(rule, &inputs, &encoded, &out)?,
     };
     Ok((resp, out))
 }
@@ -512,30 +566,32 @@ fn encode(app: &AppState, inputs: &[Input]) -> Result<Vec<Encoded>, ApiError> {
 }
 
 fn build_prediction(
-    labels: &[String],
+    rule: &AnswerRule,
     input: &Input,
     enc: &Encoded,
     row: &super::queue::Scored,
     top_k: Option<usize>,
     raw_scores: Option<bool>,
 ) -> ProteinPrediction {
-    let best = argmax(&row.probabilities);
+    let labels = &rule.labels;
+    let a = &row.answer;
     let mut order: Vec<usize> = (0..labels.len()).collect();
-    order.sort_by(|&a, &b| {
-        row.probabilities[b]
-            .total_cmp(&row.probabilities[a])
-            .then(a.cmp(&b))
+    order.sort_by(|&x, &y| {
+        a.probabilities[y]
+            .total_cmp(&a.probabilities[x])
+            .then(x.cmp(&y))
     });
     order.truncate(top_k.unwrap_or(usize::MAX));
     ProteinPrediction {
         id: input.id.clone(),
-        prediction: labels[best].clone(),
-        confidence: row.probabilities[best],
+        prediction: a.prediction.clone(),
+        locations: a.locations.iter().map(|&k| labels[k].clone()).collect(),
+        confidence: a.confidence,
         probabilities: order
             .iter()
             .map(|&i| ClassProbability {
                 label: labels[i].clone(),
-                probability: row.probabilities[i],
+                probability: a.probabilities[i],
             })
             .collect(),
         scores: raw_scores.unwrap_or(false).then(|| {
@@ -547,21 +603,30 @@ fn build_prediction(
                 })
                 .collect()
         }),
+        thresholds: rule
+            .thresholds
+            .as_deref()
+            .map(|th| ClassThreshold::list(labels, th)),
+        membrane_probability: a.membrane.map(|m| m.probability),
+        membrane_label: a.membrane.as_ref().map(MembraneLabel::of),
         length: enc.total_residues,
         residues_used: enc.used_residues,
         truncated: enc.used_residues < enc.total_residues,
     }
 }
 
-/// `id,prediction,confidence,length,residues_used,<probability of every label>`.
+/// `id,prediction,confidence,length,residues_used,<probability of every label>`, then
+/// `membrane_probability,membrane_label` for models with a membrane output and
+/// `threshold_<label>` for every label of a multi-label model.
 fn csv_response(
-    labels: &[String],
+    rule: &AnswerRule,
     inputs: &[Input],
     encoded: &[Encoded],
     out: &JobOutput,
 ) -> Result<Response, ApiError> {
     let internal =
         |e: csv::Error| ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string());
+    let labels = &rule.labels;
     let mut w = csv::Writer::from_writer(Vec::new());
     let mut head = vec![
         "id".to_string(),
@@ -571,17 +636,33 @@ fn csv_response(
         "residues_used".into(),
     ];
     head.extend(labels.iter().cloned());
+    if rule.membrane {
+        head.extend(["membrane_probability".into(), "membrane_label".into()]);
+    }
+    let thresholds = rule.thresholds.as_deref().unwrap_or_default();
+    head.extend(
+        labels
+            .iter()
+            .take(thresholds.len())
+            .map(|l| format!("threshold_{l}")),
+    );
     w.write_record(&head).map_err(internal)?;
     for ((inp, enc), row) in inputs.iter().zip(encoded).zip(&out.rows) {
-        let best = argmax(&row.probabilities);
+        let a = &row.answer;
         let mut rec = vec![
             inp.id.clone(),
-            labels[best].clone(),
-            row.probabilities[best].to_string(),
+            a.prediction.clone(),
+            a.confidence.to_string(),
             enc.total_residues.to_string(),
             enc.used_residues.to_string(),
         ];
-        rec.extend(row.probabilities.iter().map(|p| p.to_string()));
+        rec.extend(a.probabilities.iter().map(|p| p.to_string()));
+        if rule.membrane {
+            let m = a.membrane.as_ref();
+            rec.push(m.map(|m| m.probability.to_string()).unwrap_or_default());
+            rec.push(m.map(|m| m.label().to_string()).unwrap_or_default());
+        }
+        rec.extend(thresholds.iter().map(|t| t.to_string()));
         w.write_record(&rec).map_err(internal)?;
     }
     let bytes = w
