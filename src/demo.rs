@@ -1,4 +1,5 @@
-//! `protloc demo`: the whole workflow on a built-in synthetic data set, no downloads.
+//! The synthetic data set of `protloc demo` (the command itself, which runs the whole
+//! workflow on it, is in `cli::demo`) and of the tests: no downloads.
 //!
 //! The generator plants the kinds of signal real localization predictors learn: N-terminal
 //! signal peptides (secretory pathway), mitochondrial and plastid transit peptides,
@@ -7,25 +8,13 @@
 //! Proteins are long enough that some are truncated, so head-tail truncation matters.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use crate::data::DEEPLOC_LOCATIONS;
-use crate::eval::run::{EvalArgs, Split};
-use crate::infer::predict::PredictArgs;
-use crate::infer::BatchLimits;
-use crate::model::Pool;
-use crate::train::TrainArgs;
-
-pub struct DemoArgs {
-    pub output: PathBuf,
-    pub epochs: usize,
-    pub per_class: usize,
-    pub seed: u64,
-}
 
 /// Background residues, roughly in UniProt proportions.
 const BACKGROUND: &[u8] = b"LLLLLLLLLAAAAAAAAGGGGGGGVVVVVVVEEEEEEESSSSSSSIIIIIIKKKKKKRRRRRDDDDDTTTTTPPPPPNNNNQQQQFFFFYYYMMHHCW";
@@ -118,82 +107,4 @@ pub fn write_dataset(path: &Path, per_class: usize, seed: u64) -> Result<usize> 
     }
     crate::artifacts::write_atomic(path, out.as_bytes())?;
     Ok(n)
-}
-
-pub fn run(args: &DemoArgs) -> Result<()> {
-    let out = &args.output;
-    std::fs::create_dir_all(out).with_context(|| format!("cannot create {}", out.display()))?;
-    let data = out.join("demo.fasta");
-    let n = write_dataset(&data, args.per_class, args.seed)?;
-    eprintln!(
-        "1/4  wrote {n} synthetic proteins (DeepLoc format) to {}",
-        data.display()
-    );
-
-    let ds = crate::data::read_dataset(&data, Default::default())?;
-    println!("{}", crate::data::stats::DatasetStats::compute(&ds.records));
-    crate::data::stats::plot_length_histogram(&ds.records, &out.join("lengths.png"))?;
-
-    let run_dir = out.join("run");
-    eprintln!(
-        "2/4  fine-tuning a small BERT from scratch (scratch:tiny) for {} epochs ...",
-        args.epochs
-    );
-    let mut t = TrainArgs::new("scratch:tiny", data.clone(), run_dir.clone());
-    t.epochs = args.epochs;
-    t.batch_size = 16;
-    t.lr = 2e-3;
-    t.warmup_ratio = 0.05;
-    // Short inputs keep the demo fast; head-tail truncation keeps both the N-terminal
-    // signals and the C-terminal motifs (KDEL, SKL, ...) of the longer proteins.
-    t.max_residues = Some(96);
-    t.pool = Pool::Cls;
-    t.dropout = Some(0.0);
-    t.seed = args.seed;
-    let summary = crate::train::train(&t)?;
-    crate::train::plot_curves(&run_dir, &summary)?;
-
-    eprintln!("3/4  evaluating on the held-out test proteins ...");
-    let eval = crate::eval::run::evaluate(&EvalArgs {
-        model: run_dir.clone(),
-        data: data.clone(),
-        split: Split::Test,
-        limit: None,
-        limits: BatchLimits::default(),
-        skip_invalid: false,
-        cache: None,
-    })?;
-    let report = eval
-        .report
-        .as_ref()
-        .context("the demo model is single-label")?;
-    println!("{report}");
-    if let Some(q2) = eval.membrane_accuracy {
-        println!("membrane/soluble accuracy (Q2): {q2:.4}");
-    }
-    crate::artifacts::write_atomic(
-        &out.join("eval.json"),
-        serde_json::to_string_pretty(&eval)?.as_bytes(),
-    )?;
-    crate::eval::plot::plot_confusion(report, &out.join("confusion.png"), true)?;
-
-    eprintln!("4/4  predicting ...");
-    let preds = out.join("predictions.tsv");
-    crate::infer::predict::predict(&PredictArgs {
-        model: run_dir.clone(),
-        input: data,
-        output: Some(preds.clone()),
-        format: None,
-        limit: None,
-        limits: BatchLimits::default(),
-        skip_invalid: false,
-        shard: None,
-    })?;
-    println!(
-        "\nDone. Test accuracy {:.1}% (MCC {:.3}). Files in {}:\n  demo.fasta  lengths.png  run/ (model, metrics.jsonl, training_curves.png)\n  eval.json  confusion.png  predictions.tsv",
-        report.accuracy * 100.0,
-        report.mcc,
-        out.display()
-    );
-    Ok(())
 }

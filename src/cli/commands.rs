@@ -13,7 +13,8 @@ use crate::infer::BatchLimits;
 use crate::model::{HeadKind, Pool};
 use crate::tokenize::Truncation;
 use crate::train::objective::{ClassWeighting, MembraneMode};
-use crate::train::TrainArgs;
+use crate::train::observe::{Embedding, MemberStart, Resumed};
+use crate::train::{EpochMetrics, TrainArgs, TrainObserver};
 
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
 /// protein lives, evaluate them, and predict from FASTA.
@@ -494,7 +495,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(c) => serve(c),
-        Command::Demo(c) => crate::demo::run(&crate::demo::DemoArgs {
+        Command::Demo(c) => super::demo::run(&super::demo::DemoArgs {
             output: c.output,
             epochs: c.epochs,
             per_class: c.per_class,
@@ -531,6 +532,31 @@ fn data_stats(c: StatsCmd) -> Result<()> {
     Ok(())
 }
 
+/// What `protloc train` shows while it runs: the reference workflow's metric lines and each
+/// ensemble member's start on stdout, the resume point and the embedding cache on stderr.
+/// The library calls it on the root rank only, so under MPI one copy is printed.
+pub(super) struct PrintObserver;
+
+impl TrainObserver for PrintObserver {
+    fn on_epoch(&mut self, metrics: &EpochMetrics) {
+        for line in metrics.reference_lines() {
+            println!("{line}");
+        }
+    }
+
+    fn on_resume(&mut self, resumed: &Resumed<'_>) {
+        eprintln!("{resumed}");
+    }
+
+    fn on_embedding(&mut self, embedding: &Embedding<'_>) {
+        eprintln!("{embedding}");
+    }
+
+    fn on_member(&mut self, member: &MemberStart) {
+        println!("{member}");
+    }
+}
+
 fn train(c: TrainCmd) -> Result<()> {
     let comm = crate::dist::init(c.dist_backend)?;
     match train_on(c, comm.as_ref()) {
@@ -549,7 +575,7 @@ fn train(c: TrainCmd) -> Result<()> {
 
 fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     if let Some(run_dir) = c.resume {
-        let summary = crate::train::resume_with(&run_dir, comm)?;
+        let summary = crate::train::resume_observed(&run_dir, comm, &mut PrintObserver)?;
         if !comm.is_root() {
             return Ok(());
         }
@@ -621,7 +647,7 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     args.train_sample = c.train_sample;
     args.ensemble = c.ensemble;
     args.folds = c.folds;
-    let summary = crate::train::train_with(&args, comm)?;
+    let summary = crate::train::train_observed(&args, comm, &mut PrintObserver)?;
     if !comm.is_root() {
         return Ok(());
     }

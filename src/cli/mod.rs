@@ -2,6 +2,7 @@
 //! layer over the library.
 
 mod commands;
+mod demo;
 
 use std::process::ExitCode;
 

@@ -443,8 +443,8 @@ impl Watchdog {
             let now = t0.elapsed().as_millis() as u64;
             if began > 0 && now.saturating_sub(began) > timeout_s * 1000 {
                 let op = *w.lock().unwrap_or_else(|e| e.into_inner());
-                eprintln!(
-                    "error: rank {rank}: stuck in {op} for over {timeout_s} s \
+                tracing::error!(
+                    "rank {rank}: stuck in {op} for over {timeout_s} s \
                      (PROTLOC_DIST_TIMEOUT): another rank probably died or hangs; exiting"
                 );
                 std::process::exit(3);

@@ -245,10 +245,6 @@ pub fn load_latest(run_dir: &Path) -> Result<Checkpoint> {
                     "checkpoint {} is corrupt ({e:#}); falling back to the previous one",
                     dir.display()
                 );
-                eprintln!(
-                    "warning: checkpoint {} is corrupt ({e:#}); falling back to the previous one",
-                    dir.display()
-                );
             }
         }
     }

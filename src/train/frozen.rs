@@ -19,6 +19,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use super::objective::{LocationTarget, Objective, Target};
+use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
 use super::optim::{self, AdamW, AdamWConfig, LinearSchedule};
 use super::{
     default_labels, effective_max_residues, plan_members, record_epoch, save_best,
@@ -36,8 +37,14 @@ const EVAL_BATCH: usize = 32;
 
 /// Runs `protloc train --frozen`: one head, or an ensemble of `args.members()` heads trained
 /// one after another on the same cached embeddings (see [`super::plan_members`] for their
-/// seeds and splits).
+/// seeds and splits). Epochs are logged through `tracing`.
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
+    train_observed(args, &mut LogObserver)
+}
+
+/// [`train`], reporting the embedding cache, each member's start and every epoch to
+/// `observer`.
+pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
     let device = Device::Cpu;
     let t0 = Instant::now();
     let (dataset, plans) = plan_members(args)?;
@@ -98,12 +105,12 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         .map(|&i| dataset.records[i].sequence.as_str())
         .collect();
     let missing = all.iter().filter(|s| !cache.contains(s)).count();
+    observer.on_embedding(&Embedding {
+        cache: &cache_dir,
+        missing,
+        cached: all.len() - missing,
+    });
     if missing > 0 {
-        eprintln!(
-            "embedding {missing} proteins into {} ({} already cached)",
-            cache_dir.display(),
-            all.len() - missing
-        );
         let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
         let limits = BatchLimits {
             max_batch_tokens: args.eval_batch_tokens,
@@ -111,12 +118,6 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
         };
         cache.fill(&base, &all, limits, Some(&pb))?;
         pb.finish_and_clear();
-    } else {
-        eprintln!(
-            "all {} proteins found in the embedding cache {}",
-            all.len(),
-            cache_dir.display()
-        );
     }
 
     let task = TaskConfig {
@@ -174,6 +175,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
             &metrics_path,
             &t0,
             top.as_ref(),
+            observer,
         )?;
         steps += run.steps;
         epochs.extend(run.history.iter().cloned());
@@ -255,6 +257,7 @@ fn train_member(
     metrics_path: &std::path::Path,
     t0: &Instant,
     top: Option<&TopLayers>,
+    observer: &mut dyn TrainObserver,
 ) -> Result<MemberRun> {
     let device = Device::Cpu;
     let n = model.members();
@@ -304,16 +307,14 @@ fn train_member(
         args.max_steps,
     );
     if ensemble {
-        let held_out = match plan.holdout_partition {
-            Some(p) => format!("partition {p}"),
-            None => "stratified split".into(),
-        };
-        println!(
-            "Member {k} of {n} (seed {}): {} training proteins, {} validation ({held_out})",
-            plan.seed,
-            train_recs.len(),
-            val_recs.len()
-        );
+        observer.on_member(&MemberStart {
+            member: k,
+            members: n,
+            seed: plan.seed,
+            train_records: train_recs.len(),
+            val_records: val_recs.len(),
+            holdout_partition: plan.holdout_partition,
+        });
     }
     tracing::info!(
         member = k,
@@ -403,7 +404,13 @@ fn train_member(
         } else if thresholds.is_some() {
             model.task.thresholds = thresholds.clone();
         }
-        if record_epoch(true, metrics_path, m, &mut history, &mut best)? {
+        if record_epoch(
+            Some(&mut *observer),
+            metrics_path,
+            m,
+            &mut history,
+            &mut best,
+        )? {
             best_thresholds = thresholds;
             if ensemble {
                 let weights = member_vars

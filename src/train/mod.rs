@@ -3,6 +3,7 @@
 pub mod checkpoint;
 pub mod frozen;
 pub mod objective;
+pub mod observe;
 pub mod optim;
 
 use std::path::PathBuf;
@@ -24,6 +25,8 @@ use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
 use checkpoint::{LoopState, RngState};
 use objective::{ClassWeighting, MembraneMode, Objective, Target};
 use optim::{AdamW, AdamWConfig, LinearSchedule};
+
+pub use observe::{LogObserver, TrainObserver};
 
 /// Everything `protloc train` takes. Saved as `training_args.json`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -564,6 +567,16 @@ pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
 /// [`resume`] as one rank of a data-parallel job: every rank reads the run directory (it
 /// must be on a file system they share) and must be started with the same world size.
 pub fn resume_with(run_dir: &std::path::Path, comm: &dyn Collective) -> Result<TrainSummary> {
+    resume_observed(run_dir, comm, &mut LogObserver)
+}
+
+/// [`resume_with`], reporting epochs and the checkpoint it resumes from to `observer` (on
+/// the root rank only).
+pub fn resume_observed(
+    run_dir: &std::path::Path,
+    comm: &dyn Collective,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary> {
     let path = run_dir.join("training_args.json");
     let text = std::fs::read_to_string(&path)
         .with_context(|| format!("{}: cannot read; is this a run directory?", path.display()))?;
@@ -585,7 +598,7 @@ pub fn resume_with(run_dir: &std::path::Path, comm: &dyn Collective) -> Result<T
             comm.world_size()
         );
     }
-    train_with(&args, comm)
+    train_observed(&args, comm, observer)
 }
 
 /// Reads the data and splits it: (all records, training indices, validation indices). Test
@@ -727,7 +740,8 @@ fn split_pool(
         .map_err(anyhow::Error::msg)
 }
 
-/// Runs `protloc train` in this process alone.
+/// Runs `protloc train` in this process alone, logging each epoch through `tracing` (see
+/// [`train_observed`] to receive them).
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     train_with(args, &Local)
 }
@@ -741,6 +755,16 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
 /// global batch (up to floating-point summation order), and every rank takes it. Only
 /// rank 0 writes files.
 pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummary> {
+    train_observed(args, comm, &mut LogObserver)
+}
+
+/// [`train_with`], reporting each epoch's metrics (the lines of `metrics.jsonl`, in order)
+/// and the run's other events to `observer`. Only the root rank calls it.
+pub fn train_observed(
+    args: &TrainArgs,
+    comm: &dyn Collective,
+    observer: &mut dyn TrainObserver,
+) -> Result<TrainSummary> {
     args.validate()?;
     let world = comm.world_size();
     let rank = comm.rank();
@@ -752,7 +776,7 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
                  run them as one process, not under a launcher ({world} ranks here)"
             );
         }
-        return frozen::train(args);
+        return frozen::train_observed(args, observer);
     }
     let device = Device::Cpu;
     let t0 = Instant::now();
@@ -928,12 +952,11 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
             }
             if root {
                 crate::artifacts::write_atomic(&metrics_path, text.as_bytes())?;
-                eprintln!(
-                    "resuming from {} (epoch {}, step {})",
-                    ckpt.dir.display(),
-                    ckpt.state.epoch,
-                    ckpt.state.step
-                );
+                observer.on_resume(&observe::Resumed {
+                    checkpoint: &ckpt.dir,
+                    epoch: ckpt.state.epoch,
+                    step: ckpt.state.step,
+                });
             }
             ckpt.state.clone()
         }
@@ -1152,7 +1175,8 @@ pub fn train_with(args: &TrainArgs, comm: &dyn Collective) -> Result<TrainSummar
             &t0,
         )?;
         let epoch_done = m.epoch;
-        if record_epoch(root, &metrics_path, m, &mut st.history, &mut st.best)? && root {
+        let observer = root.then_some(&mut *observer);
+        if record_epoch(observer, &metrics_path, m, &mut st.history, &mut st.best)? && root {
             save_best(&model, &args.output, epoch_done)?;
         }
         st.epoch += 1;
@@ -1301,30 +1325,24 @@ fn finish_epoch(
     Ok(EpochMetrics::new(epoch, step, train_loss, metrics, lr, t0))
 }
 
-/// Prints the metric lines (in the reference's exact wording), logs JSON, keeps the best
+/// Appends the epoch to `metrics.jsonl`, hands it to the observer, keeps the best
 /// checkpoint (highest validation accuracy, ties broken by lower validation loss; without a
 /// validation set the latest epoch is kept).
 ///
-/// Every rank keeps the same bookkeeping (it goes into checkpoints); only `root` prints
-/// and writes. Returns whether this epoch is the new best (the caller keeps its weights).
+/// Every rank keeps the same bookkeeping (it goes into checkpoints); only the root rank,
+/// which passes its `observer` (the others pass `None`), reports and writes. Returns whether
+/// this epoch is the new best (the caller keeps its weights).
 fn record_epoch(
-    root: bool,
+    observer: Option<&mut (dyn TrainObserver + '_)>,
     metrics_path: &std::path::Path,
     m: EpochMetrics,
     history: &mut Vec<EpochMetrics>,
     best: &mut Option<(f64, f64, usize)>,
 ) -> Result<bool> {
-    if root {
-        println!("Epoch {} (step {}):", m.epoch, m.step);
-        println!("Training Loss: {}", m.train_loss);
-        if let (Some(acc), Some(loss)) = (m.val_accuracy, m.val_loss) {
-            println!("Validation Accuracy: {acc}");
-            println!("Validation loss: {loss}");
-        }
-        if let Some(q2) = m.val_membrane_accuracy {
-            println!("Validation membrane accuracy (Q2): {q2}");
-        }
+    let root = observer.is_some();
+    if let Some(observer) = observer {
         crate::artifacts::append_json_line(metrics_path, &serde_json::to_value(&m)?)?;
+        observer.on_epoch(&m);
     }
     let key = (
         m.val_accuracy.unwrap_or(0.0),
