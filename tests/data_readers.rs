@@ -1,6 +1,8 @@
 //! Integration tests for `protloc::data` on handmade files, every error path included (the
 //! real DeepLoc files are read by the real-data suite, `tests/real_data/data_readers.rs`).
 
+mod common;
+
 use std::io::Write;
 use std::path::Path;
 
@@ -10,21 +12,7 @@ use protloc::data::{
     canonical_label, read_dataset, DataError, Dataset, Membrane, ReadOptions, DEEPLOC_LOCATIONS,
 };
 
-const STRICT: ReadOptions = ReadOptions {
-    skip_invalid: false,
-    require_labels: false,
-    multi_label: false,
-};
-const LABELED: ReadOptions = ReadOptions {
-    skip_invalid: false,
-    require_labels: true,
-    multi_label: false,
-};
-const LENIENT: ReadOptions = ReadOptions {
-    skip_invalid: true,
-    require_labels: false,
-    multi_label: false,
-};
+use common::{LABELED, LENIENT, STRICT};
 
 /// A temp file with the given extension; kept alive by the returned handle.
 fn file(ext: &str, content: &str) -> tempfile::NamedTempFile {

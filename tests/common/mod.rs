@@ -167,3 +167,18 @@ pub fn final_weights(run: &Path) -> Vec<u8> {
     let last = checkpoints(run).pop().expect("a final checkpoint");
     std::fs::read(last.join("model.safetensors")).unwrap()
 }
+
+/// Reader options the data tests use: strict, labels required, invalid records skipped.
+pub const STRICT: protloc::data::ReadOptions = protloc::data::ReadOptions {
+    skip_invalid: false,
+    require_labels: false,
+    multi_label: false,
+};
+pub const LABELED: protloc::data::ReadOptions = protloc::data::ReadOptions {
+    require_labels: true,
+    ..STRICT
+};
+pub const LENIENT: protloc::data::ReadOptions = protloc::data::ReadOptions {
+    skip_invalid: true,
+    ..STRICT
+};

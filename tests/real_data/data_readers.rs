@@ -1,26 +1,11 @@
 //! `protloc::data` on the real shared data sets: DeepLoc 1.0 FASTA, the DeepLoc 2.0
 //! SwissProt and HPA CSVs.
 
+use crate::common::{LABELED, LENIENT, STRICT};
 use protloc::data::fasta::{read_fasta, FastaStream};
 use protloc::data::split::{stratified_validation, train_test};
 use protloc::data::stats::{plot_length_histogram, DatasetStats};
-use protloc::data::{read_dataset, Membrane, ReadOptions, DEEPLOC_LOCATIONS};
-
-const STRICT: ReadOptions = ReadOptions {
-    skip_invalid: false,
-    require_labels: false,
-    multi_label: false,
-};
-const LABELED: ReadOptions = ReadOptions {
-    skip_invalid: false,
-    require_labels: true,
-    multi_label: false,
-};
-const LENIENT: ReadOptions = ReadOptions {
-    skip_invalid: true,
-    require_labels: false,
-    multi_label: false,
-};
+use protloc::data::{read_dataset, Membrane, DEEPLOC_LOCATIONS};
 
 #[test]
 fn real_deeploc_fasta() {
