@@ -8,7 +8,6 @@ use super::config::EncoderConfig;
 use super::dropout::dropout_add;
 use super::esm::{packed_linear, packed_linear_acc, packed_linear_scaled};
 use super::kernels::{self, Act};
-use super::lora::LoraConfig;
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::ops;
 use super::params::Builder;
@@ -353,14 +352,12 @@ impl Bert {
             .forward(&dropout_add(&l.output.forward(&inter)?, &x, p, rng)?)
     }
 
-    /// Adds LoRA adapters to the linear layers `lora` selects ([`LoraConfig::adapts`]); `b`
-    /// is the encoder's builder (under its `bert.`/`esm.` prefix). Adapted layers' own
-    /// weights leave the autograd graph.
-    pub fn attach_lora(&mut self, b: &Builder, lora: &LoraConfig) -> Result<()> {
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            lora.adapt_layer(
-                &b.pp("encoder.layer").pp(i),
-                i,
+    /// Every layer's linear layers in [`super::lora::LAYER_LINEARS`] order: what LoRA
+    /// adapts ([`super::lora::LoraConfig::attach`]).
+    pub fn layer_linears(&mut self) -> Vec<[&mut Linear; 6]> {
+        self.layers
+            .iter_mut()
+            .map(|l| {
                 [
                     &mut l.query,
                     &mut l.key,
@@ -368,10 +365,9 @@ impl Bert {
                     &mut l.attn_out,
                     &mut l.intermediate,
                     &mut l.output,
-                ],
-            )?;
-        }
-        Ok(())
+                ]
+            })
+            .collect()
     }
 
     pub fn config(&self) -> &EncoderConfig {

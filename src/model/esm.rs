@@ -9,7 +9,6 @@ use super::bert::linear_activation;
 use super::config::EncoderConfig;
 use super::dropout::dropout_add;
 use super::kernels::{self, Act};
-use super::lora::LoraConfig;
 use super::nn::{self, Embedding, LayerNorm, Linear};
 use super::params::Builder;
 use super::rotary::{self, RotaryTables};
@@ -413,14 +412,12 @@ impl Esm {
         dropout_add(&l.output.forward(&inter)?, &x, p, rng)
     }
 
-    /// Adds LoRA adapters to the linear layers `lora` selects ([`LoraConfig::adapts`]); `b`
-    /// is the encoder's builder (under its `bert.`/`esm.` prefix). Adapted layers' own
-    /// weights leave the autograd graph.
-    pub fn attach_lora(&mut self, b: &Builder, lora: &LoraConfig) -> Result<()> {
-        for (i, l) in self.layers.iter_mut().enumerate() {
-            lora.adapt_layer(
-                &b.pp("encoder.layer").pp(i),
-                i,
+    /// Every layer's linear layers in [`super::lora::LAYER_LINEARS`] order: what LoRA
+    /// adapts ([`super::lora::LoraConfig::attach`]).
+    pub fn layer_linears(&mut self) -> Vec<[&mut Linear; 6]> {
+        self.layers
+            .iter_mut()
+            .map(|l| {
                 [
                     &mut l.query,
                     &mut l.key,
@@ -428,10 +425,9 @@ impl Esm {
                     &mut l.attn_out,
                     &mut l.intermediate,
                     &mut l.output,
-                ],
-            )?;
-        }
-        Ok(())
+                ]
+            })
+            .collect()
     }
 
     pub fn config(&self) -> &EncoderConfig {

@@ -63,7 +63,7 @@ pub struct LoraConfig {
 }
 
 /// The linear layers of an encoder layer that adapters can target, in the order
-/// [`LoraConfig::adapt_layer`] takes them (HF sub-module paths under `encoder.layer.N`).
+/// [`LoraConfig::attach`] takes them (HF sub-module paths under `encoder.layer.N`).
 pub const LAYER_LINEARS: [&str; 6] = [
     "attention.self.query",
     "attention.self.key",
@@ -74,17 +74,20 @@ pub const LAYER_LINEARS: [&str; 6] = [
 ];
 
 impl LoraConfig {
-    /// Adds adapters to the linear layers of encoder layer `index` this config selects:
-    /// `linears` in [`LAYER_LINEARS`] order, `b` the layer's builder (`encoder.layer.N`).
-    pub fn adapt_layer(
+    /// Adds adapters to the linear layers this config selects: `layers` holds each encoder
+    /// layer's linears in [`LAYER_LINEARS`] order, `b` is the encoder's builder (under its
+    /// `bert.`/`esm.` prefix). Adapted layers' own weights leave the autograd graph.
+    pub fn attach<'a>(
         &self,
         b: &Builder,
-        index: usize,
-        linears: [&mut super::nn::Linear; 6],
+        layers: impl IntoIterator<Item = [&'a mut super::nn::Linear; 6]>,
     ) -> Result<()> {
-        for (path, lin) in LAYER_LINEARS.into_iter().zip(linears) {
-            if self.adapts(index, path) {
-                *lin = lin.with_lora(&b.pp(path), self.rank, self.alpha)?;
+        for (index, linears) in layers.into_iter().enumerate() {
+            let layer = b.pp("encoder.layer").pp(index);
+            for (path, lin) in LAYER_LINEARS.into_iter().zip(linears) {
+                if self.adapts(index, path) {
+                    *lin = lin.with_lora(&layer.pp(path), self.rank, self.alpha)?;
+                }
             }
         }
         Ok(())

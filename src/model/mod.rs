@@ -78,11 +78,11 @@ impl Encoder {
     pub fn attach_lora(&mut self, b: &params::Builder, cfg: &lora::LoraConfig) -> Result<()> {
         let arch = self.config().arch().map_err(anyhow::Error::msg)?;
         let b = b.pp(arch.prefix());
-        match self {
-            Encoder::Bert(m) => m.attach_lora(&b, cfg)?,
-            Encoder::Esm(m) => m.attach_lora(&b, cfg)?,
-        }
-        Ok(())
+        let layers = match self {
+            Encoder::Bert(m) => m.layer_linears(),
+            Encoder::Esm(m) => m.layer_linears(),
+        };
+        Ok(cfg.attach(&b, layers)?)
     }
 
     /// Hidden states [B, T, H] after the embeddings and the first `until` layers (before

@@ -133,12 +133,7 @@ impl ParamStore {
     /// run directory stores, so loading it needs no adapter code and costs nothing extra.
     pub fn merged_tensors(&self) -> Result<HashMap<String, Tensor>> {
         let mut out = self.tensors();
-        let adapters = self
-            .inner
-            .lock()
-            .expect("param store lock")
-            .adapters
-            .clone();
+        let adapters = self.adapters();
         for (prefix, scale) in adapters {
             let (a, b) = adapter_names(&prefix);
             let (Some(a), Some(b)) = (out.remove(&a), out.remove(&b)) else {
@@ -154,15 +149,19 @@ impl ParamStore {
         Ok(out)
     }
 
-    /// The LoRA adapters alone (`PREFIX.lora_A.weight`, `PREFIX.lora_B.weight`) with their
-    /// scales; empty without adapters.
-    pub fn adapter_tensors(&self) -> (HashMap<String, Tensor>, BTreeMap<String, f64>) {
-        let adapters = self
-            .inner
+    /// Every registered adapter's prefix and scale.
+    fn adapters(&self) -> BTreeMap<String, f64> {
+        self.inner
             .lock()
             .expect("param store lock")
             .adapters
-            .clone();
+            .clone()
+    }
+
+    /// The LoRA adapters alone (`PREFIX.lora_A.weight`, `PREFIX.lora_B.weight`) with their
+    /// scales; empty without adapters.
+    pub fn adapter_tensors(&self) -> (HashMap<String, Tensor>, BTreeMap<String, f64>) {
+        let adapters = self.adapters();
         let all = self.tensors();
         let mut out = HashMap::new();
         for prefix in adapters.keys() {
