@@ -9,8 +9,8 @@ use common::{var_named, vec_of};
 use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
+use protloc::kernels::ops::cross_entropy;
 use protloc::model::head::{pool, ClassifierHead, Pool};
-use protloc::model::ops::cross_entropy;
 use protloc::model::{Encoder, EncoderConfig, ParamStore};
 use protloc::tokenize::Batch;
 use protloc::train::optim::{AdamW, AdamWConfig};

@@ -192,7 +192,7 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
                 .with_context(|| format!("cannot load model {}", dir.display()))?;
             let info = (
                 model.task.clone(),
-                model.base.cfg.model_type.clone(),
+                model.base.cfg.model_type.to_string(),
                 model.base.tokenizer.clone(),
             );
             let rule = model.answer_rule();

@@ -7,7 +7,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 use crate::data::{Membrane, Record};
-use crate::model::{ops, HeadOutput};
+use crate::kernels::ops;
+use crate::model::HeadOutput;
 
 /// How to counter class imbalance.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
