@@ -1,5 +1,5 @@
 //! Inference memory is bounded for very long proteins: the packed attention processes query
-//! rows in blocks (src/kernels/packed.rs), so a 35,000-residue protein never materialises a
+//! rows in blocks (src/kernels/packed_attention.rs), so a 35,000-residue protein never materialises a
 //! 35,000 x 35,000 score matrix (4.9 GB per head in f32). This file holds one test so the
 //! process's peak RSS belongs to it alone.
 

@@ -23,7 +23,7 @@ impl AttentionMask {
             .to_vec2()?;
         Ok(Self {
             bias: mask_bias(attention_mask)?,
-            lengths: super::packed::prefix_lengths(&rows),
+            lengths: super::packed_attention::prefix_lengths(&rows),
         })
     }
 }

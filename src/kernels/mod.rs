@@ -1,5 +1,6 @@
-//! CPU compute of the encoders and heads, independent of any model: nothing here knows about
-//! BERT, ESM-2 or parameters (it never imports `crate::model`).
+//! CPU compute under the encoders and heads, independent of the models: functions of tensors
+//! and raw f32 slices, with no parameters or configs (nothing here imports `crate::model`,
+//! and no other part of the crate either).
 //!
 //! From the bottom up:
 //! - [`simd`]: run-time AVX2/FMA dispatch and the vectorisable `exp`/`erf`;
@@ -8,7 +9,7 @@
 //! - [`gemm`]: linear layers on raw row slices (the `gemm` crate);
 //! - [`tiles`]: register-tiled products whose one dimension is an attention head's width,
 //!   and the block softmax attention built from them;
-//! - [`packed`]: the packed-token layout of inference and its attention;
+//! - [`packed_attention`]: the packed-token layout of inference and its attention;
 //! - [`rotary`]: rotary position embeddings (tables, fused op, in-place rotation);
 //! - [`dropout`]: the two dropout masks training uses;
 //! - [`ops`], [`linear`]: tensor-level autograd ops with hand-written backwards;
@@ -24,7 +25,7 @@ pub mod gemm;
 pub mod linear;
 pub mod norm;
 pub mod ops;
-pub mod packed;
+pub mod packed_attention;
 pub mod rotary;
 pub mod simd;
 #[cfg(test)]

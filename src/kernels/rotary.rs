@@ -16,7 +16,7 @@ use candle_core::{DType, Device, Result, Tensor, D};
 use rayon::prelude::*;
 
 use super::buffers::{self, f32_slice};
-use super::packed::{segments, Segment};
+use super::packed_attention::{segments, Segment};
 
 /// cos/sin tables for `t` positions, in the two forms the paths use.
 pub struct RotaryTables {

@@ -73,7 +73,7 @@ pub unsafe fn softmax_rows(
 /// maximum, the output and the sum so far are rescaled by `exp(old - new)`. Scores then
 /// take `r x key_block` floats and the keys and values of a block stay in L1/L2 while every
 /// query row of the block uses them, where [`softmax_rows`] streams all `len` keys through
-/// the cache once per six query rows (measured: see `kernels::packed::KEY_BLOCK`). No
+/// the cache once per six query rows (measured: see `kernels::packed_attention::KEY_BLOCK`). No
 /// log-sum-exp and no dropout: inference only (training sequences are at most a few hundred
 /// tokens, where the two agree in speed).
 ///

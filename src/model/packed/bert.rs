@@ -5,11 +5,13 @@ use candle_core::{DType, Result, Tensor};
 
 use super::{packed_linear, packed_linear_acc, packed_linear_scaled};
 use crate::kernels::activation;
-use crate::kernels::{buffers, norm, packed};
+use crate::kernels::packed_attention;
+use crate::kernels::{buffers, norm};
 use crate::model::bert::Bert;
 
 /// BERT's forward (embeddings and the first `until` layers) on packed real tokens (see
-/// [`crate::kernels::packed`]): post-LayerNorm layers, the residuals summed inside the GEMMs.
+/// [`crate::kernels::packed_attention`]): post-LayerNorm layers, the residuals summed inside
+/// the GEMMs.
 /// Returns `None` (use the differentiable path) for non-f32 weights or masks that are not
 /// "ones then zeros". The caller has checked the length against the model's positions
 /// ([`Bert::check_positions`]).
@@ -27,11 +29,11 @@ pub(crate) fn forward_until(
     }
     let (_, t) = ids.dims2()?;
     let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
-    let Some(lengths) = packed::prefix_lengths(&mask) else {
+    let Some(lengths) = packed_attention::prefix_lengths(&mask) else {
         return Ok(None);
     };
     let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
-    let segs = packed::segments(&lengths);
+    let segs = packed_attention::segments(&lengths);
     let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
     let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
     let eps = cfg.layer_norm_eps as f32;
@@ -69,7 +71,7 @@ pub(crate) fn forward_until(
         let q = packed_linear_scaled(&x, &l.query, h, h, scale)?;
         let k = packed_linear(&x, &l.key, h, h)?;
         let v = packed_linear(&x, &l.value, h, h)?;
-        let ctx = packed::attention(&q, &k, &v, &segs, heads, d);
+        let ctx = packed_attention::attention(&q, &k, &v, &segs, heads, d);
         for buf in [q, k, v] {
             buffers::recycle(buf);
         }
@@ -93,7 +95,7 @@ pub(crate) fn forward_until(
         );
         norm::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
     }
-    let out = packed::unpack(&x, &segs, t, h)?;
+    let out = packed_attention::unpack(&x, &segs, t, h)?;
     buffers::recycle(x);
     Ok(Some(out))
 }

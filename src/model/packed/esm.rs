@@ -5,11 +5,12 @@ use candle_core::{DType, Result, Tensor};
 
 use super::{packed_linear, packed_linear_acc};
 use crate::kernels::activation;
-use crate::kernels::{buffers, norm, packed, rotary};
+use crate::kernels::packed_attention;
+use crate::kernels::{buffers, norm, rotary};
 use crate::model::esm::{Esm, MASK_RATIO_TRAIN};
 
 /// ESM-2's forward (embeddings, the first `until` layers, then the final LayerNorm if
-/// `final_norm`) on packed real tokens (see [`crate::kernels::packed`]): no padding rows,
+/// `final_norm`) on packed real tokens (see [`crate::kernels::packed_attention`]): no padding rows,
 /// fused attention over each sequence's own keys, rotary and scaling in one pass. Returns
 /// `None` (use the differentiable path) for non-f32 weights or masks that are not "ones then
 /// zeros".
@@ -27,11 +28,11 @@ pub(crate) fn forward_range(
     }
     let (_, t) = ids.dims2()?;
     let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
-    let Some(lengths) = packed::prefix_lengths(&mask) else {
+    let Some(lengths) = packed_attention::prefix_lengths(&mask) else {
         return Ok(None);
     };
     let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
-    let segs = packed::segments(&lengths);
+    let segs = packed_attention::segments(&lengths);
     let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
     let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
     let eps = cfg.layer_norm_eps as f32;
@@ -99,7 +100,7 @@ pub(crate) fn forward_range(
         buffers::recycle(hn);
         rotary::rotary_inplace(&mut q, &segs, heads, d, cos, sin, scale as f32);
         rotary::rotary_inplace(&mut k, &segs, heads, d, cos, sin, 1.0);
-        let ctx = packed::attention(&q, &k, &v, &segs, heads, d);
+        let ctx = packed_attention::attention(&q, &k, &v, &segs, heads, d);
         for buf in [q, k, v] {
             buffers::recycle(buf);
         }
@@ -123,7 +124,7 @@ pub(crate) fn forward_range(
         let (w, b) = (buffers::view(&n.weight)?, buffers::view(&n.bias)?);
         norm::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
     }
-    let out = packed::unpack(&x, &segs, t, h)?;
+    let out = packed_attention::unpack(&x, &segs, t, h)?;
     buffers::recycle(x);
     Ok(Some(out))
 }

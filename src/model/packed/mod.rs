@@ -5,7 +5,7 @@
 //! - the **differentiable** one ([`Bert`](super::bert::Bert), [`Esm`](super::esm::Esm)):
 //!   candle tensors on padded `[B, T]` batches, autograd, dropout, any device;
 //! - the **packed** one ([`bert`], [`esm`] here): raw f32 rows of the real tokens only
-//!   ([`crate::kernels::packed`]), CPU, no gradients, no dropout.
+//!   ([`crate::kernels::packed_attention`]), CPU, no gradients, no dropout.
 //!
 //! [`Encoder`](super::Encoder) asks [`forward_path`] before every forward from the token ids
 //! (`forward`, `forward_until`; `forward_from` is always differentiable). What flips it,
