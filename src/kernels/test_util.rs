@@ -1,4 +1,5 @@
-//! Helpers for the unit tests of the kernels and the model: deterministic inputs and tensor comparisons.
+//! Helpers for the unit tests of the kernels and the model: deterministic inputs and tensor
+//! comparisons.
 
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};

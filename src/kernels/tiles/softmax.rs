@@ -4,8 +4,8 @@
 use super::{narrow, padded, wide, Epilogue, Strided};
 
 /// Where a block of [`softmax_rows`] reads and writes: `r` query rows (at `q`) against
-/// `len` keys packed by [`pack_transposed`](super::pack_transposed) (`k_t`), values as rows of `d` floats at stride
-/// `v_rs`, and the output as rows at stride `out_rs`.
+/// `len` keys packed by [`pack_transposed`](super::pack_transposed) (`k_t`), values as rows
+/// of `d` floats at stride `v_rs`, and the output as rows at stride `out_rs`.
 pub struct AttentionBlock<'a> {
     pub r: usize,
     pub len: usize,
@@ -68,8 +68,8 @@ pub unsafe fn softmax_rows(
 }
 
 /// [`softmax_rows`] for long sequences, one block of `key_block` keys at a time (keys packed
-/// by [`pack_transposed_blocks`](super::pack_transposed_blocks) with the same block): the online softmax of flash
-/// attention. Each row keeps a running maximum and sum; when a later key block raises the
+/// by [`pack_transposed_blocks`](super::pack_transposed_blocks) with the same block): the
+/// online softmax of flash attention. Each row keeps a running maximum and sum; when a later key block raises the
 /// maximum, the output and the sum so far are rescaled by `exp(old - new)`. Scores then
 /// take `r x key_block` floats and the keys and values of a block stay in L1/L2 while every
 /// query row of the block uses them, where [`softmax_rows`] streams all `len` keys through
