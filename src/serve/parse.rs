@@ -1,9 +1,10 @@
 //! Request bodies: the JSON forms, FASTA and CSV, turned into validated `(id, sequence)`
 //! pairs. Every error says which sequence (1-based index and id) and what is wrong.
 
-use serde_json::Value;
+use serde::Deserialize;
 
-use super::routes::ApiError;
+use super::error::ApiError;
+use super::request::PredictRequest;
 use crate::data::validate_sequence;
 
 /// One protein of a request, validated (upper-case, whitespace removed).
@@ -115,68 +116,19 @@ fn utf8(body: &[u8]) -> Result<&str, ApiError> {
 
 type RawInput = (Option<String>, String);
 
-/// `"SEQ"`, `{"sequence": "SEQ", "id"?}`, `{"inputs": "SEQ" | [ "SEQ" | {"id"?, "sequence"} ]}`
-/// and a bare list `[ ... ]`.
+/// The JSON forms of [`PredictRequest`]. The body is first read as JSON whatever its shape, so
+/// that malformed JSON (`invalid_json`) is told apart from JSON of the wrong shape
+/// (`invalid_request`) wherever each occurs.
 fn parse_json(body: &[u8]) -> Result<Vec<RawInput>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
+    let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")))?;
-    let shape = || {
-        ApiError::bad_request(
-            "invalid_request",
-            "expected a sequence string, {\"sequence\": \"...\"}, or {\"inputs\": [...]} with strings or {\"id\", \"sequence\"} objects",
-        )
-    };
-    match value {
-        Value::String(s) => Ok(vec![(None, s)]),
-        Value::Array(items) => list(items),
-        Value::Object(mut map) => {
-            if let Some(inputs) = map.remove("inputs").or_else(|| map.remove("instances")) {
-                match inputs {
-                    Value::String(s) => Ok(vec![(None, s)]),
-                    Value::Array(items) => list(items),
-                    Value::Object(_) => Ok(vec![item(0, inputs)?]),
-                    _ => Err(shape()),
-                }
-            } else if map.contains_key("sequence") {
-                Ok(vec![item(0, Value::Object(map))?])
-            } else {
-                Err(shape())
-            }
-        }
-        _ => Err(shape()),
-    }
-}
-
-fn list(items: Vec<Value>) -> Result<Vec<RawInput>, ApiError> {
-    items
+    let request = PredictRequest::deserialize(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
+    Ok(request
+        .into_proteins()
         .into_iter()
-        .enumerate()
-        .map(|(i, v)| item(i, v))
-        .collect()
-}
-
-fn item(index: usize, value: Value) -> Result<RawInput, ApiError> {
-    let bad = |what: &str| {
-        ApiError::bad_request("invalid_request", format!("input {}: {what}", index + 1))
-    };
-    match value {
-        Value::String(s) => Ok((None, s)),
-        Value::Object(map) => {
-            let sequence = match map.get("sequence") {
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err(bad("\"sequence\" must be a string")),
-                None => return Err(bad("object without a \"sequence\" field")),
-            };
-            let id = match map.get("id") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                Some(_) => return Err(bad("\"id\" must be a string or a number")),
-            };
-            Ok((id, sequence))
-        }
-        _ => Err(bad("expected a string or an {\"id\", \"sequence\"} object")),
-    }
+        .map(|p| (p.id, p.sequence))
+        .collect())
 }
 
 /// FASTA: `>` header lines (the id is the first word), wrapped sequence lines, blank lines
