@@ -1,11 +1,14 @@
-//! Request bodies: the JSON forms, FASTA and CSV, turned into validated `(id, sequence)`
-//! pairs. Every error says which sequence (1-based index and id) and what is wrong.
+//! Request bodies, by content type, turned into validated `(id, sequence)` pairs: JSON into
+//! [`PredictRequest`], FASTA and CSV by `crate::data`'s text readers. Every error says which
+//! sequence (1-based index and id) or line, and what is wrong.
 
 use serde::Deserialize;
 
 use super::error::ApiError;
 use super::request::PredictRequest;
-use crate::data::validate_sequence;
+use crate::data::fasta::read_fasta_text;
+use crate::data::table::{read_sequence_table, TableKind};
+use crate::data::{validate_sequence, DataError, RawRecord};
 
 /// One protein of a request, validated (upper-case, whitespace removed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -131,99 +134,35 @@ fn parse_json(body: &[u8]) -> Result<Vec<RawInput>, ApiError> {
         .collect())
 }
 
-/// FASTA: `>` header lines (the id is the first word), wrapped sequence lines, blank lines
-/// and `;` comments ignored. Text before the first header is an error.
+/// FASTA, read by [`crate::data::fasta::read_fasta_text`]: the id is the header's first
+/// word, descriptions are not interpreted, blank lines and `;` comments are ignored. Text
+/// before the first header is an error naming its line.
 fn parse_fasta(text: &str) -> Result<Vec<RawInput>, ApiError> {
-    let text = text.trim_start_matches('\u{feff}');
-    let mut out: Vec<RawInput> = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim_end_matches('\r');
-        if let Some(header) = line.strip_prefix('>') {
-            if let Some((id, seq)) = current.take() {
-                out.push((Some(id), seq));
-            }
-            let id = header.split_whitespace().next().unwrap_or("").to_string();
-            current = Some((id, String::new()));
-        } else if line.trim().is_empty() || line.starts_with(';') {
-            continue;
-        } else if let Some((_, seq)) = current.as_mut() {
-            seq.push_str(line);
-        } else {
-            return Err(ApiError::bad_request(
-                "invalid_fasta",
-                format!(
-                    "FASTA line {}: sequence data before the first '>' header",
-                    n + 1
-                ),
-            ));
-        }
-    }
-    if let Some((id, seq)) = current {
-        out.push((Some(id), seq));
-    }
-    Ok(out)
+    let records = read_fasta_text("request", text)
+        .map_err(|e| structure_error("invalid_fasta", "FASTA", e))?;
+    Ok(raw_inputs(records))
 }
 
-/// CSV with a header naming a `sequence` column and optionally `id`/`accession`/`entry`;
-/// without such a header, one column is `sequence` and two columns are `id,sequence`.
+/// CSV, read by [`crate::data::table::read_sequence_table`]: a header naming a `sequence`
+/// column and optionally `id`/`accession`/`entry`/`name`; without such a header, one column
+/// is `sequence` and two columns are `id,sequence`.
 fn parse_csv(text: &str) -> Result<Vec<RawInput>, ApiError> {
-    let text = text.trim_start_matches('\u{feff}');
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let mut rows = reader.records();
-    let csv_err = |e: csv::Error| ApiError::bad_request("invalid_csv", format!("CSV: {e}"));
-    let first = match rows.next() {
-        None => return Ok(Vec::new()),
-        Some(r) => r.map_err(csv_err)?,
+    let records = read_sequence_table("request", text, TableKind::Csv)
+        .map_err(|e| structure_error("invalid_csv", "CSV", e))?;
+    Ok(raw_inputs(records))
+}
+
+fn raw_inputs(records: Vec<RawRecord>) -> Vec<RawInput> {
+    records.into_iter().map(|r| (r.id, r.sequence)).collect()
+}
+
+/// A body that is not the FASTA/CSV it claims to be: 400, naming the line.
+fn structure_error(code: &'static str, format: &str, e: DataError) -> ApiError {
+    let message = match e {
+        DataError::Invalid { pos, msg } => format!("{format} line {}: {msg}", pos.line),
+        other => format!("{format}: {other}"),
     };
-    let names: Vec<String> = first
-        .iter()
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
-    let seq_col = names.iter().position(|n| n == "sequence" || n == "seq");
-    let (id_col, seq_col, header) = match seq_col {
-        Some(s) => {
-            let id = names
-                .iter()
-                .position(|n| matches!(n.as_str(), "id" | "accession" | "entry" | "name"));
-            (id, s, true)
-        }
-        None => match first.len() {
-            1 => (None, 0, false),
-            2 => (Some(0), 1, false),
-            n => {
-                return Err(ApiError::bad_request(
-                    "invalid_csv",
-                    format!("CSV: {n} columns but no header naming a \"sequence\" column"),
-                ))
-            }
-        },
-    };
-    let mut out = Vec::new();
-    let mut take = |row: &csv::StringRecord, line: usize| -> Result<(), ApiError> {
-        if row.iter().all(|f| f.trim().is_empty()) {
-            return Ok(());
-        }
-        let seq = row.get(seq_col).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_csv",
-                format!("CSV line {line}: no column {}", seq_col + 1),
-            )
-        })?;
-        let id = id_col.and_then(|c| row.get(c)).map(str::to_string);
-        out.push((id, seq.to_string()));
-        Ok(())
-    };
-    if !header {
-        take(&first, 1)?;
-    }
-    for (i, row) in rows.enumerate() {
-        take(&row.map_err(csv_err)?, i + 2)?;
-    }
-    Ok(out)
+    ApiError::bad_request(code, message)
 }
 
 #[cfg(test)]
