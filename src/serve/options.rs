@@ -16,7 +16,7 @@ pub struct ServeOptions {
     /// Run directory written by `protloc train`.
     pub model: PathBuf,
     pub host: String,
-    /// 0 picks a free port (see [`super::server::ServerHandle::addr`]).
+    /// 0 picks a free port (see `ServerHandle::addr`).
     pub port: u16,
     /// Batching, queue, request-size and time limits.
     pub limits: Limits,
