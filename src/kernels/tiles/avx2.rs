@@ -2,7 +2,7 @@
 //! [`narrow`](super::narrow), the in-register transpose of the packing, and the vector `exp`
 //! of the score epilogues and [`exp_minus_sum`](super::exp_minus_sum).
 
-use super::{Epilogue, Strided, TILE_COLS, TILE_ROWS};
+use super::operand::{padded, Epilogue, Strided, TILE_COLS, TILE_ROWS};
 
 use std::arch::x86_64::*;
 
@@ -15,7 +15,7 @@ use std::arch::x86_64::*;
 /// As [`pack_into`](super::pack_into); `d % 8 == 0`, AVX2 available.
 #[target_feature(enable = "avx2,fma")]
 pub(super) unsafe fn pack_into(src: *const f32, rs: usize, rows: usize, d: usize, out: &mut [f32]) {
-    let ld = super::padded(rows);
+    let ld = padded(rows);
     debug_assert!(d.is_multiple_of(8) && out.len() == d * ld);
     let dst = out.as_mut_ptr();
     let whole = rows / 8 * 8;
@@ -269,7 +269,7 @@ pub(crate) fn has_avx512f() -> bool {
 /// from 101 to 105 at 16 (`cargo bench --bench encoder -- scores --threads 1`).
 mod avx512 {
     use super::{exp, Extra, Rows, EXP, GRAD, MAX};
-    use crate::kernels::tiles::TILE_COLS;
+    use crate::kernels::tiles::operand::TILE_COLS;
 
     use std::arch::x86_64::*;
 

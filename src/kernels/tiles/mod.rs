@@ -27,48 +27,14 @@ use super::simd::has_avx2_fma;
 
 #[cfg(target_arch = "x86_64")]
 pub(crate) mod avx2;
+mod operand;
 mod softmax;
 #[cfg(test)]
 mod tests;
 
+use operand::NARROW_MAX;
+pub use operand::{padded, Epilogue, Strided, TILE_COLS};
 pub use softmax::{softmax_rows, softmax_rows_streaming, AttentionBlock};
-
-/// Columns per [`wide`] tile: packed `Bt` rows are padded to a multiple of this.
-pub const TILE_COLS: usize = 16;
-/// Rows of `C` per microkernel tile.
-const TILE_ROWS: usize = 6;
-/// Widest `d` the [`narrow`] register tile takes; wider products go to the `gemm` crate.
-const NARROW_MAX: usize = 24;
-
-/// A strided matrix operand: element `(i, j)` at `ptr + i * rs + j * cs`.
-#[derive(Clone, Copy, Debug)]
-pub struct Strided {
-    pub ptr: *const f32,
-    pub rs: isize,
-    pub cs: isize,
-}
-
-impl Strided {
-    /// Row-major rows of `rs` floats.
-    pub fn rows(ptr: *const f32, rs: usize) -> Self {
-        Self {
-            ptr,
-            rs: rs as isize,
-            cs: 1,
-        }
-    }
-
-    #[inline(always)]
-    unsafe fn at(self, i: usize, j: usize) -> *const f32 {
-        // SAFETY: the caller keeps (i, j) inside the operand.
-        unsafe { self.ptr.offset(i as isize * self.rs + j as isize * self.cs) }
-    }
-}
-
-/// `n` rounded up to a whole number of [`wide`] tiles.
-pub fn padded(n: usize) -> usize {
-    n.div_ceil(TILE_COLS) * TILE_COLS
-}
 
 /// Packs `rows` rows of width `d` (row `j` at `src + j * rs`) transposed into `dst` as
 /// `[d, padded(rows)]`, zeros in the padding columns.
@@ -134,23 +100,6 @@ unsafe fn pack_into(src: *const f32, rs: usize, rows: usize, d: usize, out: &mut
             }
         }
     }
-}
-
-/// What [`wide`] does with each product before (or while) storing it.
-pub enum Epilogue<'a> {
-    /// `C = A Bt`.
-    Store,
-    /// `C = A Bt`, and `row_max[i]` = the largest of row `i`'s first `valid` columns (the
-    /// softmax's shift, without a separate pass over the scores).
-    StoreMax {
-        valid: usize,
-        row_max: &'a mut [f32],
-    },
-    /// `C = exp(A Bt - lse[i])`: probabilities recomputed from their log-sum-exp.
-    ExpMinus { lse: &'a [f32] },
-    /// `C = P * (A Bt - di[i])` element-wise, `P` laid out like `C`: the softmax backward
-    /// (`di` = rowsum(dO * O)).
-    SoftmaxGrad { p: *const f32, di: &'a [f32] },
 }
 
 /// `C[m, ld] = A[m, d] @ Bt[d, ld]` with `Bt` packed by [`pack_transposed`] (`ld` =
