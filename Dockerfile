@@ -16,19 +16,19 @@ RUN apt-get update \
 WORKDIR /src
 # Dependencies first, so edits to src/ reuse the cached dependency layer. Cargo parses every
 # target Cargo.toml declares, so each one needs a file here: the library and binary, every
-# [[bench]] (benches/NAME.rs) and every [[test]] path. The test stubs stay (the image builds
+# [[bench]] (bench/rust/NAME.rs) and every [[test]] path. The test stubs stay (the image builds
 # no tests; tests/ is not copied). tools/check-dockerfile.sh, run by .ci/run, replays this
 # stage and the next with `cargo check`, so a target added without a stub fails CI.
 COPY Cargo.toml Cargo.lock ./
-RUN mkdir -p src benches tests/real_data \
- && for f in src/main.rs benches/serve_load.rs benches/encoder.rs tests/real_data/main.rs; do \
+RUN mkdir -p src bench/rust tests/real_data \
+ && for f in src/main.rs bench/rust/serve_load.rs bench/rust/encoder.rs tests/real_data/main.rs; do \
       echo 'fn main() {}' > "$f"; \
     done \
  && touch src/lib.rs \
  && cargo build --release --locked \
- && rm -rf src benches
+ && rm -rf src bench
 COPY src ./src
-COPY benches ./benches
+COPY bench/rust ./bench/rust
 RUN touch src/main.rs src/lib.rs \
  && cargo build --release --locked --bin protloc \
  && strip target/release/protloc

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""PyTorch `transformers` side of bench/compare.sh (the mirror of benches/encoder.rs).
+"""PyTorch `transformers` side of bench/compare.sh (the mirror of bench/rust/encoder.rs).
 
 Prints one JSON object per measurement on stdout. Modes:
 

@@ -26,7 +26,7 @@ use super::tiles::{self, Strided};
 pub const SCORE_BLOCK: usize = 64 * 1024;
 /// Keys per block of the streaming (online-softmax) attention, used once a sequence has
 /// more keys than this ([`tiles::softmax_rows_streaming`]). Measured on ESM-2 8M, one
-/// sequence (`benches/encoder.rs scale`): 8,192 tokens took 5.4-5.6 s with blocks of 256
+/// sequence (`bench/rust/encoder.rs scale`): 8,192 tokens took 5.4-5.6 s with blocks of 256
 /// keys, 5.8-5.9 s with 128, 6.0 s with 512, 7.2 s with 1,024 and 7.9-9.3 s unblocked;
 /// 1,024 tokens 0.17-0.19 s against 0.21; at 512 tokens and below, no difference.
 pub const KEY_BLOCK: usize = 256;

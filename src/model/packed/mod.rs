@@ -34,7 +34,7 @@ static PACKED_INFERENCE: std::sync::atomic::AtomicBool = std::sync::atomic::Atom
 
 /// Turns the packed inference path on (the default) or off for the whole process. Off,
 /// detached encoders run the general differentiable ops instead: for before/after
-/// benchmarks (`benches/encoder.rs --path general`) and for diagnosing a suspected kernel bug.
+/// benchmarks (`bench/rust/encoder.rs --path general`) and for diagnosing a suspected kernel bug.
 pub fn set_packed_inference(on: bool) {
     PACKED_INFERENCE.store(on, std::sync::atomic::Ordering::Relaxed);
 }
