@@ -201,23 +201,21 @@ impl AdamW {
                 bc2_sqrt: bc2.sqrt() as f32,
                 grad_scale: grad_scale as f32,
             };
-            let (m, v) = (RefCell::new(&mut slot.m), RefCell::new(&mut slot.v));
-            match self.cfg.rule {
-                Rule::AdamW => slot
-                    .var
-                    .as_tensor()
-                    .inplace_op2(&grad, &AdamWKernel { m, v, h })?,
-                Rule::Lamb => slot
-                    .var
-                    .as_tensor()
-                    .inplace_op2(&grad, &LambKernel { m, v, h })?,
-            }
+            let kernel = UpdateKernel {
+                rule: self.cfg.rule,
+                m: RefCell::new(&mut slot.m),
+                v: RefCell::new(&mut slot.v),
+                h,
+            };
+            slot.var.as_tensor().inplace_op2(&grad, &kernel)?;
         }
         Ok(())
     }
 }
 
-struct AdamWKernel<'a> {
+/// One optimizer update of one parameter tensor, in place.
+struct UpdateKernel<'a> {
+    rule: Rule,
     m: RefCell<&'a mut Vec<f32>>,
     v: RefCell<&'a mut Vec<f32>>,
     h: Hyper,
@@ -239,9 +237,12 @@ struct Hyper {
 /// big matrices over both cores.
 const CHUNK: usize = 1 << 15;
 
-impl InplaceOp2 for AdamWKernel<'_> {
+impl InplaceOp2 for UpdateKernel<'_> {
     fn name(&self) -> &'static str {
-        "fused-adamw"
+        match self.rule {
+            Rule::AdamW => "fused-adamw",
+            Rule::Lamb => "fused-lamb",
+        }
     }
 
     fn cpu_fwd(
@@ -251,115 +252,89 @@ impl InplaceOp2 for AdamWKernel<'_> {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> candle_core::Result<()> {
+        let name = self.name();
         let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("fused-adamw: f32 tensors only")
+            candle_core::bail!("{name}: f32 tensors only")
         };
         let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
         else {
-            candle_core::bail!("fused-adamw: contiguous tensors only")
+            candle_core::bail!("{name}: contiguous tensors only")
         };
         let p = &mut p[p0..p1];
         let g = &g[g0..g1];
         let mut m = self.m.borrow_mut();
         let mut v = self.v.borrow_mut();
         if p.len() != g.len() || p.len() != m.len() {
-            candle_core::bail!("fused-adamw: size mismatch");
+            candle_core::bail!("{name}: size mismatch");
         }
-        let k = self.h;
-        let step_size = k.lr / k.bc1;
-        let decay = 1.0 - k.lr * k.wd;
-        p.par_chunks_mut(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .for_each(|(((p, g), m), v)| {
-                for i in 0..p.len() {
-                    let gi = g[i] * k.grad_scale;
-                    m[i] = k.beta1 * m[i] + (1.0 - k.beta1) * gi;
-                    v[i] = k.beta2 * v[i] + (1.0 - k.beta2) * gi * gi;
-                    let denom = v[i].sqrt() / k.bc2_sqrt + k.eps;
-                    p[i] = p[i] * decay - step_size * m[i] / denom;
-                }
-            });
+        match self.rule {
+            Rule::AdamW => adamw_update(p, g, &mut m, &mut v, self.h),
+            Rule::Lamb => lamb_update(p, g, &mut m, &mut v, self.h),
+        }
         Ok(())
     }
 }
 
-struct LambKernel<'a> {
-    m: RefCell<&'a mut Vec<f32>>,
-    v: RefCell<&'a mut Vec<f32>>,
-    h: Hyper,
+/// PyTorch's AdamW on one tensor.
+fn adamw_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: Hyper) {
+    let step_size = k.lr / k.bc1;
+    let decay = 1.0 - k.lr * k.wd;
+    p.par_chunks_mut(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .for_each(|(((p, g), m), v)| {
+            for i in 0..p.len() {
+                let gi = g[i] * k.grad_scale;
+                m[i] = k.beta1 * m[i] + (1.0 - k.beta1) * gi;
+                v[i] = k.beta2 * v[i] + (1.0 - k.beta2) * gi * gi;
+                let denom = v[i].sqrt() / k.bc2_sqrt + k.eps;
+                p[i] = p[i] * decay - step_size * m[i] / denom;
+            }
+        });
 }
 
-impl InplaceOp2 for LambKernel<'_> {
-    fn name(&self) -> &'static str {
-        "fused-lamb"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &mut CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-    ) -> candle_core::Result<()> {
-        let (CpuStorage::F32(p), CpuStorage::F32(g)) = (s1, s2) else {
-            candle_core::bail!("fused-lamb: f32 tensors only")
-        };
-        let (Some((p0, p1)), Some((g0, g1))) = (l1.contiguous_offsets(), l2.contiguous_offsets())
-        else {
-            candle_core::bail!("fused-lamb: contiguous tensors only")
-        };
-        let p = &mut p[p0..p1];
-        let g = &g[g0..g1];
-        let mut m = self.m.borrow_mut();
-        let mut v = self.v.borrow_mut();
-        if p.len() != g.len() || p.len() != m.len() {
-            candle_core::bail!("fused-lamb: size mismatch");
-        }
-        let k = self.h;
-        let step = |m: f32, v: f32, p: f32| m / (v.sqrt() + k.eps) + k.wd * p;
-        // Pass 1: moments, and the squared norms of the weights and of the Adam step, summed
-        // per fixed block and then in order (bit-for-bit repeatable under any scheduling).
-        let partial: Vec<(f64, f64)> = p
-            .par_chunks(CHUNK)
-            .zip(g.par_chunks(CHUNK))
-            .zip(m.par_chunks_mut(CHUNK))
-            .zip(v.par_chunks_mut(CHUNK))
-            .map(|(((p, g), m), v)| {
-                let (mut wn, mut un) = (0f64, 0f64);
-                for i in 0..p.len() {
-                    let gi = g[i] * k.grad_scale;
-                    m[i] = k.beta1 * m[i] + (1.0 - k.beta1) * gi;
-                    v[i] = k.beta2 * v[i] + (1.0 - k.beta2) * gi * gi;
-                    let u = step(m[i], v[i], p[i]) as f64;
-                    wn += (p[i] as f64) * (p[i] as f64);
-                    un += u * u;
-                }
-                (wn, un)
-            })
-            .collect();
-        let (wn, un) = partial
-            .iter()
-            .fold((0f64, 0f64), |(a, b), &(x, y)| (a + x, b + y));
-        let (weight_norm, step_norm) = (wn.sqrt().min(LAMB_WEIGHT_NORM_CLAMP), un.sqrt());
-        let trust = if weight_norm == 0.0 || step_norm == 0.0 {
-            1.0
-        } else {
-            weight_norm / step_norm
-        };
-        // Pass 2: the update, with the step recomputed from the new moments.
-        let scale = (k.lr as f64 * trust) as f32;
-        p.par_chunks_mut(CHUNK)
-            .zip(m.par_chunks(CHUNK))
-            .zip(v.par_chunks(CHUNK))
-            .for_each(|((p, m), v)| {
-                for i in 0..p.len() {
-                    p[i] -= scale * step(m[i], v[i], p[i]);
-                }
-            });
-        Ok(())
-    }
+/// `torch_optimizer.Lamb` on one tensor, in two passes: moments and the squared norms of the
+/// weights and of the Adam step (summed per fixed block, then in order: bit-for-bit
+/// repeatable under any scheduling), then the update scaled by the trust ratio.
+fn lamb_update(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], k: Hyper) {
+    let step = |m: f32, v: f32, p: f32| m / (v.sqrt() + k.eps) + k.wd * p;
+    let partial: Vec<(f64, f64)> = p
+        .par_chunks(CHUNK)
+        .zip(g.par_chunks(CHUNK))
+        .zip(m.par_chunks_mut(CHUNK))
+        .zip(v.par_chunks_mut(CHUNK))
+        .map(|(((p, g), m), v)| {
+            let (mut wn, mut un) = (0f64, 0f64);
+            for i in 0..p.len() {
+                let gi = g[i] * k.grad_scale;
+                m[i] = k.beta1 * m[i] + (1.0 - k.beta1) * gi;
+                v[i] = k.beta2 * v[i] + (1.0 - k.beta2) * gi * gi;
+                let u = step(m[i], v[i], p[i]) as f64;
+                wn += (p[i] as f64) * (p[i] as f64);
+                un += u * u;
+            }
+            (wn, un)
+        })
+        .collect();
+    let (wn, un) = partial
+        .iter()
+        .fold((0f64, 0f64), |(a, b), &(x, y)| (a + x, b + y));
+    let (weight_norm, step_norm) = (wn.sqrt().min(LAMB_WEIGHT_NORM_CLAMP), un.sqrt());
+    let trust = if weight_norm == 0.0 || step_norm == 0.0 {
+        1.0
+    } else {
+        weight_norm / step_norm
+    };
+    let scale = (k.lr as f64 * trust) as f32;
+    p.par_chunks_mut(CHUNK)
+        .zip(m.par_chunks(CHUNK))
+        .zip(v.par_chunks(CHUNK))
+        .for_each(|((p, m), v)| {
+            for i in 0..p.len() {
+                p[i] -= scale * step(m[i], v[i], p[i]);
+            }
+        });
 }
 
 /// Linear warm-up to the peak rate, then linear decay to zero (the HF default schedule).
