@@ -5,7 +5,7 @@ use candle_core::{Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
-use super::layers::{linear_activation, Embedding, LayerNorm, Linear};
+use super::layers::{all_detached, linear_activation, Embedding, LayerNorm, Linear};
 use super::params::Builder;
 use crate::kernels::attention::{self_attention, AttentionMask};
 use crate::kernels::dropout::{dropout, dropout_add};
@@ -204,26 +204,22 @@ impl Bert {
             &e.norm.weight,
             &e.norm.bias,
         ];
-        for l in &self.layers {
-            for lin in [
+        let linears = self.layers.iter().flat_map(|l| {
+            [
                 &l.query,
                 &l.key,
                 &l.value,
                 &l.attn_out,
                 &l.intermediate,
                 &l.output,
-            ] {
-                if lin.lora.is_some() {
-                    return false; // adapters run in the general path (merged when detached)
-                }
-                tensors.push(&lin.weight);
-                tensors.extend(lin.bias.as_ref());
-            }
+            ]
+        });
+        for l in &self.layers {
             for n in [&l.attn_norm, &l.out_norm] {
                 tensors.extend([&n.weight, &n.bias]);
             }
         }
-        tensors.iter().all(|t| !t.track_op())
+        all_detached(linears, tensors)
     }
 
     fn layer_forward(

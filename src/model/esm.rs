@@ -6,7 +6,7 @@ use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
-use super::layers::{linear_activation, Embedding, LayerNorm, Linear};
+use super::layers::{all_detached, linear_activation, Embedding, LayerNorm, Linear};
 use super::params::Builder;
 use crate::kernels::attention::{self_attention, AttentionMask};
 use crate::kernels::dropout::dropout_add;
@@ -227,26 +227,22 @@ impl Esm {
         if let Some(n) = &self.emb_norm_before {
             tensors.extend([&n.weight, &n.bias]);
         }
-        for l in &self.layers {
-            for lin in [
+        let linears = self.layers.iter().flat_map(|l| {
+            [
                 &l.query,
                 &l.key,
                 &l.value,
                 &l.attn_out,
                 &l.intermediate,
                 &l.output,
-            ] {
-                if lin.lora.is_some() {
-                    return false; // adapters run in the general path (merged when detached)
-                }
-                tensors.push(&lin.weight);
-                tensors.extend(lin.bias.as_ref());
-            }
+            ]
+        });
+        for l in &self.layers {
             for n in [&l.attn_norm, &l.ffn_norm] {
                 tensors.extend([&n.weight, &n.bias]);
             }
         }
-        tensors.iter().all(|t| !t.track_op())
+        all_detached(linears, tensors)
     }
 
     /// Zeroes `<mask>` embeddings and rescales by (1 - 0.12) / (1 - observed mask ratio).

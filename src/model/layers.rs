@@ -18,6 +18,24 @@ pub struct Linear {
     pub lora: Option<Lora>,
 }
 
+/// Whether the packed inference path may run these weights: no linear carries LoRA adapters
+/// (they run in the general path, merged when detached) and no tensor records a backward
+/// graph, so nobody can ask for gradients.
+pub fn all_detached<'a>(
+    linears: impl IntoIterator<Item = &'a Linear>,
+    tensors: impl IntoIterator<Item = &'a Tensor>,
+) -> bool {
+    let mut weights = Vec::new();
+    for lin in linears {
+        if lin.lora.is_some() {
+            return false;
+        }
+        weights.push(&lin.weight);
+        weights.extend(lin.bias.as_ref());
+    }
+    weights.into_iter().chain(tensors).all(|t| !t.track_op())
+}
+
 impl Linear {
     pub fn new(b: &Builder, in_dim: usize, out_dim: usize, init_std: f64) -> Result<Self> {
         Ok(Self {

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{packed_linear, packed_linear_acc, packed_linear_scaled};
+use super::{packed_linear, packed_linear_acc, packed_linear_scaled, PackedTokens};
 use crate::kernels::activation;
 use crate::kernels::packed_attention;
 use crate::kernels::{buffers, norm};
@@ -27,17 +27,18 @@ pub(crate) fn forward_until(
     if e.word.weight.dtype() != DType::F32 {
         return Ok(None);
     }
-    let (_, t) = ids.dims2()?;
-    let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
-    let Some(lengths) = packed_attention::prefix_lengths(&mask) else {
+    let Some(PackedTokens {
+        ids,
+        segs,
+        padded_len: t,
+        tokens: n,
+    }) = PackedTokens::new(ids, attention_mask)?
+    else {
         return Ok(None);
     };
-    let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
-    let segs = packed_attention::segments(&lengths);
     let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
     let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
     let eps = cfg.layer_norm_eps as f32;
-    let n: usize = lengths.iter().sum();
 
     let mut x = buffers::take(n * h);
     {
