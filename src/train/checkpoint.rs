@@ -9,7 +9,6 @@
 //! checkpoint when the latest is damaged.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +17,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::EpochMetrics;
+use crate::artifacts::write_synced;
 
 /// A ChaCha8 generator's exact position.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -112,14 +112,6 @@ fn step_dir_name(step: usize) -> String {
     format!("step-{step:08}")
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
 /// Writes a checkpoint atomically and keeps only the newest `keep_last`.
 pub fn save(
     run_dir: &Path,
@@ -132,39 +124,24 @@ pub fn save(
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let final_dir = root.join(step_dir_name(state.step));
-    let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempdir_in(&root)?;
-    let mut checksums = HashMap::new();
-    for (name, tensors) in [(MODEL, model), (OPTIMIZER, optimizer)] {
-        let bytes = crate::artifacts::safetensors_bytes(tensors)?;
-        checksums.insert(name.to_string(), crc32fast::hash(&bytes));
-        write_synced(&tmp.path().join(name), &bytes)?;
-    }
-    let file = StateFile {
-        format: FORMAT,
-        adam_step,
-        state: state.clone(),
-        checksums,
-    };
-    write_synced(
-        &tmp.path().join(STATE),
-        serde_json::to_string_pretty(&file)?.as_bytes(),
-    )?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    let tmp_path = tmp.keep();
-    std::fs::rename(&tmp_path, &final_dir).with_context(|| {
-        format!(
-            "cannot move checkpoint into place at {}",
-            final_dir.display()
+    crate::artifacts::write_atomic_dir(&final_dir, |tmp| {
+        let mut checksums = HashMap::new();
+        for (name, tensors) in [(MODEL, model), (OPTIMIZER, optimizer)] {
+            let bytes = crate::artifacts::safetensors_bytes(tensors)?;
+            checksums.insert(name.to_string(), crc32fast::hash(&bytes));
+            write_synced(&tmp.join(name), &bytes)?;
+        }
+        let file = StateFile {
+            format: FORMAT,
+            adam_step,
+            state: state.clone(),
+            checksums,
+        };
+        write_synced(
+            &tmp.join(STATE),
+            serde_json::to_string_pretty(&file)?.as_bytes(),
         )
     })?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(&root) {
-        let _ = d.sync_all();
-    }
     prune(&root, keep_last)?;
     Ok(final_dir)
 }
