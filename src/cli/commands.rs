@@ -821,7 +821,7 @@ fn embed(c: EmbedCmd) -> Result<()> {
         skip_invalid: c.skip_invalid,
     };
     if let (true, Some(dir)) = (c.per_residue, &c.cache) {
-        let (total, new) = crate::infer::predict::embed_to_cache(&args, dir)?;
+        let (total, new) = crate::cache::embed_to_cache(&args, dir)?;
         eprintln!(
             "{total} proteins in the cache {} ({new} newly embedded)",
             dir.display()

@@ -25,15 +25,13 @@ use super::{
     default_labels, effective_max_residues, plan_members, record_epoch, save_best,
     validation_metrics, EpochMetrics, MemberPlan, TrainArgs, TrainSummary,
 };
+pub use crate::cache::cached_outputs;
 use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
 use crate::eval::multilabel;
 use crate::infer::BatchLimits;
 use crate::model::{self, MemberInfo, SequenceClassifier, TaskConfig};
 use crate::tokenize::BatchPlan;
-
-/// Proteins per validation batch on cached rows.
-const EVAL_BATCH: usize = 32;
 
 /// Runs `protloc train --frozen`: one head, or an ensemble of `args.members()` heads trained
 /// one after another on the same cached embeddings (see [`super::plan_members`] for their
@@ -379,7 +377,7 @@ fn train_member(
             None
         } else {
             let seqs: Vec<&str> = val_recs.iter().map(|r| r.sequence.as_str()).collect();
-            let out = cached_member_outputs(model, k..k + 1, cache, &seqs, &device)?;
+            let out = crate::cache::cached_member_outputs(model, k..k + 1, cache, &seqs, &device)?;
             let probs = out.probabilities;
             let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), &val_targets);
             if args.multi_label {
@@ -507,56 +505,3 @@ fn multi_label_truth(targets: &[Target]) -> Vec<Vec<bool>> {
 }
 
 const DEFAULT_CLASSES: usize = crate::data::DEEPLOC_LOCATIONS.len();
-
-/// Location probabilities (and membrane probabilities, when the head predicts them) of the
-/// cached proteins `seqs`, in order, without gradient tracking; an ensemble's are the mean
-/// of its members'. The cache is a frozen encoder's output, or the states entering a layer
-/// ([`CacheSpec::at_layer`]) that the model's upper layers then run on.
-pub fn cached_outputs(
-    model: &SequenceClassifier,
-    cache: &mut EmbeddingCache,
-    seqs: &[&str],
-    device: &Device,
-) -> Result<crate::infer::HeadPredictions> {
-    cached_member_outputs(model, 0..model.members(), cache, seqs, device)
-}
-
-/// [`cached_outputs`] of the heads `members` only (one member's, during its training).
-fn cached_member_outputs(
-    model: &SequenceClassifier,
-    members: std::ops::Range<usize>,
-    cache: &mut EmbeddingCache,
-    seqs: &[&str],
-    device: &Device,
-) -> Result<crate::infer::HeadPredictions> {
-    let from_layer = cache.spec().layer;
-    let encoder = from_layer.map(|_| model.base.encoder.detached());
-    // Length-sorted batches pad little; results go back to input order.
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].len());
-    // One row per protein: the C location probabilities, then P(membrane) if present.
-    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
-    for group in order.chunks(EVAL_BATCH) {
-        let s: Vec<&str> = group.iter().map(|&i| seqs[i]).collect();
-        let batch = cache.batch(&s, device)?;
-        let p = match (from_layer, &encoder) {
-            (Some(n), Some(encoder)) => {
-                let hidden = encoder.forward_from(&batch.x, &batch.mask, n, None)?;
-                let residues = crate::cache::residues_of_tokens(&batch.mask)?;
-                model.hidden_probabilities(&hidden, &residues, members.clone())?
-            }
-            _ => model.residue_probabilities(&batch.x, &batch.mask, members.clone())?,
-        };
-        let t = match &p.membrane {
-            Some(m) => candle_core::Tensor::cat(&[&p.location, &m.unsqueeze(1)?], 1)?,
-            None => p.location,
-        };
-        for (&i, row) in group.iter().zip(t.to_vec2::<f32>()?) {
-            rows[i] = row;
-        }
-    }
-    Ok(crate::infer::HeadPredictions::from_rows(
-        rows,
-        model.task.membrane,
-    ))
-}

@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 use crate::data::{self, ReadOptions, Record};
 use crate::dist::{Collective, Local};
 use crate::infer::{self, BatchLimits};
+pub use crate::infer::{effective_max_residues, DEFAULT_MAX_RESIDUES};
 use crate::model::lora::{LoraConfig, LoraTarget};
 use crate::model::{self, HeadKind, Pool, SequenceClassifier, TaskConfig};
 use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
@@ -467,24 +468,6 @@ fn encode_examples(
     Ok(Examples { enc, targets })
 }
 
-/// Residues per protein: explicit, or the model's positions minus the two special tokens,
-/// capped at 510 (the reference workflow's 512 tokens; attention memory grows with the
-/// square of the length, and 1,022 residues at batch 4 needs many GB to train on a CPU).
-pub fn effective_max_residues(
-    cfg: &model::EncoderConfig,
-    requested: Option<usize>,
-) -> Result<usize> {
-    let limit = cfg.max_tokens().saturating_sub(2);
-    match requested {
-        Some(n) if cfg.arch().ok() == Some(model::Arch::Bert) && n > limit => bail!(
-            "--max-residues {n} exceeds what this BERT's {} position embeddings allow ({limit})",
-            cfg.max_tokens()
-        ),
-        Some(n) => Ok(n),
-        None => Ok(limit.min(DEFAULT_MAX_RESIDUES)),
-    }
-}
-
 /// Head dropout when fine-tuning without `--dropout`: the reference workflow's 0.2 for its
 /// head, 0.1 (BERT's own) otherwise.
 pub fn default_head_dropout(head: HeadKind) -> f64 {
@@ -493,9 +476,6 @@ pub fn default_head_dropout(head: HeadKind) -> f64 {
         _ => 0.1,
     }
 }
-
-/// Default residues per protein for training (see [`effective_max_residues`]).
-pub const DEFAULT_MAX_RESIDUES: usize = 510;
 
 /// Freezes the embeddings and the first `frozen_layers` encoder layers. With LoRA
 /// (`lora.rank > 0`) every encoder weight is frozen instead and adapters go on the layers
