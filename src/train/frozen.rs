@@ -122,7 +122,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         pool: args.pool,
         truncate: args.truncate,
         max_residues: max_res,
-        head_dropout: args.dropout.unwrap_or(0.25),
+        head_dropout: args.head_dropout(),
         head: args.head,
         head_hidden: args.head_hidden,
         la_kernel: args.la_kernel,

@@ -1,12 +1,12 @@
 //! Fine-tuning: data preparation, the training loop, per-epoch validation, checkpoints.
 
+pub mod args;
 pub mod checkpoint;
 pub mod frozen;
 pub mod objective;
 pub mod observe;
 pub mod optim;
 
-use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -20,261 +20,15 @@ use crate::data::{self, ReadOptions, Record};
 use crate::dist::{Collective, Local};
 use crate::infer::{self, BatchLimits};
 pub use crate::infer::{effective_max_residues, DEFAULT_MAX_RESIDUES};
-use crate::model::lora::{LoraConfig, LoraTarget};
-use crate::model::{self, HeadKind, Pool, SequenceClassifier, TaskConfig};
+use crate::model::lora::LoraConfig;
+use crate::model::{self, SequenceClassifier, TaskConfig};
 use crate::tokenize::{Batch, BatchPlan, Encoded, Truncation};
 use checkpoint::{LoopState, RngState};
-use objective::{ClassWeighting, MembraneMode, Objective, Target};
+use objective::{MembraneMode, Objective, Target};
 use optim::{AdamW, AdamWConfig, LinearSchedule};
 
+pub use args::{default_head_dropout, TrainArgs, TrainOptions};
 pub use observe::{LogObserver, TrainObserver};
-
-/// Everything `protloc train` takes. Saved as `training_args.json`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct TrainArgs {
-    pub model: String,
-    pub data: PathBuf,
-    pub output: PathBuf,
-    pub epochs: usize,
-    pub batch_size: usize,
-    pub lr: f64,
-    /// Learning rate of the new classifier head (defaults to `lr`).
-    pub head_lr: Option<f64>,
-    pub weight_decay: f64,
-    pub warmup_ratio: f64,
-    /// Residues kept per protein (default: what the model's positions allow).
-    pub max_residues: Option<usize>,
-    pub truncate: Truncation,
-    pub freeze_layers: usize,
-    pub grad_accum: usize,
-    pub max_grad_norm: f64,
-    /// Dropout for the head; when given explicitly also overrides the encoder's dropout.
-    pub dropout: Option<f64>,
-    pub val_fraction: f64,
-    pub seed: u64,
-    pub limit: Option<usize>,
-    pub max_steps: Option<usize>,
-    pub pool: Pool,
-    pub skip_invalid: bool,
-    /// Token budget of validation batches.
-    pub eval_batch_tokens: usize,
-    /// Write a resumable checkpoint every N optimizer steps and at every epoch end (0 = off).
-    #[serde(default)]
-    pub save_every_steps: usize,
-    /// Checkpoints kept (oldest are deleted).
-    #[serde(default = "default_keep_last")]
-    pub keep_last: usize,
-    /// Stop after this many consecutive steps with a non-finite loss or gradient.
-    #[serde(default = "default_max_bad_steps")]
-    pub max_bad_steps: usize,
-    /// Train only a head on cached embeddings of the frozen encoder (see `cache`).
-    #[serde(default)]
-    pub frozen: bool,
-    /// Embedding cache directory for `frozen` (default: RUN_DIR/embedding_cache).
-    #[serde(default)]
-    pub cache: Option<PathBuf>,
-    #[serde(default)]
-    pub head: HeadKind,
-    #[serde(default = "model::default_head_hidden")]
-    pub head_hidden: usize,
-    #[serde(default = "model::default_la_kernel")]
-    pub la_kernel: usize,
-    #[serde(default)]
-    pub membrane: MembraneMode,
-    #[serde(default)]
-    pub class_weighting: ClassWeighting,
-    /// Multi-label locations (`A|B` labels), sigmoid outputs with tuned thresholds.
-    #[serde(default)]
-    pub multi_label: bool,
-    /// Hold out this homology partition (CSV `partition` column) as the validation set
-    /// instead of a random stratified split.
-    #[serde(default)]
-    pub partition: Option<u32>,
-    /// Train on a seeded stratified sample of this many training records (the test records
-    /// are not touched; the validation split is taken from the sample).
-    #[serde(default)]
-    pub train_sample: Option<usize>,
-    /// Heads trained on the frozen encoder and averaged at inference; member k uses seed
-    /// `seed + k` for its initialisation, shuffling, dropout and validation split.
-    #[serde(
-        default = "default_ensemble",
-        skip_serializing_if = "is_default_ensemble"
-    )]
-    pub ensemble: usize,
-    /// An ensemble over homology partitions instead: member k validates on partition k (and
-    /// trains on the others); excludes `partition` and `ensemble`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub folds: Option<usize>,
-    /// Processes the run was trained on (data-parallel ranks); `batch_size` is per rank.
-    /// Filled in when the run starts; a resumed run must use the same number.
-    #[serde(default = "default_world_size")]
-    pub world_size: usize,
-    /// LoRA adapters on the encoder (rank 0: none). With adapters only they and the head
-    /// train; the encoder's own weights stay frozen.
-    #[serde(default = "default_lora")]
-    pub lora: LoraConfig,
-    /// Fine-tune only the top K encoder layers (and the head) on cached states of the layers
-    /// below, computed once (0 = off). See `frozen`.
-    #[serde(default)]
-    pub train_top_layers: usize,
-    /// Set by [`resume`]: the checkpoint to continue from.
-    #[serde(skip)]
-    pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
-}
-
-fn default_keep_last() -> usize {
-    2
-}
-
-fn default_max_bad_steps() -> usize {
-    5
-}
-
-fn default_world_size() -> usize {
-    1
-}
-
-fn default_lora() -> LoraConfig {
-    LoraConfig {
-        rank: 0,
-        alpha: 1.0,
-        targets: LoraTarget::ALL.to_vec(),
-        from_layer: 0,
-    }
-}
-
-fn default_ensemble() -> usize {
-    1
-}
-
-fn is_default_ensemble(n: &usize) -> bool {
-    *n == 1
-}
-
-impl TrainArgs {
-    /// Defaults that match the reference workflow where it makes sense on a CPU.
-    pub fn new(model: &str, data: PathBuf, output: PathBuf) -> Self {
-        Self {
-            model: model.into(),
-            data,
-            output,
-            epochs: 3,
-            batch_size: 4,
-            lr: 2e-5,
-            head_lr: None,
-            weight_decay: 0.01,
-            warmup_ratio: 0.1,
-            max_residues: None,
-            truncate: Truncation::HeadTail,
-            freeze_layers: 0,
-            grad_accum: 1,
-            max_grad_norm: 1.0,
-            dropout: None,
-            val_fraction: 0.1,
-            seed: 42,
-            limit: None,
-            max_steps: None,
-            pool: Pool::Cls,
-            skip_invalid: false,
-            eval_batch_tokens: 2048,
-            save_every_steps: 0,
-            keep_last: default_keep_last(),
-            max_bad_steps: default_max_bad_steps(),
-            frozen: false,
-            cache: None,
-            head: HeadKind::Linear,
-            head_hidden: model::default_head_hidden(),
-            la_kernel: model::default_la_kernel(),
-            membrane: MembraneMode::Auto,
-            class_weighting: ClassWeighting::None,
-            multi_label: false,
-            partition: None,
-            train_sample: None,
-            ensemble: default_ensemble(),
-            folds: None,
-            world_size: 1,
-            lora: default_lora(),
-            train_top_layers: 0,
-            resume_from: None,
-        }
-    }
-
-    fn validate(&self) -> Result<()> {
-        if self.epochs == 0 || self.batch_size == 0 || self.grad_accum == 0 {
-            bail!("--epochs, --batch-size and --grad-accum must be at least 1");
-        }
-        let positive = |x: f64| x.is_finite() && x > 0.0;
-        if !positive(self.lr) || self.head_lr.is_some_and(|l| !positive(l)) {
-            bail!("learning rates must be positive");
-        }
-        if !(0.0..1.0).contains(&self.val_fraction) {
-            bail!(
-                "--val-fraction must be in [0, 1), got {}",
-                self.val_fraction
-            );
-        }
-        if !(0.0..=1.0).contains(&self.warmup_ratio) {
-            bail!(
-                "--warmup-ratio must be in [0, 1], got {}",
-                self.warmup_ratio
-            );
-        }
-        if self.dropout.is_some_and(|p| !(0.0..1.0).contains(&p)) {
-            bail!("--dropout must be in [0, 1)");
-        }
-        if self.max_residues == Some(0) {
-            bail!("--max-residues must be at least 1");
-        }
-        if self.frozen && self.train_top_layers > 0 {
-            bail!("--frozen keeps every encoder layer fixed and --train-top-layers trains some: drop one of them");
-        }
-        if self.lora.rank > 0 {
-            if self.frozen {
-                bail!("--lora-rank trains adapters inside the encoder, which --frozen keeps fixed: drop one of them");
-            }
-            if !positive(self.lora.alpha) {
-                bail!("--lora-alpha must be positive, got {}", self.lora.alpha);
-            }
-            if self.lora.targets.is_empty() {
-                bail!("--lora-targets needs at least one of q, k, v, o, ffn");
-            }
-        }
-        if self.ensemble == 0 {
-            bail!("--ensemble must be at least 1 (the number of heads to train and average)");
-        }
-        if let Some(n) = self.folds {
-            if n < 2 {
-                bail!("--folds must be at least 2 (one member per held-out partition; for a single model validated on partition K use --partition K)");
-            }
-            if self.partition.is_some() {
-                bail!("--folds {n} holds out partition k for member k: it cannot be combined with --partition");
-            }
-            if self.ensemble > 1 {
-                bail!("--folds {n} already trains {n} members (one per held-out partition): drop --ensemble");
-            }
-        }
-        if self.members() > 1 && !self.frozen {
-            bail!("--ensemble and --folds train several heads on one frozen encoder's cached embeddings: add --frozen (ensembles of fine-tuned encoders are not supported)");
-        }
-        if self.frozen {
-            if let Some(why) = self.head.cached_rows_unsupported(self.pool) {
-                bail!("--frozen: {why}");
-            }
-        }
-        if self.head == HeadKind::Reference && self.pool != Pool::Cls {
-            bail!(
-                "--head reference always pools with BERT's pooler on the first ([CLS]) token, as \
-                 the reference workflow does: drop --pool mean (or use --head linear with it)"
-            );
-        }
-        Ok(())
-    }
-
-    /// Models the run trains: `folds`, else `ensemble`.
-    pub fn members(&self) -> usize {
-        self.folds.unwrap_or(self.ensemble)
-    }
-}
 
 /// One line of `metrics.jsonl`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -466,15 +220,6 @@ fn encode_examples(
         })
         .collect::<Result<(Vec<_>, Vec<_>)>>()?;
     Ok(Examples { enc, targets })
-}
-
-/// Head dropout when fine-tuning without `--dropout`: the reference workflow's 0.2 for its
-/// head, 0.1 (BERT's own) otherwise.
-pub fn default_head_dropout(head: HeadKind) -> f64 {
-    match head {
-        HeadKind::Reference => 0.2,
-        _ => 0.1,
-    }
 }
 
 /// Freezes the embeddings and the first `frozen_layers` encoder layers. With LoRA
@@ -804,7 +549,7 @@ pub fn train_observed(
         pool: args.pool,
         truncate: args.truncate,
         max_residues: max_res,
-        head_dropout: args.dropout.unwrap_or(default_head_dropout(args.head)),
+        head_dropout: args.head_dropout(),
         head: args.head,
         head_hidden: args.head_hidden,
         la_kernel: args.la_kernel,
