@@ -18,13 +18,13 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::metrics::{record_epoch, save_best, validation_metrics, EpochMetrics, TrainSummary};
 use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
 use super::optim::{self, AdamW, AdamWConfig, LinearSchedule};
-use super::{
-    default_labels, effective_max_residues, plan_members, record_epoch, save_best,
-    validation_metrics, EpochMetrics, MemberPlan, TrainArgs, TrainSummary,
-};
+use super::plan::{plan_members, MemberPlan};
+use super::setup::{self, default_labels};
+use super::{effective_max_residues, TrainArgs};
 pub use crate::cache::cached_outputs;
 use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
@@ -34,7 +34,7 @@ use crate::model::{self, MemberInfo, SequenceClassifier, TaskConfig};
 use crate::tokenize::BatchPlan;
 
 /// Runs `protloc train --frozen`: one head, or an ensemble of `args.members()` heads trained
-/// one after another on the same cached embeddings (see [`super::plan_members`] for their
+/// one after another on the same cached embeddings (see [`plan_members`] for their
 /// seeds and splits). Epochs are logged through `tracing`.
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     train_observed(args, &mut LogObserver)
@@ -86,7 +86,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         .filter(|&&i| in_train[i])
         .map(|&i| member_target(&targets, i).clone())
         .collect();
-    let membrane = super::resolve_membrane(args.membrane, &train_union, true);
+    let membrane = setup::resolve_membrane(args.membrane, &train_union, true);
 
     // Embeddings: reuse what the cache has, embed the rest; once for all members.
     let cache_dir = args
@@ -136,7 +136,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         Some(from) => Some(TopLayers {
             from,
             prefix: base.cfg.arch().map_err(anyhow::Error::msg)?.prefix(),
-            lora: super::prepare_encoder(&mut base, from, &args.lora)?.is_some(),
+            lora: setup::prepare_encoder(&mut base, from, &args.lora)?.is_some(),
         }),
         None => None,
     };
@@ -281,7 +281,7 @@ fn train_member(
         let head = model::is_member_param(&name, k, n);
         let trains = match top {
             None => head,
-            Some(t) => head || super::trains(&name, t.prefix, t.from, t.lora),
+            Some(t) => head || setup::trains(&name, t.prefix, t.from, t.lora),
         };
         if !trains {
             continue;
