@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 
 use super::EpochMetrics;
 use crate::artifacts::write_synced;
+use crate::dist::Collective;
 
 /// A ChaCha8 generator's exact position.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -229,6 +230,44 @@ pub fn load_latest(run_dir: &Path) -> Result<Checkpoint> {
         "{}: every checkpoint is damaged; cannot resume",
         root.display()
     )
+}
+
+/// This rank's dropout RNG: rank r draws from stream r of the run's dropout seed, so ranks
+/// do not drop the same units (rank 0's stream is the single-process one).
+pub(super) fn rank_dropout_rng(st: &LoopState, rank: usize, world: usize) -> Result<ChaCha8Rng> {
+    let mut rng = st.dropout_rng.restore()?;
+    if world > 1 && rank > 0 {
+        rng.set_stream(rank as u64);
+        let pos: u128 = match st.rank_dropout_pos.get(rank) {
+            Some(p) => p.parse().context("corrupt dropout RNG position")?,
+            // Fresh run: start of the stream. A checkpoint of a data-parallel run always
+            // has every rank's position.
+            None if st.step == 0 && st.next_batch == 0 => 0,
+            None => bail!("the checkpoint lacks rank {rank}'s dropout RNG position"),
+        };
+        rng.set_word_pos(pos);
+    }
+    Ok(rng)
+}
+
+/// Every rank's RNG word position, gathered through a sum of disjoint 32-bit limbs (exact
+/// in f64).
+pub(super) fn gather_word_pos(comm: &dyn Collective, rng: &ChaCha8Rng) -> Result<Vec<String>> {
+    let (world, rank) = (comm.world_size(), comm.rank());
+    let mut buf = vec![0f64; 4 * world];
+    let pos = rng.get_word_pos();
+    for k in 0..4 {
+        buf[4 * rank + k] = ((pos >> (32 * k)) & 0xffff_ffff) as f64;
+    }
+    comm.all_reduce_sum_f64(&mut buf)?;
+    Ok((0..world)
+        .map(|r| {
+            (0..4)
+                .map(|k| (buf[4 * r + k] as u128) << (32 * k))
+                .sum::<u128>()
+                .to_string()
+        })
+        .collect())
 }
 
 #[cfg(test)]
