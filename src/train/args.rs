@@ -502,3 +502,55 @@ impl TrainOptions {
         args
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn resolve(options: TrainOptions) -> TrainArgs {
+        options.resolve("scratch:tiny", "data.fasta".into(), "run".into())
+    }
+
+    #[test]
+    fn fine_tuning_defaults_match_train_args_new() {
+        let a = resolve(TrainOptions::default());
+        let b = TrainArgs::new("scratch:tiny", "data.fasta".into(), "run".into());
+        // Everything but LoRA's alpha, which the options set to the rank (0 when off).
+        let json = |mut args: TrainArgs| {
+            args.lora.alpha = 0.0;
+            serde_json::to_value(args).unwrap()
+        };
+        assert_eq!(json(a.clone()), json(b));
+        assert_eq!(a.lora.alpha, 0.0);
+        assert_eq!(a.head_dropout(), 0.1);
+    }
+
+    #[test]
+    fn cached_and_lora_defaults() {
+        let frozen = resolve(TrainOptions {
+            frozen: true,
+            ..TrainOptions::default()
+        });
+        assert_eq!(
+            (frozen.epochs, frozen.batch_size, frozen.lr, frozen.pool),
+            (10, 32, 1e-3, Pool::Mean)
+        );
+        assert_eq!(frozen.head_dropout(), 0.25);
+        let top = resolve(TrainOptions {
+            train_top_layers: 1,
+            ..TrainOptions::default()
+        });
+        assert_eq!((top.lr, top.head_lr), (1e-4, Some(1e-3)));
+        assert_eq!((top.epochs, top.batch_size, top.pool), (10, 32, Pool::Mean));
+        let lora = resolve(TrainOptions {
+            lora_rank: 8,
+            ..TrainOptions::default()
+        });
+        assert_eq!((lora.lr, lora.head_lr, lora.lora.alpha), (1e-3, None, 8.0));
+        let reference = resolve(TrainOptions {
+            head: HeadKind::Reference,
+            ..TrainOptions::default()
+        });
+        assert_eq!(reference.head_dropout(), 0.2);
+    }
+}
