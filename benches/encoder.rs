@@ -6,7 +6,7 @@
 //! ```text
 //! cargo bench --bench encoder -- MODE [--threads N] [options]
 //!   gemm     --m 4096 --k 1024 --n 4096 [--layout in-out|out-in]  (in-out: the weight
-//!            layout inference uses, see kernels::WeightLayout)
+//!            layout inference uses, see kernels::buffers::WeightLayout)
 //!   scores   --rows 256 --keys 256 --d 64   (the attention score kernel, single-threaded,
 //!            once per kernel this CPU has: one record per kernel in a JSON array)
 //!   forward  --model DIR --batch B --len T [--path fast|general] [--iters N]
@@ -25,7 +25,8 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use protloc::infer::BatchLimits;
-use protloc::model::{self, kernels, load_base, Pool, Purpose, SequenceClassifier, TaskConfig};
+use protloc::kernels::{self, buffers, gemm};
+use protloc::model::{self, load_base, Pool, Purpose, SequenceClassifier, TaskConfig};
 use protloc::tokenize::{Batch, Encoded, Truncation};
 use serde_json::json;
 
@@ -80,7 +81,7 @@ fn main() -> Result<()> {
         .num_threads(threads)
         .build_global()?;
     if args.get("path") == Some("general") {
-        kernels::set_packed_inference(false);
+        model::packed::set_packed_inference(false);
     }
     let record = match args.mode.as_str() {
         "gemm" => gemm(&args)?,
@@ -123,13 +124,13 @@ fn gemm(a: &Args) -> Result<serde_json::Value> {
     let (x, w) = (sawtooth(m * k, 97, 1e-3), sawtooth(n * k, 89, 1e-3));
     // The layout the encoders' inference GEMMs read (`in-out`) unless told otherwise.
     let layout = match a.get("layout").unwrap_or("in-out") {
-        "in-out" => kernels::WeightLayout::InOut,
-        "out-in" => kernels::WeightLayout::OutIn,
+        "in-out" => buffers::WeightLayout::InOut,
+        "out-in" => buffers::WeightLayout::OutIn,
         other => bail!("--layout {other}: expected in-out or out-in"),
     };
     let mut out = vec![0f32; m * n];
     let secs = best_of(a.num("iters", 3)?, || {
-        kernels::gemm_acc_wt(&x, &w, layout, &mut out, k, n);
+        gemm::gemm_acc_wt(&x, &w, layout, &mut out, k, n);
         Ok(())
     })?;
     let gflops = 2.0 * (m * n * k) as f64 / secs / 1e9;
@@ -142,13 +143,13 @@ fn gemm(a: &Args) -> Result<serde_json::Value> {
 /// The attention score product `Q K^T` with the row maxima (inference's epilogue), as one
 /// attention block computes it, repeated over 64 blocks so a run lasts long enough to time.
 fn scores(a: &Args) -> Result<serde_json::Value> {
-    use protloc::model::head_gemm::{self, Epilogue, Strided, WideKernel};
+    use protloc::kernels::tiles::{self, Epilogue, Strided, WideKernel};
     let (rows, keys, d) = (a.num("rows", 256)?, a.num("keys", 256)?, a.num("d", 64)?);
     let (q, k) = (sawtooth(rows * d, 97, 1e-2), sawtooth(keys * d, 89, 1e-2));
     let mut k_t = Vec::new();
     // SAFETY: `k` holds `keys` rows of `d` floats.
-    unsafe { head_gemm::pack_transposed(k.as_ptr(), d, keys, d, &mut k_t) };
-    let ld = head_gemm::padded(keys);
+    unsafe { tiles::pack_transposed(k.as_ptr(), d, keys, d, &mut k_t) };
+    let ld = tiles::padded(keys);
     let mut out = vec![0f32; rows * ld];
     let mut row_max = vec![0f32; rows];
     let mut records = Vec::new();
@@ -161,7 +162,7 @@ fn scores(a: &Args) -> Result<serde_json::Value> {
                 };
                 // SAFETY: sizes as allocated above.
                 unsafe {
-                    head_gemm::wide_with(
+                    tiles::wide_with(
                         kernel,
                         rows,
                         d,
@@ -263,7 +264,7 @@ fn train(a: &Args) -> Result<serde_json::Value> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let secs = best_of(a.num("iters", 2)?, || {
         let logits = model.forward(&batch, Some(&mut rng))?;
-        let loss = model::ops::cross_entropy(&logits, &targets)?;
+        let loss = kernels::ops::cross_entropy(&logits, &targets)?;
         let grads = loss.backward()?;
         let grads = opt.collect_grads(&grads);
         let norm = opt.grad_norm(&grads)?;
@@ -324,7 +325,7 @@ fn light_attention(a: &Args) -> Result<serde_json::Value> {
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let secs = best_of(a.num("iters", 5)?, || {
         let out = head.forward_residues(&x, &mask, Some(&mut rng))?;
-        let loss = model::ops::cross_entropy(&out.logits, &targets)?;
+        let loss = kernels::ops::cross_entropy(&out.logits, &targets)?;
         let grads = opt.collect_grads(&loss.backward()?);
         let norm = opt.grad_norm(&grads)?;
         opt.step(&grads, 1e-3, clip_scale(norm, 1.0))?;
@@ -409,7 +410,7 @@ fn e2e(a: &Args) -> Result<serde_json::Value> {
                 let attn = Tensor::from_vec(attn, dims, &Device::Cpu)?;
                 let res = Tensor::from_vec(res, dims, &Device::Cpu)?;
                 let hidden = encoder.forward(&ids, &attn, None)?;
-                n += model::ops::masked_mean(&hidden, &res)?
+                n += kernels::ops::masked_mean(&hidden, &res)?
                     .to_vec2::<f32>()?
                     .len();
             }

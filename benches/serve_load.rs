@@ -43,8 +43,8 @@ fn parse_args() -> Result<Args> {
         concurrency: vec![1, 8, 64],
         url: None,
         skip_baseline: false,
-        max_batch_tokens: protloc::serve::ServeOptions::new("").max_batch_tokens,
-        max_batch_size: protloc::serve::ServeOptions::new("").max_batch_size,
+        max_batch_tokens: protloc::serve::Limits::default().max_batch_tokens,
+        max_batch_size: protloc::serve::Limits::default().max_batch_size,
     };
     let mut it = std::env::args().skip(1);
     while let Some(flag) = it.next() {
@@ -189,8 +189,8 @@ fn main() -> Result<()> {
         None => {
             let mut o = protloc::serve::ServeOptions::new(&args.model);
             o.port = 0;
-            o.max_batch_tokens = args.max_batch_tokens;
-            o.max_batch_size = args.max_batch_size;
+            o.limits.max_batch_tokens = args.max_batch_tokens;
+            o.limits.max_batch_size = args.max_batch_size;
             let s = protloc::serve::spawn(o)?;
             let u = format!("http://{}", s.addr);
             (Some(s), u)

@@ -3,7 +3,8 @@
 //!
 //! Layout: `data` (readers, splits, stats) -> `tokenize` (vocab, truncation, batching) ->
 //! `model` (BERT / ESM-2 encoders, heads, checkpoint loading) -> `train` / `eval` / `infer`,
-//! with `cli` wiring them to the `protloc` binary.
+//! with `cli` wiring them to the `protloc` binary. `kernels` is the CPU compute under the
+//! models (autograd ops, GEMM and attention tiles, packed inference), independent of them.
 
 pub mod artifacts;
 pub mod cache;
@@ -13,6 +14,7 @@ pub mod demo;
 pub mod dist;
 pub mod eval;
 pub mod infer;
+pub mod kernels;
 pub mod model;
 pub mod progress;
 pub mod report;

@@ -450,7 +450,7 @@ fn same_answers(case: Case) {
     // Large enough batches that the server scores all proteins together, as `predict` does.
     let mut o = ServeOptions::new(&run);
     o.port = 0;
-    o.max_batch_tokens = 8192;
+    o.limits.max_batch_tokens = 8192;
     let server = protloc::serve::spawn(o).unwrap();
     let a = agent();
 

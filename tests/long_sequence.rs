@@ -1,5 +1,5 @@
 //! Inference memory is bounded for very long proteins: the packed attention processes query
-//! rows in blocks (src/model/kernels.rs), so a 35,000-residue protein never materialises a
+//! rows in blocks (src/kernels/packed_attention.rs), so a 35,000-residue protein never materialises a
 //! 35,000 x 35,000 score matrix (4.9 GB per head in f32). This file holds one test so the
 //! process's peak RSS belongs to it alone.
 
@@ -25,14 +25,14 @@ fn esm_35000_residues_runs_in_bounded_memory() {
     // A tiny random ESM-2 (1 layer, hidden 16, 1 head): attention dominates the cost and the
     // memory, which is what is under test; rotary positions allow any length.
     let mut cfg = scratch_config("tiny").unwrap();
-    cfg.model_type = "esm".into();
+    cfg.model_type = protloc::model::Arch::Esm;
     cfg.vocab_size = 33;
     cfg.hidden_size = 16;
     cfg.intermediate_size = 32;
     cfg.num_attention_heads = 1;
     cfg.num_hidden_layers = 1;
     cfg.layer_norm_eps = 1e-5;
-    cfg.position_embedding_type = "rotary".into();
+    cfg.position_embedding_type = protloc::model::config::PositionEmbedding::Rotary;
     cfg.mask_token_id = Some(32);
     let store = ParamStore::new(Default::default(), "test", 3, &Device::Cpu, DType::F32);
     let encoder = Encoder::new(&store.initialising(), &cfg)

@@ -11,7 +11,7 @@ use std::collections::HashMap;
 
 use candle_core::{DType, Device, Tensor};
 use protloc::infer::BatchLimits;
-use protloc::model::ops::cross_entropy;
+use protloc::kernels::ops::cross_entropy;
 use protloc::model::{
     self, BaseModel, Encoder, EncoderConfig, HeadKind, ParamStore, Pool, Purpose,
     SequenceClassifier, TaskConfig,

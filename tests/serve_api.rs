@@ -16,8 +16,8 @@ fn server() -> &'static ServerHandle {
     static S: OnceLock<ServerHandle> = OnceLock::new();
     S.get_or_init(|| {
         let mut o = options();
-        o.max_body_bytes = 64 * 1024;
-        o.max_sequences = 50;
+        o.limits.max_body_bytes = 64 * 1024;
+        o.limits.max_sequences = 50;
         start(o)
     })
 }
@@ -416,7 +416,7 @@ fn api_key_guards_prediction_routes_only() {
 #[test]
 fn queue_full_gives_429_and_ping_answers_while_inference_is_held() {
     let mut o = options();
-    o.max_queue = 3;
+    o.limits.max_queue = 3;
     let s = start(o);
     s.set_paused(true);
     let url = s.url("/v1/predict");
@@ -457,7 +457,7 @@ fn queue_full_gives_429_and_ping_answers_while_inference_is_held() {
 #[test]
 fn request_timeout_gives_503_and_drops_the_work() {
     let mut o = options();
-    o.request_timeout = Duration::from_millis(200);
+    o.limits.request_timeout = Duration::from_millis(200);
     let s = start(o);
     s.set_paused(true);
     let a = agent();

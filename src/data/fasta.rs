@@ -20,7 +20,7 @@ use noodles_fasta::record::Definition;
 
 use super::labels::{canonical_label, valid_labels_list};
 use super::{invalid, validate_sequence, Collector, DataError, Membrane, ReadOptions, Record};
-use super::{Dataset, SourcePos};
+use super::{Dataset, RawRecord, SourcePos};
 
 /// Appended to "missing label" errors so users know what a labeled header looks like.
 const LABEL_HINT: &str =
@@ -69,6 +69,13 @@ pub struct FastaStream {
     yielded: bool,
     header: String,
     sequence: Vec<u8>,
+}
+
+/// A header and its sequence as read, before interpretation; `Fatal` ends reading.
+enum Raw {
+    Record { line: usize },
+    Fatal(DataError),
+    Eof,
 }
 
 /// One step of the stream; `Invalid` is about one record, `Fatal` ends reading.
@@ -132,16 +139,45 @@ impl FastaStream {
     }
 
     fn read_item(&mut self) -> Item {
+        let line = match self.read_raw() {
+            Raw::Record { line } => line,
+            Raw::Fatal(e) => return Item::Fatal(e),
+            Raw::Eof => return Item::Eof,
+        };
+        let header = self.header.strip_prefix('\u{feff}').unwrap_or(&self.header);
+        let definition = match header.parse::<Definition>() {
+            Ok(d) => d,
+            Err(ParseError::MissingPrefix) | Err(ParseError::Empty) => {
+                return Item::Fatal(self.not_fasta(line))
+            }
+            Err(ParseError::MissingReferenceSequenceName) => {
+                return Item::Invalid(invalid(
+                    &self.path,
+                    line,
+                    "header has no sequence id (nothing directly after '>')",
+                ))
+            }
+        };
+        match self.build_record(&definition, line) {
+            Ok(r) => Item::Record(r),
+            Err(e) => Item::Invalid(e),
+        }
+    }
+
+    /// Reads the next header line into `self.header` (blank lines before it skipped) and its
+    /// sequence lines, joined, into `self.sequence`; always consumes the sequence, so that a
+    /// bad header costs only its own record.
+    fn read_raw(&mut self) -> Raw {
         loop {
             let line = self.lines.load(Ordering::Relaxed) + 1;
             self.header.clear();
             match self.reader.read_definition(&mut self.header) {
-                Ok(0) => return Item::Eof,
+                Ok(0) => return Raw::Eof,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
-                    return Item::Fatal(invalid(&self.path, line, "line is not valid UTF-8 text"))
+                    return Raw::Fatal(invalid(&self.path, line, "line is not valid UTF-8 text"))
                 }
-                Err(e) => return Item::Fatal(DataError::Io(self.path.clone(), e)),
+                Err(e) => return Raw::Fatal(DataError::Io(self.path.clone(), e)),
             }
             // Editors on Windows may prepend a UTF-8 byte-order mark; it is not part of the data.
             let header = self.header.strip_prefix('\u{feff}').unwrap_or(&self.header);
@@ -150,37 +186,23 @@ impl FastaStream {
             if header.trim().is_empty() {
                 continue;
             }
-            let definition = header.parse::<Definition>();
-            // Always consume the sequence so that a bad header costs only its own record.
             self.sequence.clear();
             if let Err(e) = self.reader.read_sequence(&mut self.sequence) {
-                return Item::Fatal(DataError::Io(self.path.clone(), e));
+                return Raw::Fatal(DataError::Io(self.path.clone(), e));
             }
-            let definition = match definition {
-                Ok(d) => d,
-                Err(ParseError::MissingPrefix) | Err(ParseError::Empty) => {
-                    return Item::Fatal(invalid(
-                        &self.path,
-                        line,
-                        format!(
-                            "not a FASTA file: expected a header line starting with '>', found {:?}",
-                            preview(&self.header)
-                        ),
-                    ))
-                }
-                Err(ParseError::MissingReferenceSequenceName) => {
-                    return Item::Invalid(invalid(
-                        &self.path,
-                        line,
-                        "header has no sequence id (nothing directly after '>')",
-                    ))
-                }
-            };
-            return match self.build_record(&definition, line) {
-                Ok(r) => Item::Record(r),
-                Err(e) => Item::Invalid(e),
-            };
+            return Raw::Record { line };
         }
+    }
+
+    fn not_fasta(&self, line: usize) -> DataError {
+        invalid(
+            &self.path,
+            line,
+            format!(
+                "not a FASTA file: expected a header line starting with '>', found {:?}",
+                preview(&self.header)
+            ),
+        )
     }
 
     fn build_record(&self, definition: &Definition, line: usize) -> Result<Record, DataError> {
@@ -227,6 +249,52 @@ impl Iterator for FastaStream {
             }
             Item::Eof => None,
         }
+    }
+}
+
+/// Reads FASTA text to be predicted on (a request body) as written: each record's id is the
+/// first word of its header (empty when there is none), its description is not interpreted
+/// (no DeepLoc tag is required or checked), and its sequence lines are joined but not
+/// validated, so that callers can count the records before validating them and name each by
+/// its position. Blank lines and `;` comment lines are ignored; duplicate ids are allowed.
+///
+/// Fails only when the text is not FASTA (sequence data before the first header), naming the
+/// line; `name` stands in for the file name. Text without any record gives no records.
+pub fn read_fasta_text(name: &str, text: &str) -> Result<Vec<RawRecord>, DataError> {
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    // Comment lines are emptied rather than removed, so that line numbers stay right.
+    let bytes = if text.lines().any(|l| l.starts_with(';')) {
+        text.split_inclusive('\n')
+            .map(|l| match l.starts_with(';') {
+                true if l.ends_with('\n') => "\n",
+                true => "",
+                false => l,
+            })
+            .collect::<String>()
+            .into_bytes()
+    } else {
+        text.as_bytes().to_vec()
+    };
+    let mut stream = FastaStream::from_reader(name, io::Cursor::new(bytes));
+    let mut out = Vec::new();
+    loop {
+        let line = match stream.read_raw() {
+            Raw::Record { line } => line,
+            Raw::Fatal(e) => return Err(e),
+            Raw::Eof => return Ok(out),
+        };
+        let header = stream
+            .header
+            .strip_prefix('\u{feff}')
+            .unwrap_or(&stream.header);
+        let Some(header) = header.strip_prefix('>') else {
+            return Err(stream.not_fasta(line));
+        };
+        out.push(RawRecord {
+            id: Some(header.split_whitespace().next().unwrap_or("").to_string()),
+            sequence: String::from_utf8_lossy(&stream.sequence).into_owned(),
+            line,
+        });
     }
 }
 
@@ -459,6 +527,31 @@ mod tests {
         let mut s = FastaStream::open(f.path()).unwrap();
         assert!(matches!(s.next(), Some(Err(DataError::Empty(_)))));
         assert!(s.next().is_none());
+    }
+
+    #[test]
+    fn text_for_prediction_keeps_records_as_written() {
+        let text = "\u{feff};c\n>P1 Nucleolus-S\r\nmk t\n;x\nACD\n\n>\nWW\n> P3 d\nM1\n>P1\n";
+        let r = read_fasta_text("body", text).unwrap();
+        let got: Vec<_> = r
+            .iter()
+            .map(|r| (r.id.as_deref().unwrap(), r.sequence.trim(), r.line))
+            .collect();
+        assert_eq!(got[0].0, "P1");
+        assert_eq!(got[0].2, 2);
+        assert!(!r[0].sequence.contains(';'), "{:?}", r[0].sequence);
+        assert_eq!(
+            crate::data::validate_sequence(&r[0].sequence).unwrap(),
+            "MKTACD"
+        );
+        assert_eq!((got[1].0, got[1].1, got[1].2), ("", "WW", 7));
+        assert_eq!((got[2].0, got[2].1, got[2].2), ("P3", "M1", 9));
+        assert_eq!((got[3].0, got[3].1, got[3].2), ("P1", "", 11));
+        assert!(read_fasta_text("body", "\n \n").unwrap().is_empty());
+        let e = read_fasta_text("body", "\nMKT\n>A\nW\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.starts_with("body:2: not a FASTA file"), "{e}");
     }
 
     #[test]

@@ -62,6 +62,19 @@ pub struct Record {
     pub pos: SourcePos,
 }
 
+/// A record of input to predict on, as written (see [`fasta::read_fasta_text`],
+/// [`table::read_sequence_table`]): not yet validated, so that callers can bound and count the
+/// records before validating them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RawRecord {
+    /// The id given, if any (it may be empty).
+    pub id: Option<String>,
+    /// The residues as written (any case, whitespace, invalid letters).
+    pub sequence: String,
+    /// 1-based line of the record's header (FASTA) or row (tables).
+    pub line: usize,
+}
+
 /// Options for the readers.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct ReadOptions {

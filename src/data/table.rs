@@ -15,8 +15,8 @@ use std::path::Path;
 
 use super::labels::{canonical_label, valid_labels_list};
 use super::{
-    invalid, validate_sequence, Collector, DataError, Dataset, Membrane, ReadOptions, Record,
-    SourcePos,
+    invalid, validate_sequence, Collector, DataError, Dataset, Membrane, RawRecord, ReadOptions,
+    Record, SourcePos,
 };
 
 const ID_COLUMNS: [&str; 4] = ["id", "accession", "name", "entry"];
@@ -131,6 +131,81 @@ pub fn read_table(path: &Path, kind: TableKind, opts: ReadOptions) -> Result<Dat
         collector.push(parse_row(&row, &columns, path, line, opts.multi_label))?;
     }
     collector.finish()
+}
+
+/// Reads a table of proteins to predict on (a request body) as written. With a header row
+/// naming a `sequence` (or `seq`) column, the id is the first column named `id`,
+/// `accession`, `name` or `entry` (none is needed); without one, a single column is the sequence and two
+/// columns are `id,sequence`. Rows may be ragged, blank rows are skipped, and sequences are
+/// not validated (see [`RawRecord`]).
+///
+/// Errors name the line; `name` stands in for the file name. Text without rows gives no
+/// records.
+pub fn read_sequence_table(
+    name: &str,
+    text: &str,
+    kind: TableKind,
+) -> Result<Vec<RawRecord>, DataError> {
+    let path = Path::new(name);
+    let text = text.strip_prefix('\u{feff}').unwrap_or(text);
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(kind.delimiter())
+        .has_headers(false)
+        .flexible(true)
+        .from_reader(text.as_bytes());
+    let mut rows = reader.records();
+    let first = match rows.next() {
+        None => return Ok(Vec::new()),
+        Some(r) => r.map_err(|e| csv_error(path, e))?,
+    };
+    let line_of = |row: &csv::StringRecord| row.position().map_or(0, |p| p.line() as usize);
+    let names: Vec<String> = first
+        .iter()
+        .map(|s| s.trim().to_ascii_lowercase())
+        .collect();
+    let sequence = names
+        .iter()
+        .position(|n| SEQUENCE_COLUMNS.contains(&n.as_str()) || n == "seq");
+    let (id_col, seq_col, header) = match sequence {
+        Some(s) => {
+            let id = names.iter().position(|n| ID_COLUMNS.contains(&n.as_str()));
+            (id, s, true)
+        }
+        None => match first.len() {
+            1 => (None, 0, false),
+            2 => (Some(0), 1, false),
+            n => {
+                return Err(invalid(
+                    path,
+                    line_of(&first),
+                    format!("{n} columns but no header naming a \"sequence\" column"),
+                ))
+            }
+        },
+    };
+    let mut out = Vec::new();
+    let mut take = |row: &csv::StringRecord| -> Result<(), DataError> {
+        if row.iter().all(|f| f.trim().is_empty()) {
+            return Ok(());
+        }
+        let line = line_of(row);
+        let sequence = row
+            .get(seq_col)
+            .ok_or_else(|| invalid(path, line, format!("no column {}", seq_col + 1)))?;
+        out.push(RawRecord {
+            id: id_col.and_then(|c| row.get(c)).map(str::to_string),
+            sequence: sequence.to_string(),
+            line,
+        });
+        Ok(())
+    };
+    if !header {
+        take(&first)?;
+    }
+    for row in rows {
+        take(&row.map_err(|e| csv_error(path, e))?)?;
+    }
+    Ok(out)
 }
 
 fn parse_row(
@@ -326,6 +401,35 @@ mod tests {
             e.contains(":1:") && e.contains("'sequence'") && e.contains("seq"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn sequence_tables_for_prediction() {
+        let read = |t: &str| {
+            read_sequence_table("body", t, TableKind::Csv).map(|r| {
+                r.into_iter()
+                    .map(|r| (r.id, r.sequence, r.line))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let s = |x: &str| Some(x.to_string());
+        assert_eq!(
+            read("\u{feff}Seq,Entry,Name\nmkt,P1,N\n , \nW\n").unwrap(),
+            vec![(s("P1"), "mkt".to_string(), 2), (None, "W".to_string(), 4)]
+        );
+        assert_eq!(read("seq\nA\n\nC\n").unwrap().len(), 2);
+        assert_eq!(read("P1,MKT\nP2,W\n").unwrap().len(), 2);
+        let e = read("P1,MKT\nW\n").unwrap_err().to_string();
+        assert_eq!(e, "body:2: no column 2");
+        assert_eq!(read("MKT\n").unwrap(), vec![(None, "MKT".to_string(), 1)]);
+        assert!(read("").unwrap().is_empty());
+        let e = read("a,b,c\n").unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "body:1: 3 columns but no header naming a \"sequence\" column"
+        );
+        let e = read("id,x,sequence\nP1,1\n").unwrap_err().to_string();
+        assert_eq!(e, "body:2: no column 3");
     }
 
     #[test]

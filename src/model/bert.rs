@@ -1,59 +1,41 @@
 //! BERT encoder (ProtBERT, AntiBERTy): post-LayerNorm transformer with learned absolute
 //! positions. Tensor names follow Hugging Face `BertModel`.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
-use super::dropout::dropout_add;
-use super::esm::{packed_linear, packed_linear_acc, packed_linear_scaled};
-use super::kernels::{self, Act};
-use super::nn::{self, Embedding, LayerNorm, Linear};
-use super::ops;
+use super::layers::{linear_activation, Embedding, LayerNorm, Linear};
 use super::params::Builder;
+use crate::kernels::attention::{self_attention, AttentionMask};
+use crate::kernels::dropout::{dropout, dropout_add};
 
-/// `act(x @ W^T + b)` of an FFN's first layer; GELU (erf) is fused into the linear op.
-pub(crate) fn linear_activation(l: &Linear, x: &Tensor, act: &str) -> Result<Tensor> {
-    match act {
-        "gelu" if l.lora.is_none() => ops::linear_gelu_erf(x, &l.weight, l.bias.as_ref()),
-        _ => activation(&l.forward(x)?, act),
-    }
-}
-
-fn activation(x: &Tensor, act: &str) -> Result<Tensor> {
-    match act {
-        "gelu" => ops::gelu_erf(x),
-        "relu" => x.relu(),
-        _ => x.gelu(), // gelu_new / gelu_pytorch_tanh: tanh approximation
-    }
+#[derive(Clone)]
+pub(super) struct Embeddings {
+    pub(super) word: Embedding,
+    pub(super) position: Embedding,
+    pub(super) token_type: Embedding,
+    pub(super) norm: LayerNorm,
 }
 
 #[derive(Clone)]
-struct Embeddings {
-    word: Embedding,
-    position: Embedding,
-    token_type: Embedding,
-    norm: LayerNorm,
-}
-
-#[derive(Clone)]
-struct Layer {
-    query: Linear,
-    key: Linear,
-    value: Linear,
-    attn_out: Linear,
-    attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
-    out_norm: LayerNorm,
+pub(super) struct Layer {
+    pub(super) query: Linear,
+    pub(super) key: Linear,
+    pub(super) value: Linear,
+    pub(super) attn_out: Linear,
+    pub(super) attn_norm: LayerNorm,
+    pub(super) intermediate: Linear,
+    pub(super) output: Linear,
+    pub(super) out_norm: LayerNorm,
 }
 
 /// A BERT encoder; `forward` returns the last hidden states [B, T, hidden].
 #[derive(Clone)]
 pub struct Bert {
-    cfg: EncoderConfig,
-    embeddings: Embeddings,
-    layers: Vec<Layer>,
+    pub(super) cfg: EncoderConfig,
+    pub(super) embeddings: Embeddings,
+    pub(super) layers: Vec<Layer>,
 }
 
 impl Bert {
@@ -140,7 +122,8 @@ impl Bert {
         }
     }
 
-    /// `ids` [B, T] u32, `attention_mask` [B, T] (1 = token, 0 = padding).
+    /// `ids` [B, T] u32, `attention_mask` [B, T] (1 = token, 0 = padding), on the
+    /// differentiable path ([`Encoder`](super::Encoder) picks the path).
     /// `rng` enables dropout (training); `None` is deterministic inference.
     pub fn forward(
         &self,
@@ -149,6 +132,18 @@ impl Bert {
         rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         self.forward_until(ids, attention_mask, self.layers.len(), rng)
+    }
+
+    /// The number of tokens of `ids` [B, T], or an error when the model has fewer positions.
+    pub(super) fn check_positions(&self, ids: &Tensor) -> Result<usize> {
+        let (_, t) = ids.dims2()?;
+        if t > self.cfg.max_position_embeddings {
+            candle_core::bail!(
+                "sequence of {t} tokens exceeds the model's {} positions",
+                self.cfg.max_position_embeddings
+            );
+        }
+        Ok(t)
     }
 
     /// Hidden states after the embeddings and the first `until` layers [B, T, H].
@@ -160,22 +155,7 @@ impl Bert {
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let until = until.min(self.layers.len());
-        let (_, t) = ids.dims2()?;
-        if t > self.cfg.max_position_embeddings {
-            candle_core::bail!(
-                "sequence of {t} tokens exceeds the model's {} positions",
-                self.cfg.max_position_embeddings
-            );
-        }
-        if rng.is_none()
-            && ids.device().is_cpu()
-            && kernels::packed_inference_enabled()
-            && self.is_detached()
-        {
-            if let Some(out) = self.forward_packed(ids, attention_mask, until)? {
-                return Ok(out);
-            }
-        }
+        let t = self.check_positions(ids)?;
         let e = &self.embeddings;
         let positions = e.position.weight.narrow(0, 0, t)?;
         let token_type = e.token_type.weight.narrow(0, 0, 1)?;
@@ -184,12 +164,12 @@ impl Bert {
             .forward(ids)?
             .broadcast_add(&positions)?
             .broadcast_add(&token_type)?;
-        let mut x = ops::dropout(
+        let mut x = dropout(
             &e.norm.forward(&x)?,
             self.cfg.hidden_dropout_prob,
             rng.as_deref_mut(),
         )?;
-        let mask = nn::AttentionMask::new(attention_mask)?;
+        let mask = AttentionMask::new(attention_mask)?;
         for layer in &self.layers[..until] {
             x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
         }
@@ -205,7 +185,7 @@ impl Bert {
         from: usize,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
-        let mask = nn::AttentionMask::new(attention_mask)?;
+        let mask = AttentionMask::new(attention_mask)?;
         let mut x = x.clone();
         for layer in &self.layers[from.min(self.layers.len())..] {
             x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
@@ -213,8 +193,9 @@ impl Bert {
         Ok(x)
     }
 
-    /// True when no weight is part of an autograd graph (see `Esm::is_detached`).
-    fn is_detached(&self) -> bool {
+    /// True when no weight is part of an autograd graph (see `Esm::is_detached`): what lets
+    /// [`packed::forward_path`](super::packed::forward_path) pick the packed path.
+    pub(super) fn is_detached(&self) -> bool {
         let e = &self.embeddings;
         let mut tensors = vec![
             &e.word.weight,
@@ -245,96 +226,11 @@ impl Bert {
         tensors.iter().all(|t| !t.track_op())
     }
 
-    /// Inference on packed real tokens (see [`kernels`] and `Esm::forward_packed`).
-    fn forward_packed(
-        &self,
-        ids: &Tensor,
-        attention_mask: &Tensor,
-        until: usize,
-    ) -> Result<Option<Tensor>> {
-        let cfg = &self.cfg;
-        let e = &self.embeddings;
-        if e.word.weight.dtype() != DType::F32 {
-            return Ok(None);
-        }
-        let (_, t) = ids.dims2()?;
-        let mask: Vec<Vec<f32>> = attention_mask.to_dtype(DType::F32)?.to_vec2()?;
-        let Some(lengths) = kernels::prefix_lengths(&mask) else {
-            return Ok(None);
-        };
-        let ids: Vec<Vec<u32>> = ids.to_dtype(DType::U32)?.to_vec2()?;
-        let segs = kernels::segments(&lengths);
-        let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-        let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
-        let eps = cfg.layer_norm_eps as f32;
-        let n: usize = lengths.iter().sum();
-
-        let mut x = kernels::take(n * h);
-        {
-            let (word, pos, tt) = (
-                kernels::view(&e.word.weight)?,
-                kernels::view(&e.position.weight)?,
-                kernels::view(&e.token_type.weight)?,
-            );
-            let (word, pos, tt) = (word.get(), pos.get(), &tt.get()[..h]);
-            let vocab = word.len() / h;
-            for (row, s) in ids.iter().zip(&segs) {
-                for (j, &id) in row[..s.len].iter().enumerate() {
-                    let id = id as usize;
-                    if id >= vocab {
-                        candle_core::bail!("token id {id} out of range for vocab {vocab}");
-                    }
-                    let dst = &mut x[(s.start + j) * h..][..h];
-                    let (w, p) = (&word[id * h..][..h], &pos[j * h..][..h]);
-                    for c in 0..h {
-                        // Same order as the general path: (word + position) + token type.
-                        dst[c] = (w[c] + p[c]) + tt[c];
-                    }
-                }
-            }
-            let (w, b) = (kernels::view(&e.norm.weight)?, kernels::view(&e.norm.bias)?);
-            kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
-        }
-        let act = Act::from_name(&cfg.hidden_act);
-        let scale = (1.0 / (d as f64).sqrt()) as f32;
-        for l in &self.layers[..until] {
-            let q = packed_linear_scaled(&x, &l.query, h, h, scale)?;
-            let k = packed_linear(&x, &l.key, h, h)?;
-            let v = packed_linear(&x, &l.value, h, h)?;
-            let ctx = kernels::attention(&q, &k, &v, &segs, heads, d);
-            for buf in [q, k, v] {
-                kernels::recycle(buf);
-            }
-            // Post-LayerNorm: x = LN(x + attn_out(ctx)), the residual summed inside the GEMM.
-            packed_linear_acc(&ctx, &l.attn_out, &mut x, h, h)?;
-            kernels::recycle(ctx);
-            {
-                let (w, b) = (
-                    kernels::view(&l.attn_norm.weight)?,
-                    kernels::view(&l.attn_norm.bias)?,
-                );
-                kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
-            }
-            let mut inter = packed_linear(&x, &l.intermediate, h, f)?;
-            kernels::activation_inplace(&mut inter, act);
-            packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
-            kernels::recycle(inter);
-            let (w, b) = (
-                kernels::view(&l.out_norm.weight)?,
-                kernels::view(&l.out_norm.bias)?,
-            );
-            kernels::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
-        }
-        let out = kernels::unpack(&x, &segs, t, h)?;
-        kernels::recycle(x);
-        Ok(Some(out))
-    }
-
     fn layer_forward(
         &self,
         l: &Layer,
         x: &Tensor,
-        mask: &nn::AttentionMask,
+        mask: &AttentionMask,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let heads = self.cfg.num_attention_heads;
@@ -343,11 +239,11 @@ impl Bert {
         let k = l.key.forward(x)?;
         let v = l.value.forward(x)?;
         let attn_p = self.cfg.attention_probs_dropout_prob;
-        let ctx = nn::self_attention(&q, &k, &v, heads, mask, attn_p, rng.as_deref_mut())?;
+        let ctx = self_attention(&q, &k, &v, heads, mask, attn_p, rng.as_deref_mut())?;
         let p = self.cfg.hidden_dropout_prob;
         let x = dropout_add(&l.attn_out.forward(&ctx)?, x, p, rng.as_deref_mut())?;
         let x = l.attn_norm.forward(&x)?;
-        let inter = linear_activation(&l.intermediate, &x, &self.cfg.hidden_act)?;
+        let inter = linear_activation(&l.intermediate, &x, self.cfg.hidden_act)?;
         l.out_norm
             .forward(&dropout_add(&l.output.forward(&inter)?, &x, p, rng)?)
     }

@@ -21,9 +21,10 @@ use candle_core::{Result, Tensor, D};
 use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
-use super::nn::Linear;
-use super::ops;
+use super::layers::Linear;
 use super::params::{Builder, ParamStore};
+use crate::kernels::dropout::dropout;
+use crate::kernels::ops;
 
 /// Initial standard deviation of a pooler the checkpoint lacks (BERT's `initializer_range`).
 const POOLER_STD: f64 = 0.02;
@@ -296,7 +297,7 @@ impl Head {
                 // BertPooler: dense + tanh on the first token's state, whatever `pool` says.
                 let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
                 let pooled = pooler.forward(&first)?.tanh()?;
-                let features = ops::dropout(&pooled, self.spec.dropout, rng)?;
+                let features = dropout(&pooled, self.spec.dropout, rng)?;
                 let out = self.outputs(&features)?;
                 Ok(HeadOutput {
                     logits: out.logits.tanh()?,
@@ -326,7 +327,7 @@ impl Head {
             } => {
                 let p = self.spec.dropout;
                 let cols = im2col(x, *kernel)?;
-                let v = ops::dropout(&values.forward(&cols)?, p, rng.as_deref_mut())?; // [B, L, H]
+                let v = dropout(&values.forward(&cols)?, p, rng.as_deref_mut())?; // [B, L, H]
                 let a = attention.forward(&cols)?;
                 // Padding gets a large finite negative (not -inf: 0 x -inf is NaN).
                 let neg = ((mask - 1.0)? * 1e4)?.unsqueeze(2)?;
@@ -337,7 +338,7 @@ impl Head {
                 let maxed = v.broadcast_add(&neg)?.max(1)?; // [B, H]
                 let pooled = Tensor::cat(&[attended, maxed], 1)?;
                 let h = dense.forward(&pooled)?;
-                let h = ops::dropout(&h, p, rng)?.relu()?;
+                let h = dropout(&h, p, rng)?.relu()?;
                 self.outputs(&h)
             }
             _ => {
@@ -354,10 +355,10 @@ impl Head {
         let p = self.spec.dropout;
         match &self.body {
             Body::Mlp { dense } => {
-                let h = ops::dropout(&dense.forward(pooled)?, p, rng)?.relu()?;
+                let h = dropout(&dense.forward(pooled)?, p, rng)?.relu()?;
                 self.outputs(&h)
             }
-            _ => self.outputs(&ops::dropout(pooled, p, rng)?),
+            _ => self.outputs(&dropout(pooled, p, rng)?),
         }
     }
 
@@ -416,8 +417,7 @@ impl ClassifierHead {
 
     /// `pooled` [B, H] -> logits [B, C]; `rng` enables dropout (training).
     pub fn forward(&self, pooled: &Tensor, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-        self.linear
-            .forward(&ops::dropout(pooled, self.dropout, rng)?)
+        self.linear.forward(&dropout(pooled, self.dropout, rng)?)
     }
 }
 

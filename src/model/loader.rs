@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 
-use super::config::{Arch, EncoderConfig};
+use super::config::{Arch, EncoderConfig, RawEncoderConfig};
 
 /// A resolved model directory (local, or a hub snapshot in the HF cache).
 #[derive(Debug, Clone)]
@@ -162,11 +162,9 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
 pub fn read_config(path: &Path) -> Result<EncoderConfig> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("{}: cannot read", path.display()))?;
-    let cfg: EncoderConfig = serde_json::from_str(&text)
+    let raw: RawEncoderConfig = serde_json::from_str(&text)
         .with_context(|| format!("{}: not a valid BERT/ESM config.json", path.display()))?;
-    cfg.validate()
-        .map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
-    Ok(cfg)
+    EncoderConfig::try_from(raw).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))
 }
 
 /// Reads all tensors of a weight file (f32 on `device`), with names normalised to the
@@ -222,7 +220,7 @@ fn read_safetensors_mmap(path: &Path, device: &Device) -> Result<Vec<(String, Te
 /// Task-head tensors stored at the top level of HF task models and run directories (not
 /// part of the encoder).
 fn is_head_tensor(name: &str) -> bool {
-    super::is_head_param(name) || ["cls.", "lm_head."].iter().any(|p| name.starts_with(p))
+    super::task::is_head_param(name) || ["cls.", "lm_head."].iter().any(|p| name.starts_with(p))
 }
 
 fn rename_legacy(name: &str) -> String {

@@ -1,4 +1,6 @@
-//! LoRA (Hu et al. 2021): low-rank adapters on an encoder's frozen linear layers.
+//! LoRA (Hu et al. 2021): low-rank adapters on an encoder's frozen linear layers: which
+//! layers get one ([`LoraConfig`]) and attaching them; the adapter itself is
+//! [`layers::Lora`](super::layers::Lora).
 //!
 //! Fine-tuning with adapters trains `r (in + out)` numbers per adapted layer instead of
 //! `in x out`, and no optimizer state for the encoder's own weights. Saving merges every
@@ -6,11 +8,11 @@
 //! so a run directory trained with LoRA is an ordinary model: `eval`, `predict`, `serve`
 //! and the packed inference kernels need no change and cost nothing extra.
 
-use candle_core::{Result, Tensor};
+use candle_core::Result;
 use serde::{Deserialize, Serialize};
 
-use super::ops;
-use super::params::{Builder, Init};
+use super::layers::Linear;
+use super::params::Builder;
 
 /// Which linear layers of each encoder layer get an adapter.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
@@ -80,7 +82,7 @@ impl LoraConfig {
     pub fn attach<'a>(
         &self,
         b: &Builder,
-        layers: impl IntoIterator<Item = [&'a mut super::nn::Linear; 6]>,
+        layers: impl IntoIterator<Item = [&'a mut Linear; 6]>,
     ) -> Result<()> {
         for (index, linears) in layers.into_iter().enumerate() {
             let layer = b.pp("encoder.layer").pp(index);
@@ -99,50 +101,5 @@ impl LoraConfig {
         self.rank > 0
             && layer >= self.from_layer
             && self.targets.iter().any(|t| t.paths().contains(&path))
-    }
-}
-
-/// A LoRA adapter (Hu et al. 2021): `W x` becomes `W x + scale * B (A x)` with `A` [r, in]
-/// (`lora_A.weight`) and `B` [out, r] (`lora_B.weight`), `scale = alpha / r`. `B` starts at
-/// zero, so a new adapter leaves the layer unchanged. Names follow PEFT.
-#[derive(Clone, Debug)]
-pub struct Lora {
-    pub a: Tensor,
-    pub b: Tensor,
-    pub scale: f64,
-}
-
-impl Lora {
-    /// A new adapter for a layer `in_dim -> out_dim`, registered with the store so that
-    /// saving merges it into the layer's weight ([`ParamStore::merged_tensors`]).
-    ///
-    /// [`ParamStore::merged_tensors`]: super::params::ParamStore::merged_tensors
-    pub fn new(
-        b: &Builder,
-        in_dim: usize,
-        out_dim: usize,
-        rank: usize,
-        alpha: f64,
-    ) -> Result<Self> {
-        // A: PyTorch's default Linear initialisation variance (PEFT draws A kaiming-uniform,
-        // which has that variance); B: zeros.
-        let std = (1.0 / (3.0 * in_dim as f64)).sqrt();
-        let scale = alpha / rank as f64;
-        let a = b
-            .pp("lora_A")
-            .get((rank, in_dim), "weight", Init::Normal(std))?;
-        let bm = b.pp("lora_B").get((out_dim, rank), "weight", Init::Zeros)?;
-        b.register_adapter(scale);
-        Ok(Self { a, b: bm, scale })
-    }
-
-    /// `scale * B (A x)` for `x` [.., in].
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        ops::linear(&ops::linear(x, &self.a, None)?, &self.b, None)? * self.scale
-    }
-
-    /// `scale * B A` [out, in]: what merging adds to the weight.
-    pub fn delta(&self) -> Result<Tensor> {
-        self.b.detach().matmul(&self.a.detach())? * self.scale
     }
 }

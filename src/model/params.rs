@@ -79,7 +79,7 @@ impl ParamStore {
     /// The same (still empty) store for a model that only runs inference: the encoder layers'
     /// projection weights ([`Builder::linear_weight`]) are kept frozen and column-major, the
     /// layout the inference GEMM reads fastest (see
-    /// [`WeightLayout::InOut`](super::kernels::WeightLayout::InOut)), instead of as
+    /// [`WeightLayout::InOut`](crate::kernels::buffers::WeightLayout::InOut)), instead of as
     /// trainable row-major variables. Call before building the model.
     pub fn for_inference(mut self) -> Self {
         self.inference = true;
@@ -318,8 +318,11 @@ impl Builder {
         let row_major = self
             .value(&mut inner, &full, (out_dim, in_dim).into(), init)?
             .contiguous()?;
-        let in_out =
-            super::kernels::transpose(super::kernels::view(&row_major)?.get(), out_dim, in_dim);
+        let in_out = crate::kernels::buffers::transpose(
+            crate::kernels::buffers::view(&row_major)?.get(),
+            out_dim,
+            in_dim,
+        );
         let column_major = Tensor::from_vec(in_out, (in_dim, out_dim), &store.device)?.t()?;
         inner.frozen.insert(full, column_major.clone());
         Ok(column_major)

@@ -3,42 +3,14 @@
 
 #![allow(dead_code)]
 
-use serde::{Deserialize, Serialize};
-use utoipa::{OpenApi, ToSchema};
+use utoipa::OpenApi;
 
-use super::routes::{
-    ClassProbability, ClassScore, ClassThreshold, ErrorBody, MembraneLabel, PredictParams,
+use super::options::Limits;
+use super::request::{InputItem, Inputs, PredictParams, PredictRequest, Protein};
+use super::response::{
+    ClassProbability, ClassScore, ClassThreshold, ErrorBody, Info, InfoLimits, MembraneLabel,
     PredictResponse, ProteinPrediction,
 };
-use super::{Info, Limits};
-
-/// One protein: a bare sequence or an object with an optional id.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum InputItem {
-    Sequence(String),
-    Protein {
-        id: Option<String>,
-        sequence: String,
-    },
-}
-
-/// The JSON request forms of `/invocations` and `/v1/predict`. Also accepted:
-/// `text/x-fasta` or `text/plain` FASTA (or one bare sequence), and `text/csv` with an
-/// `id,sequence` header. Whitespace and lower case are tolerated.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-#[serde(untagged)]
-pub enum PredictRequest {
-    /// `"MKTAYIAK..."`
-    Sequence(String),
-    /// `{"sequence": "MKT...", "id": "P1"}`
-    Protein {
-        id: Option<String>,
-        sequence: String,
-    },
-    /// `{"inputs": ["MKT...", {"id": "P2", "sequence": "..."}]}`
-    Inputs { inputs: Vec<InputItem> },
-}
 
 /// Predict the subcellular location of proteins (the managed-endpoint contract).
 #[utoipa::path(
@@ -97,8 +69,9 @@ fn metrics() {}
     info(title = "protloc serve", description = "Protein subcellular localization prediction"),
     paths(invocations, v1_predict, ping, health, info, metrics),
     components(schemas(
-        PredictRequest, InputItem, PredictResponse, ProteinPrediction, ClassProbability,
-        ClassScore, ClassThreshold, MembraneLabel, ErrorBody, Info, Limits
+        PredictRequest, Inputs, InputItem, Protein, PredictResponse, ProteinPrediction,
+        ClassProbability, ClassScore, ClassThreshold, MembraneLabel, ErrorBody, Info,
+        InfoLimits, Limits
     )),
     modifiers(&BearerAuth)
 )]

@@ -1,10 +1,14 @@
-//! Request bodies: the JSON forms, FASTA and CSV, turned into validated `(id, sequence)`
-//! pairs. Every error says which sequence (1-based index and id) and what is wrong.
+//! Request bodies, by content type, turned into validated `(id, sequence)` pairs: JSON into
+//! [`PredictRequest`], FASTA and CSV by `crate::data`'s text readers. Every error says which
+//! sequence (1-based index and id) or line, and what is wrong.
 
-use serde_json::Value;
+use serde::Deserialize;
 
-use super::routes::ApiError;
-use crate::data::validate_sequence;
+use super::error::ApiError;
+use super::request::PredictRequest;
+use crate::data::fasta::read_fasta_text;
+use crate::data::table::{read_sequence_table, TableKind};
+use crate::data::{validate_sequence, DataError, RawRecord};
 
 /// One protein of a request, validated (upper-case, whitespace removed).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -115,163 +119,50 @@ fn utf8(body: &[u8]) -> Result<&str, ApiError> {
 
 type RawInput = (Option<String>, String);
 
-/// `"SEQ"`, `{"sequence": "SEQ", "id"?}`, `{"inputs": "SEQ" | [ "SEQ" | {"id"?, "sequence"} ]}`
-/// and a bare list `[ ... ]`.
+/// The JSON forms of [`PredictRequest`]. The body is first read as JSON whatever its shape, so
+/// that malformed JSON (`invalid_json`) is told apart from JSON of the wrong shape
+/// (`invalid_request`) wherever each occurs.
 fn parse_json(body: &[u8]) -> Result<Vec<RawInput>, ApiError> {
-    let value: Value = serde_json::from_slice(body)
+    let value: serde_json::Value = serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request("invalid_json", format!("malformed JSON: {e}")))?;
-    let shape = || {
-        ApiError::bad_request(
-            "invalid_request",
-            "expected a sequence string, {\"sequence\": \"...\"}, or {\"inputs\": [...]} with strings or {\"id\", \"sequence\"} objects",
-        )
-    };
-    match value {
-        Value::String(s) => Ok(vec![(None, s)]),
-        Value::Array(items) => list(items),
-        Value::Object(mut map) => {
-            if let Some(inputs) = map.remove("inputs").or_else(|| map.remove("instances")) {
-                match inputs {
-                    Value::String(s) => Ok(vec![(None, s)]),
-                    Value::Array(items) => list(items),
-                    Value::Object(_) => Ok(vec![item(0, inputs)?]),
-                    _ => Err(shape()),
-                }
-            } else if map.contains_key("sequence") {
-                Ok(vec![item(0, Value::Object(map))?])
-            } else {
-                Err(shape())
-            }
-        }
-        _ => Err(shape()),
-    }
-}
-
-fn list(items: Vec<Value>) -> Result<Vec<RawInput>, ApiError> {
-    items
+    let request = PredictRequest::deserialize(value)
+        .map_err(|e| ApiError::bad_request("invalid_request", e.to_string()))?;
+    Ok(request
+        .into_proteins()
         .into_iter()
-        .enumerate()
-        .map(|(i, v)| item(i, v))
-        .collect()
+        .map(|p| (p.id, p.sequence))
+        .collect())
 }
 
-fn item(index: usize, value: Value) -> Result<RawInput, ApiError> {
-    let bad = |what: &str| {
-        ApiError::bad_request("invalid_request", format!("input {}: {what}", index + 1))
-    };
-    match value {
-        Value::String(s) => Ok((None, s)),
-        Value::Object(map) => {
-            let sequence = match map.get("sequence") {
-                Some(Value::String(s)) => s.clone(),
-                Some(_) => return Err(bad("\"sequence\" must be a string")),
-                None => return Err(bad("object without a \"sequence\" field")),
-            };
-            let id = match map.get("id") {
-                None | Some(Value::Null) => None,
-                Some(Value::String(s)) => Some(s.clone()),
-                Some(Value::Number(n)) => Some(n.to_string()),
-                Some(_) => return Err(bad("\"id\" must be a string or a number")),
-            };
-            Ok((id, sequence))
-        }
-        _ => Err(bad("expected a string or an {\"id\", \"sequence\"} object")),
-    }
-}
-
-/// FASTA: `>` header lines (the id is the first word), wrapped sequence lines, blank lines
-/// and `;` comments ignored. Text before the first header is an error.
+/// FASTA, read by [`crate::data::fasta::read_fasta_text`]: the id is the header's first
+/// word, descriptions are not interpreted, blank lines and `;` comments are ignored. Text
+/// before the first header is an error naming its line.
 fn parse_fasta(text: &str) -> Result<Vec<RawInput>, ApiError> {
-    let text = text.trim_start_matches('\u{feff}');
-    let mut out: Vec<RawInput> = Vec::new();
-    let mut current: Option<(String, String)> = None;
-    for (n, line) in text.lines().enumerate() {
-        let line = line.trim_end_matches('\r');
-        if let Some(header) = line.strip_prefix('>') {
-            if let Some((id, seq)) = current.take() {
-                out.push((Some(id), seq));
-            }
-            let id = header.split_whitespace().next().unwrap_or("").to_string();
-            current = Some((id, String::new()));
-        } else if line.trim().is_empty() || line.starts_with(';') {
-            continue;
-        } else if let Some((_, seq)) = current.as_mut() {
-            seq.push_str(line);
-        } else {
-            return Err(ApiError::bad_request(
-                "invalid_fasta",
-                format!(
-                    "FASTA line {}: sequence data before the first '>' header",
-                    n + 1
-                ),
-            ));
-        }
-    }
-    if let Some((id, seq)) = current {
-        out.push((Some(id), seq));
-    }
-    Ok(out)
+    let records = read_fasta_text("request", text)
+        .map_err(|e| structure_error("invalid_fasta", "FASTA", e))?;
+    Ok(raw_inputs(records))
 }
 
-/// CSV with a header naming a `sequence` column and optionally `id`/`accession`/`entry`;
-/// without such a header, one column is `sequence` and two columns are `id,sequence`.
+/// CSV, read by [`crate::data::table::read_sequence_table`]: a header naming a `sequence`
+/// column and optionally `id`/`accession`/`entry`/`name`; without such a header, one column
+/// is `sequence` and two columns are `id,sequence`.
 fn parse_csv(text: &str) -> Result<Vec<RawInput>, ApiError> {
-    let text = text.trim_start_matches('\u{feff}');
-    let mut reader = csv::ReaderBuilder::new()
-        .has_headers(false)
-        .flexible(true)
-        .from_reader(text.as_bytes());
-    let mut rows = reader.records();
-    let csv_err = |e: csv::Error| ApiError::bad_request("invalid_csv", format!("CSV: {e}"));
-    let first = match rows.next() {
-        None => return Ok(Vec::new()),
-        Some(r) => r.map_err(csv_err)?,
+    let records = read_sequence_table("request", text, TableKind::Csv)
+        .map_err(|e| structure_error("invalid_csv", "CSV", e))?;
+    Ok(raw_inputs(records))
+}
+
+fn raw_inputs(records: Vec<RawRecord>) -> Vec<RawInput> {
+    records.into_iter().map(|r| (r.id, r.sequence)).collect()
+}
+
+/// A body that is not the FASTA/CSV it claims to be: 400, naming the line.
+fn structure_error(code: &'static str, format: &str, e: DataError) -> ApiError {
+    let message = match e {
+        DataError::Invalid { pos, msg } => format!("{format} line {}: {msg}", pos.line),
+        other => format!("{format}: {other}"),
     };
-    let names: Vec<String> = first
-        .iter()
-        .map(|s| s.trim().to_ascii_lowercase())
-        .collect();
-    let seq_col = names.iter().position(|n| n == "sequence" || n == "seq");
-    let (id_col, seq_col, header) = match seq_col {
-        Some(s) => {
-            let id = names
-                .iter()
-                .position(|n| matches!(n.as_str(), "id" | "accession" | "entry" | "name"));
-            (id, s, true)
-        }
-        None => match first.len() {
-            1 => (None, 0, false),
-            2 => (Some(0), 1, false),
-            n => {
-                return Err(ApiError::bad_request(
-                    "invalid_csv",
-                    format!("CSV: {n} columns but no header naming a \"sequence\" column"),
-                ))
-            }
-        },
-    };
-    let mut out = Vec::new();
-    let mut take = |row: &csv::StringRecord, line: usize| -> Result<(), ApiError> {
-        if row.iter().all(|f| f.trim().is_empty()) {
-            return Ok(());
-        }
-        let seq = row.get(seq_col).ok_or_else(|| {
-            ApiError::bad_request(
-                "invalid_csv",
-                format!("CSV line {line}: no column {}", seq_col + 1),
-            )
-        })?;
-        let id = id_col.and_then(|c| row.get(c)).map(str::to_string);
-        out.push((id, seq.to_string()));
-        Ok(())
-    };
-    if !header {
-        take(&first, 1)?;
-    }
-    for (i, row) in rows.enumerate() {
-        take(&row.map_err(csv_err)?, i + 2)?;
-    }
-    Ok(out)
+    ApiError::bad_request(code, message)
 }
 
 #[cfg(test)]

@@ -1,6 +1,7 @@
-//! The dynamic batcher: sequences from all requests wait in one queue; dedicated worker
-//! threads (never the async runtime) take batches from it under a token budget and score
-//! them.
+//! The server's micro-batching queue ([`MicroBatcher`]): sequences from all requests wait in
+//! one queue; dedicated worker threads (never the async runtime) take micro-batches from it
+//! under a token budget and score them. (Offline inference batches a whole input at once
+//! instead: `crate::infer`.)
 //!
 //! Batch selection: the oldest waiting sequence always goes into the next batch (so nothing
 //! starves), together with the waiting sequences closest to it in length, as many as fit in
@@ -16,6 +17,7 @@ use anyhow::Result;
 use tokio::sync::oneshot;
 
 use super::metrics::Metrics;
+use super::options::Limits;
 use crate::model::Answer;
 use crate::tokenize::Encoded;
 
@@ -31,15 +33,6 @@ pub struct Scored {
 pub trait Engine {
     /// Scores `items` (already sorted by length), one row per item, in order.
     fn score(&mut self, items: &[&Encoded]) -> Result<Vec<Scored>>;
-}
-
-#[derive(Debug, Clone, Copy)]
-pub struct QueueConfig {
-    pub max_batch_tokens: usize,
-    pub max_batch_size: usize,
-    pub max_wait: Duration,
-    /// Sequences allowed to wait at once; beyond it requests get 429.
-    pub max_queue: usize,
 }
 
 /// A finished request: its rows in input order and where its time went.
@@ -103,7 +96,8 @@ struct State {
 struct Shared {
     state: Mutex<State>,
     wake: Condvar,
-    config: QueueConfig,
+    /// Read: `max_batch_tokens`, `max_batch_size`, `max_wait`, `max_queue`, `workers`.
+    limits: Limits,
     metrics: Arc<Metrics>,
 }
 
@@ -112,20 +106,15 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 /// The queue plus its worker threads.
-pub struct Batcher {
+pub struct MicroBatcher {
     shared: Arc<Shared>,
     workers: Mutex<Vec<JoinHandle<()>>>,
 }
 
-impl Batcher {
-    /// Starts `workers` threads, each building its engine with `make` (e.g. loading the
-    /// model); returns once all are ready, with what the first `make` reported.
-    pub fn start<E, I, F>(
-        config: QueueConfig,
-        metrics: Arc<Metrics>,
-        workers: usize,
-        make: F,
-    ) -> Result<(Self, I)>
+impl MicroBatcher {
+    /// Starts `limits.workers` threads, each building its engine with `make` (e.g. loading
+    /// the model); returns once all are ready, with what the first `make` reported.
+    pub fn start<E, I, F>(limits: Limits, metrics: Arc<Metrics>, make: F) -> Result<(Self, I)>
     where
         E: Engine + 'static,
         I: Send + 'static,
@@ -139,17 +128,17 @@ impl Batcher {
                 next_batch: 0,
             }),
             wake: Condvar::new(),
-            config,
+            limits,
             metrics,
         });
         let make = Arc::new(make);
         let mut handles = Vec::new();
         let mut info = None;
-        let batcher = |handles: Vec<JoinHandle<()>>| Batcher {
+        let batcher = |handles: Vec<JoinHandle<()>>| MicroBatcher {
             shared: Arc::clone(&shared),
             workers: Mutex::new(handles),
         };
-        for w in 0..workers.max(1) {
+        for w in 0..limits.workers.max(1) {
             let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<I>>(1);
             let make = Arc::clone(&make);
             let sh = Arc::clone(&shared);
@@ -209,7 +198,7 @@ impl Batcher {
         if st.closed {
             return Err(SubmitError::ShuttingDown);
         }
-        let capacity = self.shared.config.max_queue;
+        let capacity = self.shared.limits.max_queue;
         if st.pending.len() + n > capacity {
             return Err(SubmitError::QueueFull {
                 waiting: st.pending.len(),
@@ -263,14 +252,14 @@ impl Batcher {
     }
 }
 
-impl Drop for Batcher {
+impl Drop for MicroBatcher {
     fn drop(&mut self) {
         self.shutdown();
     }
 }
 
 fn worker_loop<E: Engine>(shared: &Shared, mut engine: E) {
-    let cfg = shared.config;
+    let cfg = shared.limits;
     loop {
         let (batch, batch_id) = {
             let mut st = lock(&shared.state);
@@ -520,12 +509,14 @@ mod tests {
         assert_eq!(select(&pending, 100, 8), vec![0]);
     }
 
-    fn config(max_queue: usize) -> QueueConfig {
-        QueueConfig {
+    fn config(max_queue: usize, workers: usize) -> Limits {
+        Limits {
             max_batch_tokens: 1000,
             max_batch_size: 8,
             max_wait: Duration::from_millis(1),
             max_queue,
+            workers,
+            ..Limits::default()
         }
     }
 
@@ -534,7 +525,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let s2 = Arc::clone(&sizes);
         let metrics = Arc::new(Metrics::default());
-        let (b, info) = Batcher::start(config(100), Arc::clone(&metrics), 1, move || {
+        let (b, info) = MicroBatcher::start(config(100, 1), Arc::clone(&metrics), move || {
             Ok((Echo(Arc::clone(&s2)), "ready"))
         })
         .unwrap();
@@ -576,7 +567,7 @@ mod tests {
     fn engine_errors_fail_only_their_batch_and_cancelled_jobs_are_dropped() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let s2 = Arc::clone(&sizes);
-        let (b, _) = Batcher::start(config(100), Arc::new(Metrics::default()), 1, move || {
+        let (b, _) = MicroBatcher::start(config(100, 1), Arc::new(Metrics::default()), move || {
             Ok((Echo(Arc::clone(&s2)), ()))
         })
         .unwrap();
@@ -597,7 +588,7 @@ mod tests {
     fn shutdown_drains_the_queue() {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let s2 = Arc::clone(&sizes);
-        let (b, _) = Batcher::start(config(100), Arc::new(Metrics::default()), 2, move || {
+        let (b, _) = MicroBatcher::start(config(100, 2), Arc::new(Metrics::default()), move || {
             Ok((Echo(Arc::clone(&s2)), ()))
         })
         .unwrap();

@@ -12,191 +12,18 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::BodyExt;
-use serde::{Deserialize, Serialize};
-use utoipa::{IntoParams, ToSchema};
 
+use super::error::ApiError;
 use super::parse::{parse_body, BodyKind, Input};
-use super::queue::{JobOutput, SubmitError};
-use super::AppState;
-use crate::model::{AnswerRule, MembraneAnswer};
+use super::queue::{JobOutput, Scored, SubmitError};
+use super::request::PredictParams;
+use super::response::{
+    ClassProbability, ClassScore, ClassThreshold, Info, MembraneLabel, PredictResponse,
+    ProteinPrediction,
+};
+use super::state::AppState;
+use crate::model::AnswerRule;
 use crate::tokenize::Encoded;
-
-/// An error response: `{"error": message, "code": machine-readable code}`.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub retry_after: Option<u64>,
-}
-
-/// The JSON body of every error.
-#[derive(Debug, Serialize, Deserialize, ToSchema)]
-pub struct ErrorBody {
-    /// What went wrong, naming the sequence (1-based index and id) and position where relevant.
-    pub error: String,
-    /// Stable machine-readable code, e.g. `invalid_sequence`, `queue_full`.
-    pub code: String,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
-            status,
-            code,
-            message: message.into(),
-            retry_after: None,
-        }
-    }
-    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, code, message)
-    }
-    pub fn unprocessable(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
-    }
-    pub fn payload_too_large(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::PAYLOAD_TOO_LARGE, code, message)
-    }
-    pub fn unsupported_media_type(message: impl Into<String>) -> Self {
-        Self::new(
-            StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            "unsupported_media_type",
-            message,
-        )
-    }
-    fn unavailable(code: &'static str, message: impl Into<String>, retry_after: u64) -> Self {
-        Self {
-            retry_after: Some(retry_after),
-            ..Self::new(StatusCode::SERVICE_UNAVAILABLE, code, message)
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        if self.status.is_server_error() {
-            tracing::warn!(code = self.code, "{}", self.message);
-        } else {
-            tracing::debug!(code = self.code, "{}", self.message);
-        }
-        let body = ErrorBody {
-            error: self.message,
-            code: self.code.to_string(),
-        };
-        let mut resp = (self.status, Json(body)).into_response();
-        if let Some(s) = self.retry_after {
-            resp.headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from(s));
-        }
-        resp
-    }
-}
-
-/// Query options of the prediction routes.
-#[derive(Debug, Default, Deserialize, IntoParams)]
-#[into_params(parameter_in = Query)]
-pub struct PredictParams {
-    /// Report only the `top_k` most probable locations per protein (default: all).
-    pub top_k: Option<usize>,
-    /// Also report the raw classifier scores (logits) of those locations (an ensemble's: the
-    /// mean of its members' logits).
-    pub raw_scores: Option<bool>,
-}
-
-/// One location and its probability.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ClassProbability {
-    pub label: String,
-    pub probability: f32,
-}
-
-/// One location and its raw score (logit).
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ClassScore {
-    pub label: String,
-    pub score: f32,
-}
-
-/// One location's decision threshold (multi-label models).
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, ToSchema)]
-pub struct ClassThreshold {
-    pub label: String,
-    /// The location is predicted when its probability is at least this.
-    pub threshold: f32,
-}
-
-impl ClassThreshold {
-    /// `labels` paired with `thresholds`, in label order.
-    pub fn list(labels: &[String], thresholds: &[f32]) -> Vec<ClassThreshold> {
-        labels
-            .iter()
-            .zip(thresholds)
-            .map(|(label, &threshold)| ClassThreshold {
-                label: label.clone(),
-                threshold,
-            })
-            .collect()
-    }
-}
-
-/// Membrane-bound or soluble (`membrane_probability` at least 0.5, or below).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, ToSchema)]
-pub enum MembraneLabel {
-    Membrane,
-    Soluble,
-}
-
-impl MembraneLabel {
-    fn of(m: &MembraneAnswer) -> Self {
-        if m.bound {
-            MembraneLabel::Membrane
-        } else {
-            MembraneLabel::Soluble
-        }
-    }
-}
-
-/// The prediction for one protein: the same answer `protloc predict` gives.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct ProteinPrediction {
-    /// The id given (FASTA header word, CSV/JSON `id`), else `seqN` (1-based position).
-    pub id: String,
-    /// The predicted location: the most probable one, or for a multi-label model every
-    /// location at or over its threshold joined by `|` in label order (`Cytoplasm|Nucleus`;
-    /// the most probable when none is).
-    pub prediction: String,
-    /// The predicted locations as a list, in label order (one for single-label models).
-    #[serde(default)]
-    pub locations: Vec<String>,
-    /// The probability of the most probable location.
-    pub confidence: f32,
-    /// Locations by decreasing probability (`top_k` of them when asked). Softmax
-    /// probabilities, or independent per-location sigmoids for multi-label models.
-    pub probabilities: Vec<ClassProbability>,
-    /// Raw scores in the same order, with `raw_scores=true`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub scores: Option<Vec<ClassScore>>,
-    /// The decision threshold of every location, in label order (multi-label models).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub thresholds: Option<Vec<ClassThreshold>>,
-    /// Probability of being membrane-bound (models with a membrane output).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub membrane_probability: Option<f32>,
-    /// Membrane-bound or soluble (models with a membrane output).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub membrane_label: Option<MembraneLabel>,
-    /// Residues in the protein.
-    pub length: usize,
-    /// Residues the model saw (less than `length` when truncated).
-    pub residues_used: usize,
-    pub truncated: bool,
-}
-
-/// Predictions in request order.
-#[derive(Debug, Clone, Serialize, Deserialize, ToSchema)]
-pub struct PredictResponse {
-    pub predictions: Vec<ProteinPrediction>,
-}
 
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
@@ -271,7 +98,7 @@ async fn health(State(app): State<Arc<AppState>>) -> Response {
     (status, Json(body)).into_response()
 }
 
-async fn info(State(app): State<Arc<AppState>>) -> Json<super::Info> {
+async fn info(State(app): State<Arc<AppState>>) -> Json<Info> {
     Json(app.info.clone())
 }
 
@@ -461,8 +288,8 @@ async fn predict_inner(
         .map(|v| v.to_str().unwrap_or("(not text)"));
     let kind = BodyKind::from_content_type(content_type)?;
     let bytes = tokio::time::timeout(
-        app.opts.request_timeout,
-        read_body(body, headers, app.opts.max_body_bytes),
+        app.limits.request_timeout,
+        read_body(body, headers, app.limits.max_body_bytes),
     )
     .await
     .map_err(|_| {
@@ -472,7 +299,7 @@ async fn predict_inner(
             "request body not received within --request-timeout-ms",
         )
     })??;
-    let inputs = parse_body(kind, &bytes, app.opts.max_sequences)?;
+    let inputs = parse_body(kind, &bytes, app.limits.max_sequences)?;
     drop(bytes);
     let encoded = encode(app, &inputs)?;
     let (guard, rx) = app.batcher.submit(encoded.clone()).map_err(|e| match e {
@@ -493,7 +320,7 @@ async fn predict_inner(
             ApiError::unavailable("shutting_down", "server is shutting down", 1)
         }
     })?;
-    let out = match tokio::time::timeout(app.opts.request_timeout, rx).await {
+    let out = match tokio::time::timeout(app.limits.request_timeout, rx).await {
         Err(_) => {
             app.metrics.timeouts.fetch_add(1, Ordering::Relaxed);
             drop(guard);
@@ -501,7 +328,7 @@ async fn predict_inner(
                 "timeout",
                 format!(
                     "prediction did not finish within {} ms (--request-timeout-ms)",
-                    app.opts.request_timeout.as_millis()
+                    app.limits.request_timeout.as_millis()
                 ),
                 1,
             ));
@@ -569,7 +396,7 @@ fn build_prediction(
     rule: &AnswerRule,
     input: &Input,
     enc: &Encoded,
-    row: &super::queue::Scored,
+    row: &Scored,
     top_k: Option<usize>,
     raw_scores: Option<bool>,
 ) -> ProteinPrediction {

@@ -7,7 +7,8 @@ use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
 pub use crate::eval::target::{LocationTarget, Target};
-use crate::model::{ops, HeadOutput};
+use crate::kernels::ops;
+use crate::model::HeadOutput;
 
 /// How to counter class imbalance.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]

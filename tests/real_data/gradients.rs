@@ -2,8 +2,8 @@
 
 use crate::common;
 use candle_core::{Device, Tensor};
+use protloc::kernels::ops::cross_entropy;
 use protloc::model::head::Pool;
-use protloc::model::ops::cross_entropy;
 use protloc::model::Purpose;
 use protloc::tokenize::Batch;
 

@@ -78,7 +78,7 @@ fn loss_of(base: &BaseModel, batch: &Batch) -> Tensor {
         .encoder
         .forward(&batch.ids, &batch.attention_mask, None)
         .unwrap();
-    let pooled = model::ops::masked_mean(&hidden, &batch.residue_mask).unwrap();
+    let pooled = protloc::kernels::ops::masked_mean(&hidden, &batch.residue_mask).unwrap();
     let h = pooled.dim(1).unwrap();
     let w: Vec<f32> = (0..h).map(|i| ((i % 13) as f32 - 6.0) / 6.0).collect();
     let w = Tensor::from_vec(w, (1, h), &Device::Cpu).unwrap();

@@ -60,7 +60,7 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
     let refs: Vec<_> = enc.iter().collect();
     let batch = Batch::collate(&refs, model.tokenizer.pad_id, &Device::Cpu).unwrap();
     // The general (differentiable) path runs on the trainable weights; a detached copy takes
-    // the packed inference kernels (src/model/kernels.rs). Both must match PyTorch.
+    // the packed inference kernels (src/kernels/packed_attention.rs). Both must match PyTorch.
     let detached = model.encoder.detached();
     let inference_detached = inference.encoder.detached();
     for (path, encoder) in [

@@ -103,7 +103,7 @@ fn gradients_through_cached_states_equal_whole_model() {
     let model = SequenceClassifier::new(base, task).unwrap();
     let b = batch(&model.base);
     let labels = Tensor::new(&[1u32, 4, 7], &Device::Cpu).unwrap();
-    let loss_of = |logits: &Tensor| model::ops::cross_entropy(logits, &labels).unwrap();
+    let loss_of = |logits: &Tensor| protloc::kernels::ops::cross_entropy(logits, &labels).unwrap();
 
     let whole = loss_of(&model.forward(&b, None).unwrap());
     // The lower layers' states as the cache stores them (f32 here, before f16 rounding).

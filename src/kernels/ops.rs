@@ -1,13 +1,16 @@
-//! Differentiable building blocks.
+//! Tensor-level ops of the differentiable path, as custom ops with hand-written backwards.
 //!
 //! candle's fused `ops::layer_norm`, `softmax_last_dim` and `rms_norm` have no backward
-//! pass: gradients silently stop at them. Everything here is composed from primitive ops
-//! that do have one, so the same code serves inference and training. A test
-//! (`tests/gradients.rs`) checks every trainable tensor receives a gradient.
+//! pass: gradients silently stop at them. Layer normalisation, softmax, GELU and the im2col
+//! windows here are fused CPU f32 kernels (`CustomOp`s) with analytic backwards, falling back
+//! to compositions of candle's differentiable primitives on other devices and dtypes; the
+//! losses and the masked mean are such compositions. A test (`tests/gradients.rs`) checks
+//! every trainable tensor receives a gradient.
 
 use candle_core::{DType, Result, Tensor, D};
-use rand::Rng;
-use rand_chacha::ChaCha8Rng;
+
+use super::activation::{self, Act};
+use super::buffers::{self, f32_slice, rows_per_task};
 
 /// Additive attention-mask value for padded keys. Finite on purpose: `f32::MIN` becomes
 /// `-inf` in bf16 and `0 * -inf` gives NaN.
@@ -56,11 +59,6 @@ struct LayerNormOp {
     eps: f32,
     /// (mean, 1/std) per row, written by the forward.
     stats: std::sync::Mutex<Vec<(f32, f32)>>,
-}
-
-/// Rows per parallel task for rows of `d` floats.
-fn rows_per_task(d: usize) -> usize {
-    (16 * 1024 / d.max(1)).max(1)
 }
 
 impl candle_core::CustomOp3 for LayerNormOp {
@@ -125,8 +123,8 @@ impl candle_core::CustomOp3 for LayerNormOp {
             weight.contiguous()?,
             grad_res.contiguous()?,
         );
-        let (x_view, w_view) = (super::kernels::view(&x)?, super::kernels::view(&weight)?);
-        let g_view = super::kernels::view(&grad_res)?;
+        let (x_view, w_view) = (buffers::view(&x)?, buffers::view(&weight)?);
+        let g_view = buffers::view(&grad_res)?;
         let (xs, w, gy) = (x_view.get(), w_view.get(), g_view.get());
         let stats = self.stats.lock().expect("stats lock");
         let mut dx = vec![0f32; xs.len()];
@@ -258,20 +256,6 @@ pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
     x.gelu_erf()
 }
 
-/// The contiguous f32 slice of a CPU storage (the input of a custom op's forward).
-pub(crate) fn f32_slice<'a>(
-    storage: &'a candle_core::CpuStorage,
-    layout: &candle_core::Layout,
-) -> Result<&'a [f32]> {
-    let candle_core::CpuStorage::F32(data) = storage else {
-        candle_core::bail!("f32 only")
-    };
-    let Some((start, end)) = layout.contiguous_offsets() else {
-        candle_core::bail!("contiguous input only")
-    };
-    Ok(&data[start..end])
-}
-
 /// Fused GELU (erf form) with an analytic backward ([`GeluErfGrad`]).
 pub struct GeluErf;
 
@@ -286,7 +270,7 @@ impl candle_core::CustomOp1 for GeluErf {
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
         let mut out = f32_slice(storage, layout)?.to_vec();
-        super::kernels::activation_inplace(&mut out, super::kernels::Act::GeluErf);
+        activation::activation_inplace(&mut out, Act::GeluErf);
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 
@@ -319,7 +303,7 @@ impl candle_core::CustomOp2 for GeluErfGrad {
         if x.len() != g.len() {
             candle_core::bail!("gelu backward: {} inputs, {} gradients", x.len(), g.len());
         }
-        super::kernels::gelu_erf_backward_inplace(x, &mut g);
+        activation::gelu_erf_backward_inplace(x, &mut g);
         Ok((candle_core::CpuStorage::F32(g), l1.shape().clone()))
     }
 }
@@ -368,202 +352,8 @@ pub fn binary_cross_entropy_with_logits(logits: &Tensor, targets: &Tensor) -> Re
     (x.relu()? - (&x * &y)? + soft)?.mean_all()
 }
 
-/// Inverted dropout with a caller-owned, seeded RNG (candle's own dropout draws from an
-/// unseeded RNG, which would make training runs irreproducible). `None` = evaluation.
-pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-    let Some(rng) = rng else { return Ok(x.clone()) };
-    if p <= 0.0 {
-        return Ok(x.clone());
-    }
-    let keep = 1.0 - p;
-    let scale = (1.0 / keep) as f32;
-    let n = x.elem_count();
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                scale
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
-}
-
-/// `x` [.., K] times `weight` [N, K]^T plus `bias` as one 2-D GEMM: flattening the leading
-/// dimensions avoids candle's broadcast (stride-0) batched matmul. On CPU in f32 with a
-/// bias this is [`LinearOp`], whose bias rides in the GEMM's accumulator and whose backward
-/// computes only the gradients that are needed.
-pub fn linear(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_then(x, weight, bias, Then::Nothing)
-}
-
-/// `gelu_erf(linear(x, weight, bias))`. On CPU in f32 with a bias, one [`LinearOp`] that
-/// keeps the pre-activation and applies GELU's derivative to the incoming gradient in its
-/// own backward: the FFN's widest activation then has no graph node (and no zero-filled,
-/// accumulated gradient buffer) of its own.
-pub fn linear_gelu_erf(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>) -> Result<Tensor> {
-    linear_then(x, weight, bias, Then::GeluErf)
-}
-
-/// `linear(x, weight, bias) * scale` (attention queries), the scale inside the op: no
-/// separate node whose output the graph would keep alongside the projection's.
-pub fn linear_scaled(
-    x: &Tensor,
-    weight: &Tensor,
-    bias: Option<&Tensor>,
-    scale: f64,
-) -> Result<Tensor> {
-    linear_then(x, weight, bias, Then::Scale(scale as f32))
-}
-
-/// What a linear layer applies to its output.
-#[derive(Clone, Copy, Debug, PartialEq)]
-enum Then {
-    Nothing,
-    GeluErf,
-    Scale(f32),
-}
-
-fn linear_then(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, then: Then) -> Result<Tensor> {
-    let dims = x.dims();
-    let k = dims[dims.len() - 1];
-    let rows = x.elem_count() / k;
-    let x2 = x.reshape((rows, k))?;
-    let y = match bias {
-        Some(b) if x.device().is_cpu() && x.dtype() == DType::F32 => {
-            let op = LinearOp {
-                pre_gelu: (then == Then::GeluErf).then(Default::default),
-                scale: match then {
-                    Then::Scale(s) => s,
-                    _ => 1.0,
-                },
-            };
-            x2.contiguous()?
-                .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)?
-        }
-        _ => {
-            let y = x2.matmul(&weight.t()?)?;
-            let y = match bias {
-                Some(b) => y.broadcast_add(b)?,
-                None => y,
-            };
-            match then {
-                Then::Nothing => y,
-                Then::GeluErf => gelu_erf(&y)?,
-                Then::Scale(s) => (y * s as f64)?,
-            }
-        }
-    };
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("non-empty dims") = weight.dim(0)?;
-    y.reshape(out_dims)
-}
-
-/// `x @ w^T + b` for `(x [rows, K], w [N, K], b [N])` (CPU, f32). The forward writes the
-/// bias first and accumulates the product onto it (one pass, no broadcast add). The
-/// backward returns only the gradients of inputs that are part of the graph: candle's own
-/// matmul backward always computes the input's gradient, which for an input that needs
-/// none (cached embeddings, a frozen encoder's output: the light-attention head's
-/// convolutions run on 9-residue window matrices) is the largest product of the step.
-/// With `pre_gelu`, the output is `gelu_erf` of that, and the forward keeps the
-/// pre-activation there for the backward; otherwise it is multiplied by `scale`.
-struct LinearOp {
-    pre_gelu: Option<std::sync::Mutex<Vec<f32>>>,
-    scale: f32,
-}
-
-impl candle_core::CustomOp3 for LinearOp {
-    fn name(&self) -> &'static str {
-        "protloc-linear"
-    }
-
-    fn cpu_fwd(
-        &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
-        let (rows, k) = l1.shape().dims2()?;
-        let (n, k2) = l2.shape().dims2()?;
-        if k != k2 || b.len() != n {
-            candle_core::bail!(
-                "linear: input has {k} features, weight is {n}x{k2}, bias {}",
-                b.len()
-            );
-        }
-        let layout = super::kernels::WeightLayout::OutIn;
-        let mut out = super::kernels::linear_scaled(x, w, layout, Some(b), k, n, self.scale);
-        if let Some(pre) = &self.pre_gelu {
-            let mut act = out.clone();
-            super::kernels::activation_inplace(&mut act, super::kernels::Act::GeluErf);
-            *pre.lock().expect("pre-activation lock") = std::mem::replace(&mut out, act);
-        }
-        Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
-        grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let scaled;
-        let grad_res = if self.scale != 1.0 {
-            scaled = (grad_res * self.scale as f64)?;
-            &scaled
-        } else {
-            grad_res
-        };
-        let through_gelu;
-        let grad_res = match &self.pre_gelu {
-            Some(pre) => {
-                let g = grad_res.contiguous()?;
-                let mut d = super::kernels::view(&g)?.get().to_vec();
-                let z = pre.lock().expect("pre-activation lock");
-                if z.len() != d.len() {
-                    candle_core::bail!("linear+gelu backward: no pre-activation saved");
-                }
-                super::kernels::gelu_erf_backward_inplace(&z, &mut d);
-                through_gelu = Tensor::from_vec(d, g.shape(), g.device())?;
-                &through_gelu
-            }
-            None => grad_res,
-        };
-        // Multiply by detached copies: a product of tracked tensors records its inputs, and
-        // candle keeps parameter gradients until the step, so `dw` would otherwise hold this
-        // layer's input and output gradient (and its zero seed) alive to the end of backward
-        // (measured: +0.4 GB at peak for a 4-layer, hidden-1024 BERT at 8 x 256).
-        let dx = x
-            .track_op()
-            .then(|| grad_res.matmul(&w.detach()))
-            .transpose()?;
-        let dw = w
-            .track_op()
-            .then(|| grad_res.t()?.matmul(&x.detach()))
-            .transpose()?;
-        let db = b
-            .track_op()
-            .then(|| {
-                let g = grad_res.contiguous()?;
-                let n = g.dim(1)?;
-                let sums = super::kernels::column_sums(super::kernels::view(&g)?.get(), n);
-                Tensor::from_vec(sums, n, g.device())
-            })
-            .transpose()?;
-        Ok((dx, dw, db))
-    }
-}
-
 /// "Same" 1-D convolution windows of `x` [B, L, H] as rows [B, L, k*H] (see
-/// [`head::im2col`](super::head::im2col)), on CPU in f32 as one op whose backward sums the
+/// the light-attention head's `im2col`), on CPU in f32 as one op whose backward sums the
 /// windows back ([`Im2Col`]). candle's `cat` of k shifted copies did the same with a
 /// single-threaded strided copy: 40% of a light-attention training step.
 pub fn im2col(x: &Tensor, kernel: usize) -> Result<Tensor> {
@@ -615,7 +405,7 @@ impl candle_core::CustomOp1 for Im2Col {
         let k = self.kernel;
         let half = k / 2;
         let g = grad.contiguous()?;
-        let view = super::kernels::view(&g)?;
+        let view = buffers::view(&g)?;
         let gs = view.get();
         let mut dx = vec![0f32; b * len * h];
         if !dx.is_empty() {
@@ -648,98 +438,7 @@ pub fn masked_mean(hidden: &Tensor, mask: &Tensor) -> Result<Tensor> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_util::{max_abs, max_abs_diff, var};
-    use candle_core::Var;
-
-    #[test]
-    fn fused_linear_matches_matmul_plus_bias_and_skips_unneeded_gradients() {
-        let x_var = var(&[2, 5, 7], 1, 0.0);
-        let (w, b) = (var(&[3, 7], 2, 0.0), var(&[3], 3, 0.0));
-        let loss_w = var(&[2, 5, 3], 4, 0.0);
-        // A trainable input (a layer inside the encoder) and a constant one (cached
-        // embeddings): same outputs and parameter gradients; the constant gets none.
-        for x in [x_var.as_tensor().clone(), x_var.as_tensor().detach()] {
-            let y = linear(&x, &w, Some(&b)).unwrap();
-            let reference = x
-                .broadcast_matmul(&w.as_tensor().t().unwrap())
-                .unwrap()
-                .broadcast_add(&b)
-                .unwrap();
-            assert!(max_abs_diff(&y, &reference) < 1e-5);
-            let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
-            let (g, gr) = (
-                loss(&y).backward().unwrap(),
-                loss(&reference).backward().unwrap(),
-            );
-            for (name, t) in [("weight", &w), ("bias", &b)] {
-                let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
-                assert!(diff < 1e-4, "d{name} differs by {diff}");
-            }
-            match (x.track_op(), g.get(&x), gr.get(&x)) {
-                (true, Some(a), Some(c)) => assert!(max_abs_diff(a, c) < 1e-4),
-                (false, None, None) => {}
-                other => panic!(
-                    "input gradient presence wrong: {:?}",
-                    (other.0, other.1.is_some())
-                ),
-            }
-        }
-    }
-
-    /// Inputs of a [2, 5, 7] -> 9 linear layer and a loss weight per output element.
-    fn linear_case() -> (Var, Var, Var, Var) {
-        (
-            var(&[2, 5, 7], 1, 0.0),
-            var(&[9, 7], 2, 0.0),
-            var(&[9], 3, 0.5),
-            var(&[2, 5, 9], 4, 0.0),
-        )
-    }
-
-    /// `fused` and `reference` agree, and so do the gradients of `params` under a weighted
-    /// sum of the outputs.
-    fn assert_same_forward_and_gradients(
-        fused: &Tensor,
-        reference: &Tensor,
-        params: [(&str, &Var); 3],
-        loss_w: &Var,
-        tol: f32,
-    ) {
-        assert!(max_abs_diff(fused, reference) < tol / 10.0);
-        let loss = |y: &Tensor| (y * loss_w.as_tensor()).unwrap().sum_all().unwrap();
-        let (g, gr) = (
-            loss(fused).backward().unwrap(),
-            loss(reference).backward().unwrap(),
-        );
-        for (name, t) in params {
-            let diff = max_abs_diff(g.get(t).unwrap(), gr.get(t).unwrap());
-            assert!(diff < tol, "d{name} differs by {diff}");
-        }
-    }
-
-    #[test]
-    fn linear_scaled_matches_scaled_linear_forward_and_backward() {
-        let (x, w, b, loss_w) = linear_case();
-        let fused = linear_scaled(&x, &w, Some(&b), 0.125).unwrap();
-        let reference = (linear(&x, &w, Some(&b)).unwrap() * 0.125).unwrap();
-        let params = [("x", &x), ("weight", &w), ("bias", &b)];
-        assert_same_forward_and_gradients(&fused, &reference, params, &loss_w, 1e-5);
-    }
-
-    #[test]
-    fn linear_gelu_matches_gelu_of_linear_forward_and_backward() {
-        let (x, w, b, loss_w) = linear_case();
-        let fused = linear_gelu_erf(&x, &w, Some(&b)).unwrap();
-        let lin = x
-            .broadcast_matmul(&w.as_tensor().t().unwrap())
-            .unwrap()
-            .broadcast_add(&b)
-            .unwrap();
-        assert!(max_abs_diff(&fused, &lin) > 1e-2, "no activation applied");
-        let reference = lin.gelu_erf().unwrap();
-        let params = [("x", &x), ("weight", &w), ("bias", &b)];
-        assert_same_forward_and_gradients(&fused, &reference, params, &loss_w, 1e-4);
-    }
+    use crate::kernels::test_util::{max_abs, max_abs_diff, var};
 
     #[test]
     fn im2col_op_matches_shifted_copies_forward_and_backward() {

@@ -20,10 +20,10 @@ use std::sync::Mutex;
 use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::buffers;
+use super::buffers::f32_slice;
 use super::dropout::DropMask;
-use super::head_gemm::{self, Epilogue, Strided};
-use super::kernels;
-use super::ops::f32_slice;
+use super::tiles::{self, Epilogue, Strided};
 
 /// Scores kept per block (query rows x keys): 64 K floats = 256 KB, an L2-sized working set.
 const SCORE_BLOCK: usize = 64 * 1024;
@@ -165,7 +165,7 @@ impl CustomOp3 for FusedAttention {
         let c = Tensor::contiguous;
         let (q, k, v, out, grad_out) = (c(q)?, c(k)?, c(v)?, c(out)?, c(grad_out)?);
         let lse = self.lse.lock().expect("lse lock");
-        let view = kernels::view;
+        let view = buffers::view;
         let (dq, dk, dv) = backward(
             g,
             view(&q)?.get(),
@@ -186,7 +186,7 @@ impl CustomOp3 for FusedAttention {
 }
 
 /// Forward pass: the context [B, T, hidden] and the score rows' log-sum-exp [B, heads, T],
-/// block by block with [`head_gemm::softmax_rows`].
+/// block by block with [`tiles::softmax_rows`].
 fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>) {
     let (t, d, hidden) = (g.tokens, g.head_dim, g.hidden());
     let mut out = vec![0f32; g.elems()];
@@ -197,7 +197,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
         |[scores, k_t, inv_sums]: &mut [Vec<f32>; 3], (b, h)| {
             let len = g.lengths[b];
             let base = g.base(b, h);
-            let ld = head_gemm::padded(len);
+            let ld = tiles::padded(len);
             let rows = g.rows_per_block(ld);
             scores.resize(rows * ld, 0.0);
             inv_sums.resize(rows, 0.0);
@@ -205,12 +205,12 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
             // `scores` holds r x ld; the output rows r0..r0+r and the lse entries of (b, h)
             // belong to this task alone.
             unsafe {
-                head_gemm::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
+                tiles::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
                 let mut r0 = 0;
                 while r0 < t {
                     let r = rows.min(t - r0);
                     let off = base + r0 * hidden;
-                    let blk = head_gemm::AttentionBlock {
+                    let blk = tiles::AttentionBlock {
                         r,
                         len,
                         d,
@@ -226,7 +226,7 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
                         r,
                     );
                     let dropout = |p: &mut [f32]| g.apply_dropout(p, ld, b, h, r0, len);
-                    head_gemm::softmax_rows(&blk, scores, inv_sums, Some(lse_rows), dropout);
+                    tiles::softmax_rows(&blk, scores, inv_sums, Some(lse_rows), dropout);
                     r0 += r;
                 }
             }
@@ -260,7 +260,7 @@ fn backward(
             let (dq_ptr, dk_ptr, dv_ptr) = ptrs;
             let len = g.lengths[b];
             let base = g.base(b, h);
-            let ld = head_gemm::padded(len);
+            let ld = tiles::padded(len);
             let rows = g.rows_per_block(ld);
             p_buf.resize(rows * ld, 0.0);
             dp_buf.resize(rows * ld, 0.0);
@@ -275,8 +275,8 @@ fn backward(
             // q/k/v/out/grad; dq rows r0..r0+r and dk/dv rows 0..len of (b, h) are written by
             // this task alone; p/dp hold r x ld.
             unsafe {
-                head_gemm::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
-                head_gemm::pack_transposed(v.as_ptr().add(base), hidden, len, d, v_t);
+                tiles::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
+                tiles::pack_transposed(v.as_ptr().add(base), hidden, len, d, v_t);
                 let mut r0 = 0;
                 while r0 < t {
                     let r = rows.min(t - r0);
@@ -287,7 +287,7 @@ fn backward(
                     // P = exp(Q K^T - lse), recomputed.
                     let lse_rows = &lse[(b * g.heads + h) * t + r0..][..r];
                     let epi = Epilogue::ExpMinus { lse: lse_rows };
-                    head_gemm::wide(
+                    tiles::wide(
                         r,
                         d,
                         Strided::rows(q_blk, hidden),
@@ -305,7 +305,7 @@ fn backward(
                         p
                     };
                     let dv_rows = dv_ptr.get().add(base);
-                    head_gemm::narrow(len, r, d, by_key(pd), g_blk, hidden, dv_rows, hidden, true);
+                    tiles::narrow(len, r, d, by_key(pd), g_blk, hidden, dv_rows, hidden, true);
                     // dS = P * (dP - rowsum(dO * O)), dP = dO V^T (times the dropout factors).
                     for (i, di) in dots[..r].iter_mut().enumerate() {
                         let go = &grad_out[off + i * hidden..][..d];
@@ -315,7 +315,7 @@ fn backward(
                     let dp_ptr = dp.as_mut_ptr();
                     let g_rows = Strided::rows(g_blk, hidden);
                     if g.dropout.is_some() {
-                        head_gemm::wide(r, d, g_rows, v_t, dp_ptr, ld, Epilogue::Store);
+                        tiles::wide(r, d, g_rows, v_t, dp_ptr, ld, Epilogue::Store);
                         g.apply_dropout(dp, ld, b, h, r0, len);
                         for (i, &di) in dots[..r].iter().enumerate() {
                             let prow = &p[i * ld..][..len];
@@ -328,11 +328,11 @@ fn backward(
                             p: p.as_ptr(),
                             di: &dots[..r],
                         };
-                        head_gemm::wide(r, d, g_rows, v_t, dp_ptr, ld, epi);
+                        tiles::wide(r, d, g_rows, v_t, dp_ptr, ld, epi);
                     }
                     // dQ = dS K, dK += dS^T Q
                     let (k_rows, dq_rows) = (k.as_ptr().add(base), dq_ptr.get().add(off));
-                    head_gemm::narrow(
+                    tiles::narrow(
                         r,
                         len,
                         d,
@@ -344,7 +344,7 @@ fn backward(
                         false,
                     );
                     let dk_rows = dk_ptr.get().add(base);
-                    head_gemm::narrow(len, r, d, by_key(dp), q_blk, hidden, dk_rows, hidden, true);
+                    tiles::narrow(len, r, d, by_key(dp), q_blk, hidden, dk_rows, hidden, true);
                     r0 += r;
                 }
             }
@@ -356,8 +356,9 @@ fn backward(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_util::{max_abs, max_abs_diff, var};
-    use crate::model::{nn, ops};
+    use crate::kernels::attention::{mask_bias, split_heads};
+    use crate::kernels::ops;
+    use crate::kernels::test_util::{max_abs, max_abs_diff, var};
     use candle_core::Device;
 
     /// The dropout factor of every probability as a [B, heads, T, T] tensor.
@@ -382,8 +383,8 @@ mod tests {
             .flat_map(|&l| (0..t).map(move |i| if i < l { 1.0 } else { 0.0 }))
             .collect();
         let mask = Tensor::from_vec(mask, (b, t), &Device::Cpu).unwrap();
-        let bias = nn::mask_bias(&mask).unwrap();
-        let split = |x: &Tensor| nn::split_heads(x, heads).unwrap();
+        let bias = mask_bias(&mask).unwrap();
+        let split = |x: &Tensor| split_heads(x, heads).unwrap();
         let scores = split(q)
             .matmul(&split(k).t().unwrap().contiguous().unwrap())
             .unwrap()

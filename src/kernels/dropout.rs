@@ -1,3 +1,12 @@
+//! Dropout, in the two forms training uses.
+//!
+//! [`dropout`]: a mask drawn element by element from the caller's seeded ChaCha8 stream
+//! (embeddings, the classifier heads, the composed attention). [`dropout_add`] and
+//! [`DropMask`]: counter-based, for the hidden activations and the fused attention. They
+//! are not merged: seeded runs are compared bit for bit, and the first draws one `f64` per
+//! element from the stream where the second draws one `u64` per call, so routing either's
+//! callers to the other would change every later random number of a training run.
+//!
 //! Counter-based dropout: every element's keep/drop decision is a hash of (seed, row,
 //! column), so a backward pass regenerates the mask instead of storing it, and the inner
 //! loop over a row is plain 32-bit integer arithmetic that vectorises.
@@ -12,7 +21,7 @@ use rand::Rng;
 use rand_chacha::ChaCha8Rng;
 use rayon::prelude::*;
 
-use super::ops::f32_slice;
+use super::buffers::{self, f32_slice};
 
 /// Elements per mask row of a hidden activation (the hash's column counter is 32-bit).
 const CHUNK: usize = 16 * 1024;
@@ -38,7 +47,7 @@ impl DropMask {
     /// 0 for dropped elements, `1 / (1 - p)` for kept ones.
     pub fn apply_row(&self, key: u32, values: &mut [f32]) {
         #[cfg(target_arch = "x86_64")]
-        if super::kernels::has_avx2_fma() {
+        if super::simd::has_avx2_fma() {
             // SAFETY: the CPU supports the features the function is compiled for.
             return unsafe { self.apply_row_avx2(key, values) };
         }
@@ -84,6 +93,29 @@ impl DropMask {
             .enumerate()
             .for_each(|(r, row)| self.apply_row(self.row_key(r as u64), row));
     }
+}
+
+/// Inverted dropout with a caller-owned, seeded RNG (candle's own dropout draws from an
+/// unseeded RNG, which would make training runs irreproducible). `None` = evaluation.
+pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
+    let Some(rng) = rng else { return Ok(x.clone()) };
+    if p <= 0.0 {
+        return Ok(x.clone());
+    }
+    let keep = 1.0 - p;
+    let scale = (1.0 / keep) as f32;
+    let n = x.elem_count();
+    let mask: Vec<f32> = (0..n)
+        .map(|_| {
+            if rng.random::<f64>() < keep {
+                scale
+            } else {
+                0.0
+            }
+        })
+        .collect();
+    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
+    x.mul(&mask)
 }
 
 /// `dropout(y) + residual` in training (`rng` given, `p > 0`), `y + residual` otherwise.
@@ -155,7 +187,7 @@ impl CustomOp2 for DropoutAdd {
         grad_res: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>)> {
         let g = grad_res.contiguous()?;
-        let mut dy = super::kernels::view(&g)?.get().to_vec();
+        let mut dy = buffers::view(&g)?.get().to_vec();
         self.mask.apply_flat(&mut dy);
         Ok((Some(Tensor::from_vec(dy, g.shape(), g.device())?), Some(g)))
     }
@@ -164,7 +196,7 @@ impl CustomOp2 for DropoutAdd {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_util::{max_abs_diff, var};
+    use crate::kernels::test_util::{max_abs_diff, var};
     use rand::SeedableRng;
 
     #[test]

@@ -1,11 +1,13 @@
-//! Small layers over [`ops`](super::ops) with parameters from a [`Builder`].
+//! The layers both encoders (and the heads) are made of, with parameters from a [`Builder`]:
+//! linear (with its optional LoRA adapter), layer normalisation, embedding, and the
+//! feed-forward activation. Their compute is
+//! [`crate::kernels`]' ops.
 
 use candle_core::{Result, Tensor};
 
-use super::dropout::DropMask;
-use super::lora::Lora;
-use super::ops;
+use super::config::Activation;
 use super::params::{Builder, Init};
+use crate::kernels::{linear, ops};
 
 /// `y = x W^T + b`, with HF names `weight` [out, in] and `bias` [out], plus an optional
 /// low-rank adapter ([`Lora`]) on a frozen `W`.
@@ -45,7 +47,7 @@ impl Linear {
     }
 
     pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = ops::linear(x, &self.weight, self.bias.as_ref())?;
+        let y = linear::linear(x, &self.weight, self.bias.as_ref())?;
         match &self.lora {
             None => Ok(y),
             Some(l) => y + l.forward(x)?,
@@ -54,7 +56,7 @@ impl Linear {
 
     /// `forward(x) * scale` in one op (attention queries).
     pub fn forward_scaled(&self, x: &Tensor, scale: f64) -> Result<Tensor> {
-        let y = ops::linear_scaled(x, &self.weight, self.bias.as_ref(), scale)?;
+        let y = linear::linear_scaled(x, &self.weight, self.bias.as_ref(), scale)?;
         match &self.lora {
             None => Ok(y),
             Some(l) => y + (l.forward(x)? * scale)?,
@@ -138,97 +140,65 @@ impl Embedding {
     }
 }
 
-/// Key padding of a batch, in the two forms the attention paths use.
-pub struct AttentionMask {
-    /// Additive bias [B, 1, 1, T] (0 for real keys, [`ops::MASK_NEG`] for padding).
-    pub bias: Tensor,
-    /// Real tokens per row when every row is "ones then zeros" (the fused path's input).
-    pub lengths: Option<Vec<usize>>,
-}
-
-impl AttentionMask {
-    /// From an attention mask [B, T] (1 = token, 0 = padding).
-    pub fn new(attention_mask: &Tensor) -> Result<Self> {
-        let rows: Vec<Vec<f32>> = attention_mask
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2()?;
-        Ok(Self {
-            bias: mask_bias(attention_mask)?,
-            lengths: super::kernels::prefix_lengths(&rows),
-        })
+/// `act(x @ W^T + b)` of an FFN's first layer; GELU (erf) is fused into the linear op.
+pub(crate) fn linear_activation(l: &Linear, x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Gelu if l.lora.is_none() => {
+            linear::linear_gelu_erf(x, &l.weight, l.bias.as_ref())
+        }
+        _ => activation(&l.forward(x)?, act),
     }
 }
 
-/// Multi-head self-attention on unsplit projections `q`, `k`, `v` [B, T, heads*head_dim]
-/// (q already scaled). On CPU in f32 with a prefix mask this is the fused kernel
-/// ([`fused_attention`](super::fused_attention)); otherwise the composed [`attention`].
-pub fn self_attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    heads: usize,
-    mask: &AttentionMask,
-    dropout_p: f64,
-    rng: Option<&mut rand_chacha::ChaCha8Rng>,
-) -> Result<Tensor> {
-    if let (true, true, Some(lengths)) = (
-        q.device().is_cpu(),
-        q.dtype() == candle_core::DType::F32,
-        mask.lengths.as_ref(),
-    ) {
-        use rand::Rng;
-        let dropout = match rng {
-            Some(rng) if dropout_p > 0.0 => Some(DropMask {
-                p: dropout_p as f32,
-                seed: rng.random(),
-            }),
-            _ => None,
-        };
-        return super::fused_attention::fused_attention(q, k, v, lengths, heads, dropout);
+fn activation(x: &Tensor, act: Activation) -> Result<Tensor> {
+    match act {
+        Activation::Gelu => ops::gelu_erf(x),
+        Activation::Relu => x.relu(),
+        Activation::GeluNew | Activation::GeluPytorchTanh => x.gelu(), // tanh approximation
     }
-    let split = |x: &Tensor| split_heads(x, heads);
-    attention(
-        &split(q)?,
-        &split(k)?,
-        &split(v)?,
-        &mask.bias,
-        dropout_p,
-        rng,
-    )
 }
 
-/// Multi-head attention core shared by BERT and ESM-2 (composed from differentiable ops).
-///
-/// `q`, `k`, `v`: [B, heads, T, head_dim] (q already scaled); `mask_bias`: [B, 1, 1, T]
-/// additive (0 for real keys, [`ops::MASK_NEG`] for padding). Returns [B, T, heads*head_dim].
-/// `rng` enables dropout on the attention probabilities (training only).
-pub fn attention(
-    q: &Tensor,
-    k: &Tensor,
-    v: &Tensor,
-    mask_bias: &Tensor,
-    dropout_p: f64,
-    rng: Option<&mut rand_chacha::ChaCha8Rng>,
-) -> Result<Tensor> {
-    let (b, h, t, d) = q.dims4()?;
-    let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(mask_bias)?;
-    let probs = ops::dropout(&ops::softmax_last_dim(&scores)?, dropout_p, rng)?;
-    let ctx = probs.matmul(v)?; // [B, h, T, d]
-    ctx.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
+/// A LoRA adapter (Hu et al. 2021): `W x` becomes `W x + scale * B (A x)` with `A` [r, in]
+/// (`lora_A.weight`) and `B` [out, r] (`lora_B.weight`), `scale = alpha / r`. `B` starts at
+/// zero, so a new adapter leaves the layer unchanged. Names follow PEFT.
+#[derive(Clone, Debug)]
+pub struct Lora {
+    pub a: Tensor,
+    pub b: Tensor,
+    pub scale: f64,
 }
 
-/// [B, T, heads*head_dim] -> [B, heads, T, head_dim], contiguous.
-pub fn split_heads(x: &Tensor, heads: usize) -> Result<Tensor> {
-    let (b, t, hd) = x.dims3()?;
-    x.reshape((b, t, heads, hd / heads))?
-        .transpose(1, 2)?
-        .contiguous()
-}
+impl Lora {
+    /// A new adapter for a layer `in_dim -> out_dim`, registered with the store so that
+    /// saving merges it into the layer's weight ([`ParamStore::merged_tensors`]).
+    ///
+    /// [`ParamStore::merged_tensors`]: super::params::ParamStore::merged_tensors
+    pub fn new(
+        b: &Builder,
+        in_dim: usize,
+        out_dim: usize,
+        rank: usize,
+        alpha: f64,
+    ) -> Result<Self> {
+        // A: PyTorch's default Linear initialisation variance (PEFT draws A kaiming-uniform,
+        // which has that variance); B: zeros.
+        let std = (1.0 / (3.0 * in_dim as f64)).sqrt();
+        let scale = alpha / rank as f64;
+        let a = b
+            .pp("lora_A")
+            .get((rank, in_dim), "weight", Init::Normal(std))?;
+        let bm = b.pp("lora_B").get((out_dim, rank), "weight", Init::Zeros)?;
+        b.register_adapter(scale);
+        Ok(Self { a, b: bm, scale })
+    }
 
-/// Additive key mask [B, 1, 1, T] from an attention mask [B, T] (1.0 = real token).
-pub fn mask_bias(attention_mask: &Tensor) -> Result<Tensor> {
-    let (b, t) = attention_mask.dims2()?;
-    let m = attention_mask.to_dtype(candle_core::DType::F32)?;
-    // 1 -> 0, 0 -> MASK_NEG
-    ((m - 1.0)? * (-(ops::MASK_NEG as f64)))?.reshape((b, 1, 1, t))
+    /// `scale * B (A x)` for `x` [.., in].
+    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        linear::linear(&linear::linear(x, &self.a, None)?, &self.b, None)? * self.scale
+    }
+
+    /// `scale * B A` [out, in]: what merging adds to the weight.
+    pub fn delta(&self) -> Result<Tensor> {
+        self.b.detach().matmul(&self.a.detach())? * self.scale
+    }
 }

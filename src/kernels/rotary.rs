@@ -1,5 +1,6 @@
 //! Rotary position embeddings (ESM-2): the cos/sin tables, the composed differentiable
-//! version, and a fused CPU op for training.
+//! version, a fused CPU op for training, and the in-place rotation of rows both that op and
+//! the packed inference path run ([`rotary_inplace`]).
 //!
 //! Why a fused op: composed from candle ops, rotating one projection takes about ten graph
 //! nodes (scale, reshape, two narrows, neg, cat, two broadcast products, add, reshape).
@@ -12,7 +13,10 @@ use std::sync::Arc;
 
 use candle_core::{DType, Device, Result, Tensor, D};
 
-use super::kernels;
+use rayon::prelude::*;
+
+use super::buffers::{self, f32_slice};
+use super::packed_attention::{segments, Segment};
 
 /// cos/sin tables for `t` positions, in the two forms the paths use.
 pub struct RotaryTables {
@@ -105,6 +109,44 @@ pub fn apply_composed(x: &Tensor, heads: usize, cos: &Tensor, sin: &Tensor) -> R
         .reshape((b, t, hd))
 }
 
+/// Rotary position embedding in place on packed `[N, heads * head_dim]` rows, positions
+/// counted from each segment's start; `cos`/`sin` are `[max_len, head_dim / 2]` tables.
+/// Also multiplies by `scale` (the query's 1/sqrt(d), or 1 for keys).
+pub fn rotary_inplace(
+    x: &mut [f32],
+    segs: &[Segment],
+    heads: usize,
+    head_dim: usize,
+    cos: &[f32],
+    sin: &[f32],
+    scale: f32,
+) {
+    let hidden = heads * head_dim;
+    let half = head_dim / 2;
+    // Position of every packed row.
+    let mut pos = Vec::with_capacity(x.len() / hidden);
+    for s in segs {
+        pos.extend(0..s.len);
+    }
+    x.par_chunks_mut(hidden)
+        .zip(pos.par_iter())
+        .with_min_len(64)
+        .for_each(|(row, &p)| {
+            let (c, sn) = (
+                &cos[p * half..(p + 1) * half],
+                &sin[p * half..(p + 1) * half],
+            );
+            for head in row.chunks_mut(head_dim) {
+                let (x1, x2) = head.split_at_mut(half);
+                for j in 0..half {
+                    let (a, b) = (x1[j] * scale, x2[j] * scale);
+                    x1[j] = a * c[j] - b * sn[j];
+                    x2[j] = b * c[j] + a * sn[j];
+                }
+            }
+        });
+}
+
 /// Fused `rotary(x * scale)` on [B, T, heads * D] (CPU, f32, contiguous); positions count
 /// from 0 in every row of the batch.
 struct RotaryOp {
@@ -120,14 +162,14 @@ impl RotaryOp {
     fn rotate(&self, x: &mut [f32], shape: &candle_core::Shape, inverse: bool) -> Result<()> {
         let (b, t, hidden) = shape.dims3()?;
         let head_dim = hidden / self.heads;
-        let segs = kernels::segments(&vec![t; b]);
+        let segs = segments(&vec![t; b]);
         let sin: std::borrow::Cow<[f32]> = if inverse {
             self.sin.iter().map(|v| -v).collect::<Vec<_>>().into()
         } else {
             self.sin.as_slice().into()
         };
         let cos = &self.cos[..];
-        kernels::rotary_inplace(x, &segs, self.heads, head_dim, cos, &sin, self.scale);
+        rotary_inplace(x, &segs, self.heads, head_dim, cos, &sin, self.scale);
         Ok(())
     }
 }
@@ -142,14 +184,14 @@ impl candle_core::CustomOp1 for RotaryOp {
         storage: &candle_core::CpuStorage,
         layout: &candle_core::Layout,
     ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let mut out = super::ops::f32_slice(storage, layout)?.to_vec();
+        let mut out = f32_slice(storage, layout)?.to_vec();
         self.rotate(&mut out, layout.shape(), false)?;
         Ok((candle_core::CpuStorage::F32(out), layout.shape().clone()))
     }
 
     fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad_res: &Tensor) -> Result<Option<Tensor>> {
         let g = grad_res.contiguous()?;
-        let mut dx = kernels::view(&g)?.get().to_vec();
+        let mut dx = buffers::view(&g)?.get().to_vec();
         self.rotate(&mut dx, g.shape(), true)?;
         Ok(Some(Tensor::from_vec(dx, g.shape(), g.device())?))
     }
@@ -158,7 +200,7 @@ impl candle_core::CustomOp1 for RotaryOp {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::test_util::{max_abs, max_abs_diff, var};
+    use crate::kernels::test_util::{max_abs, max_abs_diff, var};
 
     fn tables(t: usize, d: usize) -> RotaryTables {
         let inv_freq: Vec<f32> = (0..d / 2)

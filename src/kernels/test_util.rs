@@ -1,6 +1,14 @@
-//! Helpers for the model's unit tests: deterministic inputs and tensor comparisons.
+//! Helpers for the unit tests of the kernels and the model: deterministic inputs and tensor
+//! comparisons.
 
 use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+
+/// `n` uniform values in [-1, 1) from a seeded ChaCha8 stream.
+pub fn rand_vec(n: usize, seed: u64) -> Vec<f32> {
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    (0..n).map(|_| rng.random_range(-1.0f32..1.0)).collect()
+}
 
 /// A variable of `shape` filled with a deterministic pseudo-random pattern in about
 /// [-1 + offset, 1 + offset], different for each `seed`.

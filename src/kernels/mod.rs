@@ -1,0 +1,33 @@
+//! CPU compute under the encoders and heads, independent of the models: functions of tensors
+//! and raw f32 slices, with no parameters or configs (nothing here imports `crate::model`,
+//! and no other part of the crate either).
+//!
+//! From the bottom up:
+//! - [`simd`]: run-time AVX2/FMA dispatch and the vectorisable `exp`/`erf`;
+//! - [`buffers`]: read views of tensor storage, weight layouts, the per-thread buffer pool;
+//! - [`activation`], [`norm`]: activations and layer normalisation on raw row slices;
+//! - [`gemm`]: linear layers on raw row slices (the `gemm` crate);
+//! - [`tiles`]: register-tiled products whose one dimension is an attention head's width,
+//!   and the block softmax attention built from them;
+//! - [`packed_attention`]: the packed-token layout of inference and its attention;
+//! - [`rotary`]: rotary position embeddings (tables, fused op, in-place rotation);
+//! - [`dropout`]: the two dropout masks training uses;
+//! - [`ops`], [`linear`]: tensor-level autograd ops with hand-written backwards;
+//! - [`fused_attention`]: the training attention as one custom op;
+//! - [`attention`]: the differentiable path's self-attention (fused or composed).
+
+pub mod activation;
+pub mod attention;
+pub mod buffers;
+pub mod dropout;
+pub mod fused_attention;
+pub mod gemm;
+pub mod linear;
+pub mod norm;
+pub mod ops;
+pub mod packed_attention;
+pub mod rotary;
+pub mod simd;
+#[cfg(test)]
+pub(crate) mod test_util;
+pub mod tiles;
