@@ -17,10 +17,7 @@ pub fn write_atomic_with(
     path: &Path,
     fill: impl FnOnce(&mut std::fs::File) -> Result<()>,
 ) -> Result<()> {
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
+    let dir = parent_dir(path);
     let mut tmp = tempfile::Builder::new()
         .prefix(".protloc-tmp-")
         .tempfile_in(dir)
@@ -30,6 +27,77 @@ pub fn write_atomic_with(
     tmp.persist(path)
         .with_context(|| format!("cannot move the new file into place at {}", path.display()))?;
     Ok(())
+}
+
+/// Like [`write_atomic`], for writers that need a path rather than a file (image encoders
+/// pick the format from the extension): `render` writes the temporary file at the path it is
+/// given, whose name ends in `suffix`. The result gets the usual 0644 permissions (temporary
+/// files are created private), as images are for sharing.
+pub fn write_atomic_path(
+    path: &Path,
+    suffix: &str,
+    render: impl FnOnce(&Path) -> Result<()>,
+) -> Result<()> {
+    let dir = parent_dir(path);
+    let mut builder = tempfile::Builder::new();
+    builder.prefix(".protloc-tmp-").suffix(suffix);
+    #[cfg(unix)]
+    builder.permissions(std::os::unix::fs::PermissionsExt::from_mode(0o644));
+    let tmp = builder
+        .tempfile_in(dir)
+        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
+    render(tmp.path())?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .with_context(|| format!("cannot move the new file into place at {}", path.display()))?;
+    Ok(())
+}
+
+/// Creates the directory `path` atomically: `fill` writes its files into a temporary
+/// directory beside it (fsync each one, e.g. with [`write_synced`]), which is then renamed
+/// to `path`, replacing an older one, and the rename made durable. A crash leaves either the
+/// whole directory or none of it.
+pub fn write_atomic_dir(path: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
+    let parent = parent_dir(path);
+    let tmp = tempfile::Builder::new()
+        .prefix(".partial-")
+        .tempdir_in(parent)
+        .with_context(|| {
+            format!(
+                "cannot create a temporary directory in {}",
+                parent.display()
+            )
+        })?;
+    fill(tmp.path())?;
+    if path.exists() {
+        std::fs::remove_dir_all(path)?;
+    }
+    let tmp_path = tmp.keep();
+    std::fs::rename(&tmp_path, path)
+        .with_context(|| format!("cannot move {} into place", path.display()))?;
+    // Make the rename itself durable.
+    if let Ok(d) = std::fs::File::open(parent) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Writes `bytes` to a new file at `path` and fsyncs it (for files inside a directory that
+/// [`write_atomic_dir`] moves into place).
+pub fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f =
+        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    Ok(())
+}
+
+/// The directory a file at `path` goes into (`.` for a bare file name).
+fn parent_dir(path: &Path) -> &Path {
+    match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    }
 }
 
 /// Saves tensors as safetensors, atomically.

@@ -27,6 +27,13 @@ use candle_core::{DType, Device, Tensor};
 use half::f16;
 use serde::{Deserialize, Serialize};
 
+mod embed;
+mod outputs;
+
+pub use embed::embed_to_cache;
+pub(crate) use outputs::cached_member_outputs;
+pub use outputs::cached_outputs;
+
 use crate::infer::{self, BatchLimits};
 use crate::model::BaseModel;
 use crate::tokenize::{Encoded, Truncation};

@@ -10,11 +10,9 @@ use crate::eval::run::{EvalArgs, Split};
 use crate::infer::output::Format;
 use crate::infer::predict::{EmbedArgs, PredictArgs};
 use crate::infer::BatchLimits;
-use crate::model::{HeadKind, Pool};
 use crate::tokenize::Truncation;
-use crate::train::objective::{ClassWeighting, MembraneMode};
 use crate::train::observe::{Embedding, MemberStart, Resumed};
-use crate::train::{EpochMetrics, TrainArgs, TrainObserver};
+use crate::train::{EpochMetrics, TrainObserver, TrainOptions};
 
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
 /// protein lives, evaluate them, and predict from FASTA.
@@ -103,143 +101,8 @@ pub struct TrainCmd {
     /// was started with (all other options are ignored).
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "data", "output"])]
     pub resume: Option<PathBuf>,
-    /// Write a resumable checkpoint (weights, optimizer, RNG and data position) every N
-    /// optimizer steps and at each epoch end, under RUN_DIR/checkpoints/ (0 = off).
-    #[arg(long, default_value_t = 0)]
-    pub save_every_steps: usize,
-    /// Checkpoints to keep.
-    #[arg(long, default_value_t = 2)]
-    pub keep_last: usize,
-    /// Stop after this many consecutive steps with a non-finite loss or gradient (each is
-    /// skipped with a warning).
-    #[arg(long, default_value_t = 5)]
-    pub max_bad_steps: usize,
-    /// Epochs (default 3; 10 with --frozen).
-    #[arg(long)]
-    pub epochs: Option<usize>,
-    /// Proteins per batch (default 4; 32 with --frozen).
-    #[arg(long)]
-    pub batch_size: Option<usize>,
-    /// Peak learning rate, linear warm-up then linear decay (default 2e-5; 1e-3 with
-    /// --frozen or --lora-rank).
-    #[arg(long)]
-    pub lr: Option<f64>,
-    /// Learning rate of the new classifier head (default: --lr).
-    #[arg(long)]
-    pub head_lr: Option<f64>,
-    #[arg(long, default_value_t = 0.01)]
-    pub weight_decay: f64,
-    #[arg(long, default_value_t = 0.1)]
-    pub warmup_ratio: f64,
-    /// Residues kept per protein (default: 510, or less when the model's positions allow
-    /// fewer).
-    #[arg(long)]
-    pub max_residues: Option<usize>,
-    /// Which residues of longer proteins to keep.
-    #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
-    pub truncate: Truncation,
-    /// Freeze the embeddings and the first N encoder layers.
-    #[arg(long, default_value_t = 0)]
-    pub freeze_layers: usize,
-    /// Batches per optimizer step.
-    #[arg(long, default_value_t = 1)]
-    pub grad_accum: usize,
-    /// Clip the global gradient norm (0 = off).
-    #[arg(long, default_value_t = 1.0)]
-    pub max_grad_norm: f64,
-    /// Dropout of the head (default 0.1; 0.2 for --head reference, 0.25 with --frozen); when
-    /// given, also the encoder's dropout.
-    #[arg(long)]
-    pub dropout: Option<f64>,
-    /// Fraction of the training records held out for validation (stratified, seeded).
-    #[arg(long, default_value_t = 0.1)]
-    pub val_fraction: f64,
-    #[arg(long, default_value_t = 42)]
-    pub seed: u64,
-    /// Use only the first N records of the file (smoke tests).
-    #[arg(long)]
-    pub limit: Option<usize>,
-    /// Stop after N optimizer steps.
-    #[arg(long)]
-    pub max_steps: Option<usize>,
-    /// Pooling of token states into one vector per protein (default cls; mean with
-    /// --frozen, whose cached embeddings hold residues only). --head reference always uses
-    /// BERT's pooler on the first token and refuses mean.
-    #[arg(long, value_enum)]
-    pub pool: Option<Pool>,
-    #[arg(long)]
-    pub skip_invalid: bool,
-    /// Token budget of validation batches.
-    #[arg(long, default_value_t = 2048)]
-    pub eval_batch_tokens: usize,
-    /// Keep the encoder frozen: embed every protein once into a per-residue cache (--cache)
-    /// and train only the head on it. Minutes per epoch on a CPU instead of hours.
-    #[arg(long)]
-    pub frozen: bool,
-    /// Embedding cache directory for --frozen (default RUN_DIR/embedding_cache). Reused
-    /// across runs while the encoder, truncation and residue limit are unchanged.
-    #[arg(long, value_name = "DIR")]
-    pub cache: Option<PathBuf>,
-    /// Head architecture (reference: the reference workflow's pooler -> dropout -> linear ->
-    /// tanh; not with --frozen).
-    #[arg(long, value_enum, default_value_t = HeadKind::Linear)]
-    pub head: HeadKind,
-    /// Feed-forward width of the mlp and light-attention heads.
-    #[arg(long, default_value_t = 32)]
-    pub head_hidden: usize,
-    /// Convolution width (residues) of the light-attention head.
-    #[arg(long, default_value_t = 9)]
-    pub la_kernel: usize,
-    /// Train a membrane/soluble output jointly; U flags are masked out of that loss.
-    /// Reported as Q2. auto: on with --frozen when the data has M/S flags, off when
-    /// fine-tuning (a second task cost small fine-tuned models location accuracy).
-    #[arg(long, value_enum, default_value_t = MembraneMode::Auto)]
-    pub membrane: MembraneMode,
-    /// Counter class imbalance in the location loss.
-    #[arg(long, value_enum, default_value_t = ClassWeighting::None)]
-    pub class_weighting: ClassWeighting,
-    /// Multi-label locations (DeepLoc 2.0: `A|B` labels): sigmoid outputs, per-location
-    /// thresholds tuned on validation.
-    #[arg(long)]
-    pub multi_label: bool,
-    /// Validate on this homology partition (CSV `partition` column, e.g. DeepLoc 2.0's 0-4)
-    /// instead of a random stratified split.
-    #[arg(long)]
-    pub partition: Option<u32>,
-    /// Train on a seeded, stratified sample of N training records (test records untouched).
-    #[arg(long, value_name = "N")]
-    pub train_sample: Option<usize>,
-    /// Fine-tune the top K encoder layers (and the head) on cached states of the layers below:
-    /// they are computed once into the --cache (keyed by layer too), so a step costs K/L of
-    /// the encoder's forward and backward. Uses the --frozen defaults (batch, epochs,
-    /// dropout, pooling); --lr 1e-4 for the layers and --head-lr 1e-3 unless given. With
-    /// --lora-rank, adapters on those layers train instead of their weights.
-    #[arg(long, default_value_t = 0, value_name = "K")]
-    pub train_top_layers: usize,
-    /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its
-    /// own weights stay frozen; saving merges them into the weights, so the run directory
-    /// is an ordinary model. 0 = off. Adapters skip the first --freeze-layers layers.
-    #[arg(long, default_value_t = 0, value_name = "R")]
-    pub lora_rank: usize,
-    /// LoRA scaling: adapter outputs are multiplied by alpha / R (default: R, scale 1).
-    #[arg(long)]
-    pub lora_alpha: Option<f64>,
-    /// Which linear layers get adapters: q, k, v (attention projections), o (attention
-    /// output), ffn (both feed-forward layers).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "q,k,v,o,ffn")]
-    pub lora_targets: Vec<crate::model::lora::LoraTarget>,
-    /// With --frozen: train N heads on the same embedding cache and average their
-    /// probabilities in eval, predict and serve (the encoder still runs once per protein).
-    /// Member k uses seed SEED+k for its initialisation, shuffling, dropout and stratified
-    /// validation split, and keeps its own best epoch. One run directory holds them all.
-    #[arg(long, value_name = "N", default_value_t = 1)]
-    pub ensemble: usize,
-    /// With --frozen: an ensemble of N heads over homology partitions (DeepLoc 2.0 trains
-    /// five): member k validates (and tunes multi-label thresholds) on partition k of the
-    /// CSV `partition` column and trains on all other records. Excludes --partition and
-    /// --ensemble.
-    #[arg(long, value_name = "N")]
-    pub folds: Option<usize>,
+    #[command(flatten)]
+    pub options: TrainOptions,
     /// Transport between processes when started by a launcher (mpirun, srun, torchrun-style
     /// RANK/WORLD_SIZE); --batch-size is then per process. Ignored in a single process.
     #[arg(long, value_enum, default_value_t = crate::dist::Backend::Auto, env = "PROTLOC_DIST_BACKEND")]
@@ -564,62 +427,7 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     let (Some(model), Some(data), Some(output)) = (c.model, c.data, c.output) else {
         anyhow::bail!("--model, --data and --output are required (or --resume RUN_DIR)");
     };
-    let mut args = TrainArgs::new(&model, data, output);
-    args.save_every_steps = c.save_every_steps;
-    args.keep_last = c.keep_last;
-    args.max_bad_steps = c.max_bad_steps.max(1);
-    let top = c.train_top_layers;
-    // Defaults of the cached paths (--frozen, --train-top-layers) apply to both.
-    let cached = c.frozen || top > 0;
-    args.epochs = c.epochs.unwrap_or(if cached { 10 } else { 3 });
-    args.batch_size = c.batch_size.unwrap_or(if cached { 32 } else { 4 });
-    let lora = c.lora_rank > 0;
-    // Adapters start at zero and hold few parameters: they need a head-like learning rate;
-    // pretrained top layers a gentler one than the new head.
-    args.lr = c.lr.unwrap_or(if top > 0 && !lora {
-        1e-4
-    } else if cached || lora {
-        1e-3
-    } else {
-        2e-5
-    });
-    args.train_top_layers = top;
-    args.lora = crate::model::lora::LoraConfig {
-        rank: c.lora_rank,
-        alpha: c.lora_alpha.unwrap_or(c.lora_rank as f64),
-        targets: c.lora_targets,
-        from_layer: 0,
-    };
-    args.head_lr = c.head_lr.or((top > 0 && !lora).then_some(1e-3));
-    args.weight_decay = c.weight_decay;
-    args.warmup_ratio = c.warmup_ratio;
-    args.max_residues = c.max_residues;
-    args.truncate = c.truncate;
-    args.freeze_layers = c.freeze_layers;
-    args.grad_accum = c.grad_accum;
-    args.max_grad_norm = c.max_grad_norm;
-    args.dropout = c.dropout;
-    args.val_fraction = c.val_fraction;
-    args.seed = c.seed;
-    args.limit = c.limit;
-    args.max_steps = c.max_steps;
-    args.pool = c
-        .pool
-        .unwrap_or(if cached { Pool::Mean } else { Pool::Cls });
-    args.skip_invalid = c.skip_invalid;
-    args.eval_batch_tokens = c.eval_batch_tokens;
-    args.frozen = c.frozen;
-    args.cache = c.cache;
-    args.head = c.head;
-    args.head_hidden = c.head_hidden;
-    args.la_kernel = c.la_kernel;
-    args.membrane = c.membrane;
-    args.class_weighting = c.class_weighting;
-    args.multi_label = c.multi_label;
-    args.partition = c.partition;
-    args.train_sample = c.train_sample;
-    args.ensemble = c.ensemble;
-    args.folds = c.folds;
+    let args = c.options.resolve(&model, data, output);
     let summary = crate::train::train_observed(&args, comm, &mut PrintObserver)?;
     if !comm.is_root() {
         return Ok(());
@@ -794,7 +602,7 @@ fn embed(c: EmbedCmd) -> Result<()> {
         skip_invalid: c.skip_invalid,
     };
     if let (true, Some(dir)) = (c.per_residue, &c.cache) {
-        let (total, new) = crate::infer::predict::embed_to_cache(&args, dir)?;
+        let (total, new) = crate::cache::embed_to_cache(&args, dir)?;
         eprintln!(
             "{total} proteins in the cache {} ({new} newly embedded)",
             dir.display()

@@ -299,27 +299,11 @@ fn bin_lengths(records: &[Record]) -> Bins {
 pub fn plot_length_histogram(records: &[Record], path: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(!records.is_empty(), "no records to plot");
     let bins = bin_lengths(records);
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p,
-        _ => Path::new("."),
-    };
     // The .png suffix matters: the bitmap backend picks the image format from the extension.
-    let tmp = tempfile::Builder::new()
-        .prefix(".protloc-hist-")
-        .suffix(".png")
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary file in {}", dir.display()))?;
-    draw_histogram(&bins, records.len(), tmp.path())
-        .with_context(|| format!("cannot render histogram {}", path.display()))?;
-    // Temporary files are private (0600); give the image the usual permissions.
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::PermissionsExt;
-        std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o644))?;
-    }
-    tmp.persist(path)
-        .with_context(|| format!("cannot write {}", path.display()))?;
-    Ok(())
+    crate::artifacts::write_atomic_path(path, ".png", |tmp| {
+        draw_histogram(&bins, records.len(), tmp)
+            .with_context(|| format!("cannot render histogram {}", path.display()))
+    })
 }
 
 fn draw_histogram(bins: &Bins, total: usize, out: &Path) -> anyhow::Result<()> {

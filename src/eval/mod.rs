@@ -5,6 +5,7 @@ pub mod metrics;
 pub mod multilabel;
 pub mod plot;
 pub mod run;
+pub mod target;
 
 pub use metrics::{binary_accuracy_masked, ClassMetrics, ClassificationReport, MetricsError};
 pub use plot::{plot_confusion, plot_training_curves, CurvePoint};

@@ -47,28 +47,9 @@ fn write_atomically(
     path: &Path,
     render: impl FnOnce(&Path) -> anyhow::Result<()>,
 ) -> anyhow::Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d,
-        _ => Path::new("."),
-    };
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("plot path {} has no file name", path.display()))?;
-    let mut builder = tempfile::Builder::new();
-    let prefix = format!(".{}.", name.to_string_lossy());
-    builder.prefix(&prefix).suffix(".png");
-    // tempfile creates 0600 files; a plot is for sharing, so use the usual 0644.
-    #[cfg(unix)]
-    let perms = std::os::unix::fs::PermissionsExt::from_mode(0o644);
-    #[cfg(unix)]
-    builder.permissions(perms);
-    let tmp = builder
-        .tempfile_in(dir)
-        .with_context(|| format!("cannot create a temporary plot file in {}", dir.display()))?;
-    render(tmp.path()).with_context(|| format!("cannot render plot {}", path.display()))?;
-    tmp.persist(path)
-        .with_context(|| format!("cannot move plot into place at {}", path.display()))?;
-    Ok(())
+    crate::artifacts::write_atomic_path(path, ".png", |tmp| {
+        render(tmp).with_context(|| format!("cannot render plot {}", path.display()))
+    })
 }
 
 /// Plotters' errors carry the backend type; flatten them into `anyhow` at the boundary.

@@ -8,11 +8,11 @@ use serde::{Deserialize, Serialize};
 
 use super::metrics::ClassificationReport;
 use super::multilabel::{self, MultiLabelReport};
+use super::target::{LocationTarget, Target};
 use crate::data::{self, ReadOptions, Record};
 use crate::infer::{self, BatchLimits};
 use crate::model::SequenceClassifier;
 use crate::tokenize::Encoded;
-use crate::train::objective::{LocationTarget, Target};
 
 /// Which records of the file to score.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -189,5 +189,5 @@ fn cached_predictions(
     let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
     cache.fill(&model.base, &seqs, limits, Some(&pb))?;
     pb.finish_and_clear();
-    crate::train::frozen::cached_outputs(model, &mut cache, &seqs, &Device::Cpu)
+    crate::cache::cached_outputs(model, &mut cache, &seqs, &Device::Cpu)
 }

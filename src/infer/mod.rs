@@ -5,7 +5,7 @@ pub mod output;
 pub mod predict;
 pub mod shard;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 use candle_core::Device;
 use indicatif::ProgressBar;
 
@@ -148,5 +148,26 @@ pub fn mean_embeddings(
         encoder.embed(b)?.to_vec2()
     })
 }
+
+/// Residues per protein: explicit, or the model's positions minus the two special tokens,
+/// capped at 510 (the reference workflow's 512 tokens; attention memory grows with the
+/// square of the length, and 1,022 residues at batch 4 needs many GB to train on a CPU).
+pub fn effective_max_residues(
+    cfg: &crate::model::EncoderConfig,
+    requested: Option<usize>,
+) -> Result<usize> {
+    let limit = cfg.max_tokens().saturating_sub(2);
+    match requested {
+        Some(n) if cfg.arch().ok() == Some(crate::model::Arch::Bert) && n > limit => bail!(
+            "--max-residues {n} exceeds what this BERT's {} position embeddings allow ({limit})",
+            cfg.max_tokens()
+        ),
+        Some(n) => Ok(n),
+        None => Ok(limit.min(DEFAULT_MAX_RESIDUES)),
+    }
+}
+
+/// Default residues per protein for training (see [`effective_max_residues`]).
+pub const DEFAULT_MAX_RESIDUES: usize = 510;
 
 pub use crate::model::answer::argmax;

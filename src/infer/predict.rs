@@ -49,7 +49,7 @@ pub fn record_source(
 }
 
 /// Calls `f` with consecutive chunks of at most `CHUNK` records.
-fn for_each_chunk(
+pub(crate) fn for_each_chunk(
     source: impl Iterator<Item = Result<Record, DataError>>,
     mut f: impl FnMut(&[Record]) -> Result<()>,
 ) -> Result<usize> {
@@ -145,7 +145,7 @@ pub struct EmbedArgs {
 pub fn embed(args: &EmbedArgs) -> Result<usize> {
     let base = model::load_base(&args.model, 0, &Device::Cpu, model::Purpose::Inference)
         .with_context(|| format!("cannot load model {}", args.model))?;
-    let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
+    let max_res = super::effective_max_residues(&base.cfg, args.max_residues)?;
     let source = record_source(&args.input, args.skip_invalid)?;
     let pb = crate::progress::bar(0, "embedding", "proteins");
     let n = crate::artifacts::with_output(args.output.as_deref(), |out| {
@@ -178,27 +178,4 @@ pub fn embed(args: &EmbedArgs) -> Result<usize> {
     })?;
     pb.finish_and_clear();
     Ok(n)
-}
-
-/// `embed --per-residue`: adds every protein of the input to the per-residue embedding cache
-/// in `dir` (see [`crate::cache`]). Returns (proteins in the cache, newly embedded).
-pub fn embed_to_cache(args: &EmbedArgs, dir: &Path) -> Result<(usize, usize)> {
-    let base = model::load_base(&args.model, 0, &Device::Cpu, model::Purpose::Inference)
-        .with_context(|| format!("cannot load model {}", args.model))?;
-    let max_res = crate::train::effective_max_residues(&base.cfg, args.max_residues)?;
-    let spec = crate::cache::CacheSpec::for_model(&base, max_res, args.truncate)?;
-    let mut cache = crate::cache::EmbeddingCache::open(dir, spec)?;
-    let source = record_source(&args.input, args.skip_invalid)?;
-    let pb = crate::progress::bar(0, "embedding", "proteins");
-    let mut new = 0;
-    let source = source.take(args.limit.unwrap_or(usize::MAX));
-    for_each_chunk(source, |chunk| {
-        let seqs: Vec<&str> = chunk.iter().map(|r| r.sequence.as_str()).collect();
-        let todo = seqs.iter().filter(|s| !cache.contains(s)).count() as u64;
-        pb.inc_length(todo);
-        new += cache.fill(&base, &seqs, args.limits, Some(&pb))?;
-        Ok(())
-    })?;
-    pb.finish_and_clear();
-    Ok((cache.len(), new))
 }

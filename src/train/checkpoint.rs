@@ -9,7 +9,6 @@
 //! checkpoint when the latest is damaged.
 
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +17,8 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use super::EpochMetrics;
+use crate::artifacts::write_synced;
+use crate::dist::Collective;
 
 /// A ChaCha8 generator's exact position.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -112,14 +113,6 @@ fn step_dir_name(step: usize) -> String {
     format!("step-{step:08}")
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
-    let mut f =
-        std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    Ok(())
-}
-
 /// Writes a checkpoint atomically and keeps only the newest `keep_last`.
 pub fn save(
     run_dir: &Path,
@@ -132,39 +125,24 @@ pub fn save(
     let root = checkpoints_dir(run_dir);
     std::fs::create_dir_all(&root).with_context(|| format!("cannot create {}", root.display()))?;
     let final_dir = root.join(step_dir_name(state.step));
-    let tmp = tempfile::Builder::new()
-        .prefix(".partial-")
-        .tempdir_in(&root)?;
-    let mut checksums = HashMap::new();
-    for (name, tensors) in [(MODEL, model), (OPTIMIZER, optimizer)] {
-        let bytes = crate::artifacts::safetensors_bytes(tensors)?;
-        checksums.insert(name.to_string(), crc32fast::hash(&bytes));
-        write_synced(&tmp.path().join(name), &bytes)?;
-    }
-    let file = StateFile {
-        format: FORMAT,
-        adam_step,
-        state: state.clone(),
-        checksums,
-    };
-    write_synced(
-        &tmp.path().join(STATE),
-        serde_json::to_string_pretty(&file)?.as_bytes(),
-    )?;
-    if final_dir.exists() {
-        std::fs::remove_dir_all(&final_dir)?;
-    }
-    let tmp_path = tmp.keep();
-    std::fs::rename(&tmp_path, &final_dir).with_context(|| {
-        format!(
-            "cannot move checkpoint into place at {}",
-            final_dir.display()
+    crate::artifacts::write_atomic_dir(&final_dir, |tmp| {
+        let mut checksums = HashMap::new();
+        for (name, tensors) in [(MODEL, model), (OPTIMIZER, optimizer)] {
+            let bytes = crate::artifacts::safetensors_bytes(tensors)?;
+            checksums.insert(name.to_string(), crc32fast::hash(&bytes));
+            write_synced(&tmp.join(name), &bytes)?;
+        }
+        let file = StateFile {
+            format: FORMAT,
+            adam_step,
+            state: state.clone(),
+            checksums,
+        };
+        write_synced(
+            &tmp.join(STATE),
+            serde_json::to_string_pretty(&file)?.as_bytes(),
         )
     })?;
-    // Make the rename itself durable.
-    if let Ok(d) = std::fs::File::open(&root) {
-        let _ = d.sync_all();
-    }
     prune(&root, keep_last)?;
     Ok(final_dir)
 }
@@ -252,6 +230,44 @@ pub fn load_latest(run_dir: &Path) -> Result<Checkpoint> {
         "{}: every checkpoint is damaged; cannot resume",
         root.display()
     )
+}
+
+/// This rank's dropout RNG: rank r draws from stream r of the run's dropout seed, so ranks
+/// do not drop the same units (rank 0's stream is the single-process one).
+pub(super) fn rank_dropout_rng(st: &LoopState, rank: usize, world: usize) -> Result<ChaCha8Rng> {
+    let mut rng = st.dropout_rng.restore()?;
+    if world > 1 && rank > 0 {
+        rng.set_stream(rank as u64);
+        let pos: u128 = match st.rank_dropout_pos.get(rank) {
+            Some(p) => p.parse().context("corrupt dropout RNG position")?,
+            // Fresh run: start of the stream. A checkpoint of a data-parallel run always
+            // has every rank's position.
+            None if st.step == 0 && st.next_batch == 0 => 0,
+            None => bail!("the checkpoint lacks rank {rank}'s dropout RNG position"),
+        };
+        rng.set_word_pos(pos);
+    }
+    Ok(rng)
+}
+
+/// Every rank's RNG word position, gathered through a sum of disjoint 32-bit limbs (exact
+/// in f64).
+pub(super) fn gather_word_pos(comm: &dyn Collective, rng: &ChaCha8Rng) -> Result<Vec<String>> {
+    let (world, rank) = (comm.world_size(), comm.rank());
+    let mut buf = vec![0f64; 4 * world];
+    let pos = rng.get_word_pos();
+    for k in 0..4 {
+        buf[4 * rank + k] = ((pos >> (32 * k)) & 0xffff_ffff) as f64;
+    }
+    comm.all_reduce_sum_f64(&mut buf)?;
+    Ok((0..world)
+        .map(|r| {
+            (0..4)
+                .map(|k| (buf[4 * r + k] as u128) << (32 * k))
+                .sum::<u128>()
+                .to_string()
+        })
+        .collect())
 }
 
 #[cfg(test)]

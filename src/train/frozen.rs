@@ -18,13 +18,16 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::metrics::{
+    record_epoch, save_best, validation_metrics, EpochMetrics, TrainSummary, ValidationMetrics,
+};
 use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
 use super::optim::{self, AdamW, AdamWConfig, LinearSchedule};
-use super::{
-    default_labels, effective_max_residues, plan_members, record_epoch, save_best,
-    validation_metrics, EpochMetrics, MemberPlan, TrainArgs, TrainSummary,
-};
+use super::plan::{plan_members, MemberPlan};
+use super::setup::{self, default_labels};
+use super::{effective_max_residues, TrainArgs};
+pub use crate::cache::cached_outputs;
 use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
 use crate::eval::multilabel;
@@ -32,11 +35,8 @@ use crate::infer::BatchLimits;
 use crate::model::{self, MemberInfo, SequenceClassifier, TaskConfig};
 use crate::tokenize::BatchPlan;
 
-/// Proteins per validation batch on cached rows.
-const EVAL_BATCH: usize = 32;
-
 /// Runs `protloc train --frozen`: one head, or an ensemble of `args.members()` heads trained
-/// one after another on the same cached embeddings (see [`super::plan_members`] for their
+/// one after another on the same cached embeddings (see [`plan_members`] for their
 /// seeds and splits). Epochs are logged through `tracing`.
 pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
     train_observed(args, &mut LogObserver)
@@ -66,65 +66,20 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     // frozen encoder its output (residues only).
     let from_layer = (top > 0).then_some(layers - top);
     let labels = default_labels();
-    // Every record some member trains or validates on, in first-use order.
-    let mut used: Vec<usize> = Vec::new();
-    let mut seen = std::collections::HashSet::new();
-    for p in &plans {
-        used.extend(p.train.iter().chain(&p.val).filter(|&&i| seen.insert(i)));
-    }
-    let mut targets: Vec<Option<Target>> = vec![None; dataset.records.len()];
-    for &i in &used {
-        targets[i] = Some(Target::of(&dataset.records[i], &labels, args.multi_label)?);
-    }
-    // Trained when any member's training data has membrane flags (auto).
-    let mut in_train = vec![false; dataset.records.len()];
-    for p in &plans {
-        for &i in &p.train {
-            in_train[i] = true;
-        }
-    }
-    let train_union: Vec<Target> = used
-        .iter()
-        .filter(|&&i| in_train[i])
-        .map(|&i| member_target(&targets, i).clone())
-        .collect();
-    let membrane = super::resolve_membrane(args.membrane, &train_union, true);
+    let (used, targets, membrane) = member_targets(args, &dataset.records, &plans, &labels)?;
 
-    // Embeddings: reuse what the cache has, embed the rest; once for all members.
-    let cache_dir = args
-        .cache
-        .clone()
-        .unwrap_or_else(|| args.output.join("embedding_cache"));
-    let mut spec = CacheSpec::for_model(&base, max_res, args.truncate)?;
-    if let Some(n) = from_layer {
-        spec = spec.at_layer(n);
-    }
-    let mut cache = EmbeddingCache::open(&cache_dir, spec)?;
     let all: Vec<&str> = used
         .iter()
         .map(|&i| dataset.records[i].sequence.as_str())
         .collect();
-    let missing = all.iter().filter(|s| !cache.contains(s)).count();
-    observer.on_embedding(&Embedding {
-        cache: &cache_dir,
-        missing,
-        cached: all.len() - missing,
-    });
-    if missing > 0 {
-        let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
-        let limits = BatchLimits {
-            max_batch_tokens: args.eval_batch_tokens,
-            max_batch_size: 64,
-        };
-        cache.fill(&base, &all, limits, Some(&pb))?;
-        pb.finish_and_clear();
-    }
+    // Embeddings: reuse what the cache has, embed the rest; once for all members.
+    let mut cache = fill_cache(args, &base, max_res, from_layer, &all, observer)?;
 
     let task = TaskConfig {
         pool: args.pool,
         truncate: args.truncate,
         max_residues: max_res,
-        head_dropout: args.dropout.unwrap_or(0.25),
+        head_dropout: args.head_dropout(),
         head: args.head,
         head_hidden: args.head_hidden,
         la_kernel: args.la_kernel,
@@ -138,7 +93,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         Some(from) => Some(TopLayers {
             from,
             prefix: base.cfg.arch().map_err(anyhow::Error::msg)?.prefix(),
-            lora: super::prepare_encoder(&mut base, from, &args.lora)?.is_some(),
+            lora: setup::prepare_encoder(&mut base, from, &args.lora)?.is_some(),
         }),
         None => None,
     };
@@ -186,26 +141,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     }
     let first = first.expect("at least one member");
     if n > 1 {
-        if model.task.multi_label {
-            // The ensemble decides on its mean probabilities with the mean thresholds.
-            let th: Vec<&Vec<f32>> = members
-                .iter()
-                .filter_map(|m| m.thresholds.as_ref())
-                .collect();
-            model.task.thresholds = (th.len() == n).then(|| {
-                (0..labels.len())
-                    .map(|c| th.iter().map(|t| t[c]).sum::<f32>() / n as f32)
-                    .collect()
-            });
-        }
-        model.task.members = members.clone();
-        // Written once every member has its best weights (restored by `train_member`).
-        model.save(&args.output)?;
-        tracing::info!(
-            members = n,
-            "saved the ensemble to {}",
-            args.output.display()
-        );
+        save_ensemble(&mut model, &members, labels.len(), &args.output)?;
     }
     Ok(TrainSummary {
         epochs,
@@ -222,6 +158,106 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         comm_wait_s: 0.0,
         members: if n > 1 { members } else { Vec::new() },
     })
+}
+
+/// The records some member trains or validates on (in first-use order), the targets of
+/// those records (indexed like `records`), and whether to train the membrane output (auto:
+/// when any member's training data has membrane flags).
+fn member_targets(
+    args: &TrainArgs,
+    records: &[Record],
+    plans: &[MemberPlan],
+    labels: &[String],
+) -> Result<(Vec<usize>, Vec<Option<Target>>, bool)> {
+    // Every record some member trains or validates on, in first-use order.
+    let mut used: Vec<usize> = Vec::new();
+    let mut seen = std::collections::HashSet::new();
+    for p in plans {
+        used.extend(p.train.iter().chain(&p.val).filter(|&&i| seen.insert(i)));
+    }
+    let mut targets: Vec<Option<Target>> = vec![None; records.len()];
+    for &i in &used {
+        targets[i] = Some(Target::of(&records[i], labels, args.multi_label)?);
+    }
+    // Trained when any member's training data has membrane flags (auto).
+    let mut in_train = vec![false; records.len()];
+    for p in plans {
+        for &i in &p.train {
+            in_train[i] = true;
+        }
+    }
+    let train_union: Vec<Target> = used
+        .iter()
+        .filter(|&&i| in_train[i])
+        .map(|&i| member_target(&targets, i).clone())
+        .collect();
+    let membrane = setup::resolve_membrane(args.membrane, &train_union, true);
+    Ok((used, targets, membrane))
+}
+
+/// Opens the embedding cache for `base` (`--cache`, default RUN_DIR/embedding_cache; at
+/// `from_layer` for top layers) and embeds the proteins of `all` it lacks.
+fn fill_cache(
+    args: &TrainArgs,
+    base: &model::BaseModel,
+    max_res: usize,
+    from_layer: Option<usize>,
+    all: &[&str],
+    observer: &mut dyn TrainObserver,
+) -> Result<EmbeddingCache> {
+    let cache_dir = args
+        .cache
+        .clone()
+        .unwrap_or_else(|| args.output.join("embedding_cache"));
+    let mut spec = CacheSpec::for_model(base, max_res, args.truncate)?;
+    if let Some(n) = from_layer {
+        spec = spec.at_layer(n);
+    }
+    let mut cache = EmbeddingCache::open(&cache_dir, spec)?;
+    let missing = all.iter().filter(|s| !cache.contains(s)).count();
+    observer.on_embedding(&Embedding {
+        cache: &cache_dir,
+        missing,
+        cached: all.len() - missing,
+    });
+    if missing > 0 {
+        let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
+        let limits = BatchLimits {
+            max_batch_tokens: args.eval_batch_tokens,
+            max_batch_size: 64,
+        };
+        cache.fill(base, all, limits, Some(&pb))?;
+        pb.finish_and_clear();
+    }
+    Ok(cache)
+}
+
+/// Saves an ensemble once every member has its best weights (restored by `train_member`):
+/// with the members' information and, multi-label, their mean thresholds.
+fn save_ensemble(
+    model: &mut SequenceClassifier,
+    members: &[MemberInfo],
+    num_labels: usize,
+    output: &std::path::Path,
+) -> Result<()> {
+    let n = members.len();
+    if model.task.multi_label {
+        // The ensemble decides on its mean probabilities with the mean thresholds.
+        let th: Vec<&Vec<f32>> = members
+            .iter()
+            .filter_map(|m| m.thresholds.as_ref())
+            .collect();
+        model.task.thresholds = (th.len() == n).then(|| {
+            (0..num_labels)
+                .map(|c| th.iter().map(|t| t[c]).sum::<f32>() / n as f32)
+                .collect()
+        });
+    }
+    model.task.members = members.to_vec();
+    // Written once every member has its best weights (restored by `train_member`).
+    model.save(output)?;
+    tracing::info!(members = n, "saved the ensemble to {}", output.display());
+    Ok(())
 }
 
 /// The encoder layers a `--train-top-layers` run trains.
@@ -259,7 +295,6 @@ fn train_member(
     top: Option<&TopLayers>,
     observer: &mut dyn TrainObserver,
 ) -> Result<MemberRun> {
-    let device = Device::Cpu;
     let n = model.members();
     let ensemble = n > 1;
     let labels = model.task.labels.clone();
@@ -277,28 +312,7 @@ fn train_member(
         membrane: model.task.membrane,
     };
 
-    let mut params = Vec::new();
-    let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
-    for (name, var) in model.base.store.vars() {
-        let head = model::is_member_param(&name, k, n);
-        let trains = match top {
-            None => head,
-            Some(t) => head || super::trains(&name, t.prefix, t.from, t.lora),
-        };
-        if !trains {
-            continue;
-        }
-        let wd = if optim::no_decay(&name) {
-            0.0
-        } else {
-            args.weight_decay
-        };
-        let scale = if head { head_lr_scale } else { 1.0 };
-        params.push((name, var, scale, wd));
-    }
-    let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
-    let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let mut opt = AdamW::new(AdamWConfig::default(), params)?;
+    let (mut opt, member_vars, trainable) = member_optimizer(model, k, top, args)?;
     let schedule = LinearSchedule::for_run(
         args.lr,
         args.warmup_ratio,
@@ -306,26 +320,8 @@ fn train_member(
         args.epochs,
         args.max_steps,
     );
-    if ensemble {
-        observer.on_member(&MemberStart {
-            member: k,
-            members: n,
-            seed: plan.seed,
-            train_records: train_recs.len(),
-            val_records: val_recs.len(),
-            holdout_partition: plan.holdout_partition,
-        });
-    }
-    tracing::info!(
-        member = k,
-        train = train_recs.len(),
-        val = val_recs.len(),
-        trainable,
-        head = ?args.head,
-        membrane = model.task.membrane,
-        top_layers = top.map_or(0, |t| model.base.cfg.num_hidden_layers - t.from),
-        "training on cached encoder states"
-    );
+    let sizes = (train_recs.len(), val_recs.len());
+    announce_member(observer, model, k, plan, sizes, trainable, top, args);
 
     let lengths: Vec<usize> = train_recs.iter().map(|r| r.sequence.len()).collect();
     let mut shuffle_rng = ChaCha8Rng::seed_from_u64(plan.seed);
@@ -345,51 +341,33 @@ fn train_member(
             &format!("epoch {epoch}/{}", args.epochs),
             "batches",
         );
-        let (mut loss_sum, mut loss_n) = (0f64, 0usize);
-        let mut stop = false;
-        for group in &batches {
-            let seqs: Vec<&str> = group
-                .iter()
-                .map(|&i| train_recs[i].sequence.as_str())
-                .collect();
-            let batch = cache.batch(&seqs, &device)?;
-            let targets: Vec<&Target> = group.iter().map(|&i| &train_targets[i]).collect();
-            let out = cached_forward(model, k, &batch, top, Some(&mut dropout_rng))?;
-            let (loss, location_loss) = objective.loss(&out, &targets)?;
-            if !location_loss.is_finite() {
-                bail!("non-finite loss at epoch {epoch}, step {step}: lower --lr");
-            }
-            loss_sum += location_loss * group.len() as f64;
-            loss_n += group.len();
-            let grads = opt.collect_grads(&loss.backward()?);
-            let norm = opt.grad_norm(&grads)?;
-            let lr = schedule.lr(step);
-            opt.step(&grads, lr, optim::clip_scale(norm, args.max_grad_norm))?;
-            step += 1;
-            pb.set_prefix(format!("loss {:.4}", loss_sum / loss_n as f64));
-            pb.inc(1);
-            if args.max_steps.is_some_and(|m| step >= m) {
-                stop = true;
-                break;
-            }
-        }
+        let (loss_sum, loss_n, stop) = member_epoch(
+            model,
+            k,
+            &objective,
+            &mut opt,
+            &schedule,
+            &mut step,
+            &batches,
+            &train_recs,
+            &train_targets,
+            cache,
+            top,
+            &mut dropout_rng,
+            &pb,
+            args,
+            epoch,
+        )?;
         pb.finish_and_clear();
-        let mut thresholds = None;
-        let val = if val_recs.is_empty() {
-            None
-        } else {
-            let seqs: Vec<&str> = val_recs.iter().map(|r| r.sequence.as_str()).collect();
-            let out = cached_member_outputs(model, k..k + 1, cache, &seqs, &device)?;
-            let probs = out.probabilities;
-            let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), &val_targets);
-            if args.multi_label {
-                // Per-location thresholds tuned on validation; saved with the model.
-                let (accuracy, th) = tune_thresholds(&probs, &val_targets, &labels);
-                metrics.accuracy = accuracy;
-                thresholds = Some(th);
-            }
-            Some(metrics)
-        };
+        let (val, thresholds) = validate_member(
+            model,
+            k,
+            cache,
+            &val_recs,
+            &val_targets,
+            &labels,
+            args.multi_label,
+        )?;
         let mut m = EpochMetrics::new(
             epoch,
             step,
@@ -435,24 +413,195 @@ fn train_member(
             var.set(w)?;
         }
     }
-    let best_metrics = history.iter().find(|m| m.epoch == best_epoch);
-    let info = MemberInfo {
-        seed: plan.seed,
-        holdout_partition: plan.holdout_partition,
-        train_records: train_recs.len(),
-        val_records: val_recs.len(),
+    let info = member_info(
+        plan,
+        &history,
         best_epoch,
-        val_accuracy: best_metrics.and_then(|m| m.val_accuracy),
-        val_loss: best_metrics.and_then(|m| m.val_loss),
-        val_membrane_accuracy: best_metrics.and_then(|m| m.val_membrane_accuracy),
-        thresholds: best_thresholds,
-    };
+        train_recs.len(),
+        val_recs.len(),
+        best_thresholds,
+    );
     Ok(MemberRun {
         history,
         steps: step,
         trainable,
         info,
     })
+}
+
+/// Reports the start of member `k` (ensembles only) and logs what it trains;
+/// `sizes` = (training, validation) proteins.
+#[allow(clippy::too_many_arguments)]
+fn announce_member(
+    observer: &mut dyn TrainObserver,
+    model: &SequenceClassifier,
+    k: usize,
+    plan: &MemberPlan,
+    sizes: (usize, usize),
+    trainable: usize,
+    top: Option<&TopLayers>,
+    args: &TrainArgs,
+) {
+    let n = model.members();
+    if n > 1 {
+        observer.on_member(&MemberStart {
+            member: k,
+            members: n,
+            seed: plan.seed,
+            train_records: sizes.0,
+            val_records: sizes.1,
+            holdout_partition: plan.holdout_partition,
+        });
+    }
+    tracing::info!(
+        member = k,
+        train = sizes.0,
+        val = sizes.1,
+        trainable,
+        head = ?args.head,
+        membrane = model.task.membrane,
+        top_layers = top.map_or(0, |t| model.base.cfg.num_hidden_layers - t.from),
+        "training on cached encoder states"
+    );
+}
+
+/// What the ensemble records of a trained member: its split and its best epoch's metrics.
+fn member_info(
+    plan: &MemberPlan,
+    history: &[EpochMetrics],
+    best_epoch: usize,
+    train_records: usize,
+    val_records: usize,
+    thresholds: Option<Vec<f32>>,
+) -> MemberInfo {
+    let best_metrics = history.iter().find(|m| m.epoch == best_epoch);
+    MemberInfo {
+        seed: plan.seed,
+        holdout_partition: plan.holdout_partition,
+        train_records,
+        val_records,
+        best_epoch,
+        val_accuracy: best_metrics.and_then(|m| m.val_accuracy),
+        val_loss: best_metrics.and_then(|m| m.val_loss),
+        val_membrane_accuracy: best_metrics.and_then(|m| m.val_membrane_accuracy),
+        thresholds,
+    }
+}
+
+/// AdamW over what member `k` trains: its head (at `--head-lr`) and, with top layers, their
+/// weights or adapters; also returns those variables and their parameter count.
+fn member_optimizer(
+    model: &SequenceClassifier,
+    k: usize,
+    top: Option<&TopLayers>,
+    args: &TrainArgs,
+) -> Result<(AdamW, Vec<candle_core::Var>, usize)> {
+    let n = model.members();
+    let mut params = Vec::new();
+    let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
+    for (name, var) in model.base.store.vars() {
+        let head = model::is_member_param(&name, k, n);
+        let trains = match top {
+            None => head,
+            Some(t) => head || setup::trains(&name, t.prefix, t.from, t.lora),
+        };
+        if !trains {
+            continue;
+        }
+        let wd = if optim::no_decay(&name) {
+            0.0
+        } else {
+            args.weight_decay
+        };
+        let scale = if head { head_lr_scale } else { 1.0 };
+        params.push((name, var, scale, wd));
+    }
+    let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
+    let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
+    let opt = AdamW::new(AdamWConfig::default(), params)?;
+    Ok((opt, member_vars, trainable))
+}
+
+/// Member `k`'s pass over one epoch's `batches` of cached rows; returns (summed location
+/// loss, proteins, whether `--max-steps` stopped it).
+#[allow(clippy::too_many_arguments)]
+fn member_epoch(
+    model: &SequenceClassifier,
+    k: usize,
+    objective: &Objective,
+    opt: &mut AdamW,
+    schedule: &LinearSchedule,
+    step: &mut usize,
+    batches: &[Vec<usize>],
+    train_recs: &[&Record],
+    train_targets: &[Target],
+    cache: &mut EmbeddingCache,
+    top: Option<&TopLayers>,
+    dropout_rng: &mut ChaCha8Rng,
+    pb: &indicatif::ProgressBar,
+    args: &TrainArgs,
+    epoch: usize,
+) -> Result<(f64, usize, bool)> {
+    let device = Device::Cpu;
+    let (mut loss_sum, mut loss_n) = (0f64, 0usize);
+    let mut stop = false;
+    for group in batches {
+        let seqs: Vec<&str> = group
+            .iter()
+            .map(|&i| train_recs[i].sequence.as_str())
+            .collect();
+        let batch = cache.batch(&seqs, &device)?;
+        let targets: Vec<&Target> = group.iter().map(|&i| &train_targets[i]).collect();
+        let out = cached_forward(model, k, &batch, top, Some(&mut *dropout_rng))?;
+        let (loss, location_loss) = objective.loss(&out, &targets)?;
+        if !location_loss.is_finite() {
+            bail!("non-finite loss at epoch {epoch}, step {step}: lower --lr");
+        }
+        loss_sum += location_loss * group.len() as f64;
+        loss_n += group.len();
+        let grads = opt.collect_grads(&loss.backward()?);
+        let norm = opt.grad_norm(&grads)?;
+        let lr = schedule.lr(*step);
+        opt.step(&grads, lr, optim::clip_scale(norm, args.max_grad_norm))?;
+        *step += 1;
+        pb.set_prefix(format!("loss {:.4}", loss_sum / loss_n as f64));
+        pb.inc(1);
+        if args.max_steps.is_some_and(|m| *step >= m) {
+            stop = true;
+            break;
+        }
+    }
+    Ok((loss_sum, loss_n, stop))
+}
+
+/// Member `k`'s validation metrics on `val_recs` (none without validation proteins) and,
+/// multi-label, the thresholds tuned there (which also decide its accuracy).
+fn validate_member(
+    model: &SequenceClassifier,
+    k: usize,
+    cache: &mut EmbeddingCache,
+    val_recs: &[&Record],
+    val_targets: &[Target],
+    labels: &[String],
+    multi_label: bool,
+) -> Result<(Option<ValidationMetrics>, Option<Vec<f32>>)> {
+    let mut thresholds = None;
+    let val = if val_recs.is_empty() {
+        None
+    } else {
+        let seqs: Vec<&str> = val_recs.iter().map(|r| r.sequence.as_str()).collect();
+        let out = crate::cache::cached_member_outputs(model, k..k + 1, cache, &seqs, &Device::Cpu)?;
+        let probs = out.probabilities;
+        let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), val_targets);
+        if multi_label {
+            // Per-location thresholds tuned on validation; saved with the model.
+            let (accuracy, th) = tune_thresholds(&probs, val_targets, labels);
+            metrics.accuracy = accuracy;
+            thresholds = Some(th);
+        }
+        Some(metrics)
+    };
+    Ok((val, thresholds))
 }
 
 /// Head `k`'s outputs on a batch of cached rows: a frozen encoder's residue rows, or the
@@ -507,56 +656,3 @@ fn multi_label_truth(targets: &[Target]) -> Vec<Vec<bool>> {
 }
 
 const DEFAULT_CLASSES: usize = crate::data::DEEPLOC_LOCATIONS.len();
-
-/// Location probabilities (and membrane probabilities, when the head predicts them) of the
-/// cached proteins `seqs`, in order, without gradient tracking; an ensemble's are the mean
-/// of its members'. The cache is a frozen encoder's output, or the states entering a layer
-/// ([`CacheSpec::at_layer`]) that the model's upper layers then run on.
-pub fn cached_outputs(
-    model: &SequenceClassifier,
-    cache: &mut EmbeddingCache,
-    seqs: &[&str],
-    device: &Device,
-) -> Result<crate::infer::HeadPredictions> {
-    cached_member_outputs(model, 0..model.members(), cache, seqs, device)
-}
-
-/// [`cached_outputs`] of the heads `members` only (one member's, during its training).
-fn cached_member_outputs(
-    model: &SequenceClassifier,
-    members: std::ops::Range<usize>,
-    cache: &mut EmbeddingCache,
-    seqs: &[&str],
-    device: &Device,
-) -> Result<crate::infer::HeadPredictions> {
-    let from_layer = cache.spec().layer;
-    let encoder = from_layer.map(|_| model.base.encoder.detached());
-    // Length-sorted batches pad little; results go back to input order.
-    let mut order: Vec<usize> = (0..seqs.len()).collect();
-    order.sort_by_key(|&i| seqs[i].len());
-    // One row per protein: the C location probabilities, then P(membrane) if present.
-    let mut rows: Vec<Vec<f32>> = vec![Vec::new(); seqs.len()];
-    for group in order.chunks(EVAL_BATCH) {
-        let s: Vec<&str> = group.iter().map(|&i| seqs[i]).collect();
-        let batch = cache.batch(&s, device)?;
-        let p = match (from_layer, &encoder) {
-            (Some(n), Some(encoder)) => {
-                let hidden = encoder.forward_from(&batch.x, &batch.mask, n, None)?;
-                let residues = crate::cache::residues_of_tokens(&batch.mask)?;
-                model.hidden_probabilities(&hidden, &residues, members.clone())?
-            }
-            _ => model.residue_probabilities(&batch.x, &batch.mask, members.clone())?,
-        };
-        let t = match &p.membrane {
-            Some(m) => candle_core::Tensor::cat(&[&p.location, &m.unsqueeze(1)?], 1)?,
-            None => p.location,
-        };
-        for (&i, row) in group.iter().zip(t.to_vec2::<f32>()?) {
-            rows[i] = row;
-        }
-    }
-    Ok(crate::infer::HeadPredictions::from_rows(
-        rows,
-        model.task.membrane,
-    ))
-}

@@ -2,11 +2,11 @@
 //! class-weighted, or multi-label binary cross-entropy) plus, when the head has one, the
 //! membrane/soluble loss over the proteins whose flag is known.
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
 
-use crate::data::{Membrane, Record};
+pub use crate::eval::target::{LocationTarget, Target};
 use crate::kernels::ops;
 use crate::model::HeadOutput;
 
@@ -32,63 +32,6 @@ pub enum MembraneMode {
     Auto,
     On,
     Off,
-}
-
-/// Targets of one protein.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Target {
-    /// Location index (single-label) or the 0/1 indicator of every location (multi-label).
-    pub location: LocationTarget,
-    /// `Some(true)` membrane-bound, `Some(false)` soluble, `None` unknown (masked out).
-    pub membrane: Option<bool>,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub enum LocationTarget {
-    Single(u32),
-    Multi(Vec<f32>),
-}
-
-impl Target {
-    /// Reads the targets of `record` over `labels`. Multi-label records list locations
-    /// separated by `|`; in single-label mode such a record is an error.
-    pub fn of(record: &Record, labels: &[String], multi_label: bool) -> Result<Self> {
-        let Some(loc) = record.location.as_deref() else {
-            bail!("{}: record {} has no label", record.pos, record.id);
-        };
-        let index = |name: &str| -> Result<usize> {
-            labels.iter().position(|l| l == name).ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{}: record {}: unknown label {name:?} (known: {})",
-                    record.pos,
-                    record.id,
-                    labels.join(", ")
-                )
-            })
-        };
-        let location = if multi_label {
-            let mut v = vec![0f32; labels.len()];
-            for part in loc.split('|') {
-                v[index(part)?] = 1.0;
-            }
-            LocationTarget::Multi(v)
-        } else {
-            if loc.contains('|') {
-                bail!(
-                    "{}: record {} has several locations ({loc}); train with --multi-label",
-                    record.pos,
-                    record.id
-                );
-            }
-            LocationTarget::Single(index(loc)? as u32)
-        };
-        let membrane = match record.membrane {
-            Membrane::Membrane => Some(true),
-            Membrane::Soluble => Some(false),
-            Membrane::Unknown => None,
-        };
-        Ok(Self { location, membrane })
-    }
 }
 
 /// The training loss.
