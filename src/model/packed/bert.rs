@@ -32,6 +32,7 @@ pub(crate) fn forward_until(
         segs,
         padded_len: t,
         tokens: n,
+        ..
     }) = PackedTokens::new(ids, attention_mask)?
     else {
         return Ok(None);
