@@ -351,3 +351,46 @@ fn ensemble_flags_are_documented_and_checked() {
     );
     assert!(!out.join("config.json").exists());
 }
+
+/// `--optimizer lamb` trains with LAMB end to end: recorded in training_args.json, resumable
+/// settings included, and it moves the weights elsewhere than AdamW from the same start.
+#[test]
+fn lamb_trains_from_the_command_line_and_is_recorded() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.fasta");
+    protloc::demo::write_dataset(&data, 3, 3).unwrap();
+    let run_with = |optimizer: &str| {
+        let run = dir.path().join(optimizer);
+        let out = protloc()
+            .args(["train", "--model", "scratch:tiny", "--epochs", "1"])
+            .args(["--batch-size", "8", "--max-residues", "48", "--lr", "1e-3"])
+            .args(["--optimizer", optimizer, "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(&run)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let saved: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(run.join("training_args.json")).unwrap())
+                .unwrap();
+        assert_eq!(saved["optimizer"], optimizer);
+        assert_eq!(saved["scale_lr_by_world"], false);
+        load(&run.join("model.safetensors"))
+    };
+    let lamb = run_with("lamb");
+    let adamw = run_with("adamw");
+    let differ = lamb
+        .iter()
+        .filter(|(name, t)| !same(t, &adamw[name.as_str()]))
+        .count();
+    assert!(differ > 0, "LAMB and AdamW trained identical weights");
+    fails_with(
+        &["train", "--optimizer", "sgd"].map(std::ffi::OsString::from),
+        &["sgd", "adamw", "lamb"],
+    );
+}

@@ -438,4 +438,3 @@ fn files_inside_model_kernels_and_serve_import_each_other_one_way() {
         assert_acyclic(&graph, &format!("src/{module}/"));
     }
 }
-

@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 
 use super::checkpoint;
 use super::objective::{ClassWeighting, MembraneMode};
+use super::optim::Rule;
 use crate::model::lora::{LoraConfig, LoraTarget};
 use crate::model::{self, HeadKind, Pool};
 use crate::tokenize::Truncation;
@@ -33,6 +34,12 @@ pub struct TrainArgs {
     pub freeze_layers: usize,
     pub grad_accum: usize,
     pub max_grad_norm: f64,
+    /// The update rule: AdamW, or LAMB as the reference workflow trains.
+    #[serde(default)]
+    pub optimizer: Rule,
+    /// Multiply the learning rates by the number of ranks (the reference's `lr * world size`).
+    #[serde(default)]
+    pub scale_lr_by_world: bool,
     /// Dropout for the head; when given explicitly also overrides the encoder's dropout.
     pub dropout: Option<f64>,
     pub val_fraction: f64,
@@ -154,6 +161,8 @@ impl TrainArgs {
             freeze_layers: 0,
             grad_accum: 1,
             max_grad_norm: 1.0,
+            optimizer: Rule::AdamW,
+            scale_lr_by_world: false,
             dropout: None,
             val_fraction: 0.1,
             seed: 42,
@@ -329,6 +338,15 @@ pub struct TrainOptions {
     /// Clip the global gradient norm (0 = off).
     #[arg(long, default_value_t = 1.0)]
     pub max_grad_norm: f64,
+    /// Update rule. lamb: the reference workflow's LAMB (torch_optimizer.Lamb: Adam moments
+    /// without bias correction, each tensor's step scaled by its trust ratio |w| / |step|),
+    /// for large global batches.
+    #[arg(long, value_enum, default_value_t = Rule::AdamW)]
+    pub optimizer: Rule,
+    /// Multiply --lr and --head-lr by the number of processes under a launcher (the
+    /// reference scales LAMB's rate by its world size).
+    #[arg(long)]
+    pub scale_lr_by_world: bool,
     /// Dropout of the head (default 0.1; 0.2 for --head reference, 0.25 with --frozen); when
     /// given, also the encoder's dropout.
     #[arg(long)]
@@ -477,6 +495,8 @@ impl TrainOptions {
         args.freeze_layers = c.freeze_layers;
         args.grad_accum = c.grad_accum;
         args.max_grad_norm = c.max_grad_norm;
+        args.optimizer = c.optimizer;
+        args.scale_lr_by_world = c.scale_lr_by_world;
         args.dropout = c.dropout;
         args.val_fraction = c.val_fraction;
         args.seed = c.seed;

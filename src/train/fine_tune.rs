@@ -69,8 +69,15 @@ pub(super) fn run(
         .len()
         .div_ceil(global_batch)
         .div_ceil(args.grad_accum);
+    // --scale-lr-by-world: the reference multiplies LAMB's rate by its number of ranks; the
+    // head's rate follows (it is a multiple of --lr, see `build_optimizer`).
+    let peak_lr = if args.scale_lr_by_world {
+        args.lr * world as f64
+    } else {
+        args.lr
+    };
     let schedule = LinearSchedule::for_run(
-        args.lr,
+        peak_lr,
         args.warmup_ratio,
         steps_per_epoch,
         args.epochs,
@@ -293,7 +300,13 @@ fn build_optimizer(
         params.push((name, var, scale, wd));
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let opt = AdamW::new(AdamWConfig::default(), params)?;
+    let opt = AdamW::new(
+        AdamWConfig {
+            rule: args.optimizer,
+            ..AdamWConfig::default()
+        },
+        params,
+    )?;
     Ok((opt, trainable, total_params))
 }
 

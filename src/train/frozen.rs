@@ -518,7 +518,13 @@ fn member_optimizer(
     }
     let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let opt = AdamW::new(AdamWConfig::default(), params)?;
+    let opt = AdamW::new(
+        AdamWConfig {
+            rule: args.optimizer,
+            ..AdamWConfig::default()
+        },
+        params,
+    )?;
     Ok((opt, member_vars, trainable))
 }
 

@@ -15,8 +15,19 @@ use candle_core::{CpuStorage, InplaceOp2, Layout, Tensor, Var};
 use rayon::prelude::*;
 
 /// Which update the moments drive.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize, serde::Deserialize)]
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Default,
+    serde::Serialize,
+    serde::Deserialize,
+    clap::ValueEnum,
+)]
 #[serde(rename_all = "lowercase")]
+#[value(rename_all = "lowercase")]
 pub enum Rule {
     /// `p <- p (1 - lr wd) - lr m_hat / (sqrt(v_hat) + eps)` (bias-corrected moments).
     #[default]
