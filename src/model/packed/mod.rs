@@ -113,6 +113,39 @@ pub(crate) fn packed_linear_acc(
     Ok(())
 }
 
+/// A batch's real tokens, stacked: each row's token ids, where each row's tokens sit among
+/// the stacked rows, the padded width and the number of real tokens.
+pub(crate) struct PackedTokens {
+    pub ids: Vec<Vec<u32>>,
+    pub lengths: Vec<usize>,
+    pub segs: Vec<Segment>,
+    pub padded_len: usize,
+    pub tokens: usize,
+}
+
+impl PackedTokens {
+    /// `None` when a row's attention mask is not a prefix (padding only at the end).
+    pub(crate) fn new(ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Self>> {
+        let (_, padded_len) = ids.dims2()?;
+        let mask: Vec<Vec<f32>> = attention_mask
+            .to_dtype(candle_core::DType::F32)?
+            .to_vec2()?;
+        let Some(lengths) = packed_attention::prefix_lengths(&mask) else {
+            return Ok(None);
+        };
+        let ids: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
+        let segs = packed_attention::segments(&lengths);
+        let tokens = lengths.iter().sum();
+        Ok(Some(Self {
+            ids,
+            lengths,
+            segs,
+            padded_len,
+            tokens,
+        }))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use candle_core::Tensor;
@@ -217,38 +250,5 @@ mod tests {
         let b = enc.detached().forward(&ids, &mask, None).unwrap();
         let diff = (a - b).unwrap().abs().unwrap().max_all().unwrap();
         assert!(diff.to_scalar::<f32>().unwrap() < 1e-4);
-    }
-}
-
-/// A batch's real tokens, stacked: each row's token ids, where each row's tokens sit among
-/// the stacked rows, the padded width and the number of real tokens.
-pub(crate) struct PackedTokens {
-    pub ids: Vec<Vec<u32>>,
-    pub lengths: Vec<usize>,
-    pub segs: Vec<Segment>,
-    pub padded_len: usize,
-    pub tokens: usize,
-}
-
-impl PackedTokens {
-    /// `None` when a row's attention mask is not a prefix (padding only at the end).
-    pub(crate) fn new(ids: &Tensor, attention_mask: &Tensor) -> Result<Option<Self>> {
-        let (_, padded_len) = ids.dims2()?;
-        let mask: Vec<Vec<f32>> = attention_mask
-            .to_dtype(candle_core::DType::F32)?
-            .to_vec2()?;
-        let Some(lengths) = packed_attention::prefix_lengths(&mask) else {
-            return Ok(None);
-        };
-        let ids: Vec<Vec<u32>> = ids.to_dtype(candle_core::DType::U32)?.to_vec2()?;
-        let segs = packed_attention::segments(&lengths);
-        let tokens = lengths.iter().sum();
-        Ok(Some(Self {
-            ids,
-            lengths,
-            segs,
-            padded_len,
-            tokens,
-        }))
     }
 }
