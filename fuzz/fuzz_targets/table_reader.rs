@@ -11,7 +11,7 @@ fuzz_target!(|data: &[u8]| {
         let path = dir.path().join(name);
         std::fs::write(&path, data).unwrap();
         for skip_invalid in [false, true] {
-            let opts = ReadOptions { skip_invalid, require_labels: false };
+            let opts = ReadOptions { skip_invalid, require_labels: false, multi_label: false };
             if let Ok(ds) = table::read_table(&path, kind, opts) {
                 for rec in ds.records {
                     assert_eq!(validate_sequence(&rec.sequence).as_deref(), Ok(rec.sequence.as_str()));
