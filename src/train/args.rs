@@ -144,6 +144,28 @@ fn is_default_ensemble(n: &usize) -> bool {
 }
 
 impl TrainArgs {
+    /// The run directory's task settings these arguments decide; the caller passes what the
+    /// data decides (labels, residue limit, membrane output).
+    pub fn task_config(
+        &self,
+        labels: Vec<String>,
+        max_residues: usize,
+        membrane: bool,
+    ) -> model::TaskConfig {
+        model::TaskConfig {
+            pool: self.pool,
+            truncate: self.truncate,
+            max_residues,
+            head_dropout: self.head_dropout(),
+            head: self.head,
+            head_hidden: self.head_hidden,
+            la_kernel: self.la_kernel,
+            membrane,
+            multi_label: self.multi_label,
+            ..model::TaskConfig::new(labels, &self.model)
+        }
+    }
+
     /// Defaults that match the reference workflow where it makes sense on a CPU.
     pub fn new(model: &str, data: PathBuf, output: PathBuf) -> Self {
         Self {

@@ -22,7 +22,7 @@ use super::validation::finish_epoch;
 use super::TrainArgs;
 use crate::dist::Collective;
 use crate::infer::{effective_max_residues, BatchLimits};
-use crate::model::{self, SequenceClassifier, TaskConfig};
+use crate::model::{self, SequenceClassifier};
 use crate::tokenize::{Batch, BatchPlan, Encoded};
 
 /// A fine-tuning run's model, ready to train, and its encoded data.
@@ -224,18 +224,7 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
         args.multi_label,
     )?;
     let membrane = resolve_membrane(args.membrane, &train_set.targets, false);
-    let task = TaskConfig {
-        pool: args.pool,
-        truncate: args.truncate,
-        max_residues: max_res,
-        head_dropout: args.head_dropout(),
-        head: args.head,
-        head_hidden: args.head_hidden,
-        la_kernel: args.la_kernel,
-        membrane,
-        multi_label: args.multi_label,
-        ..TaskConfig::new(labels.clone(), &args.model)
-    };
+    let task = args.task_config(labels.clone(), max_res, membrane);
     let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
     let model = SequenceClassifier::new(base, task)?;
     let objective = Objective {

@@ -76,18 +76,9 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     let mut cache = fill_cache(args, &base, max_res, from_layer, &all, observer)?;
 
     let task = TaskConfig {
-        pool: args.pool,
-        truncate: args.truncate,
-        max_residues: max_res,
-        head_dropout: args.head_dropout(),
-        head: args.head,
-        head_hidden: args.head_hidden,
-        la_kernel: args.la_kernel,
-        membrane,
-        multi_label: args.multi_label,
         frozen_encoder: from_layer.is_none(),
         ensemble: n,
-        ..TaskConfig::new(labels.clone(), &args.model)
+        ..args.task_config(labels.clone(), max_res, membrane)
     };
     let top = match from_layer {
         Some(from) => Some(TopLayers {
