@@ -227,7 +227,7 @@ fn forward(a: &Args) -> Result<serde_json::Value> {
 }
 
 fn train(a: &Args) -> Result<serde_json::Value> {
-    use protloc::train::optim::{clip_scale, no_decay, AdamW, AdamWConfig};
+    use protloc::train::optim::{clip_scale, no_decay, Optimizer, OptimizerConfig};
     use rand::SeedableRng;
     let model_dir = a.req("model")?;
     let (b, t) = (a.num("batch", 8)?, a.num("len", 256)?);
@@ -253,7 +253,7 @@ fn train(a: &Args) -> Result<serde_json::Value> {
             (name, var, 1.0, wd)
         })
         .collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), params)?;
+    let mut opt = Optimizer::new(OptimizerConfig::default(), params)?;
     let batch = batch_of(&enc, pad)?;
     let targets = Tensor::new(
         (0..b as u32)
@@ -279,7 +279,7 @@ fn train(a: &Args) -> Result<serde_json::Value> {
 
 fn light_attention(a: &Args) -> Result<serde_json::Value> {
     use protloc::model::{Head, HeadKind, HeadSpec, ParamStore};
-    use protloc::train::optim::{clip_scale, AdamW, AdamWConfig};
+    use protloc::train::optim::{clip_scale, Optimizer, OptimizerConfig};
     use rand::SeedableRng;
     let (b, l) = (a.num("batch", 32)?, a.num("len", 400)?);
     let (h, k) = (a.num("hidden", 320)?, a.num("kernel", 9)?);
@@ -307,7 +307,7 @@ fn light_attention(a: &Args) -> Result<serde_json::Value> {
         .into_iter()
         .map(|(n, v)| (n, v, 1.0, 0.01))
         .collect();
-    let mut opt = AdamW::new(AdamWConfig::default(), params)?;
+    let mut opt = Optimizer::new(OptimizerConfig::default(), params)?;
     let x = Tensor::randn(0f32, 1.0, (b, l, h), &Device::Cpu)?;
     // Ragged lengths from l/2 to l, as in a length-bucketed batch.
     let mask: Vec<f32> = (0..b)

@@ -13,7 +13,7 @@ use super::checkpoint::{self, gather_word_pos, rank_dropout_rng, LoopState, RngS
 use super::metrics::{record_epoch, save_best, TrainSummary};
 use super::objective::{Objective, Target};
 use super::observe::{self, TrainObserver};
-use super::optim::{self, AdamW, AdamWConfig, LinearSchedule};
+use super::optim::{self, LinearSchedule, Optimizer, OptimizerConfig};
 use super::plan::prepare_data;
 use super::setup::{
     default_labels, encode_examples, prepare_encoder, resolve_membrane, trains, Examples,
@@ -267,7 +267,7 @@ fn build_optimizer(
     args: &TrainArgs,
     prefix: &str,
     lora: bool,
-) -> Result<(AdamW, usize, usize)> {
+) -> Result<(Optimizer, usize, usize)> {
     let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
     let mut params = Vec::new();
     let mut total_params = 0;
@@ -289,10 +289,10 @@ fn build_optimizer(
         params.push((name, var, scale, wd));
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let opt = AdamW::new(
-        AdamWConfig {
+    let opt = Optimizer::new(
+        OptimizerConfig {
             rule: args.optimizer,
-            ..AdamWConfig::default()
+            ..OptimizerConfig::default()
         },
         params,
     )?;
@@ -317,7 +317,7 @@ fn write_args(args: &TrainArgs, world: usize) -> Result<()> {
 fn start_state(
     args: &TrainArgs,
     model: &SequenceClassifier,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     metrics_path: &std::path::Path,
     root: bool,
     observer: &mut dyn TrainObserver,
@@ -404,7 +404,7 @@ impl Loop<'_> {
     fn epochs(
         &mut self,
         model: &mut SequenceClassifier,
-        opt: &mut AdamW,
+        opt: &mut Optimizer,
         train_set: &Examples,
         val_set: &Examples,
         mut st: LoopState,
@@ -471,7 +471,7 @@ impl Loop<'_> {
     fn epoch_batches(
         &mut self,
         model: &SequenceClassifier,
-        opt: &mut AdamW,
+        opt: &mut Optimizer,
         train_set: &Examples,
         batches: &[Vec<usize>],
         st: &mut LoopState,
@@ -534,7 +534,7 @@ impl Loop<'_> {
     #[allow(clippy::too_many_arguments)]
     fn accumulate(
         &mut self,
-        opt: &AdamW,
+        opt: &Optimizer,
         acc: &mut [Option<Tensor>],
         loss: Option<Tensor>,
         loss_value: f64,
@@ -596,7 +596,7 @@ impl Loop<'_> {
     #[allow(clippy::too_many_arguments)]
     fn step(
         &mut self,
-        opt: &mut AdamW,
+        opt: &mut Optimizer,
         acc: &mut [Option<Tensor>],
         mut bad: bool,
         st: &mut LoopState,
@@ -665,7 +665,7 @@ impl Loop<'_> {
 
     /// Writes a resumable checkpoint (with `--save-every-steps`; root rank only). Collective:
     /// every rank reaches the same save points.
-    fn save_checkpoint(&self, st: &mut LoopState, opt: &AdamW, rng: &ChaCha8Rng) -> Result<()> {
+    fn save_checkpoint(&self, st: &mut LoopState, opt: &Optimizer, rng: &ChaCha8Rng) -> Result<()> {
         if self.args.save_every_steps == 0 {
             return Ok(());
         }

@@ -23,7 +23,7 @@ use super::metrics::{
 };
 use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
-use super::optim::{self, AdamW, AdamWConfig, LinearSchedule};
+use super::optim::{self, LinearSchedule, Optimizer, OptimizerConfig};
 use super::plan::{plan_members, MemberPlan};
 use super::setup::{self, default_labels};
 use super::{effective_max_residues, TrainArgs};
@@ -486,7 +486,7 @@ fn member_optimizer(
     k: usize,
     top: Option<&TopLayers>,
     args: &TrainArgs,
-) -> Result<(AdamW, Vec<candle_core::Var>, usize)> {
+) -> Result<(Optimizer, Vec<candle_core::Var>, usize)> {
     let n = model.members();
     let mut params = Vec::new();
     let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
@@ -509,10 +509,10 @@ fn member_optimizer(
     }
     let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let opt = AdamW::new(
-        AdamWConfig {
+    let opt = Optimizer::new(
+        OptimizerConfig {
             rule: args.optimizer,
-            ..AdamWConfig::default()
+            ..OptimizerConfig::default()
         },
         params,
     )?;
@@ -526,7 +526,7 @@ fn member_epoch(
     model: &SequenceClassifier,
     k: usize,
     objective: &Objective,
-    opt: &mut AdamW,
+    opt: &mut Optimizer,
     schedule: &LinearSchedule,
     step: &mut usize,
     batches: &[Vec<usize>],

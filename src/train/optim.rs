@@ -40,14 +40,14 @@ pub enum Rule {
 
 /// Hyper-parameters shared by all parameter groups.
 #[derive(Debug, Clone, Copy)]
-pub struct AdamWConfig {
+pub struct OptimizerConfig {
     pub beta1: f64,
     pub beta2: f64,
     pub eps: f64,
     pub rule: Rule,
 }
 
-impl Default for AdamWConfig {
+impl Default for OptimizerConfig {
     fn default() -> Self {
         Self {
             beta1: 0.9,
@@ -72,20 +72,22 @@ pub struct ParamSlot {
     v: Vec<f32>,
 }
 
-pub struct AdamW {
-    cfg: AdamWConfig,
+/// AdamW or LAMB ([`Rule`]) over a set of parameter tensors: both keep the same two moments
+/// per element, so checkpoints are the same either way.
+pub struct Optimizer {
+    cfg: OptimizerConfig,
     slots: Vec<ParamSlot>,
     step: u64,
 }
 
-impl AdamW {
+impl Optimizer {
     /// `params`: (name, var, lr multiplier, weight decay).
-    pub fn new(cfg: AdamWConfig, params: Vec<(String, Var, f64, f64)>) -> Result<Self> {
+    pub fn new(cfg: OptimizerConfig, params: Vec<(String, Var, f64, f64)>) -> Result<Self> {
         let slots = params
             .into_iter()
             .map(|(name, var, lr_scale, weight_decay)| {
                 if var.dtype() != candle_core::DType::F32 {
-                    bail!("{name}: AdamW supports f32 parameters only");
+                    bail!("{name}: the optimizer supports f32 parameters only");
                 }
                 let n = var.elem_count();
                 Ok(ParamSlot {
@@ -190,7 +192,7 @@ impl AdamW {
     pub fn step(&mut self, grads: &[Option<Tensor>], lr: f64, grad_scale: f64) -> Result<()> {
         if grads.len() != self.slots.len() {
             bail!(
-                "AdamW: {} gradients for {} parameters",
+                "optimizer: {} gradients for {} parameters",
                 grads.len(),
                 self.slots.len()
             );
