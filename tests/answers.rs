@@ -141,6 +141,7 @@ fn train(case: Case, run: &Path) {
 fn predict_jsonl(run: &Path, input: &Path, out: &Path) -> Vec<Value> {
     let n = predict(&PredictArgs {
         model: run.to_path_buf(),
+        base: None,
         input: input.to_path_buf(),
         output: Some(out.to_path_buf()),
         format: Some(Format::Jsonl),
@@ -531,6 +532,7 @@ fn same_answers(case: Case) {
 
     let eval = evaluate(&EvalArgs {
         model: run.clone(),
+        base: None,
         data: input.to_path_buf(),
         split: Split::All,
         limit: None,

@@ -59,6 +59,10 @@ pub enum Command {
     /// Serve predictions over HTTP (/invocations, /v1/predict, /ping, /metrics, ...), with
     /// dynamic batching. Stops gracefully on SIGTERM or Ctrl-C.
     Serve(ServeCmd),
+    /// Turn a model fine-tuned elsewhere (a transformers *ForSequenceClassification
+    /// directory, or the reference workflow's model.pth with --base) into a run directory.
+    /// `eval`, `predict` and `serve` also read such models directly.
+    Import(super::interop::ImportCmd),
     /// Train, evaluate and predict on a built-in synthetic data set in a few minutes, with no
     /// downloads: a tour of the whole workflow.
     Demo(DemoCmd),
@@ -111,9 +115,15 @@ pub struct TrainCmd {
 
 #[derive(Args, Debug)]
 pub struct EvalCmd {
-    /// Run directory written by `protloc train`.
+    /// Model: a run directory (`protloc train`, `protloc import`), a transformers
+    /// BertForSequenceClassification / EsmForSequenceClassification directory, or the
+    /// reference workflow's model.pth (with --base).
     #[arg(long)]
     pub model: PathBuf,
+    /// The encoder a reference model.pth was fine-tuned from: a directory with its
+    /// config.json and vocab.txt, or a hub id (e.g. Rostlab/prot_bert_bfd_localization).
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    pub base: Option<String>,
     /// Labelled data (DeepLoc FASTA or CSV/TSV).
     #[arg(long)]
     pub data: PathBuf,
@@ -184,9 +194,15 @@ impl Batching {
 
 #[derive(Args, Debug)]
 pub struct PredictCmd {
-    /// Run directory written by `protloc train`.
+    /// Model: a run directory (`protloc train`, `protloc import`), a transformers
+    /// BertForSequenceClassification / EsmForSequenceClassification directory, or the
+    /// reference workflow's model.pth (with --base).
     #[arg(long)]
     pub model: PathBuf,
+    /// The encoder a reference model.pth was fine-tuned from: a directory with its
+    /// config.json and vocab.txt, or a hub id (e.g. Rostlab/prot_bert_bfd_localization).
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    pub base: Option<String>,
     /// FASTA (any headers) or CSV/TSV with id,sequence columns.
     #[arg(long)]
     pub input: PathBuf,
@@ -245,9 +261,15 @@ pub struct EmbedCmd {
 
 #[derive(Args, Debug)]
 pub struct ServeCmd {
-    /// Run directory written by `protloc train`.
+    /// Model: a run directory (`protloc train`, `protloc import`), a transformers
+    /// BertForSequenceClassification / EsmForSequenceClassification directory, or the
+    /// reference workflow's model.pth (with --base).
     #[arg(long, env = "PROTLOC_MODEL")]
     pub model: PathBuf,
+    /// The encoder a reference model.pth was fine-tuned from: a directory with its
+    /// config.json and vocab.txt, or a hub id (e.g. Rostlab/prot_bert_bfd_localization).
+    #[arg(long, value_name = "DIR|HUB_ID", env = "PROTLOC_BASE")]
+    pub base: Option<String>,
     #[arg(long, default_value = "127.0.0.1", env = "PROTLOC_HOST")]
     pub host: String,
     /// Port (0 picks a free one).
@@ -331,6 +353,7 @@ pub fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Serve(c) => serve(c),
+        Command::Import(c) => super::interop::import(c),
         Command::Demo(c) => super::demo::run(&super::demo::DemoArgs {
             output: c.output,
             epochs: c.epochs,
@@ -492,6 +515,7 @@ fn report(c: ReportCmd) -> Result<()> {
         Some(data) => {
             let e = crate::eval::run::evaluate(&EvalArgs {
                 model: c.run_dir.clone(),
+                base: None,
                 data: data.clone(),
                 split: c.split,
                 limit: None,
@@ -528,6 +552,7 @@ fn report(c: ReportCmd) -> Result<()> {
 fn eval(c: EvalCmd) -> Result<()> {
     let out = crate::eval::run::evaluate(&EvalArgs {
         model: c.model,
+        base: c.base,
         data: c.data,
         split: c.split,
         limit: c.limit,
@@ -576,6 +601,7 @@ fn eval(c: EvalCmd) -> Result<()> {
 fn predict(c: PredictCmd) -> Result<()> {
     let n = crate::infer::predict::predict(&PredictArgs {
         model: c.model,
+        base: c.base,
         input: c.input,
         output: c.output.clone(),
         format: c.format,
@@ -618,6 +644,7 @@ fn embed(c: EmbedCmd) -> Result<()> {
 
 fn serve(c: ServeCmd) -> Result<()> {
     let mut o = crate::serve::ServeOptions::new(c.model);
+    o.base = c.base;
     o.host = c.host;
     o.port = c.port;
     o.limits = c.limits;

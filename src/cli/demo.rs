@@ -56,6 +56,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     eprintln!("3/4  evaluating on the held-out test proteins ...");
     let eval = crate::eval::run::evaluate(&EvalArgs {
         model: run_dir.clone(),
+        base: None,
         data: data.clone(),
         split: Split::Test,
         limit: None,
@@ -81,6 +82,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     let preds = out.join("predictions.tsv");
     crate::infer::predict::predict(&PredictArgs {
         model: run_dir.clone(),
+        base: None,
         input: data,
         output: Some(preds.clone()),
         format: None,

@@ -27,6 +27,9 @@ pub enum Split {
 
 pub struct EvalArgs {
     pub model: PathBuf,
+    /// The encoder of a reference `model.pth` given as `model` (see
+    /// [`crate::model::import`]); `None` for a directory.
+    pub base: Option<String>,
     pub data: PathBuf,
     pub split: Split,
     pub limit: Option<usize>,
@@ -76,7 +79,7 @@ pub fn select(records: &[Record], split: Split, limit: Option<usize>) -> Vec<&Re
 }
 
 pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
-    let model = SequenceClassifier::load(&args.model, &Device::Cpu)?;
+    let model = SequenceClassifier::open(&args.model, args.base.as_deref(), &Device::Cpu)?;
     let ds = data::read_dataset(
         &args.data,
         ReadOptions {

@@ -72,6 +72,9 @@ pub(crate) fn for_each_chunk(
 
 pub struct PredictArgs {
     pub model: PathBuf,
+    /// The encoder of a reference `model.pth` given as `model` (see
+    /// [`crate::model::import`]); `None` for a directory.
+    pub base: Option<String>,
     pub input: PathBuf,
     pub output: Option<PathBuf>,
     pub format: Option<Format>,
@@ -84,7 +87,7 @@ pub struct PredictArgs {
 
 /// Predicts the location of every protein in `args.input`; returns how many.
 pub fn predict(args: &PredictArgs) -> Result<usize> {
-    let model = SequenceClassifier::load(&args.model, &Device::Cpu)?;
+    let model = SequenceClassifier::open(&args.model, args.base.as_deref(), &Device::Cpu)?;
     let format = args.format.unwrap_or_else(|| {
         args.output
             .as_deref()

@@ -10,8 +10,9 @@ use rand_chacha::ChaCha8Rng;
 use super::answer::AnswerRule;
 use super::base::{load_encoder, BaseModel, Purpose};
 use super::head::{Head, HeadOutput};
+use super::import::{self, Resolved};
+use super::params;
 use super::task::{is_head_param, member_prefix, TaskConfig};
-use super::{loader, params};
 use crate::kernels::ops;
 use crate::tokenize::Batch;
 
@@ -225,20 +226,20 @@ impl SequenceClassifier {
     }
 
     /// Loads a run directory written by `protloc train`, for inference ([`Purpose::Inference`]:
-    /// it can be saved again, not trained further).
+    /// it can be saved again, not trained further). Same as [`Self::open`] without a base.
     pub fn load(dir: &Path, device: &Device) -> Result<Self> {
-        let files = loader::from_dir(dir)?;
-        let text = std::fs::read_to_string(&files.config)?;
-        let value: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("{}: invalid JSON", files.config.display()))?;
-        let task: TaskConfig = match value.get("protloc") {
-            Some(v) => serde_json::from_value(v.clone())
-                .with_context(|| format!("{}: invalid \"protloc\" section", files.config.display()))?,
-            None => bail!(
-                "{}: not a protloc run directory (config.json has no \"protloc\" section); fine-tune one with `protloc train`",
-                dir.display()
-            ),
-        };
+        Self::open(dir, None, device)
+    }
+
+    /// Loads any model `protloc` reads (see [`import`](super::import)) for inference: a run
+    /// directory, a transformers `*ForSequenceClassification` directory, or the reference
+    /// workflow's `model.pth` on the encoder `base`.
+    pub fn open(model: &Path, base: Option<&str>, device: &Device) -> Result<Self> {
+        let Resolved {
+            files,
+            task,
+            origin,
+        } = import::resolve(model, base)?;
         let n = task.ensemble;
         if n == 0 || !(task.members.is_empty() || task.members.len() == n) {
             bail!(
@@ -260,17 +261,35 @@ impl SequenceClassifier {
             );
         }
         let (cfg, tokenizer, store, encoder) = load_encoder(&files, 0, device, Purpose::Inference)?;
+        let tokenizer = if task.keep_rare_residues {
+            tokenizer.keeping_rare_residues()
+        } else {
+            tokenizer
+        };
         let spec = task.head_spec(&cfg)?;
         let heads = (0..n)
             .map(|k| Head::new(&member_builder(store.strict(), k, n), spec.clone()))
-            .collect::<candle_core::Result<Vec<_>>>()?;
+            .collect::<candle_core::Result<Vec<_>>>()
+            .with_context(|| match &origin {
+                import::Origin::Run => format!("{}: incomplete head", files.weights.display()),
+                import::Origin::Transformers(arch) => format!(
+                    "{}: not the classifier of a transformers {arch}",
+                    files.weights.display()
+                ),
+                import::Origin::Reference => format!(
+                    "{}: not the reference workflow's ProteinClassifier state_dict (bert.* and \
+                     classifier.1.* over {} classes)",
+                    files.weights.display(),
+                    task.labels.len()
+                ),
+            })?;
         store.release_source();
         let base = BaseModel {
             cfg,
             tokenizer,
             store,
             encoder,
-            source: dir.display().to_string(),
+            source: model.display().to_string(),
         };
         Ok(Self { base, heads, task })
     }

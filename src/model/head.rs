@@ -1,7 +1,12 @@
 //! Classification heads on top of an encoder's hidden states.
 //!
-//! Four kinds, all with an optional membrane/soluble output trained jointly:
+//! Five kinds, all with an optional membrane/soluble output trained jointly:
 //! - `linear`: dropout + linear on a pooled vector;
+//! - `pooler`: transformers' sequence-classification head: dense + tanh on the first token,
+//!   dropout, linear. Under BERT its tensors are BertForSequenceClassification's
+//!   (`bert.pooler.dense.*`, pretrained when the checkpoint has them, and `classifier.*`),
+//!   under ESM EsmForSequenceClassification's (`classifier.dense.*`,
+//!   `classifier.out_proj.*`), so such checkpoints load and export name for name;
 //! - `reference`: the reference workflow's head, faithfully: BERT's pooler (dense + tanh on
 //!   the first token, pretrained weights `<bert|esm>.pooler.dense.*` when the checkpoint has
 //!   them), dropout, linear, tanh. The tanh outputs are the logits (the reference trains
@@ -54,17 +59,34 @@ pub enum HeadKind {
     /// The reference workflow's head: pooler (dense + tanh on the first token, pretrained
     /// when the checkpoint has one) -> dropout -> linear -> tanh; ignores `pool`.
     Reference,
+    /// transformers' *ForSequenceClassification head: dense + tanh on the first token ->
+    /// dropout -> linear (BERT's pretrained pooler when the checkpoint has one); ignores
+    /// `pool`. Loads and exports as BertForSequenceClassification / EsmForSequenceClassification.
+    Pooler,
 }
 
 impl HeadKind {
+    /// The name `--head` takes (`light-attention`, ...).
+    pub fn name(self) -> String {
+        clap::ValueEnum::to_possible_value(&self)
+            .map(|v| v.get_name().to_string())
+            .unwrap_or_default()
+    }
+
+    /// Whether the head reads only the first token, through a pooler (dense + tanh), whatever
+    /// `pool` says.
+    pub fn uses_pooler(self) -> bool {
+        matches!(self, HeadKind::Reference | HeadKind::Pooler)
+    }
+
     /// Why this head cannot read cached per-residue embeddings (`--frozen`, `eval --cache`)
     /// with `pool`, if it cannot: the cache holds residues only, no first-token vector.
     pub fn cached_rows_unsupported(self, pool: Pool) -> Option<&'static str> {
         match (self, pool) {
-            (HeadKind::Reference, _) => Some(
-                "the reference head reads BERT's pooler on the first ([CLS]) token, which cached \
-                 residue embeddings do not have: train it by fine-tuning (without --frozen), or \
-                 use --frozen with --head linear, mlp or light-attention",
+            (HeadKind::Reference | HeadKind::Pooler, _) => Some(
+                "the reference and pooler heads read a pooler on the first ([CLS]) token, which \
+                 cached residue embeddings do not have: train them by fine-tuning (without \
+                 --frozen), or use --frozen with --head linear, mlp or light-attention",
             ),
             (HeadKind::LightAttention, _) | (_, Pool::Mean) => None,
             (_, Pool::Cls) => Some(
@@ -115,9 +137,11 @@ enum Body {
         kernel: usize,
         dense: Linear,
     },
-    /// Pooler (dense + tanh on the first token), dropout; `out` is followed by a tanh.
-    Reference {
+    /// Pooler (dense + tanh on the first token), dropout; with `tanh` (the reference head)
+    /// `out` is followed by a tanh.
+    Pooler {
         pooler: Linear,
+        tanh: bool,
     },
 }
 
@@ -157,14 +181,21 @@ impl Head {
         };
         let (body, out, features) = match spec.kind {
             HeadKind::Linear => (Body::Pooled, Linear::new(&b, h, spec.num_labels, 0.02)?, h),
-            HeadKind::Reference => (
-                Body::Reference {
-                    pooler: Linear::new(&Self::pooler_builder(root, &spec), h, h, POOLER_STD)?,
-                },
-                // PyTorch's default `nn.Linear` initialisation, as in the reference.
-                Linear::new(&b.pp("1"), h, spec.num_labels, torch_std(h))?,
-                h,
-            ),
+            HeadKind::Reference | HeadKind::Pooler => {
+                let (pooler, out) = Self::pooler_layout(root, &spec);
+                let reference = spec.kind == HeadKind::Reference;
+                // The reference uses PyTorch's default `nn.Linear` initialisation;
+                // transformers initialises its classifiers with Normal(0, 0.02).
+                let std = if reference { torch_std(h) } else { 0.02 };
+                (
+                    Body::Pooler {
+                        pooler: Linear::new(&pooler, h, h, POOLER_STD)?,
+                        tanh: reference,
+                    },
+                    Linear::new(&out, h, spec.num_labels, std)?,
+                    h,
+                )
+            }
             HeadKind::Mlp => (
                 Body::Mlp {
                     dense: Linear::new(&b.pp("dense"), h, spec.hidden, torch_std(h))?,
@@ -207,36 +238,47 @@ impl Head {
         })
     }
 
-    fn pooler_builder(root: &Builder, spec: &HeadSpec) -> Builder {
-        root.pp(spec.encoder_prefix).pp("pooler").pp("dense")
+    /// Where a pooler head's two layers live: the reference's `<prefix>.pooler.dense` and
+    /// `classifier.1`; BertForSequenceClassification's `bert.pooler.dense` and `classifier`;
+    /// EsmForSequenceClassification's `classifier.dense` and `classifier.out_proj`.
+    fn pooler_layout(root: &Builder, spec: &HeadSpec) -> (Builder, Builder) {
+        let b = root.pp("classifier");
+        let encoder_pooler = || root.pp(spec.encoder_prefix).pp("pooler").pp("dense");
+        match (spec.kind, spec.encoder_prefix) {
+            (HeadKind::Pooler, "esm") => (b.pp("dense"), b.pp("out_proj")),
+            (HeadKind::Pooler, _) => (encoder_pooler(), b),
+            _ => (encoder_pooler(), b.pp("1")),
+        }
     }
 
-    /// Full names of the `reference` head's pooler tensors (`bert.pooler.dense.weight`, ...).
-    pub fn pooler_names(spec: &HeadSpec) -> [String; 2] {
-        let p = format!("{}.pooler.dense", spec.encoder_prefix);
-        [format!("{p}.weight"), format!("{p}.bias")]
+    /// Whether the head's pooler is the encoder's own (`<prefix>.pooler.dense`, part of a
+    /// pretrained BertModel/EsmModel checkpoint) rather than a head tensor.
+    fn pooler_is_pretrained(spec: &HeadSpec) -> bool {
+        spec.kind == HeadKind::Reference
+            || (spec.kind == HeadKind::Pooler && spec.encoder_prefix != "esm")
     }
 
-    /// Reads the `reference` head's pooler from the checkpoint in `store` (or initialises it,
-    /// with a warning naming the missing tensors) and registers it as a variable, so that a
-    /// head built afterwards on a store whose checkpoint was released finds the pretrained
-    /// weights. Does nothing for the other kinds, which never reuse checkpoint tensors.
+    /// Reads the pooler of a `reference` or (BERT) `pooler` head from the checkpoint in
+    /// `store` (or initialises it, with a warning naming the missing tensors) and registers
+    /// it as a variable, so that a head built afterwards on a store whose checkpoint was
+    /// released finds the pretrained weights. Does nothing for the other kinds, which never
+    /// reuse checkpoint tensors.
     pub fn load_pretrained_pooler(store: &ParamStore, spec: &HeadSpec) -> Result<()> {
-        if spec.kind != HeadKind::Reference {
+        if !Self::pooler_is_pretrained(spec) {
             return Ok(());
         }
-        let b = Self::pooler_builder(&store.initialising(), spec);
+        let b = Self::pooler_layout(&store.initialising(), spec).0;
         let missing: Vec<String> = ["weight", "bias"]
             .into_iter()
-            .zip(Self::pooler_names(spec))
-            .filter(|(short, _)| !b.contains(short))
-            .map(|(_, full)| full)
+            .filter(|short| !b.contains(short))
+            .map(|short| format!("{}.pooler.dense.{short}", spec.encoder_prefix))
             .collect();
         if !missing.is_empty() {
             tracing::warn!(
                 missing = ?missing,
-                "the checkpoint has no pretrained pooler for the reference head: initialising it \
-                 from scratch (Normal(0, {POOLER_STD}) weight, zero bias)"
+                "the checkpoint has no pretrained pooler for the {} head: initialising it \
+                 from scratch (Normal(0, {POOLER_STD}) weight, zero bias)",
+                spec.kind.name()
             );
         }
         let h = spec.input_dim;
@@ -248,8 +290,9 @@ impl Head {
     pub fn detached(&self) -> Self {
         let body = match &self.body {
             Body::Pooled => Body::Pooled,
-            Body::Reference { pooler } => Body::Reference {
+            Body::Pooler { pooler, tanh } => Body::Pooler {
                 pooler: pooler.detached(),
+                tanh: *tanh,
             },
             Body::Mlp { dense } => Body::Mlp {
                 dense: dense.detached(),
@@ -293,14 +336,14 @@ impl Head {
                     .narrow(1, 1, t - 1)?;
                 self.forward_residues(&x, &m.narrow(1, 1, t - 1)?, rng)
             }
-            Body::Reference { ref pooler } => {
+            Body::Pooler { ref pooler, tanh } => {
                 // BertPooler: dense + tanh on the first token's state, whatever `pool` says.
                 let first = hidden.narrow(1, 0, 1)?.squeeze(1)?;
                 let pooled = pooler.forward(&first)?.tanh()?;
                 let features = dropout(&pooled, self.spec.dropout, rng)?;
                 let out = self.outputs(&features)?;
                 Ok(HeadOutput {
-                    logits: out.logits.tanh()?,
+                    logits: if tanh { out.logits.tanh()? } else { out.logits },
                     membrane: out.membrane,
                 })
             }
@@ -515,7 +558,7 @@ mod tests {
         let hidden = (Tensor::randn(0f32, 1.0, (2, 4, 6), &dev).unwrap() * 3.0).unwrap();
         let residue_mask = Tensor::new(&[[0f32, 1., 1., 0.], [0., 1., 0., 0.]], &dev).unwrap();
         let got = head.forward(&hidden, &residue_mask, None).unwrap();
-        let Body::Reference { pooler } = &head.body else {
+        let Body::Pooler { pooler, .. } = &head.body else {
             panic!("not a reference body")
         };
         let first = hidden.narrow(1, 0, 1).unwrap().squeeze(1).unwrap();

@@ -24,9 +24,15 @@ const WEIGHT_FILES: [&str; 2] = ["model.safetensors", "pytorch_model.bin"];
 /// Resolves `spec` to model files: an existing directory is used as is; otherwise a hub id
 /// like `Rostlab/prot_bert_bfd` is looked up in the HF cache and downloaded when online.
 pub fn resolve(spec: &str) -> Result<ModelFiles> {
+    resolve_with(spec, None)
+}
+
+/// Like [`resolve`]; with `weights` given, those are the model's weights and only the
+/// config and vocabulary are taken from `spec` (a reference `model.pth` on its base encoder).
+pub fn resolve_with(spec: &str, weights: Option<&Path>) -> Result<ModelFiles> {
     let path = Path::new(spec);
     if path.is_dir() {
-        return from_dir(path);
+        return from_dir_with(path, weights);
     }
     if path.exists() {
         bail!("{spec}: expected a model directory (config.json, vocab.txt, model.safetensors or pytorch_model.bin), found a file");
@@ -34,7 +40,7 @@ pub fn resolve(spec: &str) -> Result<ModelFiles> {
     if !looks_like_hub_id(spec) {
         bail!("{spec}: no such model directory (and not a Hugging Face model id like 'Rostlab/prot_bert_bfd')");
     }
-    from_hub(spec)
+    from_hub(spec, weights)
 }
 
 fn looks_like_hub_id(spec: &str) -> bool {
@@ -53,6 +59,11 @@ fn looks_like_hub_id(spec: &str) -> bool {
 /// directory tree the user pointed at (HF cache snapshots link into `../../blobs`, so the
 /// cache root is accepted as well).
 pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
+    from_dir_with(dir, None)
+}
+
+/// [`from_dir`], with the weights taken from `weights` when given.
+fn from_dir_with(dir: &Path, weights: Option<&Path>) -> Result<ModelFiles> {
     let config = dir.join("config.json");
     let vocab = dir.join("vocab.txt");
     for f in [&config, &vocab] {
@@ -64,20 +75,27 @@ pub fn from_dir(dir: &Path) -> Result<ModelFiles> {
             );
         }
     }
-    let weights = WEIGHT_FILES
-        .iter()
-        .map(|f| dir.join(f))
-        .find(|p| p.is_file())
-        .with_context(|| {
-            format!(
-                "{}: no weights found (looked for {})",
-                dir.display(),
-                WEIGHT_FILES.join(", ")
-            )
-        })?;
-    for f in [&config, &vocab, &weights] {
+    for f in [&config, &vocab] {
         check_inside(dir, f)?;
     }
+    let weights = match weights {
+        Some(w) => w.to_path_buf(),
+        None => {
+            let w = WEIGHT_FILES
+                .iter()
+                .map(|f| dir.join(f))
+                .find(|p| p.is_file())
+                .with_context(|| {
+                    format!(
+                        "{}: no weights found (looked for {})",
+                        dir.display(),
+                        WEIGHT_FILES.join(", ")
+                    )
+                })?;
+            check_inside(dir, &w)?;
+            w
+        }
+    };
     Ok(ModelFiles {
         dir: dir.to_path_buf(),
         config,
@@ -111,7 +129,7 @@ fn check_inside(dir: &Path, file: &Path) -> Result<()> {
     Ok(())
 }
 
-fn from_hub(id: &str) -> Result<ModelFiles> {
+fn from_hub(id: &str, given_weights: Option<&Path>) -> Result<ModelFiles> {
     let offline = std::env::var("HF_HUB_OFFLINE")
         .map(|v| v == "1")
         .unwrap_or(false);
@@ -120,7 +138,11 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
     let cached = |f: &str| repo.get(f);
     // Fully cached: no network needed.
     if let (Some(config), Some(vocab)) = (cached("config.json"), cached("vocab.txt")) {
-        if let Some(weights) = WEIGHT_FILES.iter().find_map(|f| cached(f)) {
+        let weights = match given_weights {
+            Some(w) => Some(w.to_path_buf()),
+            None => WEIGHT_FILES.iter().find_map(|f| cached(f)),
+        };
+        if let Some(weights) = weights {
             let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
             return Ok(ModelFiles {
                 dir,
@@ -145,9 +167,10 @@ fn from_hub(id: &str) -> Result<ModelFiles> {
     };
     let config = fetch("config.json")?;
     let vocab = fetch("vocab.txt")?;
-    let weights = match api_repo.get("model.safetensors") {
-        Ok(p) => p,
-        Err(_) => fetch("pytorch_model.bin")?,
+    let weights = match (given_weights, api_repo.get("model.safetensors")) {
+        (Some(w), _) => w.to_path_buf(),
+        (None, Ok(p)) => p,
+        (None, Err(_)) => fetch("pytorch_model.bin")?,
     };
     let dir = config.parent().map(Path::to_path_buf).unwrap_or_default();
     Ok(ModelFiles {

@@ -8,8 +8,9 @@
 //!   on packed tokens, and where the choice between the two is made; [`encoder`]: either
 //!   encoder behind one type;
 //! - [`base`]: a loaded base model; [`head`]: classifier heads; [`task`]: a run's task
-//!   settings; [`classifier`]: encoder + heads, run directories; [`answer`]: how outputs
-//!   become answers.
+//!   settings; [`classifier`]: encoder + heads, run directories; [`import`]: models
+//!   fine-tuned elsewhere (transformers classifiers, the reference's `model.pth`);
+//!   [`answer`]: how outputs become answers.
 //!
 //! A *base model* is a pretrained encoder (a Hugging Face directory or hub id) or
 //! `scratch:SIZE`; a *run directory* is what `protloc train` writes: the encoder plus a
@@ -31,6 +32,7 @@ pub mod config;
 pub mod encoder;
 pub mod esm;
 pub mod head;
+pub mod import;
 pub mod layers;
 pub mod loader;
 pub mod lora;

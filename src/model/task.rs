@@ -49,6 +49,10 @@ pub struct TaskConfig {
     /// members' own.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<MemberInfo>,
+    /// U/Z/O/B are tokenized as themselves where the vocabulary has them instead of as X
+    /// (models imported from transformers, whose tokenizers keep them). Not written when off.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub keep_rare_residues: bool,
 }
 
 /// One member of an ensemble: how it was trained and how it did on its own validation split
@@ -150,6 +154,7 @@ impl TaskConfig {
             frozen_encoder: false,
             ensemble: 1,
             members: Vec::new(),
+            keep_rare_residues: false,
         }
     }
 }

@@ -13,8 +13,11 @@ use crate::tokenize::Truncation;
 /// Everything `protloc serve` takes.
 #[derive(Debug, Clone)]
 pub struct ServeOptions {
-    /// Run directory written by `protloc train`.
+    /// The model (see [`crate::model::import`]).
     pub model: PathBuf,
+    /// The encoder of a reference `model.pth` given as `model` (see
+    /// [`crate::model::import`]); `None` for a directory.
+    pub base: Option<String>,
     pub host: String,
     /// 0 picks a free port (see `ServerHandle::addr`).
     pub port: u16,
@@ -34,6 +37,7 @@ impl ServeOptions {
     pub fn new(model: impl Into<PathBuf>) -> Self {
         Self {
             model: model.into(),
+            base: None,
             host: "127.0.0.1".into(),
             port: 8080,
             limits: Limits::default(),

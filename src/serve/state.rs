@@ -58,10 +58,11 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
     let metrics = Arc::new(Metrics::default());
     let limits = opts.limits.normalized();
     let dir = opts.model.clone();
+    let base = opts.base.clone();
     let (batcher, (task, model_type, tokenizer)) =
         MicroBatcher::start(limits, Arc::clone(&metrics), move || {
             let device = Device::Cpu;
-            let model = SequenceClassifier::load(&dir, &device)
+            let model = SequenceClassifier::open(&dir, base.as_deref(), &device)
                 .with_context(|| format!("cannot load model {}", dir.display()))?;
             let info = (
                 model.task.clone(),

@@ -95,16 +95,7 @@ impl Tokenizer {
         } else {
             bail!("vocabulary has neither [CLS] (ProtBERT style) nor <cls> (ESM style)");
         };
-        let mut residue_ids = [unk; 26];
-        for (i, slot) in residue_ids.iter_mut().enumerate() {
-            let letter = (b'A' + i as u8) as char;
-            let mapped = match (style, letter) {
-                (Style::ProtBert, 'U' | 'Z' | 'O' | 'B') => 'X',
-                _ => letter,
-            };
-            *slot = get(&mapped.to_string()).unwrap_or(unk);
-        }
-        Ok(Self {
+        let mut tok = Self {
             tokens,
             ids,
             style,
@@ -112,8 +103,33 @@ impl Tokenizer {
             end_id: end,
             pad_id: pad,
             unk_id: unk,
-            residue_ids,
-        })
+            residue_ids: [unk; 26],
+        };
+        tok.residue_ids = tok.residue_table(style == Style::ProtBert);
+        Ok(tok)
+    }
+
+    /// Residue letter -> id; with `rare_to_x`, U/Z/O/B read as X (ProtBERT's preprocessing).
+    fn residue_table(&self, rare_to_x: bool) -> [u32; 26] {
+        let mut table = [self.unk_id; 26];
+        for (i, slot) in table.iter_mut().enumerate() {
+            let letter = (b'A' + i as u8) as char;
+            let mapped = match letter {
+                'U' | 'Z' | 'O' | 'B' if rare_to_x => 'X',
+                _ => letter,
+            };
+            *slot = self.token_id(&mapped.to_string()).unwrap_or(self.unk_id);
+        }
+        table
+    }
+
+    /// This vocabulary with U/Z/O/B kept as their own tokens where it has them, as
+    /// transformers' tokenizers do (ProtBERT-style vocabularies otherwise read them as X, the
+    /// preprocessing ProtBERT was trained with): for models fine-tuned by other tools on
+    /// unprocessed sequences.
+    pub fn keeping_rare_residues(mut self) -> Self {
+        self.residue_ids = self.residue_table(false);
+        self
     }
 
     pub fn vocab_size(&self) -> usize {

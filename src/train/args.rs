@@ -277,10 +277,11 @@ impl TrainArgs {
                 bail!("--frozen: {why}");
             }
         }
-        if self.head == HeadKind::Reference && self.pool != Pool::Cls {
+        if self.head.uses_pooler() && self.pool != Pool::Cls {
             bail!(
-                "--head reference always pools with BERT's pooler on the first ([CLS]) token, as \
-                 the reference workflow does: drop --pool mean (or use --head linear with it)"
+                "--head {} always pools with a pooler on the first ([CLS]) token, as BERT \
+                 does: drop --pool mean (or use --head linear with it)",
+                self.head.name()
             );
         }
         Ok(())

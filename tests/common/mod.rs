@@ -182,3 +182,54 @@ pub const LENIENT: protloc::data::ReadOptions = protloc::data::ReadOptions {
     skip_invalid: true,
     ..STRICT
 };
+
+/// Location logits of `model` for each of `seqs` run alone, and for all of them in one padded
+/// batch (inference path, as `predict` runs it).
+pub fn classifier_logits(
+    model: &protloc::model::SequenceClassifier,
+    seqs: &[String],
+) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
+    let enc: Vec<_> = seqs.iter().map(|s| model.encode(s)).collect();
+    let logits = |items: &[&protloc::tokenize::Encoded]| -> Vec<Vec<f32>> {
+        let pad = model.base.tokenizer.pad_id;
+        let batch = protloc::tokenize::Batch::collate(items, pad, &Device::Cpu).unwrap();
+        let p = model.inference_probabilities(&batch).unwrap();
+        p.logits.to_vec2().unwrap()
+    };
+    let single = enc.iter().map(|e| logits(&[e]).remove(0)).collect();
+    let batched = logits(&enc.iter().collect::<Vec<_>>());
+    (single, batched)
+}
+
+/// Fails unless every entry of `got` is within `tol` of `want` (rows of logits).
+pub fn assert_rows_close(what: &str, got: &[Vec<f32>], want: &[Vec<f32>], tol: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: rows");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert_eq!(g.len(), w.len(), "{what}: row {i} width");
+        let diff = g
+            .iter()
+            .zip(w)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max);
+        assert!(
+            diff <= tol,
+            "{what}: row {i} differs by {diff}: {g:?} vs {w:?}"
+        );
+    }
+}
+
+/// The `sequences` list and tensor `name` (as rows) of fixture `stem` (`stem.json` +
+/// `stem.safetensors`).
+pub fn fixture_rows(stem: &str, name: &str) -> (Vec<String>, Vec<Vec<f32>>) {
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fixture(&format!("{stem}.json"))).unwrap())
+            .unwrap();
+    let seqs = meta["sequences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s.as_str().unwrap().to_string())
+        .collect();
+    let t = load(&fixture(&format!("{stem}.safetensors")));
+    (seqs, t[name].to_vec2().unwrap())
+}

@@ -293,13 +293,25 @@ fn bad_model_directories_give_clear_errors_and_nonzero_exit() {
     let nodir = d.join("nope");
     fails_with(&embed(&nodir), &["no such model directory"]);
 
-    // A base encoder is not a fine-tuned model.
+    // A base encoder is not a fine-tuned model (the shared checkpoint is one, an
+    // EsmForSequenceClassification: the same files saved as a bare EsmModel are not).
+    let bare = mk_model(
+        "bare",
+        &config.replace("EsmForSequenceClassification", "EsmModel"),
+        &load(&esm.join("model.safetensors")),
+    );
     let pred = vec![
         os("predict"),
         os("--model"),
-        esm.as_os_str().to_owned(),
+        bare.as_os_str().to_owned(),
         os("--input"),
         fasta.as_os_str().to_owned(),
     ];
-    fails_with(&pred, &["not a protloc run directory"]);
+    fails_with(
+        &pred,
+        &[
+            "not a protloc run directory",
+            "EsmForSequenceClassification",
+        ],
+    );
 }

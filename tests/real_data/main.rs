@@ -16,6 +16,7 @@ mod determinism;
 mod distributed;
 mod frozen;
 mod gradients;
+mod imports;
 mod lora;
 mod parity;
 mod reference_head;
