@@ -63,6 +63,9 @@ pub enum Command {
     /// directory, or the reference workflow's model.pth with --base) into a run directory.
     /// `eval`, `predict` and `serve` also read such models directly.
     Import(super::interop::ImportCmd),
+    /// Write a model as a Hugging Face directory that transformers loads
+    /// (AutoModelForSequenceClassification), with protloc's outputs for checking it.
+    Export(super::interop::ExportCmd),
     /// Train, evaluate and predict on a built-in synthetic data set in a few minutes, with no
     /// downloads: a tour of the whole workflow.
     Demo(DemoCmd),
@@ -354,6 +357,7 @@ pub fn run(cli: Cli) -> Result<()> {
         }
         Command::Serve(c) => serve(c),
         Command::Import(c) => super::interop::import(c),
+        Command::Export(c) => super::interop::export(c),
         Command::Demo(c) => super::demo::run(&super::demo::DemoArgs {
             output: c.output,
             epochs: c.epochs,

@@ -35,3 +35,57 @@ pub fn import(c: ImportCmd) -> Result<()> {
     );
     Ok(())
 }
+
+/// What `protloc export` writes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// A Hugging Face directory for transformers' AutoModelForSequenceClassification.
+    Hf,
+    /// ONNX: made from the Hugging Face directory by optimum (see --help of --format).
+    Onnx,
+}
+
+#[derive(Args, Debug)]
+pub struct ExportCmd {
+    /// Run directory (`protloc train`, `protloc import`), or any model `predict` reads.
+    pub model: PathBuf,
+    /// The encoder of a reference model.pth given as MODEL.
+    #[arg(long, value_name = "DIR|HUB_ID")]
+    pub base: Option<String>,
+    /// hf: config.json, model.safetensors, vocab.txt, tokenizer_config.json and
+    /// protloc_export.json (protloc's own outputs for sample proteins); heads without a
+    /// transformers class add modeling_protloc.py (load with trust_remote_code=True).
+    /// onnx: not written by protloc; export hf, then run
+    /// `optimum-cli export onnx --model DIR --task text-classification OUT`.
+    #[arg(long, value_enum, default_value_t = ExportFormat::Hf)]
+    pub format: ExportFormat,
+    /// Directory to write (replaced atomically).
+    #[arg(long)]
+    pub output: PathBuf,
+}
+
+pub fn export(c: ExportCmd) -> Result<()> {
+    if c.format == ExportFormat::Onnx {
+        anyhow::bail!(
+            "protloc does not write ONNX itself: export a Hugging Face directory with \
+             `protloc export {} --format hf --output DIR`, then convert it with optimum: \
+             `optimum-cli export onnx --model DIR --task text-classification OUT` (add \
+             --trust-remote-code when DIR has modeling_protloc.py)",
+            c.model.display()
+        );
+    }
+    let model = SequenceClassifier::open(&c.model, c.base.as_deref(), &Device::Cpu)?;
+    let out = crate::model::export::export_hf(&model, &c.output)?;
+    eprintln!(
+        "wrote {} ({}{}): {}",
+        c.output.display(),
+        out.architecture,
+        if out.custom_code {
+            ", custom code: load with trust_remote_code=True"
+        } else {
+            ", transformers' own class"
+        },
+        out.files.join(", ")
+    );
+    Ok(())
+}

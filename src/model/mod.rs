@@ -10,6 +10,7 @@
 //! - [`base`]: a loaded base model; [`head`]: classifier heads; [`task`]: a run's task
 //!   settings; [`classifier`]: encoder + heads, run directories; [`import`]: models
 //!   fine-tuned elsewhere (transformers classifiers, the reference's `model.pth`);
+//!   [`export`]: Hugging Face directories for transformers;
 //!   [`answer`]: how outputs become answers.
 //!
 //! A *base model* is a pretrained encoder (a Hugging Face directory or hub id) or
@@ -31,6 +32,7 @@ pub mod classifier;
 pub mod config;
 pub mod encoder;
 pub mod esm;
+pub mod export;
 pub mod head;
 pub mod import;
 pub mod layers;
