@@ -83,10 +83,15 @@ impl HeadKind {
     /// with `pool`, if it cannot: the cache holds residues only, no first-token vector.
     pub fn cached_rows_unsupported(self, pool: Pool) -> Option<&'static str> {
         match (self, pool) {
-            (HeadKind::Reference | HeadKind::Pooler, _) => Some(
-                "the reference and pooler heads read a pooler on the first ([CLS]) token, which \
-                 cached residue embeddings do not have: train them by fine-tuning (without \
-                 --frozen), or use --frozen with --head linear, mlp or light-attention",
+            (HeadKind::Reference, _) => Some(
+                "the reference head reads BERT's pooler on the first ([CLS]) token, which cached \
+                 residue embeddings do not have: train it by fine-tuning (without --frozen), or \
+                 use --frozen with --head linear, mlp or light-attention",
+            ),
+            (HeadKind::Pooler, _) => Some(
+                "the pooler head reads a pooler on the first ([CLS]) token, which cached \
+                 residue embeddings do not have: train it by fine-tuning (without --frozen), or \
+                 use --frozen with --head linear, mlp or light-attention",
             ),
             (HeadKind::LightAttention, _) | (_, Pool::Mean) => None,
             (_, Pool::Cls) => Some(
