@@ -11,6 +11,7 @@ pub mod cache;
 pub mod cli;
 pub mod data;
 pub mod demo;
+pub mod device;
 pub mod dist;
 pub mod eval;
 pub mod infer;

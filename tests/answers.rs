@@ -140,6 +140,7 @@ fn train(case: Case, run: &Path) {
 
 fn predict_jsonl(run: &Path, input: &Path, out: &Path) -> Vec<Value> {
     let n = predict(&PredictArgs {
+        device: Default::default(),
         model: run.to_path_buf(),
         base: None,
         input: input.to_path_buf(),
@@ -531,6 +532,7 @@ fn same_answers(case: Case) {
     server.shutdown().unwrap();
 
     let eval = evaluate(&EvalArgs {
+        device: Default::default(),
         model: run.clone(),
         base: None,
         data: input.to_path_buf(),

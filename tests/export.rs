@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use candle_core::Device;
-use common::{assert_rows_close, classifier_logits, fixture, protloc};
+use common::{assert_rows_close, classifier_logits, hf_fixture, protloc};
 use protloc::model::export::export_hf;
 use protloc::model::{load_base, HeadKind, Pool, Purpose, SequenceClassifier, TaskConfig};
 
@@ -29,8 +29,9 @@ fn json(path: &Path) -> serde_json::Value {
 fn pooler_head_exports_as_transformers_own_class() {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("hf");
+    let hf = hf_fixture("hf_bert_classifier");
     protloc()
-        .args(["export", fixture("hf_bert_classifier").to_str().unwrap()])
+        .args(["export", hf.path().to_str().unwrap()])
         .args(["--output", out.to_str().unwrap()])
         .assert()
         .success();
@@ -51,11 +52,11 @@ fn pooler_head_exports_as_transformers_own_class() {
     );
     assert_eq!(
         shapes(&out.join("model.safetensors")),
-        shapes(&fixture("hf_bert_classifier/model.safetensors"))
+        shapes(&hf.path().join("model.safetensors"))
     );
     let (got, want) = (
         json(&out.join("config.json")),
-        json(&fixture("hf_bert_classifier/config.json")),
+        json(&hf.path().join("config.json")),
     );
     assert_eq!(
         got["architectures"],
@@ -85,7 +86,7 @@ fn pooler_head_exports_as_transformers_own_class() {
     );
     assert_eq!(
         std::fs::read(out.join("vocab.txt")).unwrap(),
-        std::fs::read(fixture("hf_bert_classifier/vocab.txt")).unwrap()
+        std::fs::read(hf.path().join("vocab.txt")).unwrap()
     );
 }
 
@@ -251,8 +252,9 @@ fn every_head_exports_and_reads_back_with_the_same_outputs() {
 #[test]
 fn onnx_is_refused_with_the_command_that_makes_it() {
     let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_fixture("hf_bert_classifier");
     let o = protloc()
-        .args(["export", fixture("hf_bert_classifier").to_str().unwrap()])
+        .args(["export", hf.path().to_str().unwrap()])
         .args(["--format", "onnx", "--output"])
         .arg(tmp.path().join("x"))
         .output()

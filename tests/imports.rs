@@ -10,7 +10,9 @@ mod serve_support;
 use std::path::PathBuf;
 
 use candle_core::Device;
-use common::{assert_rows_close, classifier_logits, fixture, fixture_rows, protloc, write};
+use common::{
+    assert_rows_close, classifier_logits, fixture, fixture_rows, hf_fixture, protloc, write,
+};
 use protloc::model::{HeadKind, SequenceClassifier};
 
 fn reference_pth() -> PathBuf {
@@ -35,7 +37,8 @@ fn softmax(rows: &[Vec<f32>]) -> Vec<Vec<f32>> {
 #[test]
 fn transformers_bert_classifier_gives_transformers_logits_and_location_labels() {
     let (seqs, want) = fixture_rows("hf_bert_classifier", "logits");
-    let model = SequenceClassifier::load(&fixture("hf_bert_classifier"), &Device::Cpu).unwrap();
+    let hf = hf_fixture("hf_bert_classifier");
+    let model = SequenceClassifier::load(hf.path(), &Device::Cpu).unwrap();
     assert_eq!(model.task.head, HeadKind::Pooler);
     // id2label as saved, "Cell membrane" read as the DeepLoc location it names.
     assert_eq!(
@@ -79,11 +82,9 @@ fn import_writes_a_run_directory_that_predicts_the_same() {
         "in.fa",
         ">a\nMEKFGMN\n>b\nMLNIIYVVSLUILIKFIFYKXECNNNNNNYLSN\n",
     );
+    let hf = hf_fixture("hf_bert_classifier");
     let cases: [(&str, Vec<String>); 2] = [
-        (
-            "hf",
-            vec![fixture("hf_bert_classifier").display().to_string()],
-        ),
+        ("hf", vec![hf.path().display().to_string()]),
         (
             "ref",
             vec![
@@ -140,7 +141,8 @@ fn import_errors_name_the_file_and_the_fix() {
     );
     fails(&["predict", "--model", &pth, "--input", &pth], &["--base"]);
     // --base with a directory.
-    let hf = fixture("hf_bert_classifier").display().to_string();
+    let hf_dir = hf_fixture("hf_bert_classifier");
+    let hf = hf_dir.path().display().to_string();
     fails(
         &[
             "import",
@@ -156,9 +158,9 @@ fn import_errors_name_the_file_and_the_fix() {
     let bare = tmp.path().join("bare");
     std::fs::create_dir(&bare).unwrap();
     for f in ["vocab.txt", "model.safetensors"] {
-        std::fs::copy(fixture("hf_bert_classifier").join(f), bare.join(f)).unwrap();
+        std::fs::copy(hf_dir.path().join(f), bare.join(f)).unwrap();
     }
-    let config = std::fs::read_to_string(fixture("hf_bert_classifier/config.json")).unwrap();
+    let config = std::fs::read_to_string(hf_dir.path().join("config.json")).unwrap();
     write(
         &bare,
         "config.json",
@@ -169,7 +171,9 @@ fn import_errors_name_the_file_and_the_fix() {
         &["BertForSequenceClassification", "protloc train"],
     );
     // A file that is not the reference's state_dict (the safetensors of another model).
-    let other = fixture("hf_bert_classifier/model.safetensors")
+    let other = hf_dir
+        .path()
+        .join("model.safetensors")
         .display()
         .to_string();
     fails(
@@ -232,4 +236,96 @@ fn served_reference_model_answers_the_reference_request_body() {
             );
         }
     }
+}
+
+/// `train --init-head` continues from the classifier a transformers directory already has:
+/// with learning rates too small to move a weight, the trained run is that classifier
+/// (same tensors, same logits, its labels and tokenization); without the flag the head
+/// starts fresh. Labels the model does not predict are refused.
+#[test]
+fn init_head_continues_the_checkpoint_classifier() {
+    let tmp = tempfile::tempdir().unwrap();
+    let hf = hf_fixture("hf_bert_classifier");
+    let locations = ["Cytoplasm", "Nucleus", "Cell.membrane", "Mitochondrion"];
+    let mut fasta = String::new();
+    for i in 0..16 {
+        let seq: String = (0..30 + i)
+            .map(|k| b"ACDEFGHIKLMNPQRSTVWY"[(k * 7 + i) % 20] as char)
+            .collect();
+        fasta += &format!(">p{i} {}-S\n{seq}\n", locations[i % 4]);
+    }
+    let data = write(tmp.path(), "train.fa", &fasta);
+    let train = |out: &str, init: bool| {
+        let run = tmp.path().join(out);
+        let mut cmd = protloc();
+        cmd.args(["train", "--model", hf.path().to_str().unwrap(), "--data"])
+            .arg(&data)
+            .arg("--output")
+            .arg(&run)
+            .args([
+                "--epochs",
+                "1",
+                "--batch-size",
+                "4",
+                "--lr",
+                "1e-30",
+                "--head-lr",
+                "1e-30",
+            ]);
+        if init {
+            cmd.arg("--init-head");
+        }
+        cmd.assert().success();
+        run
+    };
+    let run = train("init", true);
+    let saved = common::load(&run.join("model.safetensors"));
+    let original = common::load(&hf.path().join("model.safetensors"));
+    for name in [
+        "classifier.weight",
+        "classifier.bias",
+        "bert.pooler.dense.weight",
+    ] {
+        // A zero bias moves by ~lr; everything else is bit-for-bit the checkpoint's.
+        let d = (&saved[name] - &original[name]).unwrap().abs().unwrap();
+        let d: f32 = d.max_all().unwrap().to_scalar().unwrap();
+        assert!(d < 1e-20, "{name} changed by {d}");
+    }
+    let model = SequenceClassifier::load(&run, &Device::Cpu).unwrap();
+    assert_eq!(model.task.labels, locations);
+    assert_eq!(model.task.head, HeadKind::Pooler);
+    let (seqs, want) = fixture_rows("hf_bert_classifier", "logits");
+    let (single, _) = classifier_logits(&model, &seqs);
+    assert_rows_close("continued run", &single, &want, 1e-5);
+
+    let fresh = common::load(&train("fresh", false).join("model.safetensors"));
+    assert!(!common::same(
+        &fresh["classifier.weight"],
+        &original["classifier.weight"]
+    ));
+
+    let other = write(
+        tmp.path(),
+        "other.fa",
+        &fasta.replace("Nucleus-S", "Lysosome/Vacuole-S"),
+    );
+    let o = protloc()
+        .args([
+            "train",
+            "--init-head",
+            "--model",
+            hf.path().to_str().unwrap(),
+            "--data",
+        ])
+        .arg(&other)
+        .arg("--output")
+        .arg(tmp.path().join("bad"))
+        .output()
+        .unwrap();
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("--init-head") && err.contains("Lysosome/Vacuole"),
+        "{err}"
+    );
 }

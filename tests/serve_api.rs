@@ -74,6 +74,12 @@ fn ping_health_info_metrics_openapi() {
     assert_eq!(info["version"], env!("CARGO_PKG_VERSION"));
     assert_eq!(info["model_type"], "bert");
     assert_eq!(info["ensemble_members"], 1);
+    // Where the model runs: the CPU, unless this is a CUDA build on a machine with a GPU.
+    let device = info["device"].as_str().unwrap();
+    assert!(
+        device == "cpu" || (protloc::device::CUDA_BUILT && device.starts_with("cuda:")),
+        "{device}"
+    );
     // Fine-tuned single-label, without the membrane output (see tests/answers.rs for the rest).
     assert_eq!(info["membrane_head"], false);
     assert_eq!(info["multi_label"], false);

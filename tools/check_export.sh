@@ -33,6 +33,10 @@ train pooler --model scratch:tiny --head pooler
 train la-multi --model scratch:tiny --head light-attention --multi-label
 train esm-pooler --model "$ESM" --head pooler --max-residues 100
 train esm-ensemble --model "$ESM" --frozen --head light-attention --ensemble 2 --cache "$W/cache" --max-residues 100
-"$P" -q export tests/fixtures/hf_bert_classifier --output "$W/hf-imported-bert"
+# The fixture keeps its weights as weights.safetensors; transformers' name is model.safetensors.
+mkdir -p "$W/bert-fixture"
+cp tests/fixtures/hf_bert_classifier/* "$W/bert-fixture/"
+mv "$W/bert-fixture/weights.safetensors" "$W/bert-fixture/model.safetensors"
+"$P" -q export "$W/bert-fixture" --output "$W/hf-imported-bert"
 "$P" -q export tests/fixtures/reference_model/model.pth --base tests/fixtures/reference_model/base --output "$W/hf-imported-reference"
 "$PY" tools/check_export.py "$W"/hf-*

@@ -681,7 +681,7 @@ def classifier_logits(model, tok, seqs, spaced):
 
 def make_hf_classifier(shared, out, seqs, kind):
     """A tiny random BertForSequenceClassification / EsmForSequenceClassification saved as a
-    Hugging Face directory (config.json with id2label, vocab.txt, model.safetensors), plus
+    Hugging Face directory (config.json with id2label, vocab.txt, weights.safetensors), plus
     transformers' logits for the five sequences."""
     from transformers import BertForSequenceClassification, EsmConfig, EsmForSequenceClassification
 
@@ -715,6 +715,10 @@ def make_hf_classifier(shared, out, seqs, kind):
         tok = EsmTokenizer(vocab)
     reloaded = (BertForSequenceClassification if kind == "bert" else EsmForSequenceClassification).from_pretrained(dir)
     reloaded.eval()
+    # model.safetensors is the name of real checkpoints (kept in ../shared, never in the
+    # repository): the fixture keeps its weights as weights.safetensors, and the tests copy
+    # the directory back to the name transformers uses (tests/common: hf_fixture).
+    os.replace(os.path.join(dir, "model.safetensors"), os.path.join(dir, "weights.safetensors"))
     single, ids, diff = classifier_logits(reloaded, tok, seqs, spaced=kind == "bert")
     save_file({"logits": single.contiguous()}, os.path.join(out, f"{name}.safetensors"))
     meta = {

@@ -3,7 +3,6 @@
 use std::path::Path;
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 
 use super::{CacheSpec, EmbeddingCache};
 use crate::infer::predict;
@@ -14,7 +13,7 @@ pub fn embed_to_cache(args: &predict::EmbedArgs, dir: &Path) -> Result<(usize, u
     let base = crate::model::load_base(
         &args.model,
         0,
-        &Device::Cpu,
+        &args.device.resolve_here()?,
         crate::model::Purpose::Inference,
     )
     .with_context(|| format!("cannot load model {}", args.model))?;

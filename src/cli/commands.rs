@@ -6,6 +6,7 @@ use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
 use crate::data::{self, stats::DatasetStats, ReadOptions};
+use crate::device::DeviceSpec;
 use crate::eval::run::{EvalArgs, Split};
 use crate::infer::output::Format;
 use crate::infer::predict::{EmbedArgs, PredictArgs};
@@ -69,6 +70,9 @@ pub enum Command {
     /// Train, evaluate and predict on a built-in synthetic data set in a few minutes, with no
     /// downloads: a tour of the whole workflow.
     Demo(DemoCmd),
+    /// Check a GPU against the CPU on one model: hidden states, logits, every gradient and a
+    /// few training steps must agree (and time a training step on the device).
+    CheckDevice(super::device::CheckDeviceCmd),
 }
 
 #[derive(Subcommand, Debug)]
@@ -95,7 +99,9 @@ pub struct StatsCmd {
 #[derive(Args, Debug)]
 pub struct TrainCmd {
     /// Base model: a Hugging Face model directory, a hub id (e.g. Rostlab/prot_bert_bfd), or
-    /// scratch:tiny|small|base for a ProtBERT-style BERT from random initialisation.
+    /// scratch:tiny|small|base|protbert for a ProtBERT-style BERT from random initialisation
+    /// (protbert: ProtBERT's own shape), or scratch:DIR for the architecture of the model
+    /// directory DIR with random weights.
     #[arg(long, required_unless_present = "resume")]
     pub model: Option<String>,
     /// Labelled data: DeepLoc FASTA (`>ID Location-M [test]`) or CSV/TSV (id,sequence,label).
@@ -114,6 +120,8 @@ pub struct TrainCmd {
     /// RANK/WORLD_SIZE); --batch-size is then per process. Ignored in a single process.
     #[arg(long, value_enum, default_value_t = crate::dist::Backend::Auto, env = "PROTLOC_DIST_BACKEND")]
     pub dist_backend: crate::dist::Backend,
+    #[command(flatten)]
+    pub device: DeviceArg,
 }
 
 #[derive(Args, Debug)]
@@ -144,6 +152,8 @@ pub struct EvalCmd {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub batching: Batching,
+    #[command(flatten)]
+    pub device: DeviceArg,
     #[arg(long)]
     pub skip_invalid: bool,
     /// Per-residue embedding cache (see `embed --per-residue`) to read, and fill with
@@ -172,6 +182,18 @@ pub struct ReportCmd {
     pub output: Option<PathBuf>,
     #[command(flatten)]
     pub batching: Batching,
+    #[command(flatten)]
+    pub device: DeviceArg,
+}
+
+/// `--device`, shared by every command that runs a model.
+#[derive(Args, Debug, Clone, Copy)]
+pub struct DeviceArg {
+    /// Where the model runs: auto (a GPU when this binary was built with `--features cuda`
+    /// and one is present, else the CPU), cpu, cuda (under a launcher: the GPU of the local
+    /// rank) or cuda:N.
+    #[arg(long, value_name = "auto|cpu|cuda[:N]", default_value_t = DeviceSpec::Auto, env = "PROTLOC_DEVICE")]
+    pub device: DeviceSpec,
 }
 
 #[derive(Args, Debug)]
@@ -220,6 +242,8 @@ pub struct PredictCmd {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub batching: Batching,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Process only shard I of N (0-based): records k with k % N == I, counted after
     /// --limit. Join shard outputs with `protloc merge`.
     #[arg(long, value_name = "I/N")]
@@ -258,6 +282,8 @@ pub struct EmbedCmd {
     pub limit: Option<usize>,
     #[command(flatten)]
     pub batching: Batching,
+    #[command(flatten)]
+    pub device: DeviceArg,
     #[arg(long)]
     pub skip_invalid: bool,
 }
@@ -281,6 +307,8 @@ pub struct ServeCmd {
     // Batching, queue, request-size and time limits (defaults in `serve::Limits`).
     #[command(flatten)]
     pub limits: crate::serve::Limits,
+    #[command(flatten)]
+    pub device: DeviceArg,
     /// Truncation of long proteins (default: the policy the model was trained with).
     #[arg(long, value_enum)]
     pub truncate: Option<Truncation>,
@@ -358,6 +386,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Serve(c) => serve(c),
         Command::Import(c) => super::interop::import(c),
         Command::Export(c) => super::interop::export(c),
+        Command::CheckDevice(c) => super::device::run(c),
         Command::Demo(c) => super::demo::run(&super::demo::DemoArgs {
             output: c.output,
             epochs: c.epochs,
@@ -438,7 +467,8 @@ fn train(c: TrainCmd) -> Result<()> {
 
 fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     if let Some(run_dir) = c.resume {
-        let summary = crate::train::resume_observed(&run_dir, comm, &mut PrintObserver)?;
+        let summary =
+            crate::train::resume_observed(&run_dir, c.device.device, comm, &mut PrintObserver)?;
         if !comm.is_root() {
             return Ok(());
         }
@@ -454,7 +484,8 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
     let (Some(model), Some(data), Some(output)) = (c.model, c.data, c.output) else {
         anyhow::bail!("--model, --data and --output are required (or --resume RUN_DIR)");
     };
-    let args = c.options.resolve(&model, data, output);
+    let mut args = c.options.resolve(&model, data, output);
+    args.device = c.device.device;
     let summary = crate::train::train_observed(&args, comm, &mut PrintObserver)?;
     if !comm.is_root() {
         return Ok(());
@@ -519,6 +550,7 @@ fn report(c: ReportCmd) -> Result<()> {
         Some(data) => {
             let e = crate::eval::run::evaluate(&EvalArgs {
                 model: c.run_dir.clone(),
+                device: c.device.device,
                 base: None,
                 data: data.clone(),
                 split: c.split,
@@ -556,6 +588,7 @@ fn report(c: ReportCmd) -> Result<()> {
 fn eval(c: EvalCmd) -> Result<()> {
     let out = crate::eval::run::evaluate(&EvalArgs {
         model: c.model,
+        device: c.device.device,
         base: c.base,
         data: c.data,
         split: c.split,
@@ -605,6 +638,7 @@ fn eval(c: EvalCmd) -> Result<()> {
 fn predict(c: PredictCmd) -> Result<()> {
     let n = crate::infer::predict::predict(&PredictArgs {
         model: c.model,
+        device: c.device.device,
         base: c.base,
         input: c.input,
         output: c.output.clone(),
@@ -623,6 +657,7 @@ fn predict(c: PredictCmd) -> Result<()> {
 fn embed(c: EmbedCmd) -> Result<()> {
     let args = EmbedArgs {
         model: c.model,
+        device: c.device.device,
         input: c.input,
         output: c.output.clone(),
         truncate: c.truncate,
@@ -656,5 +691,6 @@ fn serve(c: ServeCmd) -> Result<()> {
     o.no_truncate = c.no_truncate;
     o.api_key = c.api_key.filter(|k| !k.is_empty());
     o.http_threads = c.http_threads.max(1);
+    o.device = c.device.device;
     crate::serve::run(o)
 }

@@ -55,6 +55,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
 
     eprintln!("3/4  evaluating on the held-out test proteins ...");
     let eval = crate::eval::run::evaluate(&EvalArgs {
+        device: Default::default(),
         model: run_dir.clone(),
         base: None,
         data: data.clone(),
@@ -81,6 +82,7 @@ pub fn run(args: &DemoArgs) -> Result<()> {
     eprintln!("4/4  predicting ...");
     let preds = out.join("predictions.tsv");
     crate::infer::predict::predict(&PredictArgs {
+        device: Default::default(),
         model: run_dir.clone(),
         base: None,
         input: data,

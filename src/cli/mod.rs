@@ -3,6 +3,7 @@
 
 mod commands;
 mod demo;
+mod device;
 mod interop;
 
 use std::process::ExitCode;

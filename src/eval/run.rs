@@ -3,7 +3,6 @@
 use std::path::PathBuf;
 
 use anyhow::{bail, Result};
-use candle_core::Device;
 use serde::{Deserialize, Serialize};
 
 use super::metrics::ClassificationReport;
@@ -27,6 +26,8 @@ pub enum Split {
 
 pub struct EvalArgs {
     pub model: PathBuf,
+    /// Where to run the model.
+    pub device: crate::device::DeviceSpec,
     /// The encoder of a reference `model.pth` given as `model` (see
     /// [`crate::model::import`]); `None` for a directory.
     pub base: Option<String>,
@@ -79,7 +80,8 @@ pub fn select(records: &[Record], split: Split, limit: Option<usize>) -> Vec<&Re
 }
 
 pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
-    let model = SequenceClassifier::open(&args.model, args.base.as_deref(), &Device::Cpu)?;
+    let device = args.device.resolve_here()?;
+    let model = SequenceClassifier::open(&args.model, args.base.as_deref(), &device)?;
     let ds = data::read_dataset(
         &args.data,
         ReadOptions {
@@ -192,5 +194,6 @@ fn cached_predictions(
     let pb = crate::progress::bar(missing as u64, "embedding", "proteins");
     cache.fill(&model.base, &seqs, limits, Some(&pb))?;
     pb.finish_and_clear();
-    crate::cache::cached_outputs(model, &mut cache, &seqs, &Device::Cpu)
+    let device = model.base.store.device().clone();
+    crate::cache::cached_outputs(model, &mut cache, &seqs, &device)
 }

@@ -4,7 +4,6 @@
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
-use candle_core::Device;
 
 use super::output::{Format, Prediction, PredictionWriter};
 use super::{head_outputs, mean_embeddings, BatchLimits};
@@ -72,6 +71,8 @@ pub(crate) fn for_each_chunk(
 
 pub struct PredictArgs {
     pub model: PathBuf,
+    /// Where to run the model.
+    pub device: crate::device::DeviceSpec,
     /// The encoder of a reference `model.pth` given as `model` (see
     /// [`crate::model::import`]); `None` for a directory.
     pub base: Option<String>,
@@ -87,7 +88,8 @@ pub struct PredictArgs {
 
 /// Predicts the location of every protein in `args.input`; returns how many.
 pub fn predict(args: &PredictArgs) -> Result<usize> {
-    let model = SequenceClassifier::open(&args.model, args.base.as_deref(), &Device::Cpu)?;
+    let device = args.device.resolve_here()?;
+    let model = SequenceClassifier::open(&args.model, args.base.as_deref(), &device)?;
     let format = args.format.unwrap_or_else(|| {
         args.output
             .as_deref()
@@ -134,6 +136,8 @@ pub fn predict(args: &PredictArgs) -> Result<usize> {
 
 pub struct EmbedArgs {
     pub model: String,
+    /// Where to run the encoder.
+    pub device: crate::device::DeviceSpec,
     pub input: PathBuf,
     pub output: Option<PathBuf>,
     pub truncate: Truncation,
@@ -146,7 +150,8 @@ pub struct EmbedArgs {
 /// Writes one JSON line `{"id", "length", "residues_used", "embedding"}` per protein: the
 /// mean of the final hidden states over residue tokens (the ProtTrans convention).
 pub fn embed(args: &EmbedArgs) -> Result<usize> {
-    let base = model::load_base(&args.model, 0, &Device::Cpu, model::Purpose::Inference)
+    let device = args.device.resolve_here()?;
+    let base = model::load_base(&args.model, 0, &device, model::Purpose::Inference)
         .with_context(|| format!("cannot load model {}", args.model))?;
     let max_res = super::effective_max_residues(&base.cfg, args.max_residues)?;
     let source = record_source(&args.input, args.skip_invalid)?;

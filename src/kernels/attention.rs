@@ -41,7 +41,7 @@ pub fn self_attention(
     rng: Option<&mut rand_chacha::ChaCha8Rng>,
 ) -> Result<Tensor> {
     if let (true, true, Some(lengths)) = (
-        q.device().is_cpu(),
+        super::fused_on(q.device()),
         q.dtype() == candle_core::DType::F32,
         mask.lengths.as_ref(),
     ) {

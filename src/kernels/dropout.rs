@@ -134,7 +134,7 @@ pub fn dropout_add(
         },
         _ => return y + residual,
     };
-    if y.device().is_cpu() && y.dtype() == DType::F32 && residual.dtype() == DType::F32 {
+    if super::fused_on(y.device()) && y.dtype() == DType::F32 && residual.dtype() == DType::F32 {
         return y
             .contiguous()?
             .apply_op2(&residual.contiguous()?, DropoutAdd { mask });

@@ -51,7 +51,7 @@ fn linear_then(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, then: Then) -
     let rows = x.elem_count() / k;
     let x2 = x.reshape((rows, k))?;
     let y = match bias {
-        Some(b) if x.device().is_cpu() && x.dtype() == DType::F32 => {
+        Some(b) if super::fused_on(x.device()) && x.dtype() == DType::F32 => {
             let op = LinearOp {
                 pre_gelu: (then == Then::GeluErf).then(Default::default),
                 scale: match then {

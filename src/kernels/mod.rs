@@ -16,6 +16,26 @@
 //! - [`fused_attention`]: the training attention as one custom op;
 //! - [`attention`]: the differentiable path's self-attention (fused or composed).
 
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use candle_core::Device;
+
+static COMPOSED_ONLY: AtomicBool = AtomicBool::new(false);
+
+/// Whether tensors on `device` take this module's fused CPU kernels. Everywhere else (a GPU)
+/// each op has a composed form built from candle's own differentiable ops, which is also
+/// what [`set_composed_only`] forces on the CPU.
+pub fn fused_on(device: &Device) -> bool {
+    device.is_cpu() && !COMPOSED_ONLY.load(Ordering::Relaxed)
+}
+
+/// Runs the composed (device-generic) forms on the CPU too: process-wide, for checking the
+/// GPU code path against the fused kernels on a machine without a GPU (`protloc
+/// check-device --device cpu`, tests/composed_ops.rs).
+pub fn set_composed_only(on: bool) {
+    COMPOSED_ONLY.store(on, Ordering::Relaxed);
+}
+
 pub mod activation;
 pub mod attention;
 pub mod buffers;

@@ -24,7 +24,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     if !(x.track_op() || weight.track_op() || bias.track_op()) && x.dtype() == DType::F32 {
         return candle_nn::ops::layer_norm(&x.contiguous()?, weight, bias, eps as f32);
     }
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_on(x.device()) && x.dtype() == DType::F32 {
         let op = LayerNormOp {
             eps: eps as f32,
             stats: std::sync::Mutex::new(Vec::new()),
@@ -180,7 +180,7 @@ impl candle_core::CustomOp3 for LayerNormOp {
 /// backward ([`SoftmaxLastDim`]); elsewhere a differentiable composition summed in f32, with
 /// the max detached (it only stabilises the exponent and cancels out of the gradient).
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_on(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(SoftmaxLastDim);
     }
     let dtype = x.dtype();
@@ -250,7 +250,7 @@ impl candle_core::CustomOp1 for SoftmaxLastDim {
 /// and builds its gradient from about ten full-size temporaries, which made the activation
 /// a visible share of an ESM-2 training step.
 pub fn gelu_erf(x: &Tensor) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
+    if super::fused_on(x.device()) && x.dtype() == DType::F32 {
         return x.contiguous()?.apply_op1(GeluErf);
     }
     x.gelu_erf()

@@ -66,7 +66,7 @@ pub fn half_tables(t: usize, inv_freq: &[f32]) -> (Vec<f32>, Vec<f32>) {
 /// op on CPU in f32, the composed ops elsewhere.
 pub fn apply(x: &Tensor, heads: usize, tables: &RotaryTables, scale: f64) -> Result<Tensor> {
     let (_, t, hidden) = x.dims3()?;
-    if x.device().is_cpu()
+    if super::fused_on(x.device())
         && x.dtype() == DType::F32
         && hidden.is_multiple_of(2 * heads)
         && tables.cos_half.len() >= t * hidden / heads / 2

@@ -52,12 +52,21 @@ fn new_store(
 /// encoder needs must all be in the checkpoint; extra tensors (pretraining heads) are ignored.
 pub fn load_base(spec: &str, seed: u64, device: &Device, purpose: Purpose) -> Result<BaseModel> {
     if let Some(size) = spec.strip_prefix("scratch:") {
-        let cfg = scratch_config(size)?;
+        // scratch:DIR: the architecture and vocabulary of a model directory, random weights.
+        let dir = Path::new(size);
+        let (cfg, tokenizer) = if dir.join("config.json").is_file() {
+            let cfg = loader::read_config(&dir.join("config.json"))?;
+            let tokenizer = Tokenizer::from_file(&dir.join("vocab.txt"))?;
+            check_vocab(&cfg, &tokenizer, &dir.join("vocab.txt"))?;
+            (cfg, tokenizer)
+        } else {
+            (scratch_config(size)?, Tokenizer::protbert_default())
+        };
         let store = new_store(Default::default(), spec.into(), seed, device, purpose);
         let encoder = Encoder::new(&store.initialising(), &cfg)?;
         return Ok(BaseModel {
             cfg,
-            tokenizer: Tokenizer::protbert_default(),
+            tokenizer,
             store,
             encoder,
             source: spec.into(),

@@ -84,6 +84,32 @@ impl SequenceClassifier {
         Ok(Self { base, heads, task })
     }
 
+    /// `base`, loaded for training from a model directory that also holds a classifier
+    /// (a run directory or a transformers `*ForSequenceClassification` directory; `task` as
+    /// [`import::resolve`] read it), with that classifier as its trainable head:
+    /// `train --init-head`.
+    pub fn with_checkpoint_head(mut base: BaseModel, task: TaskConfig) -> Result<Self> {
+        if task.ensemble != 1 {
+            bail!(
+                "{}: an ensemble of {} heads; --init-head continues a single model",
+                base.source,
+                task.ensemble
+            );
+        }
+        let spec = task.head_spec(&base.cfg)?;
+        let head = Head::new(&base.store.strict(), spec)
+            .with_context(|| format!("{}: its classifier head is incomplete", base.source))?;
+        base.store.release_source();
+        if task.keep_rare_residues {
+            base.tokenizer = base.tokenizer.keeping_rare_residues();
+        }
+        Ok(Self {
+            base,
+            heads: vec![head],
+            task,
+        })
+    }
+
     /// Heads averaged at inference (1 for a single model).
     pub fn members(&self) -> usize {
         self.heads.len()

@@ -146,14 +146,19 @@ impl Encoder {
     }
 }
 
-/// Encoder sizes for `scratch:SIZE` (ProtBERT-style BERT from random initialisation).
+/// Encoder sizes for `scratch:SIZE` (ProtBERT-style BERT from random initialisation;
+/// `protbert` is ProtBERT's own shape).
 pub fn scratch_config(size: &str) -> Result<EncoderConfig> {
     let (hidden, layers, heads) = match size {
         "tiny" => (64, 2, 4),
         "small" => (128, 4, 4),
         "base" => (256, 6, 8),
+        // ProtBERT's shape (420M parameters), for benchmarks.
+        "protbert" => (1024, 30, 16),
         other => bail!(
-            "unknown scratch size {other:?} (choose scratch:tiny, scratch:small or scratch:base)"
+            "unknown scratch size {other:?} (choose scratch:tiny, scratch:small, scratch:base, \
+             scratch:protbert, or scratch:DIR for the architecture of the model directory DIR \
+             with random weights)"
         ),
     };
     Ok(EncoderConfig {

@@ -427,7 +427,7 @@ impl Head {
 /// whose weight is stored as [C_out, k*H] (offset-major); one large GEMM is both faster on a
 /// CPU and simpler to differentiate than a direct convolution.
 pub fn im2col(x: &Tensor, kernel: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == candle_core::DType::F32 {
+    if crate::kernels::fused_on(x.device()) && x.dtype() == candle_core::DType::F32 {
         return ops::im2col(x, kernel);
     }
     let l = x.dim(1)?;

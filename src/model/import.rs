@@ -150,24 +150,35 @@ fn transformers_task(
         );
     }
     let multi_label = problem == Some("multi_label_classification");
-    let mut task = TaskConfig::new(labels, source);
-    task.head = HeadKind::Pooler;
-    task.pool = Pool::Cls;
-    task.truncate = Truncation::Head;
-    task.max_residues = cfg
-        .max_position_embeddings
-        .saturating_sub(2)
-        .clamp(1, IMPORT_MAX_RESIDUES);
+    let mut task = imported_task(labels, source, HeadKind::Pooler, cfg, IMPORT_MAX_RESIDUES);
     task.head_dropout = value
         .get("classifier_dropout")
         .and_then(|d| d.as_f64())
         .unwrap_or(cfg.hidden_dropout_prob);
-    task.keep_rare_residues = true;
     if multi_label {
         task.multi_label = true;
         task.thresholds = Some(vec![0.5; task.labels.len()]);
     }
     Ok(task)
+}
+
+/// What an imported model was trained with, as far as its files say: `head` on the first
+/// token, sequences cut at the end (as transformers' tokenizers do) to what its positions
+/// allow, at most `cap` residues, and U/Z/O/B kept as their own tokens.
+fn imported_task(
+    labels: Vec<String>,
+    source: &str,
+    head: HeadKind,
+    cfg: &EncoderConfig,
+    cap: usize,
+) -> TaskConfig {
+    let mut task = TaskConfig::new(labels, source);
+    task.head = head;
+    task.pool = Pool::Cls;
+    task.truncate = Truncation::Head;
+    task.max_residues = cfg.max_position_embeddings.saturating_sub(2).clamp(1, cap);
+    task.keep_rare_residues = true;
+    task
 }
 
 /// Labels in index order from `id2label` (`num_labels`, else 2, generic `LABEL_i` names when
@@ -221,16 +232,14 @@ fn reference(model: &Path, base: &str) -> Result<Resolved> {
         .with_context(|| format!("--base {base}: cannot read the encoder's files"))?;
     let cfg = loader::read_config(&files.config)?;
     let labels = REFERENCE_CLASSES.iter().map(|s| s.to_string()).collect();
-    let mut task = TaskConfig::new(labels, base);
-    task.head = HeadKind::Reference;
-    task.pool = Pool::Cls;
-    task.truncate = Truncation::Head;
-    task.max_residues = cfg
-        .max_position_embeddings
-        .saturating_sub(2)
-        .clamp(1, REFERENCE_MAX_RESIDUES);
+    let mut task = imported_task(
+        labels,
+        base,
+        HeadKind::Reference,
+        &cfg,
+        REFERENCE_MAX_RESIDUES,
+    );
     task.head_dropout = 0.2;
-    task.keep_rare_residues = true;
     Ok(Resolved {
         files,
         task,

@@ -31,6 +31,8 @@ pub struct ServeOptions {
     pub api_key: Option<String>,
     /// Async runtime threads (HTTP, parsing).
     pub http_threads: usize,
+    /// Where the model runs.
+    pub device: crate::device::DeviceSpec,
 }
 
 impl ServeOptions {
@@ -45,6 +47,7 @@ impl ServeOptions {
             no_truncate: false,
             api_key: None,
             http_threads: 2,
+            device: Default::default(),
         }
     }
 }

@@ -138,6 +138,9 @@ pub struct Info {
     /// Longer sequences are rejected (422) instead of truncated.
     pub no_truncate: bool,
     pub limits: InfoLimits,
+    /// Where the model runs: `cpu` or `cuda:N` (`protloc serve --device`).
+    #[schema(example = "cpu")]
+    pub device: String,
     pub version: String,
 }
 

@@ -59,15 +59,17 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
     let limits = opts.limits.normalized();
     let dir = opts.model.clone();
     let base = opts.base.clone();
-    let (batcher, (task, model_type, tokenizer)) =
+    let device_spec = opts.device;
+    let (batcher, (task, model_type, tokenizer, device)) =
         MicroBatcher::start(limits, Arc::clone(&metrics), move || {
-            let device = Device::Cpu;
+            let device = device_spec.resolve_here()?;
             let model = SequenceClassifier::open(&dir, base.as_deref(), &device)
                 .with_context(|| format!("cannot load model {}", dir.display()))?;
             let info = (
                 model.task.clone(),
                 model.base.cfg.model_type.to_string(),
                 model.base.tokenizer.clone(),
+                crate::device::describe(&device),
             );
             let rule = model.answer_rule();
             Ok((
@@ -100,6 +102,7 @@ pub fn build_state(opts: ServeOptions) -> Result<Arc<AppState>> {
             limits,
             auth: opts.api_key.is_some(),
         },
+        device,
         version: env!("CARGO_PKG_VERSION").to_string(),
     };
     Ok(Arc::new(AppState {

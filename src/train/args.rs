@@ -109,6 +109,14 @@ pub struct TrainArgs {
     /// below, computed once (0 = off). See `frozen`.
     #[serde(default)]
     pub train_top_layers: usize,
+    /// Continue training the classifier head `model` already has (a protloc run directory
+    /// or a transformers *ForSequenceClassification directory) instead of a fresh one; its
+    /// labels, head and tokenization come with it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub init_head: bool,
+    /// Where to train (not saved: a resumed run picks its own).
+    #[serde(skip)]
+    pub device: crate::device::DeviceSpec,
     /// Set by [`resume`]: the checkpoint to continue from.
     #[serde(skip)]
     pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
@@ -211,6 +219,8 @@ impl TrainArgs {
             world_size: 1,
             lora: default_lora(),
             train_top_layers: 0,
+            init_head: false,
+            device: Default::default(),
             resume_from: None,
         }
     }
@@ -240,6 +250,9 @@ impl TrainArgs {
         }
         if self.max_residues == Some(0) {
             bail!("--max-residues must be at least 1");
+        }
+        if self.init_head && (self.frozen || self.train_top_layers > 0 || self.members() > 1) {
+            bail!("--init-head continues fine-tuning one model's head: it does not combine with --frozen, --train-top-layers, --ensemble or --folds");
         }
         if self.frozen && self.train_top_layers > 0 {
             bail!("--frozen keeps every encoder layer fixed and --train-top-layers trains some: drop one of them");
@@ -439,6 +452,13 @@ pub struct TrainOptions {
     /// --lora-rank, adapters on those layers train instead of their weights.
     #[arg(long, default_value_t = 0, value_name = "K")]
     pub train_top_layers: usize,
+    /// Start from the classifier head --model already has (a protloc run directory, or a
+    /// transformers BertForSequenceClassification / EsmForSequenceClassification directory)
+    /// instead of a fresh one. Its labels (every training label must be one of them), head
+    /// architecture, membrane output and tokenization come with it; --head and --membrane
+    /// are ignored.
+    #[arg(long)]
+    pub init_head: bool,
     /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its
     /// own weights stay frozen; saving merges them into the weights, so the run directory
     /// is an ordinary model. 0 = off. Adapters skip the first --freeze-layers layers.
@@ -504,6 +524,7 @@ impl TrainOptions {
             2e-5
         });
         args.train_top_layers = top;
+        args.init_head = c.init_head;
         args.lora = crate::model::lora::LoraConfig {
             rank: c.lora_rank,
             alpha: c.lora_alpha.unwrap_or(c.lora_rank as f64),

@@ -46,7 +46,7 @@ pub(super) fn run(
 ) -> Result<TrainSummary> {
     let world = comm.world_size();
     let root = comm.is_root();
-    let device = Device::Cpu;
+    let device = args.device.resolve_here()?;
     let t0 = Instant::now();
 
     let Prepared {
@@ -204,36 +204,73 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
         );
     }
     let lora = prepare_encoder(&mut base, args.freeze_layers, &args.lora)?;
-    let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
-    let labels = default_labels();
+    // --init-head: the checkpoint's own task (labels, head, tokenization) is the run's.
+    let start = if args.init_head {
+        Some(checkpoint_task(args)?)
+    } else {
+        None
+    };
+    if start.as_ref().is_some_and(|t| t.keep_rare_residues) {
+        base.tokenizer = base.tokenizer.keeping_rare_residues();
+    }
+    let (labels, max_res, truncate) = match &start {
+        Some(t) => (
+            t.labels.clone(),
+            args.max_residues.map_or(Ok(t.max_residues), |m| {
+                effective_max_residues(&base.cfg, Some(m))
+            })?,
+            t.truncate,
+        ),
+        None => (
+            default_labels(),
+            effective_max_residues(&base.cfg, args.max_residues)?,
+            args.truncate,
+        ),
+    };
     let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
-    let train_set = encode_examples(
-        &base,
-        &pick(&train_idx),
-        &labels,
-        max_res,
-        args.truncate,
-        args.multi_label,
-    )?;
-    let val_set = encode_examples(
-        &base,
-        &pick(&val_idx),
-        &labels,
-        max_res,
-        args.truncate,
-        args.multi_label,
-    )?;
-    let membrane = resolve_membrane(args.membrane, &train_set.targets, false);
-    let task = args.task_config(labels.clone(), max_res, membrane);
+    let multi_label = args.multi_label; // the checkpoint's too (checkpoint_task)
+    let encode = |idx: &[usize]| {
+        encode_examples(&base, &pick(idx), &labels, max_res, truncate, multi_label).with_context(
+            || match &start {
+                Some(_) => format!(
+                    "--init-head: {} predicts {labels:?}; every training label must be one of them",
+                    args.model
+                ),
+                None => "cannot read the training labels".into(),
+            },
+        )
+    };
+    let (train_set, val_set) = (encode(&train_idx)?, encode(&val_idx)?);
     let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
-    let model = SequenceClassifier::new(base, task)?;
+    let (model, membrane) = match start {
+        Some(mut task) => {
+            task.base_model = args.model.clone();
+            task.protloc_version = env!("CARGO_PKG_VERSION").into();
+            task.max_residues = max_res;
+            task.frozen_encoder = false;
+            task.members.clear();
+            if let Some(d) = args.dropout {
+                task.head_dropout = d;
+            }
+            let membrane = task.membrane;
+            (
+                SequenceClassifier::with_checkpoint_head(base, task)?,
+                membrane,
+            )
+        }
+        None => {
+            let membrane = resolve_membrane(args.membrane, &train_set.targets, false);
+            let task = args.task_config(labels.clone(), max_res, membrane);
+            (SequenceClassifier::new(base, task)?, membrane)
+        }
+    };
     let objective = Objective {
         class_weights: Objective::class_weights(
             &train_set.targets,
             labels.len(),
             args.class_weighting,
         ),
-        multi_label: args.multi_label,
+        multi_label,
         membrane,
     };
     Ok(Prepared {
@@ -245,6 +282,34 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
         lora: lora.is_some(),
         max_res,
     })
+}
+
+/// `train --init-head`: the task of the classifier `args.model` holds, as `eval` reads it.
+fn checkpoint_task(args: &TrainArgs) -> Result<model::TaskConfig> {
+    let path = std::path::Path::new(&args.model);
+    if !path.is_dir() {
+        bail!(
+            "--init-head needs --model to be a local directory with a classifier (a protloc run \
+             or a transformers *ForSequenceClassification directory), not {}",
+            args.model
+        );
+    }
+    let task = model::import::resolve(path, None)
+        .with_context(|| format!("--init-head: {} has no classifier head", args.model))?
+        .task;
+    if task.multi_label != args.multi_label {
+        bail!(
+            "--init-head: {} is a {} model; {} --multi-label",
+            args.model,
+            if task.multi_label {
+                "multi-label"
+            } else {
+                "single-label"
+            },
+            if task.multi_label { "add" } else { "drop" }
+        );
+    }
+    Ok(task)
 }
 
 /// Before any real work is shared: a rank started with other arguments or another copy of

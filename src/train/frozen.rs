@@ -13,7 +13,6 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use candle_core::Device;
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
@@ -45,7 +44,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
 /// [`train`], reporting the embedding cache, each member's start and every epoch to
 /// `observer`.
 pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
-    let device = Device::Cpu;
+    let device = args.device.resolve_here()?;
     let t0 = Instant::now();
     let (dataset, plans) = plan_members(args)?;
     let n = plans.len();
@@ -539,7 +538,7 @@ fn member_epoch(
     args: &TrainArgs,
     epoch: usize,
 ) -> Result<(f64, usize, bool)> {
-    let device = Device::Cpu;
+    let device = model.base.store.device().clone();
     let (mut loss_sum, mut loss_n) = (0f64, 0usize);
     let mut stop = false;
     for group in batches {
@@ -587,7 +586,8 @@ fn validate_member(
         None
     } else {
         let seqs: Vec<&str> = val_recs.iter().map(|r| r.sequence.as_str()).collect();
-        let out = crate::cache::cached_member_outputs(model, k..k + 1, cache, &seqs, &Device::Cpu)?;
+        let device = model.base.store.device();
+        let out = crate::cache::cached_member_outputs(model, k..k + 1, cache, &seqs, device)?;
         let probs = out.probabilities;
         let mut metrics = validation_metrics(&probs, out.membrane.as_deref(), val_targets);
         if multi_label {

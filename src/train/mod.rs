@@ -5,6 +5,7 @@
 
 pub mod args;
 pub mod checkpoint;
+pub mod device_check;
 mod fine_tune;
 pub mod frozen;
 pub mod metrics;
@@ -36,13 +37,14 @@ pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
 /// [`resume`] as one rank of a data-parallel job: every rank reads the run directory (it
 /// must be on a file system they share) and must be started with the same world size.
 pub fn resume_with(run_dir: &std::path::Path, comm: &dyn Collective) -> Result<TrainSummary> {
-    resume_observed(run_dir, comm, &mut LogObserver)
+    resume_observed(run_dir, Default::default(), comm, &mut LogObserver)
 }
 
 /// [`resume_with`], reporting epochs and the checkpoint it resumes from to `observer` (on
 /// the root rank only).
 pub fn resume_observed(
     run_dir: &std::path::Path,
+    device: crate::device::DeviceSpec,
     comm: &dyn Collective,
     observer: &mut dyn TrainObserver,
 ) -> Result<TrainSummary> {
@@ -52,6 +54,7 @@ pub fn resume_observed(
     let mut args: TrainArgs = serde_json::from_str(&text)
         .with_context(|| format!("{}: invalid training arguments", path.display()))?;
     args.output = run_dir.to_path_buf();
+    args.device = device;
     args.resume_from = Some(std::sync::Arc::new(checkpoint::load_latest(run_dir)?));
     if args.save_every_steps == 0 {
         bail!(

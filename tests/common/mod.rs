@@ -233,3 +233,22 @@ pub fn fixture_rows(stem: &str, name: &str) -> (Vec<String>, Vec<Vec<f32>>) {
     let t = load(&fixture(&format!("{stem}.safetensors")));
     (seqs, t[name].to_vec2().unwrap())
 }
+
+/// A transformers classifier fixture (`tests/fixtures/NAME/`) as the Hugging Face directory
+/// `save_pretrained` wrote, in a temporary directory. The repository keeps its weights as
+/// `weights.safetensors` (the name `model.safetensors` is reserved for real checkpoints,
+/// which live in ../shared); this puts them back under the name transformers uses.
+pub fn hf_fixture(name: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(fixture(name)).unwrap() {
+        let from = entry.unwrap().path();
+        let file = from.file_name().unwrap().to_string_lossy().into_owned();
+        let to = if file == "weights.safetensors" {
+            "model.safetensors".to_string()
+        } else {
+            file
+        };
+        std::fs::copy(&from, dir.path().join(to)).unwrap();
+    }
+    dir
+}

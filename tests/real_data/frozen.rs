@@ -347,6 +347,7 @@ fn ensemble_is_the_mean_of_its_members() {
 
     // (d) eval, predict and serve read the ensemble.
     let eval = protloc::eval::run::evaluate(&protloc::eval::run::EvalArgs {
+        device: Default::default(),
         model: ens.clone(),
         base: None,
         data: data.clone(),
@@ -377,6 +378,7 @@ fn ensemble_is_the_mean_of_its_members() {
 
     let out = dir.path().join("pred.jsonl");
     let n = protloc::infer::predict::predict(&protloc::infer::predict::PredictArgs {
+        device: Default::default(),
         model: ens.clone(),
         base: None,
         input: data.clone(),

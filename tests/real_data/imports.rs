@@ -6,15 +6,12 @@
 use candle_core::Device;
 use protloc::model::{HeadKind, SequenceClassifier};
 
-use crate::common::{assert_rows_close, classifier_logits, esm_dir, fixture, fixture_rows};
+use crate::common::{assert_rows_close, classifier_logits, esm_dir, fixture_rows, hf_fixture};
 
 #[test]
 fn transformers_esm_classifier_gives_transformers_logits_and_its_own_labels() {
     let (seqs, want) = fixture_rows("hf_esm_classifier", "logits");
-    let dir = tempfile::tempdir().unwrap();
-    for f in ["config.json", "model.safetensors"] {
-        std::fs::copy(fixture("hf_esm_classifier").join(f), dir.path().join(f)).unwrap();
-    }
+    let dir = hf_fixture("hf_esm_classifier");
     let vocab = std::path::Path::new(&esm_dir()).join("vocab.txt");
     std::fs::copy(vocab, dir.path().join("vocab.txt")).unwrap();
     let model = SequenceClassifier::load(dir.path(), &Device::Cpu).unwrap();

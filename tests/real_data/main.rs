@@ -13,6 +13,7 @@ mod common;
 mod cli;
 mod data_readers;
 mod determinism;
+mod device;
 mod distributed;
 mod frozen;
 mod gradients;

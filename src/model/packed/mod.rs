@@ -59,7 +59,11 @@ pub enum ForwardPath {
 /// the CPU, with the packed path enabled ([`set_packed_inference`]). `detached` is evaluated
 /// last, only when everything else allows the packed path.
 pub fn forward_path(rng_given: bool, ids: &Tensor, detached: impl FnOnce() -> bool) -> ForwardPath {
-    if !rng_given && ids.device().is_cpu() && packed_inference_enabled() && detached() {
+    if !rng_given
+        && crate::kernels::fused_on(ids.device())
+        && packed_inference_enabled()
+        && detached()
+    {
         ForwardPath::Packed
     } else {
         ForwardPath::Differentiable
