@@ -12,14 +12,14 @@ use candle_core::{DType, Device, Tensor};
 use protloc::kernels::ops::cross_entropy;
 use protloc::model::head::{pool, ClassifierHead, Pool};
 use protloc::model::{Encoder, EncoderConfig, ParamStore};
-use protloc::tokenize::Batch;
+use protloc::tokenize::TokenBatch;
 use protloc::train::optim::{Optimizer, OptimizerConfig};
 
 struct Tiny {
     store: ParamStore,
     encoder: Encoder,
     head: ClassifierHead,
-    batch: Batch,
+    batch: TokenBatch,
     labels: Tensor,
     fx: HashMap<String, Tensor>,
 }
@@ -77,7 +77,7 @@ fn tiny() -> Tiny {
     let ids = fx["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = fx["attention_mask"].to_dtype(DType::F32).unwrap();
     // Residue mask is unused with CLS pooling; any [B, T] tensor will do.
-    let batch = Batch {
+    let batch = TokenBatch {
         ids,
         attention_mask: mask.clone(),
         residue_mask: mask,

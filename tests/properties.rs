@@ -5,7 +5,7 @@ use candle_core::Device;
 use proptest::prelude::*;
 use protloc::infer::{class_probabilities, BatchLimits};
 use protloc::model::{load_base, Pool, Purpose, SequenceClassifier, TaskConfig};
-use protloc::tokenize::{BatchPlan, Tokenizer, Truncation};
+use protloc::tokenize::{token_budget_groups, Tokenizer, Truncation};
 
 fn residues() -> impl Strategy<Value = String> {
     proptest::string::string_regex("[ACDEFGHIKLMNPQRSTVWYXUZOBacdefgh]{1,300}").unwrap()
@@ -49,7 +49,7 @@ proptest! {
         max_tokens in 1usize..20000,
         max_batch in 1usize..80,
     ) {
-        let plan = BatchPlan::token_budget(&lengths, max_tokens, max_batch);
+        let plan = token_budget_groups(&lengths, max_tokens, max_batch);
         let mut seen: Vec<usize> = plan.iter().flatten().copied().collect();
         seen.sort();
         prop_assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());

@@ -16,7 +16,7 @@ use protloc::model::{
     self, BaseModel, Encoder, EncoderConfig, HeadKind, ParamStore, Pool, Purpose,
     SequenceClassifier, TaskConfig,
 };
-use protloc::tokenize::{Batch, Tokenizer};
+use protloc::tokenize::{TokenBatch, Tokenizer};
 use protloc::train::{train, TrainArgs};
 
 fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
@@ -99,13 +99,13 @@ fn reference_model(f: &Fixture) -> SequenceClassifier {
     SequenceClassifier::new(base, task).unwrap()
 }
 
-fn fixture_batch(f: &Fixture) -> Batch {
+fn fixture_batch(f: &Fixture) -> TokenBatch {
     let ids = f.fx["input_ids"].to_dtype(DType::U32).unwrap();
     let mask = f.fx["attention_mask"].to_dtype(DType::F32).unwrap();
     let max_len = ids.dim(1).unwrap();
     // The reference head ignores the residue mask (it reads the first token only); give it
     // the attention mask so that a head that used it would see something wrong.
-    Batch {
+    TokenBatch {
         ids,
         attention_mask: mask.clone(),
         residue_mask: mask,
@@ -255,7 +255,7 @@ fn reference_run_directory_saves_and_reloads_identically() {
         "MSKLVLVGAGGVGKSALTIQLIQNHFVDEYDPT",
     ];
     let enc: Vec<_> = seqs.iter().map(|s| model.encode(s)).collect();
-    let batch = Batch::collate(
+    let batch = TokenBatch::collate(
         &enc.iter().collect::<Vec<_>>(),
         model.base.tokenizer.pad_id,
         &Device::Cpu,

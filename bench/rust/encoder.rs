@@ -27,7 +27,7 @@ use candle_core::{Device, Tensor};
 use protloc::infer::BatchLimits;
 use protloc::kernels::{self, buffers, gemm};
 use protloc::model::{self, load_base, Pool, Purpose, SequenceClassifier, TaskConfig};
-use protloc::tokenize::{Batch, Encoded, Truncation};
+use protloc::tokenize::{Encoded, TokenBatch, Truncation};
 use serde_json::json;
 
 /// Residues used to build synthetic inputs (a real protein, repeated to any length), the
@@ -193,9 +193,9 @@ fn synthetic(tok: &protloc::tokenize::Tokenizer, batch: usize, len: usize) -> Ve
     vec![e; batch]
 }
 
-fn batch_of(items: &[Encoded], pad: u32) -> Result<Batch> {
+fn batch_of(items: &[Encoded], pad: u32) -> Result<TokenBatch> {
     let refs: Vec<&Encoded> = items.iter().collect();
-    Ok(Batch::collate(&refs, pad, &Device::Cpu)?)
+    Ok(TokenBatch::collate(&refs, pad, &Device::Cpu)?)
 }
 
 /// How inference benchmarks load their model: the packed path as protloc runs it (weights

@@ -151,7 +151,7 @@ pub struct EvalCmd {
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
-    pub batching: Batching,
+    pub limits: BatchLimits,
     #[command(flatten)]
     pub device: DeviceArg,
     #[arg(long)]
@@ -181,7 +181,7 @@ pub struct ReportCmd {
     #[arg(long)]
     pub output: Option<PathBuf>,
     #[command(flatten)]
-    pub batching: Batching,
+    pub limits: BatchLimits,
     #[command(flatten)]
     pub device: DeviceArg,
 }
@@ -194,27 +194,6 @@ pub struct DeviceArg {
     /// rank) or cuda:N.
     #[arg(long, value_name = "auto|cpu|cuda[:N]", default_value_t = DeviceSpec::Auto, env = "PROTLOC_DEVICE")]
     pub device: DeviceSpec,
-}
-
-#[derive(Args, Debug)]
-pub struct Batching {
-    /// Padded tokens per inference batch (proteins are sorted by length and grouped). On
-    /// CPU, 2048 keeps a batch's activations in cache (measured fastest: README,
-    /// Performance); raise it on a GPU.
-    #[arg(long, default_value_t = 2048)]
-    pub max_batch_tokens: usize,
-    /// Proteins per inference batch at most.
-    #[arg(long, default_value_t = 64)]
-    pub max_batch_size: usize,
-}
-
-impl Batching {
-    fn limits(&self) -> BatchLimits {
-        BatchLimits {
-            max_batch_tokens: self.max_batch_tokens.max(1),
-            max_batch_size: self.max_batch_size.max(1),
-        }
-    }
 }
 
 #[derive(Args, Debug)]
@@ -241,7 +220,7 @@ pub struct PredictCmd {
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
-    pub batching: Batching,
+    pub limits: BatchLimits,
     #[command(flatten)]
     pub device: DeviceArg,
     /// Process only shard I of N (0-based): records k with k % N == I, counted after
@@ -281,7 +260,7 @@ pub struct EmbedCmd {
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
-    pub batching: Batching,
+    pub limits: BatchLimits,
     #[command(flatten)]
     pub device: DeviceArg,
     #[arg(long)]
@@ -555,7 +534,7 @@ fn report(c: ReportCmd) -> Result<()> {
                 data: data.clone(),
                 split: c.split,
                 limit: None,
-                limits: c.batching.limits(),
+                limits: c.limits,
                 skip_invalid: false,
                 cache: c.cache.clone(),
             })?;
@@ -593,7 +572,7 @@ fn eval(c: EvalCmd) -> Result<()> {
         data: c.data,
         split: c.split,
         limit: c.limit,
-        limits: c.batching.limits(),
+        limits: c.limits,
         skip_invalid: c.skip_invalid,
         cache: c.cache,
     })?;
@@ -644,7 +623,7 @@ fn predict(c: PredictCmd) -> Result<()> {
         output: c.output.clone(),
         format: c.format,
         limit: c.limit,
-        limits: c.batching.limits(),
+        limits: c.limits,
         skip_invalid: c.skip_invalid,
         shard: c.shard,
     })?;
@@ -663,7 +642,7 @@ fn embed(c: EmbedCmd) -> Result<()> {
         truncate: c.truncate,
         max_residues: c.max_residues,
         limit: c.limit,
-        limits: c.batching.limits(),
+        limits: c.limits,
         skip_invalid: c.skip_invalid,
     };
     if let (true, Some(dir)) = (c.per_residue, &c.cache) {

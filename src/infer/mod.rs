@@ -10,14 +10,26 @@ use candle_core::Device;
 use indicatif::ProgressBar;
 
 use crate::model::{Answer, AnswerRule, Encoder, SequenceClassifier};
-use crate::tokenize::{Batch, BatchPlan, Encoded};
+use crate::tokenize::{token_budget_groups, Encoded, TokenBatch};
 
-/// Batch sizing for inference.
-#[derive(Debug, Clone, Copy)]
+/// Batch sizing for inference: proteins are sorted by length and grouped under a token
+/// budget. Also the `--max-batch-tokens` / `--max-batch-size` options of `predict`, `embed`,
+/// `eval` and `report`.
+#[derive(clap::Args, Debug, Clone, Copy, PartialEq, Eq)]
 pub struct BatchLimits {
-    /// Padded tokens per batch (members x longest member).
+    /// Padded tokens per inference batch (proteins are sorted by length and grouped). On
+    /// CPU, 2048 keeps a batch's activations in cache (measured fastest:
+    /// docs/performance.md); raise it on a GPU.
+    #[arg(long, default_value_t = 2048, value_parser = at_least_one())]
     pub max_batch_tokens: usize,
+    /// Proteins per inference batch at most.
+    #[arg(long, default_value_t = 64, value_parser = at_least_one())]
     pub max_batch_size: usize,
+}
+
+/// A count option's parser: 1 or more (0 is refused, naming the option).
+fn at_least_one() -> clap::builder::RangedU64ValueParser<usize> {
+    clap::builder::RangedU64ValueParser::<usize>::new().range(1..)
 }
 
 impl Default for BatchLimits {
@@ -37,14 +49,14 @@ pub(crate) fn batched_rows(
     limits: BatchLimits,
     device: &Device,
     progress: Option<&ProgressBar>,
-    mut f: impl FnMut(&Batch) -> candle_core::Result<Vec<Vec<f32>>>,
+    mut f: impl FnMut(&TokenBatch) -> candle_core::Result<Vec<Vec<f32>>>,
 ) -> Result<Vec<Vec<f32>>> {
     let lengths: Vec<usize> = encoded.iter().map(|e| e.ids.len()).collect();
-    let plan = BatchPlan::token_budget(&lengths, limits.max_batch_tokens, limits.max_batch_size);
+    let plan = token_budget_groups(&lengths, limits.max_batch_tokens, limits.max_batch_size);
     let mut out: Vec<Vec<f32>> = vec![Vec::new(); encoded.len()];
     for group in plan {
         let items: Vec<&Encoded> = group.iter().map(|&i| &encoded[i]).collect();
-        let batch = Batch::collate(&items, pad_id, device)?;
+        let batch = TokenBatch::collate(&items, pad_id, device)?;
         let rows = f(&batch)?;
         for (i, row) in group.iter().zip(rows) {
             out[*i] = row;
@@ -158,7 +170,7 @@ pub fn effective_max_residues(
 ) -> Result<usize> {
     let limit = cfg.max_tokens().saturating_sub(2);
     match requested {
-        Some(n) if cfg.arch().ok() == Some(crate::model::Arch::Bert) && n > limit => bail!(
+        Some(n) if cfg.arch() == crate::model::Arch::Bert && n > limit => bail!(
             "--max-residues {n} exceeds what this BERT's {} position embeddings allow ({limit})",
             cfg.max_tokens()
         ),

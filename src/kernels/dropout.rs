@@ -1,20 +1,14 @@
-//! Dropout, in the two forms training uses.
+//! Dropout: one counter-based mask for every place training drops values.
 //!
-//! [`dropout`]: a mask drawn element by element from the caller's seeded ChaCha8 stream
-//! (embeddings, the classifier heads, the composed attention). [`dropout_add`] and
-//! [`DropMask`]: counter-based, for the hidden activations and the fused attention. They
-//! are not merged: seeded runs are compared bit for bit, and the first draws one `f64` per
-//! element from the stream where the second draws one `u64` per call, so routing either's
-//! callers to the other would change every later random number of a training run.
+//! Every element's keep/drop decision is a hash of (seed, row, column), so a backward pass
+//! regenerates the mask instead of storing it, and the inner loop over a row is plain 32-bit
+//! integer arithmetic that vectorises. Each application draws one `u64` seed from the
+//! caller's seeded ChaCha8 stream ([`DropMask::draw`]), so training runs are reproducible.
 //!
-//! Counter-based dropout: every element's keep/drop decision is a hash of (seed, row,
-//! column), so a backward pass regenerates the mask instead of storing it, and the inner
-//! loop over a row is plain 32-bit integer arithmetic that vectorises.
-//!
-//! Used for the attention probabilities (rows = score rows, inside the fused attention) and
-//! for hidden activations ([`dropout_add`]: rows = fixed-size chunks of the flattened
-//! tensor). The hidden version replaces a mask drawn element by element from ChaCha8 and a
-//! separate multiply and add, which together cost a few percent of a BERT training step.
+//! - [`dropout`]: `x * mask` (embeddings, the classifier heads, the composed attention);
+//!   rows are fixed-size chunks of the flattened tensor.
+//! - [`dropout_add`]: `dropout(y) + residual` (hidden activations), one fused op on CPU.
+//! - The fused attention applies [`DropMask`] to its probability rows (rows = score rows).
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor};
 use rand::Rng;
@@ -95,54 +89,54 @@ impl DropMask {
     }
 }
 
+impl DropMask {
+    /// The mask of one training-time application: `Some` when `rng` is given (training) and
+    /// `p > 0`, with a seed drawn from `rng`; `None` in evaluation.
+    pub fn draw(p: f64, rng: Option<&mut ChaCha8Rng>) -> Option<Self> {
+        match rng {
+            Some(rng) if p > 0.0 => Some(DropMask {
+                p: p as f32,
+                seed: rng.random(),
+            }),
+            _ => None,
+        }
+    }
+
+    /// The mask's factors over the flattened shape of `like`, as a tensor of its shape,
+    /// dtype and device.
+    fn flat_factors(&self, like: &Tensor) -> Result<Tensor> {
+        let mut factors = vec![1f32; like.elem_count()];
+        self.apply_flat(&mut factors);
+        Tensor::from_vec(factors, like.shape(), like.device())?.to_dtype(like.dtype())
+    }
+}
+
 /// Inverted dropout with a caller-owned, seeded RNG (candle's own dropout draws from an
 /// unseeded RNG, which would make training runs irreproducible). `None` = evaluation.
 pub fn dropout(x: &Tensor, p: f64, rng: Option<&mut ChaCha8Rng>) -> Result<Tensor> {
-    let Some(rng) = rng else { return Ok(x.clone()) };
-    if p <= 0.0 {
-        return Ok(x.clone());
+    match DropMask::draw(p, rng) {
+        Some(mask) => x.mul(&mask.flat_factors(x)?),
+        None => Ok(x.clone()),
     }
-    let keep = 1.0 - p;
-    let scale = (1.0 / keep) as f32;
-    let n = x.elem_count();
-    let mask: Vec<f32> = (0..n)
-        .map(|_| {
-            if rng.random::<f64>() < keep {
-                scale
-            } else {
-                0.0
-            }
-        })
-        .collect();
-    let mask = Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?;
-    x.mul(&mask)
 }
 
 /// `dropout(y) + residual` in training (`rng` given, `p > 0`), `y + residual` otherwise.
-/// On CPU in f32 one fused op with a counter-based mask; elsewhere the mask is built as a
-/// tensor from the same hash.
+/// On CPU in f32 one fused op; elsewhere the mask is built as a tensor from the same hash.
 pub fn dropout_add(
     y: &Tensor,
     residual: &Tensor,
     p: f64,
     rng: Option<&mut ChaCha8Rng>,
 ) -> Result<Tensor> {
-    let mask = match rng {
-        Some(rng) if p > 0.0 => DropMask {
-            p: p as f32,
-            seed: rng.random(),
-        },
-        _ => return y + residual,
+    let Some(mask) = DropMask::draw(p, rng) else {
+        return y + residual;
     };
     if super::fused_on(y.device()) && y.dtype() == DType::F32 && residual.dtype() == DType::F32 {
         return y
             .contiguous()?
             .apply_op2(&residual.contiguous()?, DropoutAdd { mask });
     }
-    let mut factors = vec![1f32; y.elem_count()];
-    mask.apply_flat(&mut factors);
-    let factors = Tensor::from_vec(factors, y.shape(), y.device())?.to_dtype(y.dtype())?;
-    y.mul(&factors)? + residual
+    y.mul(&mask.flat_factors(y)?)? + residual
 }
 
 /// `y * mask + residual` with the mask regenerated in the backward.
@@ -211,6 +205,30 @@ mod tests {
         assert_ne!(f[..1000], other[..], "seeds share a mask");
         // Same seed, same mask (what the backward relies on).
         assert_eq!(f, m.factors(64, 1000));
+    }
+
+    #[test]
+    fn dropout_and_dropout_add_draw_the_same_mask() {
+        let shape = [4, 3 * 1000];
+        let (y, r) = (var(&shape, 5, 0.0), var(&shape, 6, 0.0));
+        let dropped = dropout(&y, 0.3, Some(&mut ChaCha8Rng::seed_from_u64(7))).unwrap();
+        let summed = dropout_add(&y, &r, 0.3, Some(&mut ChaCha8Rng::seed_from_u64(7))).unwrap();
+        let expected = (dropped.clone() + r.as_tensor()).unwrap();
+        assert!(max_abs_diff(&summed, &expected) < 1e-6);
+        // The gradient is the mask: 0 or 1 / (1 - p), about p of it 0, and the output is
+        // the input times it.
+        let g = dropped.sum_all().unwrap().backward().unwrap();
+        let mask = g.get(&y).unwrap();
+        let m: Vec<f32> = mask.flatten_all().unwrap().to_vec1().unwrap();
+        assert!(m.iter().all(|&f| f == 0.0 || (f - 1.0 / 0.7).abs() < 1e-5));
+        let zeros = m.iter().filter(|&&f| f == 0.0).count() as f64 / m.len() as f64;
+        assert!((zeros - 0.3).abs() < 0.03, "dropped {zeros}");
+        assert!(max_abs_diff(&dropped, &(y.as_tensor() * mask).unwrap()) < 1e-6);
+        // Evaluation and p = 0 leave the input as it is.
+        let eval = dropout(&y, 0.3, None).unwrap();
+        assert_eq!(max_abs_diff(&eval, y.as_tensor()), 0.0);
+        let none = dropout(&y, 0.0, Some(&mut ChaCha8Rng::seed_from_u64(7))).unwrap();
+        assert_eq!(max_abs_diff(&none, y.as_tensor()), 0.0);
     }
 
     #[test]

@@ -11,7 +11,7 @@
 //!   and the block softmax attention built from them;
 //! - [`packed_attention`]: the packed-token layout of inference and its attention;
 //! - [`rotary`]: rotary position embeddings (tables, fused op, in-place rotation);
-//! - [`dropout`]: the two dropout masks training uses;
+//! - [`dropout`]: dropout, one counter-based mask for every place training drops values;
 //! - [`ops`], [`linear`]: tensor-level autograd ops with hand-written backwards;
 //! - [`fused_attention`]: the training attention as one custom op;
 //! - [`attention`]: the differentiable path's self-attention (fused or composed).

@@ -96,7 +96,7 @@ pub(super) fn load_encoder(
     let cfg = loader::read_config(&files.config)?;
     let tokenizer = Tokenizer::from_file(&files.vocab)?;
     check_vocab(&cfg, &tokenizer, &files.vocab)?;
-    let arch = cfg.arch().map_err(anyhow::Error::msg)?;
+    let arch = cfg.arch();
     let tensors = loader::read_weights(&files.weights, arch, device)?;
     let source = files.weights.display().to_string();
     let store = new_store(tensors, source, seed, device, purpose);

@@ -14,7 +14,7 @@ use super::import::{self, Resolved};
 use super::params;
 use super::task::{is_head_param, member_prefix, TaskConfig};
 use crate::kernels::ops;
-use crate::tokenize::Batch;
+use crate::tokenize::TokenBatch;
 
 /// Probabilities of one batch (see [`SequenceClassifier::combine`]).
 pub struct BatchProbabilities {
@@ -130,7 +130,7 @@ impl SequenceClassifier {
     /// Location logits [B, C]; `rng` enables dropout (training).
     pub fn forward(
         &self,
-        batch: &Batch,
+        batch: &TokenBatch,
         rng: Option<&mut ChaCha8Rng>,
     ) -> candle_core::Result<Tensor> {
         Ok(self.forward_all(batch, rng)?.logits)
@@ -151,7 +151,7 @@ impl SequenceClassifier {
     /// single model, for training.
     pub fn forward_all(
         &self,
-        batch: &Batch,
+        batch: &TokenBatch,
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> candle_core::Result<HeadOutput> {
         let head = self.head()?;
@@ -164,7 +164,7 @@ impl SequenceClassifier {
 
     /// Class probabilities [B, C] (inference): softmax, or per-location sigmoids for a
     /// multi-label model (an ensemble's: its members' mean).
-    pub fn predict_proba(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+    pub fn predict_proba(&self, batch: &TokenBatch) -> candle_core::Result<Tensor> {
         Ok(self.inference_probabilities(batch)?.location)
     }
 
@@ -183,7 +183,7 @@ impl SequenceClassifier {
     /// (gigabytes for long proteins).
     pub fn inference_probabilities(
         &self,
-        batch: &Batch,
+        batch: &TokenBatch,
     ) -> candle_core::Result<BatchProbabilities> {
         let encoder = self.base.encoder.detached();
         let hidden = encoder.forward(&batch.ids, &batch.attention_mask, None)?;

@@ -256,10 +256,9 @@ fn unsupported_position(p: &str, a: Arch) -> String {
 }
 
 impl EncoderConfig {
-    /// The architecture (`model_type`). Never fails since `model_type` is typed; kept
-    /// fallible for its callers.
-    pub fn arch(&self) -> Result<Arch, String> {
-        Ok(self.model_type)
+    /// The architecture (`model_type`).
+    pub fn arch(&self) -> Arch {
+        self.model_type
     }
 
     /// Checks the shape relations the encoders rely on, with a clear message (for configs

@@ -9,7 +9,7 @@ use super::config::{Activation, Arch, EncoderConfig, PositionEmbedding};
 use super::packed::{self, ForwardPath};
 use super::{bert, esm, lora, params};
 use crate::kernels::ops;
-use crate::tokenize::Batch;
+use crate::tokenize::TokenBatch;
 
 /// A BERT or ESM-2 encoder.
 pub enum Encoder {
@@ -19,7 +19,7 @@ pub enum Encoder {
 
 impl Encoder {
     pub fn new(b: &params::Builder, cfg: &EncoderConfig) -> candle_core::Result<Self> {
-        let arch = cfg.arch().map_err(candle_core::Error::msg)?;
+        let arch = cfg.arch();
         let b = b.pp(arch.prefix());
         Ok(match arch {
             Arch::Bert => Encoder::Bert(bert::Bert::new(&b, cfg)?),
@@ -43,7 +43,7 @@ impl Encoder {
 
     /// Adds LoRA adapters (see [`lora`]) with parameters from `b` (the model's root builder).
     pub fn attach_lora(&mut self, b: &params::Builder, cfg: &lora::LoraConfig) -> Result<()> {
-        let arch = self.config().arch().map_err(anyhow::Error::msg)?;
+        let arch = self.config().arch();
         let b = b.pp(arch.prefix());
         let layers = match self {
             Encoder::Bert(m) => m.layer_linears(),
@@ -138,7 +138,7 @@ impl Encoder {
     }
 
     /// Mean of the last hidden states over residue tokens: [B, H] (inference).
-    pub fn embed(&self, batch: &Batch) -> candle_core::Result<Tensor> {
+    pub fn embed(&self, batch: &TokenBatch) -> candle_core::Result<Tensor> {
         let hidden = self
             .detached()
             .forward(&batch.ids, &batch.attention_mask, None)?;

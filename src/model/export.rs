@@ -32,7 +32,7 @@ use super::classifier::SequenceClassifier;
 use super::config::Arch;
 use super::head::HeadKind;
 use super::task::is_head_param;
-use crate::tokenize::{Batch, Style};
+use crate::tokenize::{Style, TokenBatch};
 
 /// The custom modelling code of heads without a transformers class.
 const MODELING_PY: &str = include_str!("modeling_protloc.py");
@@ -311,7 +311,7 @@ fn check(model: &SequenceClassifier) -> Result<Check> {
     let mut membrane = Vec::new();
     for s in CHECK_SEQUENCES {
         let enc = model.encode(s);
-        let batch = Batch::collate(
+        let batch = TokenBatch::collate(
             &[&enc],
             model.base.tokenizer.pad_id,
             model.base.store.device(),

@@ -126,7 +126,7 @@ impl TaskConfig {
             kind: self.head,
             pool: self.pool,
             input_dim: cfg.hidden_size,
-            encoder_prefix: cfg.arch().map_err(anyhow::Error::msg)?.prefix(),
+            encoder_prefix: cfg.arch().prefix(),
             num_labels: self.labels.len(),
             hidden: self.head_hidden,
             kernel: self.la_kernel,

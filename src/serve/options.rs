@@ -57,7 +57,7 @@ impl ServeOptions {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::Args, Serialize, Deserialize, ToSchema)]
 pub struct Limits {
     /// Padded tokens (sequences x longest) per inference batch. On CPU small budgets are
-    /// fastest for long proteins (see README, Performance); raise it on a GPU.
+    /// fastest for long proteins (docs/performance.md); raise it on a GPU.
     #[arg(long, default_value_t = 1024)]
     pub max_batch_tokens: usize,
     /// Sequences per inference batch at most.

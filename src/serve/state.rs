@@ -13,7 +13,7 @@ use super::options::{Limits, ServeOptions};
 use super::queue::{Engine, MicroBatcher, Scored};
 use super::response::{ClassThreshold, Info, InfoLimits};
 use crate::model::{answer, AnswerRule, SequenceClassifier};
-use crate::tokenize::{Batch, Encoded, Tokenizer};
+use crate::tokenize::{Encoded, TokenBatch, Tokenizer};
 
 /// Shared by all handlers.
 pub struct AppState {
@@ -40,7 +40,7 @@ struct ModelEngine {
 
 impl Engine for ModelEngine {
     fn score(&mut self, items: &[&Encoded]) -> Result<Vec<Scored>> {
-        let batch = Batch::collate(items, self.model.base.tokenizer.pad_id, &self.device)?;
+        let batch = TokenBatch::collate(items, self.model.base.tokenizer.pad_id, &self.device)?;
         let p = self.model.inference_probabilities(&batch)?;
         let answers = self.rule.batch_answers(&p)?;
         let logits: Vec<Vec<f32>> = p.logits.to_vec2()?;

@@ -5,8 +5,8 @@ use candle_core::{Device, Result, Tensor};
 
 use super::Encoded;
 
-/// A padded batch. Padding goes only to the batch's longest member (dynamic padding).
-pub struct Batch {
+/// A padded batch of token ids with its masks. Padding goes only to the batch's longest member (dynamic padding).
+pub struct TokenBatch {
     /// [B, T] u32 token ids.
     pub ids: Tensor,
     /// [B, T] f32: 1 for real tokens (specials included), 0 for padding.
@@ -19,7 +19,7 @@ pub struct Batch {
     pub real_tokens: usize,
 }
 
-impl Batch {
+impl TokenBatch {
     pub fn collate(items: &[&Encoded], pad_id: u32, device: &Device) -> Result<Self> {
         let b = items.len();
         let t = items.iter().map(|e| e.ids.len()).max().unwrap_or(0);
@@ -51,67 +51,66 @@ impl Batch {
     }
 }
 
-/// Groups of item indices, one group per batch.
-pub struct BatchPlan;
+/// Consecutive groups of `batch_size` from `order` (the last may be smaller).
+pub fn fixed_groups(order: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
+    order
+        .chunks(batch_size.max(1))
+        .map(<[usize]>::to_vec)
+        .collect()
+}
 
-impl BatchPlan {
-    /// Consecutive groups of `batch_size` from `order` (the last may be smaller).
-    pub fn fixed(order: &[usize], batch_size: usize) -> Vec<Vec<usize>> {
-        order
-            .chunks(batch_size.max(1))
-            .map(<[usize]>::to_vec)
-            .collect()
+/// Training batches with little padding that are still random: `order` (already
+/// shuffled) is cut into pools of `pool_batches` batches, each pool is sorted by length
+/// and cut into batches, and the batch order is shuffled.
+pub fn bucketed_groups(
+    order: &[usize],
+    lengths: &[usize],
+    batch_size: usize,
+    pool_batches: usize,
+    rng: &mut impl rand::Rng,
+) -> Vec<Vec<usize>> {
+    use rand::seq::SliceRandom;
+    let batch_size = batch_size.max(1);
+    let mut batches = Vec::new();
+    for pool in order.chunks(batch_size * pool_batches.max(1)) {
+        let mut pool = pool.to_vec();
+        pool.sort_by_key(|&i| lengths[i]);
+        batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
     }
+    batches.shuffle(rng);
+    batches
+}
 
-    /// Training batches with little padding that are still random: `order` (already
-    /// shuffled) is cut into pools of `pool_batches` batches, each pool is sorted by length
-    /// and cut into batches, and the batch order is shuffled.
-    pub fn bucketed(
-        order: &[usize],
-        lengths: &[usize],
-        batch_size: usize,
-        pool_batches: usize,
-        rng: &mut impl rand::Rng,
-    ) -> Vec<Vec<usize>> {
-        use rand::seq::SliceRandom;
-        let batch_size = batch_size.max(1);
-        let mut batches = Vec::new();
-        for pool in order.chunks(batch_size * pool_batches.max(1)) {
-            let mut pool = pool.to_vec();
-            pool.sort_by_key(|&i| lengths[i]);
-            batches.extend(pool.chunks(batch_size).map(<[usize]>::to_vec));
+/// Length-sorted groups whose padded size (members x longest) stays within
+/// `max_tokens` and whose member count stays within `max_batch`. A single item longer
+/// than the budget gets a batch of its own. Every index appears exactly once.
+pub fn token_budget_groups(
+    lengths: &[usize],
+    max_tokens: usize,
+    max_batch: usize,
+) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    // Longest first, ties by index so the plan is deterministic.
+    order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
+    let mut plan = Vec::new();
+    let mut current: Vec<usize> = Vec::new();
+    let mut longest = 0;
+    for i in order {
+        let len = lengths[i];
+        let new_longest = longest.max(len);
+        let fits =
+            (current.len() + 1) * new_longest <= max_tokens && current.len() < max_batch.max(1);
+        if !current.is_empty() && !fits {
+            plan.push(std::mem::take(&mut current));
+            longest = 0;
         }
-        batches.shuffle(rng);
-        batches
+        longest = longest.max(len);
+        current.push(i);
     }
-
-    /// Length-sorted groups whose padded size (members x longest) stays within
-    /// `max_tokens` and whose member count stays within `max_batch`. A single item longer
-    /// than the budget gets a batch of its own. Every index appears exactly once.
-    pub fn token_budget(lengths: &[usize], max_tokens: usize, max_batch: usize) -> Vec<Vec<usize>> {
-        let mut order: Vec<usize> = (0..lengths.len()).collect();
-        // Longest first, ties by index so the plan is deterministic.
-        order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
-        let mut plan = Vec::new();
-        let mut current: Vec<usize> = Vec::new();
-        let mut longest = 0;
-        for i in order {
-            let len = lengths[i];
-            let new_longest = longest.max(len);
-            let fits =
-                (current.len() + 1) * new_longest <= max_tokens && current.len() < max_batch.max(1);
-            if !current.is_empty() && !fits {
-                plan.push(std::mem::take(&mut current));
-                longest = 0;
-            }
-            longest = longest.max(len);
-            current.push(i);
-        }
-        if !current.is_empty() {
-            plan.push(current);
-        }
-        plan
+    if !current.is_empty() {
+        plan.push(current);
     }
+    plan
 }
 
 #[cfg(test)]
@@ -129,7 +128,7 @@ mod tests {
     #[test]
     fn collate_pads_to_longest_and_masks_specials() {
         let (a, b) = (enc(4), enc(6));
-        let batch = Batch::collate(&[&a, &b], 0, &Device::Cpu).unwrap();
+        let batch = TokenBatch::collate(&[&a, &b], 0, &Device::Cpu).unwrap();
         assert_eq!(batch.ids.dims(), &[2, 6]);
         let attn: Vec<Vec<f32>> = batch.attention_mask.to_vec2().unwrap();
         assert_eq!(attn[0], vec![1., 1., 1., 1., 0., 0.]);
@@ -148,7 +147,7 @@ mod tests {
         let lengths: Vec<usize> = (0..200).map(|i| 50 + (i * 37) % 900).collect();
         let mut order: Vec<usize> = (0..200).collect();
         order.shuffle(&mut rng);
-        let plan = BatchPlan::bucketed(&order, &lengths, 4, 10, &mut rng);
+        let plan = bucketed_groups(&order, &lengths, 4, 10, &mut rng);
         let mut seen: Vec<usize> = plan.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..200).collect::<Vec<_>>());
@@ -158,13 +157,13 @@ mod tests {
                 .map(|b| b.len() * b.iter().map(|&i| lengths[i]).max().unwrap())
                 .sum()
         };
-        assert!(padded(&plan) < padded(&BatchPlan::fixed(&order, 4)));
+        assert!(padded(&plan) < padded(&fixed_groups(&order, 4)));
     }
 
     #[test]
     fn token_budget_respects_limits_and_covers_everything() {
         let lengths = vec![10, 300, 50, 52, 49, 1000, 11, 12];
-        let plan = BatchPlan::token_budget(&lengths, 200, 3);
+        let plan = token_budget_groups(&lengths, 200, 3);
         let mut seen: Vec<usize> = plan.iter().flatten().copied().collect();
         seen.sort();
         assert_eq!(seen, (0..lengths.len()).collect::<Vec<_>>());

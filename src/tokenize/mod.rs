@@ -9,7 +9,7 @@ use std::path::Path;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
-pub use batch::{Batch, BatchPlan};
+pub use batch::{bucketed_groups, fixed_groups, token_budget_groups, TokenBatch};
 
 /// Special-token convention of a vocabulary.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

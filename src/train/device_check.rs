@@ -29,7 +29,7 @@ use super::optim::{Optimizer, OptimizerConfig};
 use crate::device::{describe, DeviceSpec};
 use crate::kernels::ops;
 use crate::model::{self, HeadKind, SequenceClassifier, TaskConfig};
-use crate::tokenize::Batch;
+use crate::tokenize::TokenBatch;
 
 /// What to check.
 #[derive(Debug, Clone)]
@@ -245,7 +245,7 @@ fn run(o: &CheckOptions, seqs: &[String], device: &Device) -> Result<Run> {
     let model = SequenceClassifier::new(base, task)?;
     let encoded: Vec<_> = seqs.iter().map(|s| model.encode(s)).collect();
     let items: Vec<_> = encoded.iter().collect();
-    let batch = Batch::collate(&items, model.base.tokenizer.pad_id, device)?;
+    let batch = TokenBatch::collate(&items, model.base.tokenizer.pad_id, device)?;
     let targets: Vec<u32> = (0..seqs.len()).map(|i| (i % labels.len()) as u32).collect();
     let targets = Tensor::new(targets, device)?;
 

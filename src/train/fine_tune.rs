@@ -23,7 +23,7 @@ use super::TrainArgs;
 use crate::dist::Collective;
 use crate::infer::{effective_max_residues, BatchLimits};
 use crate::model::{self, SequenceClassifier};
-use crate::tokenize::{Batch, BatchPlan, Encoded};
+use crate::tokenize::{bucketed_groups, Encoded, TokenBatch};
 
 /// A fine-tuning run's model, ready to train, and its encoded data.
 struct Prepared {
@@ -241,7 +241,7 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
         )
     };
     let (train_set, val_set) = (encode(&train_idx)?, encode(&val_idx)?);
-    let prefix = base.cfg.arch().map_err(anyhow::Error::msg)?.prefix();
+    let prefix = base.cfg.arch().prefix();
     let (model, membrane) = match start {
         Some(mut task) => {
             task.base_model = args.model.clone();
@@ -494,7 +494,7 @@ impl Loop<'_> {
             order.shuffle(&mut shuffle_rng);
             // The same global batches on every rank (same seed, same data).
             let batches =
-                BatchPlan::bucketed(&order, &lengths, self.global_batch, 50, &mut shuffle_rng);
+                bucketed_groups(&order, &lengths, self.global_batch, 50, &mut shuffle_rng);
             let next_epoch_rng = RngState::of(&shuffle_rng);
             let stop =
                 self.epoch_batches(model, opt, train_set, &batches, &mut st, &mut dropout_rng)?;
@@ -565,7 +565,7 @@ impl Loop<'_> {
             } else {
                 let items: Vec<&Encoded> = group.iter().map(|&i| &train_set.enc[i]).collect();
                 let targets: Vec<&Target> = group.iter().map(|&i| &train_set.targets[i]).collect();
-                let batch = Batch::collate(&items, model.base.tokenizer.pad_id, &self.device)?;
+                let batch = TokenBatch::collate(&items, model.base.tokenizer.pad_id, &self.device)?;
                 let out = model.forward_all(&batch, Some(&mut *dropout_rng))?;
                 let (loss, value) = self.objective.loss(&out, &targets)?;
                 (Some(loss), value)

@@ -32,7 +32,7 @@ use crate::data::Record;
 use crate::eval::multilabel;
 use crate::infer::BatchLimits;
 use crate::model::{self, MemberInfo, SequenceClassifier, TaskConfig};
-use crate::tokenize::BatchPlan;
+use crate::tokenize::bucketed_groups;
 
 /// Runs `protloc train --frozen`: one head, or an ensemble of `args.members()` heads trained
 /// one after another on the same cached embeddings (see [`plan_members`] for their
@@ -82,7 +82,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     let top = match from_layer {
         Some(from) => Some(TopLayers {
             from,
-            prefix: base.cfg.arch().map_err(anyhow::Error::msg)?.prefix(),
+            prefix: base.cfg.arch().prefix(),
             lora: setup::prepare_encoder(&mut base, from, &args.lora)?.is_some(),
         }),
         None => None,
@@ -325,7 +325,7 @@ fn train_member(
     'epochs: for epoch in 1..=args.epochs {
         let mut order: Vec<usize> = (0..train_recs.len()).collect();
         order.shuffle(&mut shuffle_rng);
-        let batches = BatchPlan::bucketed(&order, &lengths, args.batch_size, 50, &mut shuffle_rng);
+        let batches = bucketed_groups(&order, &lengths, args.batch_size, 50, &mut shuffle_rng);
         let pb = crate::progress::bar(
             batches.len() as u64,
             &format!("epoch {epoch}/{}", args.epochs),

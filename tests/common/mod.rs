@@ -192,7 +192,7 @@ pub fn classifier_logits(
     let enc: Vec<_> = seqs.iter().map(|s| model.encode(s)).collect();
     let logits = |items: &[&protloc::tokenize::Encoded]| -> Vec<Vec<f32>> {
         let pad = model.base.tokenizer.pad_id;
-        let batch = protloc::tokenize::Batch::collate(items, pad, &Device::Cpu).unwrap();
+        let batch = protloc::tokenize::TokenBatch::collate(items, pad, &Device::Cpu).unwrap();
         let p = model.inference_probabilities(&batch).unwrap();
         p.logits.to_vec2().unwrap()
     };

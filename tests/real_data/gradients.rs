@@ -5,7 +5,7 @@ use candle_core::{Device, Tensor};
 use protloc::kernels::ops::cross_entropy;
 use protloc::model::head::Pool;
 use protloc::model::Purpose;
-use protloc::tokenize::Batch;
+use protloc::tokenize::TokenBatch;
 
 /// The same for the shared real checkpoints, whose layers use the other fused ops (rotary
 /// ESM-2 attention, dropout on every residual, the classifier head with dropout).
@@ -29,7 +29,8 @@ fn real_checkpoint_gradients_hold_no_graph() {
             .iter()
             .map(|s| model.encode(s))
             .collect();
-        let batch = Batch::collate(&enc.iter().collect::<Vec<_>>(), pad, &Device::Cpu).unwrap();
+        let batch =
+            TokenBatch::collate(&enc.iter().collect::<Vec<_>>(), pad, &Device::Cpu).unwrap();
         let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(1);
         let logits = model.forward(&batch, Some(&mut rng)).unwrap();
         let targets = Tensor::new(&[1u32, 7], &Device::Cpu).unwrap();

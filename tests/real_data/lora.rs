@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::{DType, Device, Tensor, Var};
 use protloc::model::lora::{LoraConfig, LoraTarget};
 use protloc::model::{self, BaseModel, HeadKind, Pool, Purpose, SequenceClassifier, TaskConfig};
-use protloc::tokenize::{Batch, Encoded, Truncation};
+use protloc::tokenize::{Encoded, TokenBatch, Truncation};
 use protloc::train::{train, TrainArgs};
 
 const SEQS: [&str; 3] = [
@@ -37,13 +37,13 @@ fn adapted(spec: &str, lora: &LoraConfig) -> BaseModel {
     base
 }
 
-fn batch(base: &BaseModel) -> Batch {
+fn batch(base: &BaseModel) -> TokenBatch {
     let enc: Vec<Encoded> = SEQS
         .iter()
         .map(|s| base.tokenizer.encode(s, 64, Truncation::HeadTail))
         .collect();
     let items: Vec<&Encoded> = enc.iter().collect();
-    Batch::collate(&items, base.tokenizer.pad_id, &Device::Cpu).unwrap()
+    TokenBatch::collate(&items, base.tokenizer.pad_id, &Device::Cpu).unwrap()
 }
 
 /// Fresh `lora_B` matrices are zero (the adapter starts as a no-op), which would make every
@@ -73,7 +73,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f32 {
 }
 
 /// A scalar of the encoder's output that every hidden unit feeds into.
-fn loss_of(base: &BaseModel, batch: &Batch) -> Tensor {
+fn loss_of(base: &BaseModel, batch: &TokenBatch) -> Tensor {
     let hidden = base
         .encoder
         .forward(&batch.ids, &batch.attention_mask, None)

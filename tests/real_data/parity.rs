@@ -5,7 +5,7 @@ use crate::common;
 
 use candle_core::{Device, IndexOp, Tensor};
 use protloc::model::{load_base, Encoder, Purpose};
-use protloc::tokenize::{Batch, Encoded, Truncation};
+use protloc::tokenize::{Encoded, TokenBatch, Truncation};
 
 struct Fixture {
     sequences: Vec<String>,
@@ -58,7 +58,7 @@ fn check_parity(model_dir: &str, fixture_name: &str) {
     }
 
     let refs: Vec<_> = enc.iter().collect();
-    let batch = Batch::collate(&refs, model.tokenizer.pad_id, &Device::Cpu).unwrap();
+    let batch = TokenBatch::collate(&refs, model.tokenizer.pad_id, &Device::Cpu).unwrap();
     // The general (differentiable) path runs on the trainable weights; a detached copy takes
     // the packed inference kernels (src/kernels/packed_attention.rs). Both must match PyTorch.
     let detached = model.encoder.detached();
@@ -109,7 +109,7 @@ fn check_hidden(
     encoder: &Encoder,
     fx: &Fixture,
     enc: &[Encoded],
-    batch: &Batch,
+    batch: &TokenBatch,
     pad_id: u32,
 ) {
     let hidden = encoder
@@ -140,7 +140,7 @@ fn check_hidden(
         );
 
         // Alone (no padding): same result as PyTorch alone, and as in the padded batch.
-        let single = Batch::collate(&[e], pad_id, &Device::Cpu).unwrap();
+        let single = TokenBatch::collate(&[e], pad_id, &Device::Cpu).unwrap();
         let h1 = encoder
             .forward(&single.ids, &single.attention_mask, None)
             .unwrap();
@@ -190,7 +190,7 @@ fn esm2_streaming_attention_matches_general_path() {
             model.tokenizer.encode(&s, 10_000, Truncation::HeadTail)
         })
         .collect();
-    let batch = Batch::collate(
+    let batch = TokenBatch::collate(
         &enc.iter().collect::<Vec<_>>(),
         model.tokenizer.pad_id,
         &Device::Cpu,

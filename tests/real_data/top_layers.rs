@@ -8,7 +8,7 @@ use candle_core::{Device, Tensor};
 use protloc::cache::{residues_of_tokens, token_rows, CacheSpec, EmbeddingCache};
 use protloc::infer::BatchLimits;
 use protloc::model::{self, BaseModel, HeadKind, Pool, Purpose, SequenceClassifier, TaskConfig};
-use protloc::tokenize::{Batch, Encoded, Truncation};
+use protloc::tokenize::{Encoded, TokenBatch, Truncation};
 use protloc::train::{train, TrainArgs};
 
 const SEQS: [&str; 3] = [
@@ -30,10 +30,10 @@ fn encoded(base: &BaseModel) -> Vec<Encoded> {
         .collect()
 }
 
-fn batch(base: &BaseModel) -> Batch {
+fn batch(base: &BaseModel) -> TokenBatch {
     let enc = encoded(base);
     let items: Vec<&Encoded> = enc.iter().collect();
-    Batch::collate(&items, base.tokenizer.pad_id, &Device::Cpu).unwrap()
+    TokenBatch::collate(&items, base.tokenizer.pad_id, &Device::Cpu).unwrap()
 }
 
 /// Largest difference over real tokens (padding rows are not meaningful).
