@@ -396,25 +396,8 @@ where
     // The headroom above the largest loss keeps the upper-right legend off the data.
     let loss_hi = if loss_max > 0.0 { loss_max * 1.3 } else { 1.0 };
     {
-        let mut chart = ChartBuilder::on(&left)
-            .caption("Loss", font(24.0))
-            .margin(16)
-            .x_label_area_size(50)
-            .y_label_area_size(64)
-            .build_cartesian_2d(e_lo..e_hi, 0.0..loss_hi)
-            .map_err(draw_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("loss")
-            .x_label_formatter(&fmt_epoch_tick)
-            .y_label_formatter(&fmt_loss_tick)
-            .axis_desc_style(font(18.0))
-            .label_style(font(14.0))
-            .max_light_lines(4)
-            .light_line_style(RGBColor(244, 244, 244))
-            .draw()
-            .map_err(draw_err)?;
+        let y_axis = ("loss", 0.0..loss_hi, fmt_loss_tick as fn(&f64) -> String);
+        let mut chart = epoch_chart(&left, "Loss", e_lo..e_hi, y_axis)?;
         // Dense per-step train losses read best as a plain line; sparse ones get markers.
         let train_marker = if train.len() <= 30 { 3 } else { 0 };
         draw_line(&mut chart, &train, TRAIN_COLOR, train_marker, "train loss")?;
@@ -440,25 +423,12 @@ where
         .min(100.0)
         .max(a_lo + 10.0);
     {
-        let mut chart = ChartBuilder::on(&right)
-            .caption("Validation accuracy", font(24.0))
-            .margin(16)
-            .x_label_area_size(50)
-            .y_label_area_size(64)
-            .build_cartesian_2d(e_lo..e_hi, a_lo..a_hi)
-            .map_err(draw_err)?;
-        chart
-            .configure_mesh()
-            .x_desc("epoch")
-            .y_desc("accuracy (%)")
-            .x_label_formatter(&fmt_epoch_tick)
-            .y_label_formatter(&fmt_percent_tick)
-            .axis_desc_style(font(18.0))
-            .label_style(font(14.0))
-            .max_light_lines(4)
-            .light_line_style(RGBColor(244, 244, 244))
-            .draw()
-            .map_err(draw_err)?;
+        let y_axis = (
+            "accuracy (%)",
+            a_lo..a_hi,
+            fmt_percent_tick as fn(&f64) -> String,
+        );
+        let mut chart = epoch_chart(&right, "Validation accuracy", e_lo..e_hi, y_axis)?;
         draw_line(&mut chart, &acc, ACC_COLOR, 4, "validation accuracy")?;
         // Ring the best epoch: that is the checkpoint one would keep.
         if let Some(&(e, a)) = acc.iter().max_by(|a, b| a.1.total_cmp(&b.1)) {
@@ -501,6 +471,39 @@ where
         .label(label)
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 24, y)], style));
     Ok(())
+}
+
+/// A chart over epochs on `area` with its caption, grid and axes: the y axis's
+/// (description, range, tick format).
+fn epoch_chart<'a, DB: DrawingBackend + 'a>(
+    area: &'a DrawingArea<DB, Shift>,
+    caption: &str,
+    epochs: std::ops::Range<f64>,
+    (y_desc, y_range, y_ticks): (&str, std::ops::Range<f64>, fn(&f64) -> String),
+) -> anyhow::Result<Chart<'a, DB>>
+where
+    DB::ErrorType: 'static,
+{
+    let mut chart = ChartBuilder::on(area)
+        .caption(caption, font(24.0))
+        .margin(16)
+        .x_label_area_size(50)
+        .y_label_area_size(64)
+        .build_cartesian_2d(epochs, y_range)
+        .map_err(draw_err)?;
+    chart
+        .configure_mesh()
+        .x_desc("epoch")
+        .y_desc(y_desc)
+        .x_label_formatter(&fmt_epoch_tick)
+        .y_label_formatter(&y_ticks)
+        .axis_desc_style(font(18.0))
+        .label_style(font(14.0))
+        .max_light_lines(4)
+        .light_line_style(RGBColor(244, 244, 244))
+        .draw()
+        .map_err(draw_err)?;
+    Ok(chart)
 }
 
 fn draw_legend<'a, DB: DrawingBackend + 'a>(

@@ -209,18 +209,16 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
                 let mut r0 = 0;
                 while r0 < t {
                     let r = rows.min(t - r0);
-                    let off = base + r0 * hidden;
-                    let blk = tiles::AttentionBlock {
-                        r,
+                    let blk = tiles::AttentionBlock::head_rows(
+                        q.as_ptr(),
+                        v.as_ptr(),
+                        out_ptr.get(),
+                        k_t,
+                        (base, hidden),
+                        (r0, r),
                         len,
                         d,
-                        q: Strided::rows(q.as_ptr().add(off), hidden),
-                        k_t,
-                        v: v.as_ptr().add(base),
-                        v_rs: hidden,
-                        out: out_ptr.get().add(off),
-                        out_rs: hidden,
-                    };
+                    );
                     let lse_rows = std::slice::from_raw_parts_mut(
                         lse_ptr.get().add((b * g.heads + h) * t + r0),
                         r,

@@ -19,7 +19,7 @@ use candle_core::{Result, Tensor};
 use rayon::prelude::*;
 
 use super::buffers::take;
-use super::tiles::{self, Strided};
+use super::tiles;
 
 /// Scores per attention block (query rows x keys): 64K f32 = 256 KB, which stays in L2
 /// while the softmax and the PV product read it back.
@@ -142,18 +142,16 @@ pub fn attention_with_block(
                 let mut r0 = 0;
                 while r0 < len {
                     let r = rows.min(len - r0);
-                    let q0 = kv0 + r0 * hidden;
-                    let blk = tiles::AttentionBlock {
-                        r,
+                    let blk = tiles::AttentionBlock::head_rows(
+                        q.as_ptr(),
+                        v.as_ptr(),
+                        out_ptr.get(),
+                        k_t,
+                        (kv0, hidden),
+                        (r0, r),
                         len,
                         d,
-                        q: Strided::rows(q.as_ptr().add(q0), hidden),
-                        k_t,
-                        v: v.as_ptr().add(kv0),
-                        v_rs: hidden,
-                        out: out_ptr.get().add(q0),
-                        out_rs: hidden,
-                    };
+                    );
                     if streaming {
                         tiles::softmax_rows_streaming(&blk, width, scores, inv_sums);
                     } else {

@@ -5,7 +5,9 @@ use candle_core::{Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
-use super::layers::{all_detached, linear_activation, Embedding, LayerNorm, Linear};
+use super::layers::{
+    all_detached, linear_activation, Embedding, LayerNorm, Linear, TransformerLayer,
+};
 use super::params::Builder;
 use crate::kernels::attention::{self_attention, AttentionMask};
 use crate::kernels::dropout::{dropout, dropout_add};
@@ -18,17 +20,9 @@ pub(super) struct Embeddings {
     pub(super) norm: LayerNorm,
 }
 
-#[derive(Clone)]
-pub(super) struct Layer {
-    pub(super) query: Linear,
-    pub(super) key: Linear,
-    pub(super) value: Linear,
-    pub(super) attn_out: Linear,
-    pub(super) attn_norm: LayerNorm,
-    pub(super) intermediate: Linear,
-    pub(super) output: Linear,
-    pub(super) out_norm: LayerNorm,
-}
+/// BERT's layer: post-LayerNorm, `attention.output.LayerNorm` after the attention's
+/// residual and `output.LayerNorm` after the feed-forward's.
+pub(super) type Layer = TransformerLayer;
 
 /// A BERT encoder; `forward` returns the last hidden states [B, T, hidden].
 #[derive(Clone)]
@@ -62,27 +56,7 @@ impl Bert {
         let layers = (0..cfg.num_hidden_layers)
             .map(|i| {
                 let l = b.pp("encoder.layer").pp(i);
-                let a = l.pp("attention");
-                Ok(Layer {
-                    query: Linear::projection(&a.pp("self.query"), h, h, std)?,
-                    key: Linear::projection(&a.pp("self.key"), h, h, std)?,
-                    value: Linear::projection(&a.pp("self.value"), h, h, std)?,
-                    attn_out: Linear::projection(&a.pp("output.dense"), h, h, std)?,
-                    attn_norm: LayerNorm::new(&a.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                    intermediate: Linear::projection(
-                        &l.pp("intermediate.dense"),
-                        h,
-                        cfg.intermediate_size,
-                        std,
-                    )?,
-                    output: Linear::projection(
-                        &l.pp("output.dense"),
-                        cfg.intermediate_size,
-                        h,
-                        std,
-                    )?,
-                    out_norm: LayerNorm::new(&l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
-                })
+                Layer::new(&l, cfg, ["attention.output.LayerNorm", "output.LayerNorm"])
             })
             .collect::<Result<Vec<_>>>()?;
         Ok(Self {
@@ -109,16 +83,7 @@ impl Bert {
         e.token_type = e.token_type.detached();
         e.norm = e.norm.detached();
         for l in self.layers.iter_mut().take(n) {
-            *l = Layer {
-                query: l.query.detached(),
-                key: l.key.detached(),
-                value: l.value.detached(),
-                attn_out: l.attn_out.detached(),
-                attn_norm: l.attn_norm.detached(),
-                intermediate: l.intermediate.detached(),
-                output: l.output.detached(),
-                out_norm: l.out_norm.detached(),
-            };
+            *l = l.detached();
         }
     }
 
@@ -204,21 +169,8 @@ impl Bert {
             &e.norm.weight,
             &e.norm.bias,
         ];
-        let linears = self.layers.iter().flat_map(|l| {
-            [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attn_out,
-                &l.intermediate,
-                &l.output,
-            ]
-        });
-        for l in &self.layers {
-            for n in [&l.attn_norm, &l.out_norm] {
-                tensors.extend([&n.weight, &n.bias]);
-            }
-        }
+        let linears = self.layers.iter().flat_map(Layer::linears);
+        tensors.extend(self.layers.iter().flat_map(Layer::norm_tensors));
         all_detached(linears, tensors)
     }
 
@@ -240,26 +192,14 @@ impl Bert {
         let x = dropout_add(&l.attn_out.forward(&ctx)?, x, p, rng.as_deref_mut())?;
         let x = l.attn_norm.forward(&x)?;
         let inter = linear_activation(&l.intermediate, &x, self.cfg.hidden_act)?;
-        l.out_norm
+        l.ffn_norm
             .forward(&dropout_add(&l.output.forward(&inter)?, &x, p, rng)?)
     }
 
     /// Every layer's linear layers in [`super::lora::LAYER_LINEARS`] order: what LoRA
     /// adapts ([`super::lora::LoraConfig::attach`]).
     pub fn layer_linears(&mut self) -> Vec<[&mut Linear; 6]> {
-        self.layers
-            .iter_mut()
-            .map(|l| {
-                [
-                    &mut l.query,
-                    &mut l.key,
-                    &mut l.value,
-                    &mut l.attn_out,
-                    &mut l.intermediate,
-                    &mut l.output,
-                ]
-            })
-            .collect()
+        self.layers.iter_mut().map(Layer::linears_mut).collect()
     }
 
     pub fn config(&self) -> &EncoderConfig {

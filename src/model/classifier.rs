@@ -198,11 +198,7 @@ impl SequenceClassifier {
         residue_mask: &Tensor,
         members: std::ops::Range<usize>,
     ) -> candle_core::Result<BatchProbabilities> {
-        let outputs = self.heads[members]
-            .iter()
-            .map(|h| h.detached().forward(hidden, residue_mask, None))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        self.combine(&outputs)
+        self.members_combined(members, |h| h.forward(hidden, residue_mask, None))
     }
 
     /// Probabilities from cached per-residue rows (`x` [B, L, H], `mask` [B, L]; see
@@ -213,9 +209,18 @@ impl SequenceClassifier {
         mask: &Tensor,
         members: std::ops::Range<usize>,
     ) -> candle_core::Result<BatchProbabilities> {
+        self.members_combined(members, |h| h.forward_residues(x, mask, None))
+    }
+
+    /// `forward` of each head in `members` (detached: inference), combined.
+    fn members_combined(
+        &self,
+        members: std::ops::Range<usize>,
+        forward: impl Fn(&Head) -> candle_core::Result<HeadOutput>,
+    ) -> candle_core::Result<BatchProbabilities> {
         let outputs = self.heads[members]
             .iter()
-            .map(|h| h.detached().forward_residues(x, mask, None))
+            .map(|h| forward(&h.detached()))
             .collect::<candle_core::Result<Vec<_>>>()?;
         self.combine(&outputs)
     }

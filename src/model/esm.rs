@@ -6,7 +6,9 @@ use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
-use super::layers::{all_detached, linear_activation, Embedding, LayerNorm, Linear};
+use super::layers::{
+    all_detached, linear_activation, Embedding, LayerNorm, Linear, TransformerLayer,
+};
 use super::params::Builder;
 use crate::kernels::attention::{self_attention, AttentionMask};
 use crate::kernels::dropout::dropout_add;
@@ -16,20 +18,9 @@ use crate::kernels::rotary::{self, RotaryTables};
 /// `token_dropout` the embeddings are rescaled by the observed mask ratio.
 pub(super) const MASK_RATIO_TRAIN: f64 = 0.15 * 0.8;
 
-#[derive(Clone)]
-pub(super) struct Layer {
-    pub(super) attn_norm: LayerNorm,
-    pub(super) query: Linear,
-    pub(super) key: Linear,
-    pub(super) value: Linear,
-    pub(super) attn_out: Linear,
-    pub(super) ffn_norm: LayerNorm,
-    pub(super) intermediate: Linear,
-    pub(super) output: Linear,
-    /// Rotary frequencies as stored in the checkpoint (ESM-2 releases store them at reduced
-    /// precision, and transformers uses the stored values); computed when absent.
-    pub(super) inv_freq: Vec<f32>,
-}
+/// ESM-2's layer: pre-LayerNorm, `attention.LayerNorm` before the attention and `LayerNorm`
+/// before the feed-forward.
+pub(super) type Layer = TransformerLayer;
 
 /// An ESM-2 encoder; `forward` returns the last hidden states [B, T, hidden].
 #[derive(Clone)]
@@ -38,6 +29,10 @@ pub struct Esm {
     pub(super) word: Embedding,
     pub(super) emb_norm_before: Option<LayerNorm>,
     pub(super) layers: Vec<Layer>,
+    /// Each layer's rotary frequencies as stored in the checkpoint (ESM-2 releases store
+    /// them at reduced precision, and transformers uses the stored values); computed when
+    /// absent.
+    pub(super) inv_freqs: Vec<Vec<f32>>,
     pub(super) final_norm: LayerNorm,
 }
 
@@ -52,33 +47,16 @@ impl Esm {
         } else {
             None
         };
+        let layer = |i: usize| b.pp("encoder.layer").pp(i);
         let layers = (0..cfg.num_hidden_layers)
+            .map(|i| Layer::new(&layer(i), cfg, ["attention.LayerNorm", "LayerNorm"]))
+            .collect::<Result<Vec<_>>>()?;
+        let inv_freqs = (0..cfg.num_hidden_layers)
             .map(|i| {
-                let l = b.pp("encoder.layer").pp(i);
-                let a = l.pp("attention");
-                Ok(Layer {
-                    attn_norm: LayerNorm::new(&a.pp("LayerNorm"), h, eps)?,
-                    query: Linear::projection(&a.pp("self.query"), h, h, std)?,
-                    key: Linear::projection(&a.pp("self.key"), h, h, std)?,
-                    value: Linear::projection(&a.pp("self.value"), h, h, std)?,
-                    attn_out: Linear::projection(&a.pp("output.dense"), h, h, std)?,
-                    ffn_norm: LayerNorm::new(&l.pp("LayerNorm"), h, eps)?,
-                    intermediate: Linear::projection(
-                        &l.pp("intermediate.dense"),
-                        h,
-                        cfg.intermediate_size,
-                        std,
-                    )?,
-                    output: Linear::projection(
-                        &l.pp("output.dense"),
-                        cfg.intermediate_size,
-                        h,
-                        std,
-                    )?,
-                    inv_freq: match a.pp("self.rotary_embeddings").buffer("inv_freq")? {
-                        Some(t) => t.to_dtype(DType::F32)?.to_vec1()?,
-                        None => default_inv_freq(cfg.head_dim()),
-                    },
+                let rotary = layer(i).pp("attention.self.rotary_embeddings");
+                Ok(match rotary.buffer("inv_freq")? {
+                    Some(t) => t.to_dtype(DType::F32)?.to_vec1()?,
+                    None => default_inv_freq(cfg.head_dim()),
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -88,6 +66,7 @@ impl Esm {
             word,
             emb_norm_before,
             layers,
+            inv_freqs,
             final_norm,
         })
     }
@@ -108,17 +87,7 @@ impl Esm {
             self.emb_norm_before = Some(norm.detached());
         }
         for l in self.layers.iter_mut().take(n) {
-            *l = Layer {
-                attn_norm: l.attn_norm.detached(),
-                query: l.query.detached(),
-                key: l.key.detached(),
-                value: l.value.detached(),
-                attn_out: l.attn_out.detached(),
-                ffn_norm: l.ffn_norm.detached(),
-                intermediate: l.intermediate.detached(),
-                output: l.output.detached(),
-                inv_freq: l.inv_freq.clone(),
-            };
+            *l = l.detached();
         }
     }
 
@@ -197,13 +166,17 @@ impl Esm {
         // Every layer of a released checkpoint stores the same frequencies: build the tables
         // once and rebuild only if a layer differs.
         let mut tables: Option<(&[f32], RotaryTables)> = None;
-        for layer in &self.layers[from.min(until)..until] {
+        let range = from.min(until)..until;
+        for (layer, inv_freq) in self.layers[range.clone()]
+            .iter()
+            .zip(&self.inv_freqs[range])
+        {
             if tables
                 .as_ref()
-                .is_none_or(|(f, _)| *f != layer.inv_freq.as_slice())
+                .is_none_or(|(f, _)| *f != inv_freq.as_slice())
             {
-                let rot = RotaryTables::new(t, &layer.inv_freq, x.device())?;
-                tables = Some((&layer.inv_freq, rot));
+                let rot = RotaryTables::new(t, inv_freq, x.device())?;
+                tables = Some((inv_freq, rot));
             }
             let (_, rot) = tables.as_ref().expect("set above");
             x = self.layer_forward(layer, &x, &mask, rot, rng.as_deref_mut())?;
@@ -227,21 +200,8 @@ impl Esm {
         if let Some(n) = &self.emb_norm_before {
             tensors.extend([&n.weight, &n.bias]);
         }
-        let linears = self.layers.iter().flat_map(|l| {
-            [
-                &l.query,
-                &l.key,
-                &l.value,
-                &l.attn_out,
-                &l.intermediate,
-                &l.output,
-            ]
-        });
-        for l in &self.layers {
-            for n in [&l.attn_norm, &l.ffn_norm] {
-                tensors.extend([&n.weight, &n.bias]);
-            }
-        }
+        let linears = self.layers.iter().flat_map(Layer::linears);
+        tensors.extend(self.layers.iter().flat_map(Layer::norm_tensors));
         all_detached(linears, tensors)
     }
 
@@ -288,19 +248,7 @@ impl Esm {
     /// Every layer's linear layers in [`super::lora::LAYER_LINEARS`] order: what LoRA
     /// adapts ([`super::lora::LoraConfig::attach`]).
     pub fn layer_linears(&mut self) -> Vec<[&mut Linear; 6]> {
-        self.layers
-            .iter_mut()
-            .map(|l| {
-                [
-                    &mut l.query,
-                    &mut l.key,
-                    &mut l.value,
-                    &mut l.attn_out,
-                    &mut l.intermediate,
-                    &mut l.output,
-                ]
-            })
-            .collect()
+        self.layers.iter_mut().map(Layer::linears_mut).collect()
     }
 
     pub fn config(&self) -> &EncoderConfig {

@@ -5,7 +5,7 @@
 
 use candle_core::{Result, Tensor};
 
-use super::config::Activation;
+use super::config::{Activation, EncoderConfig};
 use super::params::{Builder, Init};
 use crate::kernels::{linear, ops};
 
@@ -16,6 +16,90 @@ pub struct Linear {
     pub weight: Tensor,
     pub bias: Option<Tensor>,
     pub lora: Option<Lora>,
+}
+
+/// One transformer layer's weights, the same for BERT and ESM-2 (Hugging Face names under
+/// `encoder.layer.N.`). BERT normalises after each residual (post-LayerNorm), ESM-2 before
+/// each sublayer (pre-LayerNorm): `attn_norm` and `ffn_norm` are the norms that go with the
+/// attention and the feed-forward sublayer, at the names [`Self::new`] is given.
+#[derive(Clone)]
+pub(crate) struct TransformerLayer {
+    pub(crate) query: Linear,
+    pub(crate) key: Linear,
+    pub(crate) value: Linear,
+    pub(crate) attn_out: Linear,
+    pub(crate) attn_norm: LayerNorm,
+    pub(crate) intermediate: Linear,
+    pub(crate) output: Linear,
+    pub(crate) ffn_norm: LayerNorm,
+}
+
+impl TransformerLayer {
+    /// The layer under `l` (`encoder.layer.N`), its two LayerNorms at `norms` =
+    /// [attention's, feed-forward's] (relative to `l`).
+    pub(crate) fn new(l: &Builder, cfg: &EncoderConfig, norms: [&str; 2]) -> Result<Self> {
+        let (h, f, std) = (
+            cfg.hidden_size,
+            cfg.intermediate_size,
+            cfg.initializer_range,
+        );
+        let eps = cfg.layer_norm_eps;
+        let a = l.pp("attention");
+        Ok(Self {
+            query: Linear::projection(&a.pp("self.query"), h, h, std)?,
+            key: Linear::projection(&a.pp("self.key"), h, h, std)?,
+            value: Linear::projection(&a.pp("self.value"), h, h, std)?,
+            attn_out: Linear::projection(&a.pp("output.dense"), h, h, std)?,
+            attn_norm: LayerNorm::new(&l.pp(norms[0]), h, eps)?,
+            intermediate: Linear::projection(&l.pp("intermediate.dense"), h, f, std)?,
+            output: Linear::projection(&l.pp("output.dense"), f, h, std)?,
+            ffn_norm: LayerNorm::new(&l.pp(norms[1]), h, eps)?,
+        })
+    }
+
+    /// The same weights outside the autograd graph (LoRA adapters merged).
+    pub(crate) fn detached(&self) -> Self {
+        Self {
+            query: self.query.detached(),
+            key: self.key.detached(),
+            value: self.value.detached(),
+            attn_out: self.attn_out.detached(),
+            attn_norm: self.attn_norm.detached(),
+            intermediate: self.intermediate.detached(),
+            output: self.output.detached(),
+            ffn_norm: self.ffn_norm.detached(),
+        }
+    }
+
+    /// The linear layers in [`super::lora::LAYER_LINEARS`] order.
+    pub(crate) fn linears(&self) -> [&Linear; 6] {
+        [
+            &self.query,
+            &self.key,
+            &self.value,
+            &self.attn_out,
+            &self.intermediate,
+            &self.output,
+        ]
+    }
+
+    /// [`Self::linears`], mutable: what LoRA adapts.
+    pub(crate) fn linears_mut(&mut self) -> [&mut Linear; 6] {
+        [
+            &mut self.query,
+            &mut self.key,
+            &mut self.value,
+            &mut self.attn_out,
+            &mut self.intermediate,
+            &mut self.output,
+        ]
+    }
+
+    /// The two LayerNorms' weights and biases.
+    pub(crate) fn norm_tensors(&self) -> [&Tensor; 4] {
+        let (a, f) = (&self.attn_norm, &self.ffn_norm);
+        [&a.weight, &a.bias, &f.weight, &f.bias]
+    }
 }
 
 /// Whether the packed inference path may run these weights: no linear carries LoRA adapters

@@ -146,9 +146,6 @@ impl<'de> Deserialize<'de> for Scalar {
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Scalar, E> {
                 Ok(Scalar::Str(s.to_string()))
             }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Scalar, E> {
-                Ok(Scalar::Str(s))
-            }
             fn visit_i64<E: de::Error>(self, n: i64) -> Result<Scalar, E> {
                 Ok(Scalar::Num(n.to_string()))
             }
@@ -240,9 +237,6 @@ impl<'de> Deserialize<'de> for InputItem {
             fn visit_str<E: de::Error>(self, s: &str) -> Result<InputItem, E> {
                 Ok(InputItem::Sequence(s.to_string()))
             }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<InputItem, E> {
-                Ok(InputItem::Sequence(s))
-            }
             fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<InputItem, A::Error> {
                 let (sequence, id) = protein_fields(map)?;
                 protein(sequence, id).map(InputItem::Protein)
@@ -266,9 +260,6 @@ impl<'de> Deserialize<'de> for Inputs {
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<Inputs, E> {
                 Ok(Inputs::One(InputItem::Sequence(s.to_string())))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<Inputs, E> {
-                Ok(Inputs::One(InputItem::Sequence(s)))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Inputs, A::Error> {
                 items(seq).map(Inputs::Many)
@@ -294,9 +285,6 @@ impl<'de> Deserialize<'de> for PredictRequest {
             }
             fn visit_str<E: de::Error>(self, s: &str) -> Result<PredictRequest, E> {
                 Ok(PredictRequest::Sequence(s.to_string()))
-            }
-            fn visit_string<E: de::Error>(self, s: String) -> Result<PredictRequest, E> {
-                Ok(PredictRequest::Sequence(s))
             }
             fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<PredictRequest, A::Error> {
                 items(seq).map(PredictRequest::List)

@@ -499,14 +499,19 @@ impl Default for TrainOptions {
     }
 }
 
+/// `$to.f = $from.f;` for each field `f` listed.
+macro_rules! copy_fields {
+    ($to:ident <- $from:ident: $($field:ident),* $(,)?) => {
+        $($to.$field = $from.$field;)*
+    };
+}
+
 impl TrainOptions {
     /// Every setting of a run on `model` and `data` into `output`, with the defaults of the
     /// mode these options ask for.
     pub fn resolve(self, model: &str, data: PathBuf, output: PathBuf) -> TrainArgs {
         let c = self;
         let mut args = TrainArgs::new(model, data, output);
-        args.save_every_steps = c.save_every_steps;
-        args.keep_last = c.keep_last;
         args.max_bad_steps = c.max_bad_steps.max(1);
         let top = c.train_top_layers;
         // Defaults of the cached paths (--frozen, --train-top-layers) apply to both.
@@ -524,7 +529,6 @@ impl TrainOptions {
             2e-5
         });
         args.train_top_layers = top;
-        args.init_head = c.init_head;
         args.lora = crate::model::lora::LoraConfig {
             rank: c.lora_rank,
             alpha: c.lora_alpha.unwrap_or(c.lora_rank as f64),
@@ -532,37 +536,18 @@ impl TrainOptions {
             from_layer: 0,
         };
         args.head_lr = c.head_lr.or((top > 0 && !lora).then_some(1e-3));
-        args.weight_decay = c.weight_decay;
-        args.warmup_ratio = c.warmup_ratio;
-        args.max_residues = c.max_residues;
-        args.truncate = c.truncate;
-        args.freeze_layers = c.freeze_layers;
-        args.grad_accum = c.grad_accum;
-        args.max_grad_norm = c.max_grad_norm;
-        args.optimizer = c.optimizer;
-        args.scale_lr_by_world = c.scale_lr_by_world;
-        args.dropout = c.dropout;
-        args.val_fraction = c.val_fraction;
-        args.seed = c.seed;
-        args.limit = c.limit;
-        args.max_steps = c.max_steps;
         args.pool = c
             .pool
             .unwrap_or(if cached { Pool::Mean } else { Pool::Cls });
-        args.skip_invalid = c.skip_invalid;
-        args.eval_batch_tokens = c.eval_batch_tokens;
-        args.frozen = c.frozen;
-        args.cache = c.cache;
-        args.head = c.head;
-        args.head_hidden = c.head_hidden;
-        args.la_kernel = c.la_kernel;
-        args.membrane = c.membrane;
-        args.class_weighting = c.class_weighting;
-        args.multi_label = c.multi_label;
-        args.partition = c.partition;
-        args.train_sample = c.train_sample;
-        args.ensemble = c.ensemble;
-        args.folds = c.folds;
+        // The options that are the setting as they are.
+        copy_fields!(args <- c:
+            save_every_steps, keep_last, init_head, weight_decay, warmup_ratio,
+            max_residues, truncate, freeze_layers, grad_accum, max_grad_norm, optimizer,
+            scale_lr_by_world, dropout, val_fraction, seed, limit, max_steps,
+            skip_invalid, eval_batch_tokens, frozen, cache, head, head_hidden,
+            la_kernel, membrane, class_weighting, multi_label, partition, train_sample,
+            ensemble, folds
+        );
         args
     }
 }

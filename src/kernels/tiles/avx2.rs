@@ -465,10 +465,8 @@ pub unsafe fn narrow(
     k: usize,
     d: usize,
     a: Strided,
-    b: *const f32,
-    b_rs: usize,
-    c: *mut f32,
-    c_rs: usize,
+    (b, b_rs): (*const f32, usize),
+    (c, c_rs): (*mut f32, usize),
     accumulate: bool,
 ) {
     let mut i0 = 0;

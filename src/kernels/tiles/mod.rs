@@ -245,7 +245,7 @@ pub unsafe fn narrow(
     #[cfg(target_arch = "x86_64")]
     if d.is_multiple_of(8) && d <= NARROW_MAX && has_avx2_fma() {
         // SAFETY: CPU features checked; bounds as the caller guarantees.
-        return unsafe { avx2::narrow(m, k, d, a, b, b_rs, c, c_rs, accumulate) };
+        return unsafe { avx2::narrow(m, k, d, a, (b, b_rs), (c, c_rs), accumulate) };
     }
     if d > NARROW_MAX {
         // Wide enough for the `gemm` crate's own blocking (measured at d = 64: 105 GFLOP/s

@@ -18,6 +18,39 @@ pub struct AttentionBlock<'a> {
     pub out_rs: usize,
 }
 
+impl<'a> AttentionBlock<'a> {
+    /// Query rows `r0..r0 + r` of one head of one sequence, whose `len` tokens are the rows
+    /// from element `start` of `q`, `v` and `out`, all at row stride `stride` (the hidden
+    /// size; the pointers already point at the head's first column).
+    ///
+    /// # Safety
+    /// `q`, `v` and `out` must be valid for `start + (len - 1) * stride + d` elements.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn head_rows(
+        q: *const f32,
+        v: *const f32,
+        out: *mut f32,
+        k_t: &'a [f32],
+        (start, stride): (usize, usize),
+        (r0, r): (usize, usize),
+        len: usize,
+        d: usize,
+    ) -> Self {
+        let rows = start + r0 * stride;
+        AttentionBlock {
+            r,
+            len,
+            d,
+            q: Strided::rows(q.add(rows), stride),
+            k_t,
+            v: v.add(start),
+            v_rs: stride,
+            out: out.add(rows),
+            out_rs: stride,
+        }
+    }
+}
+
 /// Softmax attention of one block, shared by inference and the training forward: scores
 /// with their row maxima from one kernel, `exp(s - max)` and its row sum in one pass, the
 /// value product on the unnormalised probabilities, and `1 / sum` applied to the `d`-wide

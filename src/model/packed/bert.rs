@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{packed_linear, packed_linear_acc, packed_linear_scaled, PackedTokens};
+use super::{packed_linear, packed_linear_acc, packed_linear_scaled, sizes, PackedTokens};
 use crate::kernels::activation;
 use crate::kernels::packed_attention;
 use crate::kernels::{buffers, norm};
@@ -37,9 +37,7 @@ pub(crate) fn forward_until(
     else {
         return Ok(None);
     };
-    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-    let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
-    let eps = cfg.layer_norm_eps as f32;
+    let (h, f, heads, d, eps) = sizes(cfg);
 
     let mut x = buffers::take(n * h);
     {
@@ -92,8 +90,8 @@ pub(crate) fn forward_until(
         packed_linear_acc(&inter, &l.output, &mut x, f, h)?;
         buffers::recycle(inter);
         let (w, b) = (
-            buffers::view(&l.out_norm.weight)?,
-            buffers::view(&l.out_norm.bias)?,
+            buffers::view(&l.ffn_norm.weight)?,
+            buffers::view(&l.ffn_norm.bias)?,
         );
         norm::layer_norm_inplace(&mut x, w.get(), b.get(), eps);
     }

@@ -3,7 +3,7 @@
 
 use candle_core::{DType, Result, Tensor};
 
-use super::{packed_linear, packed_linear_acc, PackedTokens};
+use super::{packed_linear, packed_linear_acc, sizes, PackedTokens};
 use crate::kernels::activation;
 use crate::kernels::packed_attention;
 use crate::kernels::{buffers, norm, rotary};
@@ -36,9 +36,7 @@ pub(crate) fn forward_range(
     else {
         return Ok(None);
     };
-    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
-    let (heads, d) = (cfg.num_attention_heads, cfg.head_dim());
-    let eps = cfg.layer_norm_eps as f32;
+    let (h, f, heads, d, eps) = sizes(cfg);
 
     let mut x = buffers::take(n * h);
     {
@@ -80,13 +78,13 @@ pub(crate) fn forward_range(
     let scale = 1.0 / (d as f64).sqrt();
     let max_len = lengths.iter().copied().max().unwrap_or(0);
     let mut tables: Option<(&[f32], Vec<f32>, Vec<f32>)> = None;
-    for l in &m.layers[..until] {
+    for (l, inv_freq) in m.layers[..until].iter().zip(&m.inv_freqs) {
         if tables
             .as_ref()
-            .is_none_or(|(fr, _, _)| *fr != l.inv_freq.as_slice())
+            .is_none_or(|(fr, _, _)| *fr != inv_freq.as_slice())
         {
-            let (cos, sin) = rotary::half_tables(max_len, &l.inv_freq);
-            tables = Some((&l.inv_freq, cos, sin));
+            let (cos, sin) = rotary::half_tables(max_len, inv_freq);
+            tables = Some((inv_freq, cos, sin));
         }
         let (_, cos, sin) = tables.as_ref().expect("set above");
         let hn = {

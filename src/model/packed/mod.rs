@@ -119,6 +119,19 @@ pub(crate) fn packed_linear_acc(
 
 /// A batch's real tokens, stacked: each row's token ids, where each row's tokens sit among
 /// the stacked rows, the padded width and the number of real tokens.
+/// The sizes a packed forward works with: (hidden, feed-forward, heads, head dimension,
+/// LayerNorm epsilon).
+pub(super) fn sizes(cfg: &crate::model::EncoderConfig) -> (usize, usize, usize, usize, f32) {
+    let (h, f) = (cfg.hidden_size, cfg.intermediate_size);
+    (
+        h,
+        f,
+        cfg.num_attention_heads,
+        cfg.head_dim(),
+        cfg.layer_norm_eps as f32,
+    )
+}
+
 pub(crate) struct PackedTokens {
     pub ids: Vec<Vec<u32>>,
     pub lengths: Vec<usize>,
