@@ -394,3 +394,53 @@ fn lamb_trains_from_the_command_line_and_is_recorded() {
         &["sgd", "adamw", "lamb"],
     );
 }
+
+/// `--precision bf16` is a GPU setting: on the CPU `train` refuses it, naming the measured
+/// reason and the CPU check of the bf16 path, before reading any data; with `--frozen` it is
+/// refused as meaningless; fp32 is recorded in training_args.json.
+#[test]
+fn bf16_is_refused_on_the_cpu_and_with_frozen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.fasta");
+    protloc::demo::write_dataset(&data, 3, 2).unwrap();
+    let args = |extra: &[&str]| -> Vec<std::ffi::OsString> {
+        let mut a: Vec<std::ffi::OsString> = ["train", "--model", "scratch:tiny", "--epochs", "1"]
+            .iter()
+            .chain(extra)
+            .map(Into::into)
+            .collect();
+        a.extend(["--data".into(), data.clone().into_os_string()]);
+        a.extend(["--output".into(), dir.path().join("run").into_os_string()]);
+        a
+    };
+    fails_with(
+        &args(&["--precision", "bf16", "--device", "cpu"]),
+        &[
+            "--precision bf16 runs on GPUs",
+            "check-device --device cpu --precision bf16",
+        ],
+    );
+    fails_with(
+        &args(&["--precision", "bf16", "--frozen"]),
+        &["--precision bf16", "--frozen"],
+    );
+    fails_with(&args(&["--precision", "fp16"]), &["fp16", "fp32", "bf16"]);
+    assert!(
+        !dir.path().join("run").exists(),
+        "a refused run wrote its directory"
+    );
+    let out = protloc()
+        .args(args(&["--max-residues", "32", "--precision", "fp32"]))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let saved: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(dir.path().join("run/training_args.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(saved["precision"], "fp32");
+}

@@ -6,7 +6,7 @@
 //! steps must agree. One test per binary: the switch is process-wide.
 
 use protloc::device::DeviceSpec;
-use protloc::model::HeadKind;
+use protloc::model::{HeadKind, Precision};
 use protloc::train::device_check::{check, CheckOptions};
 
 #[test]
@@ -20,6 +20,7 @@ fn composed_ops_match_the_fused_kernels_for_every_head() {
             model: model.into(),
             device: DeviceSpec::Cpu,
             head,
+            precision: Precision::Fp32,
             batch_size: 3,
             residues: 40,
             steps: 4,
@@ -36,5 +37,34 @@ fn composed_ops_match_the_fused_kernels_for_every_head() {
         assert!(r.cpu_losses[3] < r.cpu_losses[0], "{:?}", r.cpu_losses);
         let w = r.worst_final_weight.as_ref().unwrap();
         assert!(w.1.relative < 1e-4, "{w:?}");
+    }
+    // Mixed precision on the same path: bf16 activations and products on f32 weights track
+    // the fp32 fused kernels (per tensor, L2), every parameter still gets an f32 gradient,
+    // and the differences are bf16's, not zero (the precision really changed).
+    for model in ["scratch:tiny", "scratch:small"] {
+        let r = check(&CheckOptions {
+            model: model.into(),
+            device: DeviceSpec::Cpu,
+            head: HeadKind::Mlp,
+            precision: Precision::Bf16,
+            batch_size: 3,
+            residues: 40,
+            steps: 4,
+            tolerance: 5e-2,
+            skip_cpu: false,
+            seed: 3,
+        })
+        .unwrap();
+        assert!(r.pass, "{model} bf16: {r:#?}");
+        assert!(r.gradients_compared > 10, "{}", r.gradients_compared);
+        let hidden = r.hidden_states.as_ref().unwrap().l2_relative;
+        assert!(hidden > 1e-4 && hidden < 2e-2, "{hidden}");
+        assert!(r.gradient_l2_relative.unwrap() < 2e-2, "{r:#?}");
+        assert!(r.device_losses.iter().all(|l| l.is_finite()));
+        assert!(
+            r.device_losses[3] < r.device_losses[0],
+            "{:?}",
+            r.device_losses
+        );
     }
 }

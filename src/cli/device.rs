@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use clap::Args;
 
 use crate::device::DeviceSpec;
-use crate::model::HeadKind;
+use crate::model::{HeadKind, Precision};
 use crate::train::device_check::{check, CheckOptions};
 
 #[derive(Args, Debug)]
@@ -30,9 +30,15 @@ pub struct CheckDeviceCmd {
     /// AdamW steps compared (and timed).
     #[arg(long, default_value_t = 5)]
     pub steps: usize,
-    /// Largest difference that passes, relative to the largest magnitude compared.
-    #[arg(long, default_value_t = 1e-4)]
-    pub tolerance: f64,
+    /// The device side's compute precision (the CPU side is always fp32): bf16 checks the
+    /// mixed-precision path against fp32. Use it with --head mlp: light attention's max
+    /// pooling sends each gradient to one position, which bf16 rounding can move.
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
+    /// Largest difference that passes, relative to the largest magnitude compared (default
+    /// 1e-4 in fp32, 5e-2 in bf16).
+    #[arg(long)]
+    pub tolerance: Option<f64>,
     /// Only run and time the device (for models too big to run on the CPU).
     #[arg(long)]
     pub skip_cpu: bool,
@@ -54,7 +60,11 @@ pub fn run(c: CheckDeviceCmd) -> Result<()> {
         batch_size: c.batch_size,
         residues: c.residues,
         steps: c.steps,
-        tolerance: c.tolerance,
+        precision: c.precision,
+        tolerance: c.tolerance.unwrap_or(match c.precision {
+            Precision::Fp32 => 1e-4,
+            Precision::Bf16 => 5e-2,
+        }),
         skip_cpu: c.skip_cpu,
         seed: c.seed,
     })?;
@@ -63,19 +73,27 @@ pub fn run(c: CheckDeviceCmd) -> Result<()> {
         Some(p) => crate::artifacts::write_atomic(p, json.as_bytes())?,
         None => println!("{json}"),
     }
+    // Relative differences as the check judges them: element-wise in fp32, per tensor (L2)
+    // in bf16.
+    let judged = |d: &crate::train::device_check::Diff| match r.precision {
+        Precision::Fp32 => d.relative,
+        Precision::Bf16 => d.l2_relative,
+    };
     let rel = |d: &Option<crate::train::device_check::Diff>| {
         d.as_ref()
-            .map_or("-".into(), |d| format!("{:.1e}", d.relative))
+            .map_or("-".into(), |d| format!("{:.1e}", judged(d)))
     };
     eprintln!(
-        "{} vs cpu, {} ({} parameters): hidden {}, logits {}, worst gradient {} ({}), losses {}; {:.1} ms/step on the device (forward {:.1}, backward {:.1}, update {:.1}){}",
+        "{} ({}) vs cpu (fp32), {} ({} parameters): hidden {}, logits {}, worst gradient {} ({}), all gradients {}, losses {}; {:.1} ms/step on the device (forward {:.1}, backward {:.1}, update {:.1}){}",
         r.device,
+        r.precision,
         r.model,
         r.parameters,
         rel(&r.hidden_states),
         rel(&r.logits),
-        r.worst_gradient.as_ref().map_or("-".into(), |(_, d)| format!("{:.1e}", d.relative)),
+        r.worst_gradient.as_ref().map_or("-".into(), |(_, d)| format!("{:.1e}", judged(d))),
         r.worst_gradient.as_ref().map_or("-", |(n, _)| n.as_str()),
+        r.gradient_l2_relative.map_or("-".into(), |d| format!("{d:.1e} (L2)")),
         r.loss_relative_diff.map_or("-".into(), |d| format!("{d:.1e}")),
         r.device_step_ms,
         r.device_phases_ms[0],

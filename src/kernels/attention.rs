@@ -2,7 +2,7 @@
 //! fused CPU kernel ([`fused_attention`](super::fused_attention)) when the mask allows it,
 //! the composition of candle ops otherwise.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 
 use super::dropout::{dropout, DropMask};
 use super::ops;
@@ -80,8 +80,13 @@ pub fn attention(
     rng: Option<&mut rand_chacha::ChaCha8Rng>,
 ) -> Result<Tensor> {
     let (b, h, t, d) = q.dims4()?;
-    let scores = q.matmul(&k.t()?.contiguous()?)?.broadcast_add(mask_bias)?;
-    let probs = dropout(&ops::softmax_last_dim(&scores)?, dropout_p, rng)?;
+    // Scores, mask and softmax in f32 (a no-op in fp32; with bf16 activations the softmax
+    // sums stay exact enough and the padding bias stays finite), probabilities back in the
+    // activations' dtype for the value product.
+    let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
+    let scores = scores.broadcast_add(&mask_bias.to_dtype(DType::F32)?)?;
+    let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
+    let probs = dropout(&probs, dropout_p, rng)?;
     let ctx = probs.matmul(v)?; // [B, h, T, d]
     ctx.transpose(1, 2)?.contiguous()?.reshape((b, t, h * d))
 }

@@ -63,9 +63,12 @@ fn linear_then(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, then: Then) -
                 .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)?
         }
         _ => {
-            let y = x2.matmul(&weight.t()?)?;
+            // Cast on use: f32 weights with bf16 activations (mixed precision) multiply in
+            // the activations' dtype; the cast's backward returns f32 gradients.
+            let cast = |t: &Tensor| t.to_dtype(x.dtype());
+            let y = x2.matmul(&cast(weight)?.t()?)?;
             let y = match bias {
-                Some(b) => y.broadcast_add(b)?,
+                Some(b) => y.broadcast_add(&cast(b)?)?,
                 None => y,
             };
             match then {

@@ -36,18 +36,21 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
     layer_norm_composed(x, weight, bias, eps)
 }
 
-/// [`layer_norm`] composed from primitive differentiable ops (any device and dtype).
+/// [`layer_norm`] composed from primitive differentiable ops (any device and dtype). The
+/// statistics and the affine run in f32 (`x` of another dtype, e.g. bf16, is cast up and the
+/// result back down), with the weights in their own dtype cast to f32.
 pub fn layer_norm_composed(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<Tensor> {
     let dtype = x.dtype();
-    let x = x.to_dtype(DType::F32)?;
+    let f32 = |t: &Tensor| t.to_dtype(DType::F32);
+    let x = f32(x)?;
     let mean = x.mean_keepdim(D::Minus1)?;
     let centered = x.broadcast_sub(&mean)?;
     let var = centered.sqr()?.mean_keepdim(D::Minus1)?;
     let normed = centered.broadcast_div(&(var + eps)?.sqrt()?)?;
     normed
-        .to_dtype(dtype)?
-        .broadcast_mul(weight)?
-        .broadcast_add(bias)
+        .broadcast_mul(&f32(weight)?)?
+        .broadcast_add(&f32(bias)?)?
+        .to_dtype(dtype)
 }
 
 /// Fused layer normalisation over the last dimension (CPU, f32) with an analytic backward.

@@ -1,7 +1,7 @@
 //! BERT encoder (ProtBERT, AntiBERTy): post-LayerNorm transformer with learned absolute
 //! positions. Tensor names follow Hugging Face `BertModel`.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use rand_chacha::ChaCha8Rng;
 
 use super::config::EncoderConfig;
@@ -30,6 +30,8 @@ pub struct Bert {
     pub(super) cfg: EncoderConfig,
     pub(super) embeddings: Embeddings,
     pub(super) layers: Vec<Layer>,
+    /// The dtype of the hidden states between layers ([`super::Precision`]).
+    pub(super) compute: DType,
 }
 
 impl Bert {
@@ -63,6 +65,7 @@ impl Bert {
             cfg: cfg.clone(),
             embeddings,
             layers,
+            compute: DType::F32,
         })
     }
 
@@ -134,11 +137,13 @@ impl Bert {
             self.cfg.hidden_dropout_prob,
             rng.as_deref_mut(),
         )?;
+        x = x.to_dtype(self.compute)?;
         let mask = AttentionMask::new(attention_mask)?;
         for layer in &self.layers[..until] {
             x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
         }
-        Ok(x)
+        // The output is f32 whatever the compute dtype (heads, losses and caches are).
+        x.to_dtype(DType::F32)
     }
 
     /// The layers from `from` on, applied to hidden states `x` [B, T, H] that the first
@@ -151,11 +156,11 @@ impl Bert {
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let mask = AttentionMask::new(attention_mask)?;
-        let mut x = x.clone();
+        let mut x = x.to_dtype(self.compute)?;
         for layer in &self.layers[from.min(self.layers.len())..] {
             x = self.layer_forward(layer, &x, &mask, rng.as_deref_mut())?;
         }
-        Ok(x)
+        x.to_dtype(DType::F32)
     }
 
     /// True when no weight is part of an autograd graph (see `Esm::is_detached`): what lets

@@ -7,7 +7,7 @@ use rand_chacha::ChaCha8Rng;
 
 use super::config::{Activation, Arch, EncoderConfig, PositionEmbedding};
 use super::packed::{self, ForwardPath};
-use super::{bert, esm, lora, params};
+use super::{bert, esm, lora, params, Precision};
 use crate::kernels::ops;
 use crate::tokenize::TokenBatch;
 
@@ -38,6 +38,15 @@ impl Encoder {
         match self {
             Encoder::Bert(m) => self.forward_until(ids, attention_mask, m.layers.len(), rng),
             Encoder::Esm(m) => self.forward_esm(m, ids, attention_mask, m.layers.len(), true, rng),
+        }
+    }
+
+    /// The compute precision of the differentiable path ([`Precision`]: bf16 hidden states on
+    /// f32 weights). The packed inference path (CPU) always computes in f32.
+    pub fn set_precision(&mut self, precision: Precision) {
+        match self {
+            Encoder::Bert(m) => m.compute = precision.dtype(),
+            Encoder::Esm(m) => m.compute = precision.dtype(),
         }
     }
 

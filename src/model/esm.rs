@@ -34,6 +34,8 @@ pub struct Esm {
     /// absent.
     pub(super) inv_freqs: Vec<Vec<f32>>,
     pub(super) final_norm: LayerNorm,
+    /// The dtype of the hidden states between layers ([`super::Precision`]).
+    pub(super) compute: DType,
 }
 
 impl Esm {
@@ -68,6 +70,7 @@ impl Esm {
             layers,
             inv_freqs,
             final_norm,
+            compute: DType::F32,
         })
     }
 
@@ -161,7 +164,7 @@ impl Esm {
         mut rng: Option<&mut ChaCha8Rng>,
     ) -> Result<Tensor> {
         let (_, t, _) = x.dims3()?;
-        let mut x = x.clone();
+        let mut x = x.to_dtype(self.compute)?;
         let mask = AttentionMask::new(attention_mask)?;
         // Every layer of a released checkpoint stores the same frequencies: build the tables
         // once and rebuild only if a layer differs.
@@ -182,10 +185,10 @@ impl Esm {
             x = self.layer_forward(layer, &x, &mask, rot, rng.as_deref_mut())?;
         }
         if final_norm {
-            self.final_norm.forward(&x)
-        } else {
-            Ok(x)
+            x = self.final_norm.forward(&x)?;
         }
+        // The output is f32 whatever the compute dtype (heads, losses and caches are).
+        x.to_dtype(DType::F32)
     }
 
     /// True when no weight is part of an autograd graph (a [`Esm::detached`] copy): then

@@ -3,7 +3,7 @@
 //!
 //! - [`config`]: the encoder's `config.json`, typed; [`loader`]: reading checkpoints;
 //!   [`params`]: the parameter store; [`layers`]: linear, LayerNorm, embedding layers;
-//!   [`lora`]: low-rank adapters;
+//!   [`lora`]: low-rank adapters; [`precision`]: fp32 or bf16 compute;
 //! - [`bert`], [`esm`]: the differentiable encoders; [`packed`]: their inference-only forward
 //!   on packed tokens, and where the choice between the two is made; [`encoder`]: either
 //!   encoder behind one type;
@@ -40,6 +40,7 @@ pub mod loader;
 pub mod lora;
 pub mod packed;
 pub mod params;
+pub mod precision;
 pub mod task;
 
 pub use answer::{Answer, AnswerRule, MembraneAnswer};
@@ -49,5 +50,6 @@ pub use config::{Arch, EncoderConfig};
 pub use encoder::{scratch_config, Encoder};
 pub use head::{ClassifierHead, Head, HeadKind, HeadOutput, HeadSpec, Pool};
 pub use params::ParamStore;
+pub use precision::Precision;
 pub(crate) use task::{default_head_hidden, default_la_kernel};
 pub use task::{is_head_param, is_member_param, member_prefix, MemberInfo, TaskConfig};

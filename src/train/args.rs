@@ -12,7 +12,7 @@ use super::checkpoint;
 use super::objective::{ClassWeighting, MembraneMode};
 use super::optim::Rule;
 use crate::model::lora::{LoraConfig, LoraTarget};
-use crate::model::{self, HeadKind, Pool};
+use crate::model::{self, HeadKind, Pool, Precision};
 use crate::tokenize::Truncation;
 
 /// Everything `protloc train` takes. Saved as `training_args.json`.
@@ -40,6 +40,9 @@ pub struct TrainArgs {
     /// Multiply the learning rates by the number of ranks (the reference's `lr * world size`).
     #[serde(default)]
     pub scale_lr_by_world: bool,
+    /// The encoder's compute precision (bf16: on a GPU, f32 master weights).
+    #[serde(default)]
+    pub precision: Precision,
     /// Dropout for the head; when given explicitly also overrides the encoder's dropout.
     pub dropout: Option<f64>,
     pub val_fraction: f64,
@@ -193,6 +196,7 @@ impl TrainArgs {
             max_grad_norm: 1.0,
             optimizer: Rule::AdamW,
             scale_lr_by_world: false,
+            precision: Precision::Fp32,
             dropout: None,
             val_fraction: 0.1,
             seed: 42,
@@ -253,6 +257,9 @@ impl TrainArgs {
         }
         if self.init_head && (self.frozen || self.train_top_layers > 0 || self.members() > 1) {
             bail!("--init-head continues fine-tuning one model's head: it does not combine with --frozen, --train-top-layers, --ensemble or --folds");
+        }
+        if self.frozen && self.precision != Precision::Fp32 {
+            bail!("--precision {} applies to fine-tuning the encoder; --frozen trains a head on cached fp32 embeddings: drop --precision", self.precision);
         }
         if self.frozen && self.train_top_layers > 0 {
             bail!("--frozen keeps every encoder layer fixed and --train-top-layers trains some: drop one of them");
@@ -383,6 +390,11 @@ pub struct TrainOptions {
     /// reference scales LAMB's rate by its world size).
     #[arg(long)]
     pub scale_lr_by_world: bool,
+    /// Encoder compute precision. bf16: bf16 activations and matrix products on fp32 master
+    /// weights, with LayerNorm, softmax and the loss in fp32 (GPUs; refused on the CPU,
+    /// where it is slower).
+    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
+    pub precision: Precision,
     /// Dropout of the head (default 0.1; 0.2 for --head reference, 0.25 with --frozen); when
     /// given, also the encoder's dropout.
     #[arg(long)]
@@ -542,7 +554,7 @@ impl TrainOptions {
         // The options that are the setting as they are.
         copy_fields!(args <- c:
             save_every_steps, keep_last, init_head, weight_decay, warmup_ratio,
-            max_residues, truncate, freeze_layers, grad_accum, max_grad_norm, optimizer,
+            max_residues, truncate, freeze_layers, grad_accum, max_grad_norm, optimizer, precision,
             scale_lr_by_world, dropout, val_fraction, seed, limit, max_steps,
             skip_invalid, eval_batch_tokens, frozen, cache, head, head_hidden,
             la_kernel, membrane, class_weighting, multi_label, partition, train_sample,

@@ -12,6 +12,11 @@
 //! whose exact gradient is zero drift apart by design. The device's time per training step is
 //! reported too (the CPU side can be skipped to time big models).
 //!
+//! `--precision bf16` runs the device side in mixed precision ([`Precision::Bf16`]) against the
+//! fp32 CPU run; its differences are then judged per tensor (relative L2 error,
+//! [`Diff::l2_relative`]; the gradients as one vector) instead of per element, with a looser
+//! tolerance.
+//!
 //! `--device cpu` checks the GPU code path without a GPU: the "device" side then runs on
 //! the CPU with the composed ops a GPU takes ([`crate::kernels::set_composed_only`]), and
 //! is compared with the fused CPU kernels.
@@ -28,7 +33,7 @@ use serde::Serialize;
 use super::optim::{Optimizer, OptimizerConfig};
 use crate::device::{describe, DeviceSpec};
 use crate::kernels::ops;
-use crate::model::{self, HeadKind, SequenceClassifier, TaskConfig};
+use crate::model::{self, HeadKind, Precision, SequenceClassifier, TaskConfig};
 use crate::tokenize::TokenBatch;
 
 /// What to check.
@@ -39,6 +44,8 @@ pub struct CheckOptions {
     /// The device compared with the CPU.
     pub device: DeviceSpec,
     pub head: HeadKind,
+    /// The device side's compute precision (the CPU side is fp32).
+    pub precision: Precision,
     /// Proteins per batch and the longest one's residues (the others are shorter, so the
     /// batch is padded).
     pub batch_size: usize,
@@ -60,20 +67,28 @@ pub struct Diff {
     pub scale: f64,
     /// `max_abs_diff / max(scale, floor)` (see the module's documentation for the floor).
     pub relative: f64,
+    /// `|dev - cpu| / |cpu|` in the L2 norm: the error of the tensor as a whole, what
+    /// mixed precision is judged by (its rounding is relative to each element, so one
+    /// element near zero can be off by its own size).
+    pub l2_relative: f64,
 }
 
 impl Diff {
-    fn of(cpu: &[f32], dev: &[f32], floor: f64) -> Self {
+    /// `floors`: the scales below which the element-wise and the L2 differences are not
+    /// divided (for tensors whose exact value is zero, see the module documentation).
+    fn of(cpu: &[f32], dev: &[f32], floors: (f64, f64)) -> Self {
         let max_abs_diff = cpu
             .iter()
             .zip(dev)
             .map(|(a, b)| (a - b).abs() as f64)
             .fold(0f64, f64::max);
         let scale = cpu.iter().map(|a| a.abs() as f64).fold(0f64, f64::max);
+        let diff: Vec<f32> = cpu.iter().zip(dev).map(|(a, b)| a - b).collect();
         Self {
             max_abs_diff,
             scale,
-            relative: max_abs_diff / scale.max(floor).max(1e-30),
+            relative: max_abs_diff / scale.max(floors.0).max(1e-30),
+            l2_relative: l2(&diff) / l2(cpu).max(floors.1).max(1e-30),
         }
     }
 }
@@ -95,6 +110,8 @@ struct Run {
 pub struct CheckReport {
     pub model: String,
     pub device: String,
+    /// The device side's precision.
+    pub precision: Precision,
     pub head: String,
     pub parameters: usize,
     pub batch: [usize; 2],
@@ -105,6 +122,8 @@ pub struct CheckReport {
     /// Gradients compared, and the worst one.
     pub gradients_compared: usize,
     pub worst_gradient: Option<(String, Diff)>,
+    /// All gradients as one vector (the parameters' order): `|dev - cpu| / |cpu|`.
+    pub gradient_l2_relative: Option<f64>,
     pub device_losses: Vec<f64>,
     pub cpu_losses: Vec<f64>,
     /// Largest `|loss_dev - loss_cpu| / |loss_cpu|` over the steps.
@@ -128,7 +147,7 @@ pub fn check(o: &CheckOptions) -> Result<CheckReport> {
     let composed = device.is_cpu();
     let seqs = sample_sequences(o.batch_size, o.residues, o.seed);
     crate::kernels::set_composed_only(composed);
-    let dev_run = run(o, &seqs, &device);
+    let dev_run = run(o, &seqs, &device, o.precision);
     crate::kernels::set_composed_only(false);
     let dev_run = dev_run?;
     let parameters = dev_run.weights.values().map(Vec::len).sum();
@@ -139,6 +158,7 @@ pub fn check(o: &CheckOptions) -> Result<CheckReport> {
         } else {
             describe(&device)
         },
+        precision: o.precision,
         head: o.head.name(),
         parameters,
         batch: [o.batch_size, o.residues],
@@ -147,6 +167,7 @@ pub fn check(o: &CheckOptions) -> Result<CheckReport> {
         logits: None,
         gradients_compared: 0,
         worst_gradient: None,
+        gradient_l2_relative: None,
         device_losses: dev_run.losses.clone(),
         cpu_losses: Vec::new(),
         loss_relative_diff: None,
@@ -160,19 +181,23 @@ pub fn check(o: &CheckOptions) -> Result<CheckReport> {
     if o.skip_cpu {
         return Ok(report);
     }
-    let cpu_run = run(o, &seqs, &Device::Cpu)?;
+    let cpu_run = run(o, &seqs, &Device::Cpu, Precision::Fp32)?;
+    // fp32 is held to every element; bf16 to each tensor as a whole (see `Diff::l2_relative`).
+    let measure = |d: &Diff| match o.precision {
+        Precision::Fp32 => d.relative,
+        Precision::Bf16 => d.l2_relative,
+    };
     let worst = |a: &BTreeMap<String, Vec<f32>>, b: &BTreeMap<String, Vec<f32>>, share: f64| {
         let largest = a
             .values()
             .flatten()
             .map(|x| x.abs() as f64)
             .fold(0f64, f64::max);
+        let largest_norm = a.values().map(|v| l2(v)).fold(0f64, f64::max);
+        let floors = (largest * share, largest_norm * share);
         a.iter()
-            .filter_map(|(k, v)| {
-                b.get(k)
-                    .map(|w| (k.clone(), Diff::of(v, w, largest * share)))
-            })
-            .max_by(|x, y| x.1.relative.total_cmp(&y.1.relative))
+            .filter_map(|(k, v)| b.get(k).map(|w| (k.clone(), Diff::of(v, w, floors))))
+            .max_by(|x, y| measure(&x.1).total_cmp(&measure(&y.1)))
     };
     let missing: Vec<&String> = cpu_run
         .grads
@@ -182,10 +207,16 @@ pub fn check(o: &CheckOptions) -> Result<CheckReport> {
     if !missing.is_empty() {
         bail!("no gradient on {} for {missing:?}", report.device);
     }
-    report.hidden_states = Some(Diff::of(&cpu_run.hidden, &dev_run.hidden, 0.0));
-    report.logits = Some(Diff::of(&cpu_run.logits, &dev_run.logits, 0.0));
+    report.hidden_states = Some(Diff::of(&cpu_run.hidden, &dev_run.hidden, (0.0, 0.0)));
+    report.logits = Some(Diff::of(&cpu_run.logits, &dev_run.logits, (0.0, 0.0)));
     report.gradients_compared = cpu_run.grads.len();
     report.worst_gradient = worst(&cpu_run.grads, &dev_run.grads, 1e-3);
+    let (cpu_all, dev_all): (Vec<f32>, Vec<f32>) = cpu_run
+        .grads
+        .iter()
+        .flat_map(|(k, v)| v.iter().copied().zip(dev_run.grads[k].iter().copied()))
+        .unzip();
+    report.gradient_l2_relative = Some(Diff::of(&cpu_all, &dev_all, (0.0, 0.0)).l2_relative);
     report.worst_final_weight = worst(&cpu_run.weights, &dev_run.weights, 1.0);
     report.loss_relative_diff = cpu_run
         .losses
@@ -195,16 +226,28 @@ pub fn check(o: &CheckOptions) -> Result<CheckReport> {
         .reduce(f64::max);
     report.cpu_losses = cpu_run.losses;
     report.cpu_step_ms = Some(median(&cpu_run.step_ms));
-    let within = |d: &Option<Diff>| d.as_ref().is_some_and(|d| d.relative <= o.tolerance);
+    let within = |d: Option<&Diff>| d.is_some_and(|d| measure(d) <= o.tolerance);
     report.pass = report.pass
-        && within(&report.hidden_states)
-        && within(&report.logits)
-        && report
-            .worst_gradient
-            .as_ref()
-            .is_some_and(|(_, d)| d.relative <= o.tolerance)
+        && within(report.hidden_states.as_ref())
+        && within(report.logits.as_ref())
+        && match o.precision {
+            Precision::Fp32 => within(report.worst_gradient.as_ref().map(|(_, d)| d)),
+            // Mixed precision rounds each tensor's gradient sum differently; the gradient
+            // as a whole is what the optimizer follows.
+            Precision::Bf16 => report
+                .gradient_l2_relative
+                .is_some_and(|d| d <= o.tolerance),
+        }
         && report.loss_relative_diff.is_some_and(|d| d <= o.tolerance);
     Ok(report)
+}
+
+/// The L2 norm.
+fn l2(v: &[f32]) -> f64 {
+    v.iter()
+        .map(|&x| (x as f64) * (x as f64))
+        .sum::<f64>()
+        .sqrt()
 }
 
 fn median(v: &[f64]) -> f64 {
@@ -235,8 +278,9 @@ fn host(t: &Tensor) -> Result<Vec<f32>> {
     Ok(t.flatten_all()?.to_vec1()?)
 }
 
-fn run(o: &CheckOptions, seqs: &[String], device: &Device) -> Result<Run> {
-    let base = model::load_base(&o.model, o.seed, device, model::Purpose::Training)?;
+fn run(o: &CheckOptions, seqs: &[String], device: &Device, precision: Precision) -> Result<Run> {
+    let mut base = model::load_base(&o.model, o.seed, device, model::Purpose::Training)?;
+    base.encoder.set_precision(precision);
     let labels = super::default_labels();
     let mut task = TaskConfig::new(labels.clone(), &o.model);
     task.head = o.head;
@@ -320,11 +364,11 @@ mod tests {
 
     #[test]
     fn diff_is_relative_to_the_cpu_scale() {
-        let d = Diff::of(&[2.0, -4.0], &[2.0, -3.9], 0.0);
+        let d = Diff::of(&[2.0, -4.0], &[2.0, -3.9], (0.0, 0.0));
         assert!((d.max_abs_diff - 0.1).abs() < 1e-6 && d.scale == 4.0);
         assert!((d.relative - 0.025).abs() < 1e-6);
         // A floor above the tensor's own scale.
-        let d = Diff::of(&[1e-9], &[2e-9], 1e-3);
+        let d = Diff::of(&[1e-9], &[2e-9], (1e-3, 0.0));
         assert!(d.relative < 1e-5, "{d:?}");
     }
 }

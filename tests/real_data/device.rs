@@ -5,7 +5,7 @@
 
 use crate::common::{esm_dir, protloc, shared};
 
-fn check(model: &str, head: &str) -> serde_json::Value {
+fn check(model: &str, head: &str, precision: &str) -> serde_json::Value {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join("check.json");
     protloc()
@@ -17,6 +17,8 @@ fn check(model: &str, head: &str) -> serde_json::Value {
             "cpu",
             "--head",
             head,
+            "--precision",
+            precision,
         ])
         .args([
             "--batch-size",
@@ -40,7 +42,7 @@ fn composed_ops_match_fused_kernels_on_esm2_and_antiberty() {
         (esm_dir(), "light-attention", 80),
         (antiberty, "reference", 100),
     ] {
-        let r = check(&model, head);
+        let r = check(&model, head, "fp32");
         assert_eq!(r["pass"], true, "{r:#}");
         assert!(
             r["gradients_compared"].as_u64().unwrap() >= min_grads,
@@ -51,4 +53,17 @@ fn composed_ops_match_fused_kernels_on_esm2_and_antiberty() {
         }
         assert!(r["cpu_losses"].as_array().unwrap().len() == 3, "{r:#}");
     }
+}
+
+/// bf16 mixed precision on ESM-2 8M's real weights tracks fp32 (per tensor, relative L2, the
+/// gradients as one vector within 5e-2) and differs from it by bf16's rounding, not zero.
+#[test]
+fn bf16_tracks_fp32_on_esm2() {
+    let r = check(&esm_dir(), "mlp", "bf16");
+    assert_eq!(r["pass"], true, "{r:#}");
+    assert_eq!(r["precision"], "bf16");
+    let hidden = r["hidden_states"]["l2_relative"].as_f64().unwrap();
+    assert!(hidden > 1e-3 && hidden < 5e-2, "{r:#}");
+    assert!(r["gradient_l2_relative"].as_f64().unwrap() < 5e-2, "{r:#}");
+    assert!(r["gradients_compared"].as_u64().unwrap() >= 80, "{r:#}");
 }
