@@ -206,19 +206,11 @@ fn forward(g: &Geometry, q: &[f32], k: &[f32], v: &[f32]) -> (Vec<f32>, Vec<f32>
             // belong to this task alone.
             unsafe {
                 tiles::pack_transposed(k.as_ptr().add(base), hidden, len, d, k_t);
+                let head = tiles::HeadRows::new(q.as_ptr(), v.as_ptr(), out_ptr.get(), hidden);
                 let mut r0 = 0;
                 while r0 < t {
                     let r = rows.min(t - r0);
-                    let blk = tiles::AttentionBlock::head_rows(
-                        q.as_ptr(),
-                        v.as_ptr(),
-                        out_ptr.get(),
-                        k_t,
-                        (base, hidden),
-                        (r0, r),
-                        len,
-                        d,
-                    );
+                    let blk = head.block(k_t, base, (r0, r), (len, d));
                     let lse_rows = std::slice::from_raw_parts_mut(
                         lse_ptr.get().add((b * g.heads + h) * t + r0),
                         r,

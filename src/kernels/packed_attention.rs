@@ -139,19 +139,11 @@ pub fn attention_with_block(
             unsafe {
                 let k0 = k.as_ptr().add(kv0);
                 tiles::pack_transposed_blocks(k0, hidden, len, d, limits.key_block, k_t);
+                let head = tiles::HeadRows::new(q.as_ptr(), v.as_ptr(), out_ptr.get(), hidden);
                 let mut r0 = 0;
                 while r0 < len {
                     let r = rows.min(len - r0);
-                    let blk = tiles::AttentionBlock::head_rows(
-                        q.as_ptr(),
-                        v.as_ptr(),
-                        out_ptr.get(),
-                        k_t,
-                        (kv0, hidden),
-                        (r0, r),
-                        len,
-                        d,
-                    );
+                    let blk = head.block(k_t, kv0, (r0, r), (len, d));
                     if streaming {
                         tiles::softmax_rows_streaming(&blk, width, scores, inv_sums);
                     } else {

@@ -34,7 +34,7 @@ mod tests;
 
 use operand::NARROW_MAX;
 pub use operand::{padded, Epilogue, Strided, TILE_COLS};
-pub use softmax::{softmax_rows, softmax_rows_streaming, AttentionBlock};
+pub use softmax::{softmax_rows, softmax_rows_streaming, AttentionBlock, HeadRows};
 
 /// Packs `rows` rows of width `d` (row `j` at `src + j * rs`) transposed into `dst` as
 /// `[d, padded(rows)]`, zeros in the padding columns.

@@ -18,35 +18,46 @@ pub struct AttentionBlock<'a> {
     pub out_rs: usize,
 }
 
-impl<'a> AttentionBlock<'a> {
-    /// Query rows `r0..r0 + r` of one head of one sequence, whose `len` tokens are the rows
-    /// from element `start` of `q`, `v` and `out`, all at row stride `stride` (the hidden
-    /// size; the pointers already point at the head's first column).
+/// Queries, values and output of an attention layer: `[tokens, stride]` row-major matrices
+/// (stride: the hidden size), from which [`Self::block`] cuts the blocks of one head of one
+/// sequence that [`softmax_rows`] works on.
+#[derive(Clone, Copy)]
+pub struct HeadRows {
+    pub q: *const f32,
+    pub v: *const f32,
+    pub out: *mut f32,
+    pub stride: usize,
+}
+
+impl HeadRows {
+    pub fn new(q: *const f32, v: *const f32, out: *mut f32, stride: usize) -> Self {
+        HeadRows { q, v, out, stride }
+    }
+
+    /// Query rows `r0..r0 + r` of one head of a sequence of `len` tokens whose first row in
+    /// that head's columns is element `start` (row offset x stride + head column), against
+    /// its keys packed in `k_t`, with head dimension `d`.
     ///
     /// # Safety
-    /// `q`, `v` and `out` must be valid for `start + (len - 1) * stride + d` elements.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn head_rows(
-        q: *const f32,
-        v: *const f32,
-        out: *mut f32,
-        k_t: &'a [f32],
-        (start, stride): (usize, usize),
+    /// `q`, `v` and `out` must be valid for the sequence's `len` rows from `start`.
+    pub unsafe fn block(
+        self,
+        k_t: &[f32],
+        start: usize,
         (r0, r): (usize, usize),
-        len: usize,
-        d: usize,
-    ) -> Self {
-        let rows = start + r0 * stride;
+        (len, d): (usize, usize),
+    ) -> AttentionBlock<'_> {
+        let (first, rows) = (start, start + r0 * self.stride);
         AttentionBlock {
             r,
             len,
             d,
-            q: Strided::rows(q.add(rows), stride),
+            q: Strided::rows(self.q.add(rows), self.stride),
             k_t,
-            v: v.add(start),
-            v_rs: stride,
-            out: out.add(rows),
-            out_rs: stride,
+            v: self.v.add(first),
+            v_rs: self.stride,
+            out: self.out.add(rows),
+            out_rs: self.stride,
         }
     }
 }
