@@ -17,11 +17,11 @@
 
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
+use candle_core::{Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::buffers;
-use super::buffers::f32_slice;
+use super::custom_op::{apply3, F32Op3, Grads3};
 use super::dropout::DropMask;
 use super::tiles::{self, Epilogue, Strided};
 
@@ -56,8 +56,7 @@ pub fn fused_attention(
         },
         lse: Mutex::new(Vec::new()),
     };
-    q.contiguous()?
-        .apply_op3(&k.contiguous()?, &v.contiguous()?, op)
+    apply3(q, k, v, op)
 }
 
 #[derive(Clone, Debug)]
@@ -128,38 +127,26 @@ impl SharedMut {
     }
 }
 
-impl CustomOp3 for FusedAttention {
+impl F32Op3 for FusedAttention {
     fn name(&self) -> &'static str {
         "protloc-fused-attention"
     }
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        s1: &CpuStorage,
-        l1: &Layout,
-        s2: &CpuStorage,
-        l2: &Layout,
-        s3: &CpuStorage,
-        l3: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
+        [q, k, v]: [&[f32]; 3],
+        [l1, _, _]: [&Layout; 3],
+    ) -> Result<(Vec<f32>, Shape)> {
         let g = &self.geometry;
-        let (q, k, v) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         if q.len() != g.elems() || k.len() != g.elems() || v.len() != g.elems() {
             candle_core::bail!("fused attention: q/k/v sizes do not match {g:?}");
         }
         let (out, lse) = forward(g, q, k, v);
         *self.lse.lock().expect("lse lock") = lse;
-        Ok((CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(
-        &self,
-        q: &Tensor,
-        k: &Tensor,
-        v: &Tensor,
-        out: &Tensor,
-        grad_out: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    fn backward(&self, [q, k, v]: [&Tensor; 3], out: &Tensor, grad_out: &Tensor) -> Result<Grads3> {
         let g = &self.geometry;
         // Read the inputs in place (q/k/v/out are contiguous already; the gradient may not be).
         let c = Tensor::contiguous;

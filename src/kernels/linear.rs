@@ -3,10 +3,11 @@
 //! fuse the query scale or GELU (erf), and whose backward computes only the gradients that
 //! are needed.
 
-use candle_core::{DType, Result, Tensor};
+use candle_core::{DType, Layout, Result, Shape, Tensor};
 
 use super::activation::{self, Act};
-use super::buffers::{self, f32_slice, WeightLayout};
+use super::buffers::{self, WeightLayout};
+use super::custom_op::{apply3, F32Op3, Grads3};
 use super::gemm;
 use super::ops::gelu_erf;
 
@@ -59,8 +60,7 @@ fn linear_then(x: &Tensor, weight: &Tensor, bias: Option<&Tensor>, then: Then) -
                     _ => 1.0,
                 },
             };
-            x2.contiguous()?
-                .apply_op3(&weight.contiguous()?, &b.contiguous()?, op)?
+            apply3(&x2, weight, b, op)?
         }
         _ => {
             // Cast on use: f32 weights with bf16 activations (mixed precision) multiply in
@@ -96,21 +96,16 @@ struct LinearOp {
     scale: f32,
 }
 
-impl candle_core::CustomOp3 for LinearOp {
+impl F32Op3 for LinearOp {
     fn name(&self) -> &'static str {
         "protloc-linear"
     }
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
-        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
+        [x, w, b]: [&[f32]; 3],
+        [l1, l2, _]: [&Layout; 3],
+    ) -> Result<(Vec<f32>, Shape)> {
         let (rows, k) = l1.shape().dims2()?;
         let (n, k2) = l2.shape().dims2()?;
         if k != k2 || b.len() != n {
@@ -126,17 +121,15 @@ impl candle_core::CustomOp3 for LinearOp {
             activation::activation_inplace(&mut act, Act::GeluErf);
             *pre.lock().expect("pre-activation lock") = std::mem::replace(&mut out, act);
         }
-        Ok((candle_core::CpuStorage::F32(out), (rows, n).into()))
+        Ok((out, (rows, n).into()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        w: &Tensor,
-        b: &Tensor,
-        _res: &Tensor,
+        [x, w, b]: [&Tensor; 3],
+        _out: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Grads3> {
         let scaled;
         let grad_res = if self.scale != 1.0 {
             scaled = (grad_res * self.scale as f64)?;

@@ -5,6 +5,8 @@
 //! From the bottom up:
 //! - [`simd`]: run-time AVX2/FMA dispatch and the vectorisable `exp`/`erf`;
 //! - [`buffers`]: read views of tensor storage, weight layouts, the per-thread buffer pool;
+//! - `custom_op`: how the CPU ops of three f32 tensors (linear, LayerNorm, fused attention)
+//!   become candle custom ops;
 //! - [`activation`], [`norm`]: activations and layer normalisation on raw row slices;
 //! - [`gemm`]: linear layers on raw row slices (the `gemm` crate);
 //! - [`tiles`]: register-tiled products whose one dimension is an attention head's width,
@@ -39,6 +41,7 @@ pub fn set_composed_only(on: bool) {
 pub mod activation;
 pub mod attention;
 pub mod buffers;
+mod custom_op;
 pub mod dropout;
 pub mod fused_attention;
 pub mod gemm;

@@ -11,6 +11,7 @@ use candle_core::{DType, Result, Tensor, D};
 
 use super::activation::{self, Act};
 use super::buffers::{self, f32_slice, rows_per_task};
+use super::custom_op::{apply3, F32Op3, Grads3};
 
 /// Additive attention-mask value for padded keys. Finite on purpose: `f32::MIN` becomes
 /// `-inf` in bf16 and `0 * -inf` gives NaN.
@@ -29,9 +30,7 @@ pub fn layer_norm(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Resul
             eps: eps as f32,
             stats: std::sync::Mutex::new(Vec::new()),
         };
-        return x
-            .contiguous()?
-            .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op);
+        return apply3(x, weight, bias, op);
     }
     layer_norm_composed(x, weight, bias, eps)
 }
@@ -64,22 +63,17 @@ struct LayerNormOp {
     stats: std::sync::Mutex<Vec<(f32, f32)>>,
 }
 
-impl candle_core::CustomOp3 for LayerNormOp {
+impl F32Op3 for LayerNormOp {
     fn name(&self) -> &'static str {
         "protloc-layer-norm"
     }
 
-    fn cpu_fwd(
+    fn forward(
         &self,
-        s1: &candle_core::CpuStorage,
-        l1: &candle_core::Layout,
-        s2: &candle_core::CpuStorage,
-        l2: &candle_core::Layout,
-        s3: &candle_core::CpuStorage,
-        l3: &candle_core::Layout,
-    ) -> Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        [x, w, b]: [&[f32]; 3],
+        [l1, _, _]: [&candle_core::Layout; 3],
+    ) -> Result<(Vec<f32>, candle_core::Shape)> {
         use rayon::prelude::*;
-        let (x, w, b) = (f32_slice(s1, l1)?, f32_slice(s2, l2)?, f32_slice(s3, l3)?);
         let d = w.len();
         if b.len() != d || d == 0 || !x.len().is_multiple_of(d) {
             candle_core::bail!(
@@ -107,17 +101,15 @@ impl candle_core::CustomOp3 for LayerNormOp {
                 }
             });
         *self.stats.lock().expect("stats lock") = stats;
-        Ok((candle_core::CpuStorage::F32(out), l1.shape().clone()))
+        Ok((out, l1.shape().clone()))
     }
 
-    fn bwd(
+    fn backward(
         &self,
-        x: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
-        _res: &Tensor,
+        [x, weight, _bias]: [&Tensor; 3],
+        _out: &Tensor,
         grad_res: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+    ) -> Result<Grads3> {
         use rayon::prelude::*;
         let d = weight.elem_count();
         // Read the inputs in place (only the gradient may need a contiguous copy).
