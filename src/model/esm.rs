@@ -184,11 +184,14 @@ impl Esm {
             let (_, rot) = tables.as_ref().expect("set above");
             x = self.layer_forward(layer, &x, &mask, rot, rng.as_deref_mut())?;
         }
+        // The output is f32 whatever the compute dtype (heads, losses and caches are), and
+        // so is the final LayerNorm's.
+        let x = x.to_dtype(DType::F32)?;
         if final_norm {
-            x = self.final_norm.forward(&x)?;
+            self.final_norm.forward(&x)
+        } else {
+            Ok(x)
         }
-        // The output is f32 whatever the compute dtype (heads, losses and caches are).
-        x.to_dtype(DType::F32)
     }
 
     /// True when no weight is part of an autograd graph (a [`Esm::detached`] copy): then

@@ -22,7 +22,7 @@ use super::metrics::{
 };
 use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
-use super::optim::{self, LinearSchedule, Optimizer, OptimizerConfig};
+use super::optim::{self, LinearSchedule, Optimizer};
 use super::plan::{plan_members, MemberPlan};
 use super::setup::{self, default_labels};
 use super::{effective_max_residues, TrainArgs};
@@ -508,13 +508,7 @@ fn member_optimizer(
     }
     let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let opt = Optimizer::new(
-        OptimizerConfig {
-            rule: args.optimizer,
-            ..OptimizerConfig::default()
-        },
-        params,
-    )?;
+    let opt = Optimizer::with_rule(args.optimizer, params)?;
     Ok((opt, member_vars, trainable))
 }
 

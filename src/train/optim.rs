@@ -91,6 +91,15 @@ pub struct Optimizer {
 
 impl Optimizer {
     /// `params`: (name, var, lr multiplier, weight decay).
+    /// The default settings with update rule `rule` (what training runs use).
+    pub fn with_rule(rule: Rule, params: Vec<(String, Var, f64, f64)>) -> Result<Self> {
+        let cfg = OptimizerConfig {
+            rule,
+            ..OptimizerConfig::default()
+        };
+        Self::new(cfg, params)
+    }
+
     pub fn new(cfg: OptimizerConfig, params: Vec<(String, Var, f64, f64)>) -> Result<Self> {
         let slots = params
             .into_iter()

@@ -18,7 +18,7 @@ use crate::train::checkpoint::{self, LoopState, RngState};
 use crate::train::metrics::TrainSummary;
 use crate::train::objective::Objective;
 use crate::train::observe::{self, TrainObserver};
-use crate::train::optim::{self, LinearSchedule, Optimizer, OptimizerConfig};
+use crate::train::optim::{self, LinearSchedule, Optimizer};
 use crate::train::plan::prepare_data;
 use crate::train::setup::{
     default_labels, encode_examples, prepare_encoder, resolve_membrane, trains, Examples,
@@ -366,13 +366,7 @@ fn build_optimizer(
         params.push((name, var, scale, wd));
     }
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
-    let opt = Optimizer::new(
-        OptimizerConfig {
-            rule: args.optimizer,
-            ..OptimizerConfig::default()
-        },
-        params,
-    )?;
+    let opt = Optimizer::with_rule(args.optimizer, params)?;
     Ok((opt, trainable, total_params))
 }
 
