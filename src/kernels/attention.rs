@@ -45,14 +45,7 @@ pub fn self_attention(
         q.dtype() == candle_core::DType::F32,
         mask.lengths.as_ref(),
     ) {
-        use rand::Rng;
-        let dropout = match rng {
-            Some(rng) if dropout_p > 0.0 => Some(DropMask {
-                p: dropout_p as f32,
-                seed: rng.random(),
-            }),
-            _ => None,
-        };
+        let dropout = DropMask::draw(dropout_p, rng);
         return super::fused_attention::fused_attention(q, k, v, lengths, heads, dropout);
     }
     let split = |x: &Tensor| split_heads(x, heads);
@@ -68,7 +61,7 @@ pub fn self_attention(
 
 /// Multi-head attention core shared by BERT and ESM-2 (composed from differentiable ops).
 ///
-/// `q`, `k`, `v`: [B, heads, T, head_dim] (q already scaled); `mask_bias`: [B, 1, 1, T]
+/// `q`, `k`, `v`: [B, heads, T, head_dim] (q already scaled); `mask_bias`: [B, 1, 1, T] f32
 /// additive (0 for real keys, [`ops::MASK_NEG`] for padding). Returns [B, T, heads*head_dim].
 /// `rng` enables dropout on the attention probabilities (training only).
 pub fn attention(
@@ -84,7 +77,7 @@ pub fn attention(
     // sums stay exact enough and the padding bias stays finite), probabilities back in the
     // activations' dtype for the value product.
     let scores = q.matmul(&k.t()?.contiguous()?)?.to_dtype(DType::F32)?;
-    let scores = scores.broadcast_add(&mask_bias.to_dtype(DType::F32)?)?;
+    let scores = scores.broadcast_add(mask_bias)?;
     let probs = ops::softmax_last_dim(&scores)?.to_dtype(v.dtype())?;
     let probs = dropout(&probs, dropout_p, rng)?;
     let ctx = probs.matmul(v)?; // [B, h, T, d]
