@@ -255,8 +255,8 @@ impl TrainArgs {
         if self.max_residues == Some(0) {
             bail!("--max-residues must be at least 1");
         }
-        if self.init_head && (self.frozen || self.train_top_layers > 0 || self.members() > 1) {
-            bail!("--init-head continues fine-tuning one model's head: it does not combine with --frozen, --train-top-layers, --ensemble or --folds");
+        if self.init_head && self.members() > 1 {
+            bail!("--init-head continues one model's head: it does not combine with --ensemble or --folds");
         }
         if self.frozen && self.precision != Precision::Fp32 {
             bail!("--precision {} applies to fine-tuning the encoder; --frozen trains a head on cached fp32 embeddings: drop --precision", self.precision);
@@ -468,7 +468,8 @@ pub struct TrainOptions {
     /// transformers BertForSequenceClassification / EsmForSequenceClassification directory)
     /// instead of a fresh one. Its labels (every training label must be one of them), head
     /// architecture, membrane output and tokenization come with it; --head and --membrane
-    /// are ignored.
+    /// are ignored. With --train-top-layers (or --frozen) the head a --frozen run trained
+    /// continues on cached states: fine-tune the top layers from the frozen optimum.
     #[arg(long)]
     pub init_head: bool,
     /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its

@@ -24,8 +24,8 @@ use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
 use super::optim::{self, LinearSchedule, Optimizer};
 use super::plan::{plan_members, MemberPlan};
-use super::setup::{self, default_labels};
-use super::{effective_max_residues, TrainArgs};
+use super::setup;
+use super::TrainArgs;
 pub use crate::cache::cached_outputs;
 use crate::cache::{CacheSpec, EmbeddingCache};
 use crate::data::Record;
@@ -49,14 +49,20 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     let (dataset, plans) = plan_members(args)?;
     let n = plans.len();
     let top = args.train_top_layers;
-    // A frozen encoder only embeds: its weights in the inference layout. Top layers train.
-    let purpose = if top > 0 {
+    // A frozen encoder only embeds: its weights in the inference layout. Top layers train,
+    // and --init-head reads its head from the training layout's store.
+    let purpose = if top > 0 || args.init_head {
         model::Purpose::Training
     } else {
         model::Purpose::Inference
     };
     let mut base = model::load_base(&args.model, args.seed, &device, purpose)?;
-    let max_res = effective_max_residues(&base.cfg, args.max_residues)?;
+    // --init-head: the checkpoint's head, labels, tokenization and membrane output.
+    let start = args
+        .init_head
+        .then(|| setup::checkpoint_task(args))
+        .transpose()?;
+    let (labels, max_res, truncate) = setup::run_tokenization(&mut base, start.as_ref(), args)?;
     let layers = base.cfg.num_hidden_layers;
     if top > layers {
         bail!("--train-top-layers {top} but the model has only {layers} layers");
@@ -64,21 +70,16 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     // The cache holds the states entering the first trained layer (every token), or with a
     // frozen encoder its output (residues only).
     let from_layer = (top > 0).then_some(layers - top);
-    let labels = default_labels();
     let (used, targets, membrane) = member_targets(args, &dataset.records, &plans, &labels)?;
+    let membrane = start.as_ref().map_or(membrane, |t| t.membrane);
 
     let all: Vec<&str> = used
         .iter()
         .map(|&i| dataset.records[i].sequence.as_str())
         .collect();
     // Embeddings: reuse what the cache has, embed the rest; once for all members.
-    let mut cache = fill_cache(args, &base, max_res, from_layer, &all, observer)?;
+    let mut cache = fill_cache(args, &base, (max_res, truncate), from_layer, &all, observer)?;
 
-    let task = TaskConfig {
-        frozen_encoder: from_layer.is_none(),
-        ensemble: n,
-        ..args.task_config(labels.clone(), max_res, membrane)
-    };
     let top = match from_layer {
         Some(from) => Some(TopLayers {
             from,
@@ -87,12 +88,27 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         }),
         None => None,
     };
-    let mut model = if n == 1 {
-        // Exactly the single-model run: the head draws from the store seeded with `seed`.
-        SequenceClassifier::new(base, task)?
-    } else {
-        let seeds: Vec<u64> = plans.iter().map(|p| p.seed).collect();
-        SequenceClassifier::new_ensemble(base, task, &seeds)?
+    let frozen_encoder = from_layer.is_none();
+    let mut model = match start {
+        Some(task) => SequenceClassifier::with_checkpoint_head(
+            base,
+            setup::continued_task(task, args, max_res, frozen_encoder),
+        )?,
+        None => {
+            let task = TaskConfig {
+                frozen_encoder,
+                ensemble: n,
+                ..args.task_config(labels.clone(), max_res, membrane)
+            };
+            if n == 1 {
+                // Exactly the single-model run: the head draws from the store seeded with
+                // `seed`.
+                SequenceClassifier::new(base, task)?
+            } else {
+                let seeds: Vec<u64> = plans.iter().map(|p| p.seed).collect();
+                SequenceClassifier::new_ensemble(base, task, &seeds)?
+            }
+        }
     };
     let total_params = model.base.store.num_parameters();
     std::fs::create_dir_all(&args.output)
@@ -186,11 +202,12 @@ fn member_targets(
 }
 
 /// Opens the embedding cache for `base` (`--cache`, default RUN_DIR/embedding_cache; at
-/// `from_layer` for top layers) and embeds the proteins of `all` it lacks.
+/// `from_layer` for top layers) with `tokenization` (residues kept, truncation) and embeds
+/// the proteins of `all` it lacks.
 fn fill_cache(
     args: &TrainArgs,
     base: &model::BaseModel,
-    max_res: usize,
+    tokenization: (usize, crate::tokenize::Truncation),
     from_layer: Option<usize>,
     all: &[&str],
     observer: &mut dyn TrainObserver,
@@ -199,7 +216,8 @@ fn fill_cache(
         .cache
         .clone()
         .unwrap_or_else(|| args.output.join("embedding_cache"));
-    let mut spec = CacheSpec::for_model(base, max_res, args.truncate)?;
+    let (max_res, truncate) = tokenization;
+    let mut spec = CacheSpec::for_model(base, max_res, truncate)?;
     if let Some(n) = from_layer {
         spec = spec.at_layer(n);
     }

@@ -1,9 +1,10 @@
 //! Setting up a run's model and examples: which encoder weights train (frozen layers, LoRA
 //! adapters), the encoded proteins and their targets, the label set, the membrane output.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 
 use super::objective::{MembraneMode, Target};
+use super::{effective_max_residues, TrainArgs};
 use crate::data::{self, Record};
 use crate::model::{self, lora::LoraConfig};
 use crate::tokenize::{Encoded, Truncation};
@@ -77,6 +78,81 @@ pub(super) fn encode_examples(
         })
         .collect::<Result<(Vec<_>, Vec<_>)>>()?;
     Ok(Examples { enc, targets })
+}
+
+/// `train --init-head`: the task of the classifier `args.model` holds, as `eval` reads it.
+pub(super) fn checkpoint_task(args: &TrainArgs) -> Result<model::TaskConfig> {
+    let path = std::path::Path::new(&args.model);
+    if !path.is_dir() {
+        bail!(
+            "--init-head needs --model to be a local directory with a classifier (a protloc run \
+             or a transformers *ForSequenceClassification directory), not {}",
+            args.model
+        );
+    }
+    let task = model::import::resolve(path, None)
+        .with_context(|| format!("--init-head: {} has no classifier head", args.model))?
+        .task;
+    if task.multi_label != args.multi_label {
+        bail!(
+            "--init-head: {} is a {} model; {} --multi-label",
+            args.model,
+            if task.multi_label {
+                "multi-label"
+            } else {
+                "single-label"
+            },
+            if task.multi_label { "add" } else { "drop" }
+        );
+    }
+    Ok(task)
+}
+
+/// The task of a run that continues `task` (the classifier `--model` holds, see
+/// [`checkpoint_task`]): a single model of `max_res` residues on this build, with the
+/// run's `--dropout`; `frozen_encoder` when only the head trains on cached outputs.
+pub(super) fn continued_task(
+    mut task: model::TaskConfig,
+    args: &TrainArgs,
+    max_res: usize,
+    frozen_encoder: bool,
+) -> model::TaskConfig {
+    task.base_model = args.model.clone();
+    task.protloc_version = env!("CARGO_PKG_VERSION").into();
+    task.max_residues = max_res;
+    task.frozen_encoder = frozen_encoder;
+    task.members.clear();
+    if let Some(d) = args.dropout {
+        task.head_dropout = d;
+    }
+    task
+}
+
+/// The run's labels, residue limit and truncation: the checkpoint's with `--init-head`
+/// (`start`; `--max-residues` still applies, and `base` then tokenizes as it did), else the
+/// DeepLoc labels and the run's options.
+pub(super) fn run_tokenization(
+    base: &mut model::BaseModel,
+    start: Option<&model::TaskConfig>,
+    args: &TrainArgs,
+) -> Result<(Vec<String>, usize, Truncation)> {
+    Ok(match start {
+        Some(t) => {
+            if t.keep_rare_residues {
+                base.tokenizer = base.tokenizer.clone().keeping_rare_residues();
+            }
+            let max_res = match args.max_residues {
+                Some(m) => effective_max_residues(&base.cfg, Some(m))?,
+                None => t.max_residues,
+            };
+            (t.labels.clone(), max_res, t.truncate)
+        }
+        None => (
+            default_labels(),
+            effective_max_residues(&base.cfg, args.max_residues)?,
+            args.truncate,
+        ),
+    })
 }
 
 /// Freezes the embeddings and the first `frozen_layers` encoder layers. With LoRA

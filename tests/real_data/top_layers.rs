@@ -289,3 +289,86 @@ fn top_layer_training_changes_only_the_top_layer() {
         assert!((a - b).abs() < 2e-3, "cached {a} vs whole encoder {b}");
     }
 }
+
+/// `train --train-top-layers 1 --init-head` continues the head a `--frozen` run trained:
+/// with learning rates too small to move a weight, its validation loss is the frozen run's
+/// (the top layer run on cached layer-5 states gives the frozen encoder's output), its head
+/// is the frozen run's bit for bit, and it keeps that run's labels and membrane output.
+/// An ensemble is refused.
+#[test]
+fn top_layers_continue_a_frozen_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synthetic.fasta");
+    protloc::demo::write_dataset(&data, 12, 3).unwrap();
+    let frozen_out = dir.path().join("frozen");
+    let mut args = TrainArgs::new(&common::esm_dir(), data.clone(), frozen_out.clone());
+    args.frozen = true;
+    args.head = HeadKind::LightAttention;
+    args.pool = Pool::Mean;
+    args.epochs = 2;
+    args.batch_size = 16;
+    args.lr = 1e-3;
+    args.max_residues = Some(120);
+    args.val_fraction = 0.2;
+    args.dropout = Some(0.0);
+    args.seed = 5;
+    let frozen = train(&args).unwrap();
+    let frozen_best = &frozen.epochs[frozen.best_epoch - 1];
+
+    let out = dir.path().join("top");
+    let mut cont = TrainArgs::new(frozen_out.to_str().unwrap(), data, out.clone());
+    cont.train_top_layers = 1;
+    cont.init_head = true;
+    cont.epochs = 1;
+    cont.batch_size = 16;
+    cont.lr = 1e-30;
+    cont.head_lr = Some(1e-30);
+    cont.val_fraction = 0.2;
+    cont.dropout = Some(0.0);
+    cont.seed = 5;
+    let summary = train(&cont).unwrap();
+    let (a, b) = (
+        summary.epochs[0].val_loss.unwrap(),
+        frozen_best.val_loss.unwrap(),
+    );
+    assert!(
+        (a - b).abs() < 1e-4 * b.abs(),
+        "validation loss {a} on cached layer-5 states vs the frozen run's {b}"
+    );
+    assert_eq!(summary.epochs[0].val_accuracy, frozen_best.val_accuracy);
+
+    let load = |p: &std::path::Path| {
+        candle_core::safetensors::load(p.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    let (before, after) = (load(&frozen_out), load(&out));
+    let mut heads = 0;
+    for (name, t) in &before {
+        if protloc::model::is_head_param(name) {
+            // A zero bias moves by ~lr; every other tensor is the frozen run's.
+            let d: f32 = (t - &after[name])
+                .unwrap()
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar()
+                .unwrap();
+            assert!(d < 1e-20, "{name} changed by {d}");
+            heads += 1;
+        }
+    }
+    assert!(heads >= 6, "only {heads} head tensors");
+    let model = SequenceClassifier::load(&out, &Device::Cpu).unwrap();
+    let first = SequenceClassifier::load(&frozen_out, &Device::Cpu).unwrap();
+    assert!(!model.task.frozen_encoder);
+    assert_eq!(model.task.labels, first.task.labels);
+    assert_eq!(model.task.head, HeadKind::LightAttention);
+    assert_eq!(model.task.membrane, first.task.membrane);
+
+    cont.ensemble = 2;
+    let err = train(&cont).unwrap_err().to_string();
+    assert!(
+        err.contains("--init-head") && err.contains("--ensemble"),
+        "{err}"
+    );
+}

@@ -12,7 +12,6 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::dist::Collective;
-use crate::infer::effective_max_residues;
 use crate::model::{self, Precision, SequenceClassifier};
 use crate::train::checkpoint::{self, LoopState, RngState};
 use crate::train::metrics::TrainSummary;
@@ -21,7 +20,8 @@ use crate::train::observe::{self, TrainObserver};
 use crate::train::optim::{self, LinearSchedule, Optimizer};
 use crate::train::plan::prepare_data;
 use crate::train::setup::{
-    default_labels, encode_examples, prepare_encoder, resolve_membrane, trains, Examples,
+    checkpoint_task, continued_task, encode_examples, prepare_encoder, resolve_membrane,
+    run_tokenization, trains, Examples,
 };
 use crate::train::TrainArgs;
 
@@ -217,28 +217,8 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
     }
     let lora = prepare_encoder(&mut base, args.freeze_layers, &args.lora)?;
     // --init-head: the checkpoint's own task (labels, head, tokenization) is the run's.
-    let start = if args.init_head {
-        Some(checkpoint_task(args)?)
-    } else {
-        None
-    };
-    if start.as_ref().is_some_and(|t| t.keep_rare_residues) {
-        base.tokenizer = base.tokenizer.keeping_rare_residues();
-    }
-    let (labels, max_res, truncate) = match &start {
-        Some(t) => (
-            t.labels.clone(),
-            args.max_residues.map_or(Ok(t.max_residues), |m| {
-                effective_max_residues(&base.cfg, Some(m))
-            })?,
-            t.truncate,
-        ),
-        None => (
-            default_labels(),
-            effective_max_residues(&base.cfg, args.max_residues)?,
-            args.truncate,
-        ),
-    };
+    let start = args.init_head.then(|| checkpoint_task(args)).transpose()?;
+    let (labels, max_res, truncate) = run_tokenization(&mut base, start.as_ref(), args)?;
     let pick = |idx: &[usize]| idx.iter().map(|&i| &dataset.records[i]).collect::<Vec<_>>();
     let multi_label = args.multi_label; // the checkpoint's too (checkpoint_task)
     let encode = |idx: &[usize]| {
@@ -255,15 +235,8 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
     let (train_set, val_set) = (encode(&train_idx)?, encode(&val_idx)?);
     let prefix = base.cfg.arch().prefix();
     let (model, membrane) = match start {
-        Some(mut task) => {
-            task.base_model = args.model.clone();
-            task.protloc_version = env!("CARGO_PKG_VERSION").into();
-            task.max_residues = max_res;
-            task.frozen_encoder = false;
-            task.members.clear();
-            if let Some(d) = args.dropout {
-                task.head_dropout = d;
-            }
+        Some(task) => {
+            let task = continued_task(task, args, max_res, false);
             let membrane = task.membrane;
             (
                 SequenceClassifier::with_checkpoint_head(base, task)?,
@@ -294,34 +267,6 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
         lora: lora.is_some(),
         max_res,
     })
-}
-
-/// `train --init-head`: the task of the classifier `args.model` holds, as `eval` reads it.
-fn checkpoint_task(args: &TrainArgs) -> Result<model::TaskConfig> {
-    let path = std::path::Path::new(&args.model);
-    if !path.is_dir() {
-        bail!(
-            "--init-head needs --model to be a local directory with a classifier (a protloc run \
-             or a transformers *ForSequenceClassification directory), not {}",
-            args.model
-        );
-    }
-    let task = model::import::resolve(path, None)
-        .with_context(|| format!("--init-head: {} has no classifier head", args.model))?
-        .task;
-    if task.multi_label != args.multi_label {
-        bail!(
-            "--init-head: {} is a {} model; {} --multi-label",
-            args.model,
-            if task.multi_label {
-                "multi-label"
-            } else {
-                "single-label"
-            },
-            if task.multi_label { "add" } else { "drop" }
-        );
-    }
-    Ok(task)
 }
 
 /// Before any real work is shared: a rank started with other arguments or another copy of
