@@ -105,7 +105,56 @@ pub(super) fn checkpoint_task(args: &TrainArgs) -> Result<model::TaskConfig> {
             if task.multi_label { "add" } else { "drop" }
         );
     }
+    if let Some(why) = split_differences(args, path) {
+        tracing::warn!("--init-head: {why}");
+    }
     Ok(task)
+}
+
+/// With `--init-head` from a protloc run directory `dir`: the settings that choose the
+/// validation split where this run's differ from those of the run that trained the head
+/// (its `training_args.json`), as one sentence. Validating on proteins the head trained on
+/// would make model selection meaningless. `None` when they agree or `dir` has no
+/// training arguments (a transformers directory).
+pub(super) fn split_differences(args: &TrainArgs, dir: &std::path::Path) -> Option<String> {
+    let text = std::fs::read_to_string(dir.join("training_args.json")).ok()?;
+    let before: serde_json::Value = serde_json::from_str(&text).ok()?;
+    let now = serde_json::to_value(args).ok()?;
+    let same_data = |a: &serde_json::Value, b: &serde_json::Value| {
+        let canon = |v: &serde_json::Value| {
+            v.as_str()
+                .map(|p| std::fs::canonicalize(p).unwrap_or_else(|_| p.into()))
+        };
+        canon(a) == canon(b)
+    };
+    let differ: Vec<String> = [
+        "data",
+        "seed",
+        "val_fraction",
+        "train_sample",
+        "partition",
+        "limit",
+    ]
+    .into_iter()
+    .filter_map(|key| {
+        let (a, b) = (&before[key], &now[key]);
+        let same = if key == "data" {
+            same_data(a, b)
+        } else {
+            a == b
+        };
+        (!same).then(|| format!("{key} {a} there, {b} here"))
+    })
+    .collect();
+    (!differ.is_empty()).then(|| {
+        format!(
+            "{} trained its head with another split ({}): validation may hold proteins the \
+             head trained on; pass the same --data, --seed, --val-fraction, --train-sample, \
+             --partition and --limit",
+            dir.display(),
+            differ.join(", ")
+        )
+    })
 }
 
 /// The task of a run that continues `task` (the classifier `--model` holds, see
@@ -218,6 +267,40 @@ fn is_frozen(name: &str, prefix: &str, n: usize) -> bool {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn init_head_names_the_split_settings_that_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("d.fasta");
+        std::fs::write(&data, ">a Nucleus-S\nMKT\n").unwrap();
+        let trained = super::TrainArgs::new("m", data.clone(), dir.path().join("run"));
+        std::fs::write(
+            dir.path().join("training_args.json"),
+            serde_json::to_string(&trained).unwrap(),
+        )
+        .unwrap();
+        let mut args = super::TrainArgs::new(
+            dir.path().to_str().unwrap(),
+            dir.path().join(".").join("d.fasta"),
+            dir.path().join("next"),
+        );
+        // The same file by another path, other epochs and rates: the same split.
+        args.epochs = 2;
+        args.lr = 1e-4;
+        assert_eq!(super::split_differences(&args, dir.path()), None);
+        args.seed = 7;
+        args.val_fraction = 0.2;
+        let why = super::split_differences(&args, dir.path()).unwrap();
+        assert!(
+            why.contains("seed 42 there, 7 here") && why.contains("val_fraction"),
+            "{why}"
+        );
+        assert!(!why.contains("data \""), "{why}");
+        assert_eq!(
+            super::split_differences(&args, &dir.path().join("missing")),
+            None
+        );
+    }
+
     use super::*;
 
     #[test]
