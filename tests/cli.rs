@@ -82,6 +82,29 @@ fn scratch_training_learns_is_reproducible_and_writes_a_hf_style_run_dir() {
     for f in ["vocab.txt", "training_args.json", "training_curves.png"] {
         assert!(a.join(f).is_file(), "missing {f}");
     }
+    // split.tsv: every training record once, 2 per location trained on and 1 validated on
+    // (20% of 3), each row pointing at its record's header line.
+    let split = std::fs::read_to_string(a.join("split.tsv")).unwrap();
+    let fasta: Vec<String> = std::fs::read_to_string(&data)
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect();
+    let mut rows = split.lines();
+    assert_eq!(rows.next(), Some("member\tsplit\tid\tline"));
+    let (mut trained, mut validated) = (0, 0);
+    for row in rows {
+        let f: Vec<&str> = row.split('\t').collect();
+        assert_eq!((f.len(), f[0]), (4, "0"), "{row}");
+        match f[1] {
+            "train" => trained += 1,
+            "validation" => validated += 1,
+            other => panic!("split {other} in {row}"),
+        }
+        let line: usize = f[3].parse().unwrap();
+        assert!(fasta[line - 1].starts_with(&format!(">{} ", f[2])), "{row}");
+    }
+    assert_eq!((trained, validated), (20, 10));
     assert!(
         wa.contains_key("classifier.weight")
             && wa.contains_key("bert.encoder.layer.1.output.dense.weight")

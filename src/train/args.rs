@@ -432,9 +432,10 @@ pub struct TrainOptions {
     /// tanh; not with --frozen).
     #[arg(long, value_enum, default_value_t = HeadKind::Linear)]
     pub head: HeadKind,
-    /// Feed-forward width of the mlp and light-attention heads.
-    #[arg(long, default_value_t = 32)]
-    pub head_hidden: usize,
+    /// Feed-forward width of the mlp and light-attention heads [default: 512 for mlp, 32
+    /// for light-attention]
+    #[arg(long, value_name = "N")]
+    pub head_hidden: Option<usize>,
     /// Convolution width (residues) of the light-attention head.
     #[arg(long, default_value_t = 9)]
     pub la_kernel: usize,
@@ -549,6 +550,7 @@ impl TrainOptions {
             from_layer: 0,
         };
         args.head_lr = c.head_lr.or((top > 0 && !lora).then_some(1e-3));
+        args.head_hidden = c.head_hidden.unwrap_or(c.head.default_hidden());
         args.pool = c
             .pool
             .unwrap_or(if cached { Pool::Mean } else { Pool::Cls });
@@ -557,7 +559,7 @@ impl TrainOptions {
             save_every_steps, keep_last, init_head, weight_decay, warmup_ratio,
             max_residues, truncate, freeze_layers, grad_accum, max_grad_norm, optimizer, precision,
             scale_lr_by_world, dropout, val_fraction, seed, limit, max_steps,
-            skip_invalid, eval_batch_tokens, frozen, cache, head, head_hidden,
+            skip_invalid, eval_batch_tokens, frozen, cache, head,
             la_kernel, membrane, class_weighting, multi_label, partition, train_sample,
             ensemble, folds
         );
@@ -614,5 +616,22 @@ mod tests {
             ..TrainOptions::default()
         });
         assert_eq!(reference.head_dropout(), 0.2);
+    }
+
+    #[test]
+    fn head_width_defaults_by_head_and_yields_to_the_option() {
+        let width = |head, head_hidden| {
+            resolve(TrainOptions {
+                frozen: true,
+                head,
+                head_hidden,
+                ..TrainOptions::default()
+            })
+            .head_hidden
+        };
+        assert_eq!(width(HeadKind::Mlp, None), 512);
+        assert_eq!(width(HeadKind::LightAttention, None), 32);
+        assert_eq!(width(HeadKind::Mlp, Some(64)), 64);
+        assert_eq!(width(HeadKind::LightAttention, Some(128)), 128);
     }
 }
