@@ -83,7 +83,8 @@ fn scratch_training_learns_is_reproducible_and_writes_a_hf_style_run_dir() {
         assert!(a.join(f).is_file(), "missing {f}");
     }
     // split.tsv: every training record once, 2 per location trained on and 1 validated on
-    // (20% of 3), each row pointing at its record's header line.
+    // (20% of 3), each row pointing at its record's header line. (The sequence digest is
+    // checked through `eval --split validation` below.)
     let split = std::fs::read_to_string(a.join("split.tsv")).unwrap();
     let fasta: Vec<String> = std::fs::read_to_string(&data)
         .unwrap()
@@ -91,11 +92,11 @@ fn scratch_training_learns_is_reproducible_and_writes_a_hf_style_run_dir() {
         .map(String::from)
         .collect();
     let mut rows = split.lines();
-    assert_eq!(rows.next(), Some("member\tsplit\tid\tline"));
+    assert_eq!(rows.next(), Some("member\tsplit\tid\tline\tsequence"));
     let (mut trained, mut validated) = (0, 0);
     for row in rows {
         let f: Vec<&str> = row.split('\t').collect();
-        assert_eq!((f.len(), f[0]), (4, "0"), "{row}");
+        assert_eq!((f.len(), f[0]), (5, "0"), "{row}");
         match f[1] {
             "train" => trained += 1,
             "validation" => validated += 1,
@@ -105,6 +106,36 @@ fn scratch_training_learns_is_reproducible_and_writes_a_hf_style_run_dir() {
         assert!(fasta[line - 1].starts_with(&format!(">{} ", f[2])), "{row}");
     }
     assert_eq!((trained, validated), (20, 10));
+
+    // `eval --split validation` scores exactly those 10 records: the saved (best) epoch's
+    // validation accuracy again. Another file's records (same ids and lines, other
+    // sequences) are refused, not silently scored.
+    let out = dir.path().join("val.json");
+    protloc()
+        .args(["eval", "--split", "validation", "--model"])
+        .arg(&a)
+        .arg("--data")
+        .arg(&data)
+        .arg("--output")
+        .arg(&out)
+        .assert()
+        .success();
+    let report: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let best = m
+        .iter()
+        .map(|e| e["val_accuracy"].as_f64().unwrap())
+        .fold(f64::MIN, f64::max);
+    assert_eq!(report["records"], 10);
+    assert_eq!(report["split"], "validation");
+    assert!((report["report"]["accuracy"].as_f64().unwrap() - best).abs() < 1e-9);
+    let other = dir.path().join("other.fasta");
+    protloc::demo::write_dataset(&other, 3, 2).unwrap();
+    let mut args: Vec<std::ffi::OsString> = ["eval", "--split", "validation", "--model"]
+        .map(Into::into)
+        .to_vec();
+    args.extend([a.clone().into(), "--data".into(), other.into()]);
+    fails_with(&args, &["other.fasta holds 0 of the 10 records"]);
     assert!(
         wa.contains_key("classifier.weight")
             && wa.contains_key("bert.encoder.layer.1.output.dense.weight")

@@ -108,16 +108,7 @@ pub fn encoder_fingerprint(model: &BaseModel) -> Result<String> {
     Ok(format!("crc32:{:08x}:{count}", h.finalize()))
 }
 
-/// Digest of a protein sequence (case-insensitive): FNV-1a 64 plus the length. Collisions
-/// among millions of distinct proteins are vanishingly unlikely (~n^2 / 2^65).
-pub fn sequence_key(sequence: &str) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in sequence.bytes() {
-        h ^= b.to_ascii_uppercase() as u64;
-        h = h.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{h:016x}-{}", sequence.len())
-}
+pub use crate::data::sequence_key;
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]
 struct Entry {

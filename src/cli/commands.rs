@@ -138,7 +138,8 @@ pub struct EvalCmd {
     /// Labelled data (DeepLoc FASTA or CSV/TSV).
     #[arg(long)]
     pub data: PathBuf,
-    /// Records to score: auto = the `test`-tagged ones when the file has any, else all.
+    /// Records to score: auto = the `test`-tagged ones when the file has any, else all;
+    /// validation = those the model validated on while training (its split.tsv).
     #[arg(long, value_enum, default_value_t = Split::Auto)]
     pub split: Split,
     /// Write the full report as JSON.

@@ -235,6 +235,18 @@ impl Collector {
     }
 }
 
+/// Digest of a protein sequence (case-insensitive): FNV-1a 64 plus the length. Keys the
+/// embedding cache and identifies records in a run's `split.tsv`. Collisions
+/// among millions of distinct proteins are vanishingly unlikely (~n^2 / 2^65).
+pub fn sequence_key(sequence: &str) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in sequence.bytes() {
+        h ^= b.to_ascii_uppercase() as u64;
+        h = h.wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{h:016x}-{}", sequence.len())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

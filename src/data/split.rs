@@ -3,7 +3,10 @@
 //! Indices (not copies) keep the records in one place and make splits cheap to save and
 //! compare. All outputs are sorted ascending so downstream order does not depend on shuffling.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::Path;
+
+use anyhow::{bail, Context, Result};
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -76,6 +79,115 @@ fn validation_count(n: usize, fraction: f64) -> usize {
     }
     let k = (fraction * n as f64).round() as usize;
     k.clamp(1, n - 1)
+}
+
+/// A record as [`SPLIT_FILE`] names it: its id, line and sequence digest.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RecordKey {
+    pub id: String,
+    pub line: usize,
+    pub sequence: String,
+}
+
+impl RecordKey {
+    pub fn of(r: &Record) -> Self {
+        Self {
+            id: r.id.clone(),
+            line: r.pos.line,
+            sequence: super::sequence_key(&r.sequence),
+        }
+    }
+}
+
+/// The file in a run directory that lists the records each model trained and validated on.
+pub const SPLIT_FILE: &str = "split.tsv";
+
+/// The text of [`SPLIT_FILE`]: a header, then one row per record a member trained or
+/// validated on: `member` (0 for a single model), `split` (`train` or `validation`), `id`,
+/// `line` (the record's line in the data file) and `sequence` (a digest of its residues,
+/// [`super::sequence_key`]), members in order, each one's training rows then its validation
+/// rows, in the order given. It answers "was this protein in my model's
+/// training data?", and `eval --split validation` scores the validation rows.
+pub fn split_table(records: &[Record], members: &[(&[usize], &[usize])]) -> Result<Vec<u8>> {
+    let mut out = csv::WriterBuilder::new()
+        .delimiter(b'\t')
+        .from_writer(Vec::new());
+    out.write_record(["member", "split", "id", "line", "sequence"])?;
+    for (k, (train, val)) in members.iter().enumerate() {
+        for (split, idx) in [("train", train), ("validation", val)] {
+            for &i in idx.iter() {
+                let r = &records[i];
+                out.write_record([
+                    &k.to_string(),
+                    split,
+                    &r.id,
+                    &r.pos.line.to_string(),
+                    &super::sequence_key(&r.sequence),
+                ])?;
+            }
+        }
+    }
+    Ok(out.into_inner().map_err(|e| e.into_error())?)
+}
+
+/// The records a run directory's model validated on, as [`RecordKey`]s, from its
+/// [`SPLIT_FILE`]. An ensemble qualifies only when its members share one validation set
+/// (`--partition`): otherwise each member's validation records trained the others.
+pub fn validation_records(run_dir: &Path) -> Result<BTreeSet<RecordKey>> {
+    let path = run_dir.join(SPLIT_FILE);
+    if !path.is_file() {
+        bail!(
+            "{} has no {SPLIT_FILE}, so which records it validated on is unknown (`protloc \
+             train` writes one; runs from before 2026-12-05 and imported models have none)",
+            run_dir.display()
+        );
+    }
+    let mut reader = csv::ReaderBuilder::new()
+        .delimiter(b'\t')
+        .from_path(&path)
+        .with_context(|| format!("cannot read {}", path.display()))?;
+    let mut members: BTreeMap<usize, BTreeSet<RecordKey>> = BTreeMap::new();
+    for (n, row) in reader.records().enumerate() {
+        let row = row.with_context(|| format!("{}: line {}", path.display(), n + 2))?;
+        let field = |i: usize| row.get(i).unwrap_or_default();
+        let number = |i: usize| {
+            field(i).parse::<usize>().with_context(|| {
+                format!("{}:{}: not a number: {:?}", path.display(), n + 2, field(i))
+            })
+        };
+        let member = members.entry(number(0)?).or_default();
+        match field(1) {
+            "validation" => {
+                member.insert(RecordKey {
+                    id: field(2).to_string(),
+                    line: number(3)?,
+                    sequence: field(4).to_string(),
+                });
+            }
+            "train" => {}
+            other => bail!(
+                "{}:{}: split {other:?}, expected train or validation",
+                path.display(),
+                n + 2
+            ),
+        }
+    }
+    let mut sets = members.into_values();
+    let Some(first) = sets.next() else {
+        bail!("{} lists no records", path.display());
+    };
+    if sets.any(|s| s != first) {
+        bail!(
+            "{} is an ensemble whose members validated on different records (each trained on \
+             the others' validation records): there is no validation set to score; its members' \
+             own validation scores are in its config.json (`protloc.members`)",
+            run_dir.display()
+        );
+    }
+    if first.is_empty() {
+        bail!("{} trained without a validation split", run_dir.display());
+    }
+    Ok(first)
 }
 
 #[cfg(test)]
@@ -177,5 +289,55 @@ mod tests {
             let again = stratified_validation(&recs, &idx, fraction, seed).unwrap();
             prop_assert_eq!((train, val), again);
         }
+    }
+
+    #[test]
+    fn split_table_lists_each_members_records_and_reads_back_their_validation_set() {
+        let records: Vec<Record> = (0..4)
+            .map(|i| Record {
+                pos: SourcePos {
+                    file: "d.fasta".into(),
+                    line: 1 + 2 * i,
+                },
+                ..rec(i, Some("Nucleus"), false)
+            })
+            .collect();
+        let text = split_table(&records, &[(&[0, 2, 3], &[1]), (&[1, 2], &[0, 3])]).unwrap();
+        assert_eq!(
+            String::from_utf8(text.clone()).unwrap(),
+            format!(
+                "member\tsplit\tid\tline\tsequence\n\
+                 0\ttrain\tr0\t1\t{mk}\n0\ttrain\tr2\t5\t{mk}\n0\ttrain\tr3\t7\t{mk}\n\
+                 0\tvalidation\tr1\t3\t{mk}\n1\ttrain\tr1\t3\t{mk}\n1\ttrain\tr2\t5\t{mk}\n\
+                 1\tvalidation\tr0\t1\t{mk}\n1\tvalidation\tr3\t7\t{mk}\n",
+                mk = crate::data::sequence_key("MK")
+            )
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(SPLIT_FILE);
+        std::fs::write(&path, &text).unwrap();
+        // Members validated on different records: no validation set.
+        let err = validation_records(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("different records"), "{err}");
+        // One model (or members sharing a partition): its validation records.
+        let single = split_table(&records, &[(&[0, 2], &[1, 3]), (&[0, 2], &[3, 1])]).unwrap();
+        std::fs::write(&path, single).unwrap();
+        let got = validation_records(dir.path()).unwrap();
+        let want: BTreeSet<RecordKey> =
+            [RecordKey::of(&records[1]), RecordKey::of(&records[3])].into();
+        assert_eq!(got, want);
+        std::fs::write(
+            &path,
+            "member\tsplit\tid\tline\tsequence\n0\ttest\tr1\t3\tx\n",
+        )
+        .unwrap();
+        let err = validation_records(dir.path()).unwrap_err().to_string();
+        assert!(
+            err.contains("split.tsv:2") && err.contains("\"test\""),
+            "{err}"
+        );
+        std::fs::remove_file(&path).unwrap();
+        let err = validation_records(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("has no split.tsv"), "{err}");
     }
 }

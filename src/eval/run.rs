@@ -1,6 +1,7 @@
 //! `protloc eval`: score a trained model on labelled data.
 
-use std::path::PathBuf;
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -8,6 +9,7 @@ use serde::{Deserialize, Serialize};
 use super::metrics::ClassificationReport;
 use super::multilabel::{self, MultiLabelReport};
 use super::target::{LocationTarget, Target};
+use crate::data::split::RecordKey;
 use crate::data::{self, ReadOptions, Record};
 use crate::infer::{self, BatchLimits};
 use crate::model::SequenceClassifier;
@@ -22,6 +24,9 @@ pub enum Split {
     Test,
     Train,
     All,
+    /// The records the model was validated on while training (listed in its run directory's
+    /// `split.tsv`): compare runs and recipes without touching the test set.
+    Validation,
 }
 
 pub struct EvalArgs {
@@ -63,20 +68,36 @@ pub struct EvalOutput {
     pub membrane_records: Option<usize>,
 }
 
-/// Picks the records of `split` (then applies `limit`).
-pub fn select(records: &[Record], split: Split, limit: Option<usize>) -> Vec<&Record> {
+/// Picks the records of `split` (then applies `limit`). `validated`: the model's validation
+/// records (id, line and sequence), which [`Split::Validation`] keeps.
+pub fn select<'a>(
+    records: &'a [Record],
+    split: Split,
+    validated: &BTreeSet<RecordKey>,
+    limit: Option<usize>,
+) -> Vec<&'a Record> {
     let has_test = records.iter().any(|r| r.is_test);
     let keep = |r: &Record| match split {
         Split::Auto => !has_test || r.is_test,
         Split::Test => r.is_test,
         Split::Train => !r.is_test,
         Split::All => true,
+        Split::Validation => validated.contains(&RecordKey::of(r)),
     };
     records
         .iter()
         .filter(|r| keep(r))
         .take(limit.unwrap_or(usize::MAX))
         .collect()
+}
+
+/// The validation records of the run directory `model` for [`Split::Validation`] (empty for
+/// the other splits).
+fn validated_records(model: &Path, split: Split) -> Result<BTreeSet<RecordKey>> {
+    match split {
+        Split::Validation => crate::data::split::validation_records(model),
+        _ => Ok(BTreeSet::new()),
+    }
 }
 
 pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
@@ -93,7 +114,18 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
     for s in &ds.skipped {
         tracing::warn!("skipped: {s}");
     }
-    let chosen = select(&ds.records, args.split, args.limit);
+    let validated = validated_records(&args.model, args.split)?;
+    let chosen = select(&ds.records, args.split, &validated, args.limit);
+    if args.split == Split::Validation && args.limit.is_none() && chosen.len() != validated.len() {
+        bail!(
+            "{} holds {} of the {} records {} validated on (matched by id, line and sequence): pass the \
+             data file it was trained on (see its training_args.json)",
+            args.data.display(),
+            chosen.len(),
+            validated.len(),
+            args.model.display()
+        );
+    }
     if chosen.is_empty() {
         bail!(
             "{}: no records in split {:?}",

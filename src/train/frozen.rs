@@ -23,7 +23,7 @@ use super::metrics::{
 use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
 use super::optim::{self, LinearSchedule, Optimizer};
-use super::plan::{self, plan_members, MemberPlan};
+use super::plan::{plan_members, MemberPlan};
 use super::setup;
 use super::TrainArgs;
 pub use crate::cache::cached_outputs;
@@ -122,8 +122,8 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         .map(|p| (p.train.as_slice(), p.val.as_slice()))
         .collect();
     crate::artifacts::write_atomic(
-        &args.output.join(plan::SPLIT_FILE),
-        &plan::split_table(&dataset.records, &splits)?,
+        &args.output.join(crate::data::split::SPLIT_FILE),
+        &crate::data::split::split_table(&dataset.records, &splits)?,
     )?;
     let metrics_path = args.output.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics_path);

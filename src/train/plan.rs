@@ -4,31 +4,7 @@
 use anyhow::{bail, Result};
 
 use super::TrainArgs;
-use crate::data::{self, ReadOptions, Record};
-
-/// The run directory's list of the records each model trained and validated on.
-pub(crate) const SPLIT_FILE: &str = "split.tsv";
-
-/// The text of [`SPLIT_FILE`]: a header, then one row per record a member trained or
-/// validated on: `member` (0 for a single model), `split` (`train` or `validation`), `id` and
-/// `line` (the record's line in the data file), members in order, each one's training rows
-/// then its validation rows, in file order. It answers "was this protein in my model's
-/// training data?" and lets a run's validation set be scored or rebuilt elsewhere.
-pub(crate) fn split_table(records: &[Record], members: &[(&[usize], &[usize])]) -> Result<Vec<u8>> {
-    let mut out = csv::WriterBuilder::new()
-        .delimiter(b'\t')
-        .from_writer(Vec::new());
-    out.write_record(["member", "split", "id", "line"])?;
-    for (k, (train, val)) in members.iter().enumerate() {
-        for (split, idx) in [("train", train), ("validation", val)] {
-            for &i in idx.iter() {
-                let r = &records[i];
-                out.write_record([&k.to_string(), split, &r.id, &r.pos.line.to_string()])?;
-            }
-        }
-    }
-    Ok(out.into_inner().map_err(|e| e.into_error())?)
-}
+use crate::data::{self, ReadOptions};
 
 /// Reads the data and splits it: (all records, training indices, validation indices). Test
 /// records are never in either list.
@@ -167,35 +143,4 @@ fn split_pool(
     }
     data::split::stratified_validation(&dataset.records, pool, args.val_fraction, seed)
         .map_err(anyhow::Error::msg)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::data::{Membrane, SourcePos};
-
-    #[test]
-    fn split_table_lists_each_members_records_in_file_order() {
-        let records: Vec<Record> = (0..4)
-            .map(|i| Record {
-                id: format!("P{i}"),
-                sequence: "MK".into(),
-                location: Some("Nucleus".into()),
-                membrane: Membrane::Unknown,
-                is_test: false,
-                partition: None,
-                pos: SourcePos {
-                    file: "d.fasta".into(),
-                    line: 1 + 2 * i,
-                },
-            })
-            .collect();
-        let text = split_table(&records, &[(&[0, 2, 3], &[1]), (&[1, 2], &[0, 3])]).unwrap();
-        assert_eq!(
-            String::from_utf8(text).unwrap(),
-            "member\tsplit\tid\tline\n\
-             0\ttrain\tP0\t1\n0\ttrain\tP2\t5\n0\ttrain\tP3\t7\n0\tvalidation\tP1\t3\n\
-             1\ttrain\tP1\t3\n1\ttrain\tP2\t5\n1\tvalidation\tP0\t1\n1\tvalidation\tP3\t7\n"
-        );
-    }
 }

@@ -18,7 +18,7 @@ use crate::train::metrics::TrainSummary;
 use crate::train::objective::Objective;
 use crate::train::observe::{self, TrainObserver};
 use crate::train::optim::{self, LinearSchedule, Optimizer};
-use crate::train::plan::{self, prepare_data};
+use crate::train::plan::prepare_data;
 use crate::train::setup::{
     checkpoint_task, continued_task, encode_examples, prepare_encoder, resolve_membrane,
     run_tokenization, trains, Examples,
@@ -44,7 +44,7 @@ struct Prepared {
     /// LoRA adapters train instead of the encoder's weights.
     lora: bool,
     max_res: usize,
-    /// The run's [`plan::SPLIT_FILE`].
+    /// The run's [`crate::data::split::SPLIT_FILE`].
     split_table: Vec<u8>,
 }
 
@@ -100,7 +100,10 @@ pub(super) fn run(
 
     if root {
         write_args(args, world)?;
-        crate::artifacts::write_atomic(&args.output.join(plan::SPLIT_FILE), &split_table)?;
+        crate::artifacts::write_atomic(
+            &args.output.join(crate::data::split::SPLIT_FILE),
+            &split_table,
+        )?;
     }
     let metrics_path = args.output.join("metrics.jsonl");
     if world > 1 && root {
@@ -237,7 +240,7 @@ fn prepare(args: &TrainArgs, device: &Device) -> Result<Prepared> {
         )
     };
     let (train_set, val_set) = (encode(&train_idx)?, encode(&val_idx)?);
-    let split_table = plan::split_table(&dataset.records, &[(&train_idx, &val_idx)])?;
+    let split_table = crate::data::split::split_table(&dataset.records, &[(&train_idx, &val_idx)])?;
     let prefix = base.cfg.arch().prefix();
     let (model, membrane) = match start {
         Some(task) => {
