@@ -68,13 +68,12 @@ pub struct EvalOutput {
     pub membrane_records: Option<usize>,
 }
 
-/// Picks the records of `split` (then applies `limit`). `validated`: the model's validation
-/// records (id, line and sequence), which [`Split::Validation`] keeps.
+/// Picks the records of `split`. `validated`: the model's validation records (id, line and
+/// sequence), which [`Split::Validation`] keeps.
 pub fn select<'a>(
     records: &'a [Record],
     split: Split,
     validated: &BTreeSet<RecordKey>,
-    limit: Option<usize>,
 ) -> Vec<&'a Record> {
     let has_test = records.iter().any(|r| r.is_test);
     let keep = |r: &Record| match split {
@@ -84,11 +83,7 @@ pub fn select<'a>(
         Split::All => true,
         Split::Validation => validated.contains(&RecordKey::of(r)),
     };
-    records
-        .iter()
-        .filter(|r| keep(r))
-        .take(limit.unwrap_or(usize::MAX))
-        .collect()
+    records.iter().filter(|r| keep(r)).collect()
 }
 
 /// The validation records of the run directory `model` for [`Split::Validation`] (empty for
@@ -115,8 +110,8 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
         tracing::warn!("skipped: {s}");
     }
     let validated = validated_records(&args.model, args.split)?;
-    let chosen = select(&ds.records, args.split, &validated, args.limit);
-    if args.split == Split::Validation && args.limit.is_none() && chosen.len() != validated.len() {
+    let mut chosen = select(&ds.records, args.split, &validated);
+    if args.split == Split::Validation && chosen.len() != validated.len() {
         bail!(
             "{} holds {} of the {} records {} validated on (matched by id, line and sequence): pass the \
              data file it was trained on (see its training_args.json)",
@@ -126,6 +121,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
             args.model.display()
         );
     }
+    chosen.truncate(args.limit.unwrap_or(usize::MAX));
     if chosen.is_empty() {
         bail!(
             "{}: no records in split {:?}",
