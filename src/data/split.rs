@@ -116,14 +116,9 @@ pub fn split_table(records: &[Record], members: &[(&[usize], &[usize])]) -> Resu
     for (k, (train, val)) in members.iter().enumerate() {
         for (split, idx) in [("train", train), ("validation", val)] {
             for &i in idx.iter() {
-                let r = &records[i];
-                out.write_record([
-                    &k.to_string(),
-                    split,
-                    &r.id,
-                    &r.pos.line.to_string(),
-                    &super::sequence_key(&r.sequence),
-                ])?;
+                let key = RecordKey::of(&records[i]);
+                let line = key.line.to_string();
+                out.write_record([&k.to_string(), split, &key.id, &line, &key.sequence])?;
             }
         }
     }
@@ -148,12 +143,14 @@ pub fn validation_records(run_dir: &Path) -> Result<BTreeSet<RecordKey>> {
         .with_context(|| format!("cannot read {}", path.display()))?;
     let mut members: BTreeMap<usize, BTreeSet<RecordKey>> = BTreeMap::new();
     for (n, row) in reader.records().enumerate() {
-        let row = row.with_context(|| format!("{}: line {}", path.display(), n + 2))?;
+        // The header is line 1.
+        let at = format!("{}:{}", path.display(), n + 2);
+        let row = row.with_context(|| at.clone())?;
         let field = |i: usize| row.get(i).unwrap_or_default();
         let number = |i: usize| {
-            field(i).parse::<usize>().with_context(|| {
-                format!("{}:{}: not a number: {:?}", path.display(), n + 2, field(i))
-            })
+            field(i)
+                .parse::<usize>()
+                .with_context(|| format!("{at}: not a number: {:?}", field(i)))
         };
         let member = members.entry(number(0)?).or_default();
         match field(1) {
@@ -165,11 +162,7 @@ pub fn validation_records(run_dir: &Path) -> Result<BTreeSet<RecordKey>> {
                 });
             }
             "train" => {}
-            other => bail!(
-                "{}:{}: split {other:?}, expected train or validation",
-                path.display(),
-                n + 2
-            ),
+            other => bail!("{at}: split {other:?}, expected train or validation"),
         }
     }
     let mut sets = members.into_values();
