@@ -12,7 +12,7 @@ use crate::infer::output::Format;
 use crate::infer::predict::{EmbedArgs, PredictArgs};
 use crate::infer::BatchLimits;
 use crate::tokenize::Truncation;
-use crate::train::observe::{Embedding, MemberStart, Resumed};
+use crate::train::observe::{Embedding, MemberRestored, MemberStart, Resumed};
 use crate::train::{EpochMetrics, TrainObserver, TrainOptions};
 
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
@@ -111,7 +111,9 @@ pub struct TrainCmd {
     #[arg(long, required_unless_present = "resume")]
     pub output: Option<PathBuf>,
     /// Continue an interrupted run from its newest intact checkpoint, with the settings it
-    /// was started with (all other options are ignored).
+    /// was started with (all other options are ignored). An ensemble on cached embeddings
+    /// (--frozen --ensemble N, --folds N) keeps its finished members instead and trains the
+    /// rest.
     #[arg(long, value_name = "RUN_DIR", conflicts_with_all = ["model", "data", "output"])]
     pub resume: Option<PathBuf>,
     #[command(flatten)]
@@ -426,6 +428,10 @@ impl TrainObserver for PrintObserver {
 
     fn on_member(&mut self, member: &MemberStart) {
         println!("{member}");
+    }
+
+    fn on_member_restored(&mut self, restored: &MemberRestored<'_>) {
+        println!("{restored}");
     }
 }
 

@@ -123,6 +123,10 @@ pub struct TrainArgs {
     /// Set by [`resume`]: the checkpoint to continue from.
     #[serde(skip)]
     pub resume_from: Option<std::sync::Arc<checkpoint::Checkpoint>>,
+    /// Set by [`resume`] for an ensemble on cached states: restore the members it finished
+    /// (`RUN/members/`) and train the rest.
+    #[serde(skip)]
+    pub resume_members: bool,
 }
 
 fn default_keep_last() -> usize {
@@ -226,6 +230,7 @@ impl TrainArgs {
             init_head: false,
             device: Default::default(),
             resume_from: None,
+            resume_members: false,
         }
     }
 

@@ -17,11 +17,12 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
+use super::members;
 use super::metrics::{
     record_epoch, save_best, validation_metrics, EpochMetrics, TrainSummary, ValidationMetrics,
 };
 use super::objective::{LocationTarget, Objective, Target};
-use super::observe::{Embedding, LogObserver, MemberStart, TrainObserver};
+use super::observe::{Embedding, LogObserver, MemberRestored, MemberStart, TrainObserver};
 use super::optim::{self, LinearSchedule, Optimizer};
 use super::plan::{plan_members, MemberPlan};
 use super::setup;
@@ -45,7 +46,7 @@ pub fn train(args: &TrainArgs) -> Result<TrainSummary> {
 /// `observer`.
 pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Result<TrainSummary> {
     let device = args.device.resolve_here()?;
-    let t0 = Instant::now();
+    let mut t0 = Instant::now();
     let (dataset, plans) = plan_members(args)?;
     let n = plans.len();
     let top = args.train_top_layers;
@@ -121,10 +122,21 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
         .iter()
         .map(|p| (p.train.as_slice(), p.val.as_slice()))
         .collect();
-    crate::artifacts::write_atomic(
-        &args.output.join(crate::data::split::SPLIT_FILE),
-        &crate::data::split::split_table(&dataset.records, &splits)?,
-    )?;
+    let split_path = args.output.join(crate::data::split::SPLIT_FILE);
+    let split = crate::data::split::split_table(&dataset.records, &splits)?;
+    if args.resume_members {
+        if std::fs::read(&split_path).ok().as_deref() != Some(split.as_slice()) {
+            bail!(
+                "{}: the data no longer splits as it did when the run started ({} differs); \
+                 start a new run",
+                args.output.display(),
+                split_path.display()
+            );
+        }
+    } else {
+        crate::artifacts::write_atomic(&split_path, &split)?;
+        members::clear(&args.output)?;
+    }
     let metrics_path = args.output.join("metrics.jsonl");
     let _ = std::fs::remove_file(&metrics_path);
 
@@ -133,19 +145,43 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     let mut first: Option<MemberRun> = None;
     let mut steps = 0;
     for (k, plan) in plans.iter().enumerate() {
-        let run = train_member(
-            &mut model,
-            k,
-            plan,
-            &dataset.records,
-            &targets,
-            &mut cache,
-            args,
-            &metrics_path,
-            &t0,
-            top.as_ref(),
-            observer,
-        )?;
+        let restored = if args.resume_members {
+            restore_member(&model, k, plan, top.as_ref(), &args.output, observer)?
+        } else {
+            None
+        };
+        let run = match restored {
+            Some(run) => {
+                // Later members' times continue from the restored one's.
+                let done = run.history.last().map_or(0.0, |m| m.elapsed_s);
+                t0 = Instant::now()
+                    .checked_sub(std::time::Duration::from_secs_f64(done))
+                    .unwrap_or(t0);
+                run
+            }
+            None => train_member(
+                &mut model,
+                k,
+                plan,
+                &dataset.records,
+                &targets,
+                &mut cache,
+                args,
+                &metrics_path,
+                &t0,
+                top.as_ref(),
+                observer,
+            )?,
+        };
+        if n > 1 && !run.restored {
+            let record = members::MemberRecord {
+                info: run.info.clone(),
+                history: run.history.clone(),
+                steps: run.steps,
+                trainable: run.trainable,
+            };
+            members::save(&args.output, k, &run.vars, &record)?;
+        }
         steps += run.steps;
         epochs.extend(run.history.iter().cloned());
         members.push(run.info.clone());
@@ -286,12 +322,57 @@ struct TopLayers {
     lora: bool,
 }
 
+/// Variables by name: what a member trains.
+type NamedVars = Vec<(String, candle_core::Var)>;
+
 /// What training one member produced.
 struct MemberRun {
     history: Vec<EpochMetrics>,
     steps: usize,
     trainable: usize,
     info: MemberInfo,
+    /// What it trained, by name (its best weights in place).
+    vars: NamedVars,
+    /// Restored from an earlier run's `members/` rather than trained.
+    restored: bool,
+}
+
+/// Member `k` as an earlier run of this ensemble finished it (`--resume`): its weights set
+/// into `model`, its epochs appended to `metrics_path` again; `None` if it did not finish.
+fn restore_member(
+    model: &SequenceClassifier,
+    k: usize,
+    plan: &MemberPlan,
+    top: Option<&TopLayers>,
+    run_dir: &std::path::Path,
+    observer: &mut dyn TrainObserver,
+) -> Result<Option<MemberRun>> {
+    let vars: NamedVars = member_params(model, k, top)
+        .into_iter()
+        .map(|(name, var, _)| (name, var))
+        .collect();
+    let Some(record) = members::restore(run_dir, k, plan, &vars)? else {
+        return Ok(None);
+    };
+    let metrics_path = run_dir.join("metrics.jsonl");
+    for m in &record.history {
+        crate::artifacts::append_json_line(&metrics_path, &serde_json::to_value(m)?)?;
+    }
+    observer.on_member_restored(&MemberRestored {
+        member: k,
+        members: model.members(),
+        record: &members::record_path(run_dir, k),
+        best_epoch: record.info.best_epoch,
+        val_accuracy: record.info.val_accuracy,
+    });
+    Ok(Some(MemberRun {
+        history: record.history,
+        steps: record.steps,
+        trainable: record.trainable,
+        info: record.info,
+        vars,
+        restored: true,
+    }))
 }
 
 /// Trains head `k` of `model` on `plan`'s split and leaves its best epoch's weights in place.
@@ -409,7 +490,7 @@ fn train_member(
             if ensemble {
                 let weights = member_vars
                     .iter()
-                    .map(|v| v.as_tensor().copy())
+                    .map(|(_, v)| v.as_tensor().copy())
                     .collect::<candle_core::Result<Vec<_>>>()?;
                 best_weights = Some(weights);
             } else {
@@ -425,7 +506,7 @@ fn train_member(
         let Some(weights) = best_weights else {
             bail!("ensemble member {k} had no epoch with finite losses: nothing to save");
         };
-        for (var, w) in member_vars.iter().zip(&weights) {
+        for ((_, var), w) in member_vars.iter().zip(&weights) {
             var.set(w)?;
         }
     }
@@ -442,6 +523,8 @@ fn train_member(
         steps: step,
         trainable,
         info,
+        vars: member_vars,
+        restored: false,
     })
 }
 
@@ -504,26 +587,39 @@ fn member_info(
     }
 }
 
-/// AdamW over what member `k` trains: its head (at `--head-lr`) and, with top layers, their
-/// weights or adapters; also returns those variables and their parameter count.
-fn member_optimizer(
+/// What member `k` trains, by name, and whether each is its head's: its head and, with top
+/// layers, their weights or adapters.
+fn member_params(
     model: &SequenceClassifier,
     k: usize,
     top: Option<&TopLayers>,
-    args: &TrainArgs,
-) -> Result<(Optimizer, Vec<candle_core::Var>, usize)> {
+) -> Vec<(String, candle_core::Var, bool)> {
     let n = model.members();
     let mut params = Vec::new();
-    let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
     for (name, var) in model.base.store.vars() {
         let head = model::is_member_param(&name, k, n);
         let trains = match top {
             None => head,
             Some(t) => head || setup::trains(&name, t.prefix, t.from, t.lora),
         };
-        if !trains {
-            continue;
+        if trains {
+            params.push((name, var, head));
         }
+    }
+    params
+}
+
+/// AdamW over what member `k` trains ([`member_params`]; its head at `--head-lr`); also
+/// returns those variables by name and their parameter count.
+fn member_optimizer(
+    model: &SequenceClassifier,
+    k: usize,
+    top: Option<&TopLayers>,
+    args: &TrainArgs,
+) -> Result<(Optimizer, NamedVars, usize)> {
+    let head_lr_scale = args.head_lr.map_or(1.0, |h| h / args.lr);
+    let mut params = Vec::new();
+    for (name, var, head) in member_params(model, k, top) {
         let wd = if optim::no_decay(&name) {
             0.0
         } else {
@@ -532,7 +628,7 @@ fn member_optimizer(
         let scale = if head { head_lr_scale } else { 1.0 };
         params.push((name, var, scale, wd));
     }
-    let member_vars: Vec<candle_core::Var> = params.iter().map(|p| p.1.clone()).collect();
+    let member_vars: NamedVars = params.iter().map(|p| (p.0.clone(), p.1.clone())).collect();
     let trainable: usize = params.iter().map(|p| p.1.elem_count()).sum();
     let opt = Optimizer::with_rule(args.optimizer, params)?;
     Ok((opt, member_vars, trainable))

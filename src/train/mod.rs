@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod device_check;
 mod fine_tune;
 pub mod frozen;
+pub mod members;
 pub mod metrics;
 pub mod objective;
 pub mod observe;
@@ -29,7 +30,8 @@ pub use observe::{LogObserver, TrainObserver};
 pub use setup::default_labels;
 
 /// Continues the run in `run_dir` from its newest intact checkpoint, with the arguments
-/// it was started with (`training_args.json`).
+/// it was started with (`training_args.json`); an ensemble on cached states (`--frozen
+/// --ensemble N`, `--folds N`) continues after its last finished member (see [`members`]).
 pub fn resume(run_dir: &std::path::Path) -> Result<TrainSummary> {
     resume_with(run_dir, &Local)
 }
@@ -55,6 +57,19 @@ pub fn resume_observed(
         .with_context(|| format!("{}: invalid training arguments", path.display()))?;
     args.output = run_dir.to_path_buf();
     args.device = device;
+    if args.frozen || args.train_top_layers > 0 {
+        // Cached-state runs keep no step checkpoints: an ensemble keeps its finished members.
+        if args.members() == 1 {
+            bail!(
+                "{}: a single head on cached states saves its best epoch as it trains and \
+                 keeps no checkpoints to resume from; run `protloc train` again (the \
+                 embedding cache makes it start at once)",
+                run_dir.display()
+            );
+        }
+        args.resume_members = true;
+        return train_observed(&args, comm, observer);
+    }
     args.resume_from = Some(std::sync::Arc::new(checkpoint::load_latest(run_dir)?));
     if args.save_every_steps == 0 {
         bail!(

@@ -42,6 +42,12 @@ pub trait TrainObserver {
     fn on_member(&mut self, member: &MemberStart) {
         tracing::info!("{member}");
     }
+
+    /// A resumed ensemble restored a member an earlier run finished (`protloc train
+    /// --resume`); it is not trained again.
+    fn on_member_restored(&mut self, restored: &MemberRestored<'_>) {
+        tracing::info!("{restored}");
+    }
 }
 
 /// Logs every event through `tracing`: what [`super::train`] and [`super::resume`] use.
@@ -150,6 +156,34 @@ impl fmt::Display for MemberStart {
             "Member {} of {} (seed {}): {} training proteins, {} validation ({held_out})",
             self.member, self.members, self.seed, self.train_records, self.val_records
         )
+    }
+}
+
+/// A finished ensemble member restored from the run directory: member `member` (from 0) of
+/// `members`, read from `record`.
+#[derive(Debug, Clone, Copy)]
+pub struct MemberRestored<'a> {
+    pub member: usize,
+    pub members: usize,
+    pub record: &'a Path,
+    pub best_epoch: usize,
+    pub val_accuracy: Option<f64>,
+}
+
+impl fmt::Display for MemberRestored<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "Member {} of {} restored from {} (best epoch {}",
+            self.member,
+            self.members,
+            self.record.display(),
+            self.best_epoch
+        )?;
+        match self.val_accuracy {
+            Some(acc) => write!(f, ", validation accuracy {acc:.4})"),
+            None => write!(f, ")"),
+        }
     }
 }
 
