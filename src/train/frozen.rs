@@ -17,7 +17,7 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::members;
+use super::members::{self, MemberRecord};
 use super::metrics::{
     record_epoch, save_best, validation_metrics, EpochMetrics, TrainSummary, ValidationMetrics,
 };
@@ -142,7 +142,7 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
 
     let mut epochs = Vec::new();
     let mut members = Vec::with_capacity(n);
-    let mut first: Option<MemberRun> = None;
+    let mut first: Option<MemberRecord> = None;
     let mut steps = 0;
     for (k, plan) in plans.iter().enumerate() {
         let restored = if args.resume_members {
@@ -173,15 +173,6 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
                 observer,
             )?,
         };
-        if n > 1 && !run.restored {
-            let record = members::MemberRecord {
-                info: run.info.clone(),
-                history: run.history.clone(),
-                steps: run.steps,
-                trainable: run.trainable,
-            };
-            members::save(&args.output, k, &run.vars, &record)?;
-        }
         steps += run.steps;
         epochs.extend(run.history.iter().cloned());
         members.push(run.info.clone());
@@ -325,18 +316,6 @@ struct TopLayers {
 /// Variables by name: what a member trains.
 type NamedVars = Vec<(String, candle_core::Var)>;
 
-/// What training one member produced.
-struct MemberRun {
-    history: Vec<EpochMetrics>,
-    steps: usize,
-    trainable: usize,
-    info: MemberInfo,
-    /// What it trained, by name (its best weights in place).
-    vars: NamedVars,
-    /// Restored from an earlier run's `members/` rather than trained.
-    restored: bool,
-}
-
 /// Member `k` as an earlier run of this ensemble finished it (`--resume`): its weights set
 /// into `model`, its epochs appended to `metrics_path` again; `None` if it did not finish.
 fn restore_member(
@@ -346,7 +325,7 @@ fn restore_member(
     top: Option<&TopLayers>,
     run_dir: &std::path::Path,
     observer: &mut dyn TrainObserver,
-) -> Result<Option<MemberRun>> {
+) -> Result<Option<MemberRecord>> {
     let vars: NamedVars = member_params(model, k, top)
         .into_iter()
         .map(|(name, var, _)| (name, var))
@@ -365,19 +344,13 @@ fn restore_member(
         best_epoch: record.info.best_epoch,
         val_accuracy: record.info.val_accuracy,
     });
-    Ok(Some(MemberRun {
-        history: record.history,
-        steps: record.steps,
-        trainable: record.trainable,
-        info: record.info,
-        vars,
-        restored: true,
-    }))
+    Ok(Some(record))
 }
 
 /// Trains head `k` of `model` on `plan`'s split and leaves its best epoch's weights in place.
 /// A single model (`model.members() == 1`) is saved whenever it improves, as it always was;
-/// an ensemble member's best weights are kept in memory for the caller to save.
+/// an ensemble member's best weights are kept in memory for the caller to save with the
+/// whole ensemble, and written to `members/` (see [`members`]) once it finishes.
 #[allow(clippy::too_many_arguments)]
 fn train_member(
     model: &mut SequenceClassifier,
@@ -391,7 +364,7 @@ fn train_member(
     t0: &Instant,
     top: Option<&TopLayers>,
     observer: &mut dyn TrainObserver,
-) -> Result<MemberRun> {
+) -> Result<MemberRecord> {
     let n = model.members();
     let ensemble = n > 1;
     let labels = model.task.labels.clone();
@@ -518,14 +491,17 @@ fn train_member(
         val_recs.len(),
         best_thresholds,
     );
-    Ok(MemberRun {
+    let run = MemberRecord {
         history,
         steps: step,
         trainable,
         info,
-        vars: member_vars,
-        restored: false,
-    })
+    };
+    if ensemble {
+        // Kept as soon as it finishes, for `--resume` after a crash.
+        members::save(&args.output, k, &member_vars, &run)?;
+    }
+    Ok(run)
 }
 
 /// Reports the start of member `k` (ensembles only) and logs what it trains;

@@ -21,7 +21,7 @@ use crate::model::MemberInfo;
 /// The folder of a run directory that holds its finished members.
 pub const MEMBERS_DIR: &str = "members";
 
-/// What a finished member leaves besides its weights.
+/// What training a member produced, and what a finished member leaves besides its weights.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(super) struct MemberRecord {
     pub info: MemberInfo,
