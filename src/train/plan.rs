@@ -103,19 +103,15 @@ fn training_pool(args: &TrainArgs) -> Result<(data::Dataset, Vec<usize>)> {
         if n == 0 {
             bail!("--train-sample must be at least 1");
         }
-        if n < train_pool.len() {
-            // The stratified splitter draws a seeded, per-location share: keep its "held out"
-            // side as the sample, so every location keeps its proportion.
-            let fraction = n as f64 / train_pool.len() as f64;
-            let (_, sample) = data::split::stratified_validation(
-                &dataset.records,
-                &train_pool,
-                fraction,
-                args.seed ^ 0x5a_3b1e_u64,
-            )
-            .map_err(anyhow::Error::msg)?;
-            train_pool = sample;
-        }
+        // A seeded, stratified sample of exactly n: every location keeps its proportion.
+        let (_, sample) = data::split::stratified_sample(
+            &dataset.records,
+            &train_pool,
+            n,
+            args.seed ^ 0x5a_3b1e_u64,
+        )
+        .map_err(anyhow::Error::msg)?;
+        train_pool = sample;
     }
     Ok((dataset, train_pool))
 }
