@@ -51,10 +51,13 @@ pub fn stratified_validation(
 /// smaller): `(rest, sample)`, each sorted ascending.
 ///
 /// Each location group (as in [`stratified_validation`], shuffled by the same generator in
-/// the same order) gives `n / len` of its members, rounded by largest remainder so the
-/// shares add up to `n` exactly: per-group rounding alone drifts (one record in 1,000 of
-/// DeepLoc 1.0's ten locations, and 44% too many for a 200-protein sample of DeepLoc 2.0,
-/// whose label sets form hundreds of small groups).
+/// the same order) gives the first few of its shuffled members. How many: Balinski and
+/// Young's quota method, which adds one protein at a time, so the shares add up to `n`
+/// exactly, each stays within one of `n / len` of its group, and a smaller sample with the
+/// same seed is a subset of a larger one. Per-group rounding alone drifts (one protein in
+/// 1,000 of DeepLoc 1.0's ten locations, 44% too many for a 200-protein sample of DeepLoc
+/// 2.0, whose label sets form hundreds of small groups); largest-remainder rounding is exact
+/// but can give a group fewer proteins in a larger sample.
 ///
 /// Errors when an index is out of range.
 pub fn stratified_sample(
@@ -64,26 +67,37 @@ pub fn stratified_sample(
     seed: u64,
 ) -> Result<(Vec<usize>, Vec<usize>), String> {
     check_indices(records, indices)?;
-    if n >= indices.len() {
-        let mut all = indices.to_vec();
-        all.sort_unstable();
-        return Ok((Vec::new(), all));
-    }
-    let total = indices.len();
     let sizes: Vec<usize> = groups(records, indices).values().map(Vec::len).collect();
-    // Largest remainder, in integers: floors first, then one more for the groups with the
-    // largest remainders (ties to the earlier group).
-    let mut counts: Vec<usize> = sizes.iter().map(|&k| n * k / total).collect();
-    let mut order: Vec<usize> = (0..sizes.len()).collect();
-    order.sort_by_key(|&g| (std::cmp::Reverse(n * sizes[g] % total), g));
-    let short = n - counts.iter().sum::<usize>();
-    for &g in order.iter().take(short) {
-        counts[g] += 1;
-    }
-    let mut next = counts.into_iter();
+    let mut counts = quota_shares(&sizes, n.min(indices.len())).into_iter();
     Ok(stratified(records, indices, seed, |_| {
-        next.next().expect("one count per group")
+        counts.next().expect("one count per group")
     }))
+}
+
+/// Shares of `n` for groups of `sizes` (n <= their sum) by the quota method: each of the
+/// n steps gives one more to the group with the largest size / (share + 1) among those
+/// still below their upper quota ceil(step * size / total) (ties to the earlier group).
+fn quota_shares(sizes: &[usize], n: usize) -> Vec<usize> {
+    let total = sizes.iter().sum::<usize>() as u128;
+    let mut shares = vec![0usize; sizes.len()];
+    for step in 1..=n as u128 {
+        let mut best: Option<usize> = None;
+        for (g, (&size, &share)) in sizes.iter().zip(&shares).enumerate() {
+            let (size, share) = (size as u128, share as u128);
+            if share * total >= size * step {
+                continue; // at its upper quota
+            }
+            let better = best.is_none_or(|b| {
+                let (bs, bc) = (sizes[b] as u128, shares[b] as u128);
+                size * (bc + 1) > bs * (share + 1)
+            });
+            if better {
+                best = Some(g);
+            }
+        }
+        shares[best.expect("a group below its quota while step <= total")] += 1;
+    }
+    shares
 }
 
 fn check_indices(records: &[Record], indices: &[usize]) -> Result<(), String> {
@@ -369,6 +383,9 @@ mod tests {
                 let s = sample.iter().filter(|&&i| recs[i].location.as_deref() == l).count();
                 prop_assert!((s as f64 - share * n as f64).abs() < 1.0, "{l:?}: {s} of {n}");
             }
+            // Nested: one more protein adds to the sample, drops nothing from it.
+            let (_, bigger) = stratified_sample(&recs, &idx, want + 1, seed).unwrap();
+            prop_assert!(sample.iter().all(|i| bigger.binary_search(i).is_ok()));
             prop_assert_eq!(stratified_sample(&recs, &idx, want, seed).unwrap(), (rest, sample));
         }
     }
