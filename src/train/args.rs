@@ -460,7 +460,7 @@ pub struct TrainOptions {
     /// instead of a random stratified split.
     #[arg(long)]
     pub partition: Option<u32>,
-    /// Train on a seeded, stratified sample of N training records (test records untouched).
+    /// Train on a seeded, stratified sample of exactly N training records (test records untouched).
     #[arg(long, value_name = "N")]
     pub train_sample: Option<usize>,
     /// Fine-tune the top K encoder layers (and the head) on cached states of the layers below:
