@@ -157,6 +157,7 @@ pub struct EvalCmd {
     pub limits: BatchLimits,
     #[command(flatten)]
     pub device: DeviceArg,
+    /// Skip (and log) invalid records instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
     /// Per-residue embedding cache (see `embed --per-residue`) to read, and fill with
@@ -255,17 +256,20 @@ pub struct EmbedCmd {
     /// Embedding cache directory (see --per-residue).
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+    /// Which residues of longer proteins to keep.
     #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
     pub truncate: Truncation,
     /// Residues kept per protein (default: 510, or less when the model's positions allow fewer).
     #[arg(long)]
     pub max_residues: Option<usize>,
+    /// Embed only the first N proteins.
     #[arg(long)]
     pub limit: Option<usize>,
     #[command(flatten)]
     pub limits: BatchLimits,
     #[command(flatten)]
     pub device: DeviceArg,
+    /// Skip (and log) invalid records instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
 }
@@ -281,6 +285,7 @@ pub struct ServeCmd {
     /// config.json and vocab.txt, or a hub id (e.g. Rostlab/prot_bert_bfd_localization).
     #[arg(long, value_name = "DIR|HUB_ID", env = "PROTLOC_BASE")]
     pub base: Option<String>,
+    /// Address to listen on (0.0.0.0 for every interface).
     #[arg(long, default_value = "127.0.0.1", env = "PROTLOC_HOST")]
     pub host: String,
     /// Port (0 picks a free one).
@@ -330,6 +335,7 @@ pub struct DemoCmd {
     /// Synthetic proteins per location.
     #[arg(long, default_value_t = 80)]
     pub per_class: usize,
+    /// Random seed of the synthetic data and of training.
     #[arg(long, default_value_t = 7)]
     pub seed: u64,
 }

@@ -25,6 +25,7 @@ pub struct CheckDeviceCmd {
     /// Proteins in the batch (the longest has --residues residues, the others fewer).
     #[arg(long, default_value_t = 4)]
     pub batch_size: usize,
+    /// Residues of the batch's longest protein.
     #[arg(long, default_value_t = 128)]
     pub residues: usize,
     /// AdamW steps compared (and timed).
@@ -42,6 +43,7 @@ pub struct CheckDeviceCmd {
     /// Only run and time the device (for models too big to run on the CPU).
     #[arg(long)]
     pub skip_cpu: bool,
+    /// Random seed of the batch's proteins and of newly initialized weights.
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
     /// Write the report as JSON (atomically).

@@ -366,8 +366,10 @@ pub struct TrainOptions {
     /// Learning rate of the new classifier head (default: --lr).
     #[arg(long)]
     pub head_lr: Option<f64>,
+    /// Decoupled weight decay of the optimizer (AdamW or LAMB).
     #[arg(long, default_value_t = 0.01)]
     pub weight_decay: f64,
+    /// Fraction of the optimizer steps spent warming the learning rate up from 0.
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
     /// Residues kept per protein (default: 510, or less when the model's positions allow
@@ -407,6 +409,8 @@ pub struct TrainOptions {
     /// Fraction of the training records held out for validation (stratified, seeded).
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
+    /// Random seed: validation split, shuffling, head initialization and dropout. The same
+    /// seed, data and settings train the same model.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Use only the first N records of the file (smoke tests).
@@ -420,6 +424,7 @@ pub struct TrainOptions {
     /// BERT's pooler on the first token and refuses mean.
     #[arg(long, value_enum)]
     pub pool: Option<Pool>,
+    /// Skip (and log) invalid records instead of stopping.
     #[arg(long)]
     pub skip_invalid: bool,
     /// Token budget of validation batches.
