@@ -259,7 +259,9 @@ pub struct EmbedCmd {
     /// Which residues of longer proteins to keep.
     #[arg(long, value_enum, default_value_t = Truncation::HeadTail)]
     pub truncate: Truncation,
-    /// Residues kept per protein (default: 510, or less when the model's positions allow fewer).
+    /// Residues kept per protein (default: 510, or less when the model's positions allow
+    /// fewer). ESM-2 allows 1022: frozen heads are more accurate with it, at about twice
+    /// the cache (docs/usage.md). `train --cache` must be given the same limit.
     #[arg(long)]
     pub max_residues: Option<usize>,
     /// Embed only the first N proteins.

@@ -373,7 +373,8 @@ pub struct TrainOptions {
     #[arg(long, default_value_t = 0.1)]
     pub warmup_ratio: f64,
     /// Residues kept per protein (default: 510, or less when the model's positions allow
-    /// fewer).
+    /// fewer). ESM-2 allows 1022: frozen heads are more accurate with it, at about twice
+    /// the cache (docs/usage.md).
     #[arg(long)]
     pub max_residues: Option<usize>,
     /// Which residues of longer proteins to keep.
