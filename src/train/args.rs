@@ -411,7 +411,8 @@ pub struct TrainOptions {
     #[arg(long, default_value_t = 0.1)]
     pub val_fraction: f64,
     /// Random seed: validation split, shuffling, head initialization and dropout. The same
-    /// seed, data and settings train the same model.
+    /// seed, data and settings train the same model, bit for bit, on the same machine and
+    /// thread count.
     #[arg(long, default_value_t = 42)]
     pub seed: u64,
     /// Use only the first N records of the file (smoke tests).
