@@ -391,7 +391,7 @@ fn train_member(
         args.max_steps,
     );
     let sizes = (train_recs.len(), val_recs.len());
-    announce_member(observer, model, k, plan, sizes, trainable, top, args);
+    announce_member(observer, model, k, plan, sizes, trainable, top);
 
     let lengths: Vec<usize> = train_recs.iter().map(|r| r.sequence.len()).collect();
     let mut shuffle_rng = ChaCha8Rng::seed_from_u64(plan.seed);
@@ -515,7 +515,6 @@ fn announce_member(
     sizes: (usize, usize),
     trainable: usize,
     top: Option<&TopLayers>,
-    args: &TrainArgs,
 ) {
     let n = model.members();
     if n > 1 {
@@ -533,7 +532,7 @@ fn announce_member(
         train = sizes.0,
         val = sizes.1,
         trainable,
-        head = ?args.head,
+        head = ?model.task.head,
         membrane = model.task.membrane,
         top_layers = top.map_or(0, |t| model.base.cfg.num_hidden_layers - t.from),
         "training on cached encoder states"
