@@ -58,7 +58,10 @@ mod tests {
             for arg in cmd.get_arguments() {
                 let builtin = matches!(arg.get_id().as_str(), "help" | "version");
                 if !builtin && arg.get_help().is_none() && arg.get_long_help().is_none() {
-                    missing.push(format!("{path} --{}", arg.get_id()));
+                    let name = arg
+                        .get_long()
+                        .map_or_else(|| format!("<{}>", arg.get_id()), |long| format!("--{long}"));
+                    missing.push(format!("{path} {name}"));
                 }
             }
             for sub in cmd.get_subcommands() {
