@@ -240,8 +240,9 @@ fn served_reference_model_answers_the_reference_request_body() {
 
 /// `train --init-head` continues from the classifier a transformers directory already has:
 /// with learning rates too small to move a weight, the trained run is that classifier
-/// (same tensors, same logits, its labels and tokenization); without the flag the head
-/// starts fresh. Labels the model does not predict are refused.
+/// (same tensors, same logits, its labels and tokenization), and since its one epoch
+/// validates no better than the start, the start is what was saved (epoch 0); without the
+/// flag the head starts fresh. Labels the model does not predict are refused.
 #[test]
 fn init_head_continues_the_checkpoint_classifier() {
     let tmp = tempfile::tempdir().unwrap();
@@ -275,10 +276,21 @@ fn init_head_continues_the_checkpoint_classifier() {
         if init {
             cmd.arg("--init-head");
         }
-        cmd.assert().success();
-        run
+        let out = cmd.assert().success().get_output().clone();
+        let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+        (run, text(&out.stdout), text(&out.stderr))
     };
-    let run = train("init", true);
+    let (run, stdout, stderr) = train("init", true);
+    // The checkpoint is validated first; an epoch that does not beat it (this one is the
+    // same model) is not saved over it.
+    assert!(
+        stdout.contains("Epoch 0 (the starting model): Validation Accuracy:"),
+        "{stdout}"
+    );
+    assert!(
+        stderr.contains("no epoch beat the starting model on validation"),
+        "{stderr}"
+    );
     let saved = common::load(&run.join("model.safetensors"));
     let original = common::load(&hf.path().join("model.safetensors"));
     for name in [
@@ -298,7 +310,10 @@ fn init_head_continues_the_checkpoint_classifier() {
     let (single, _) = classifier_logits(&model, &seqs);
     assert_rows_close("continued run", &single, &want, 1e-5);
 
-    let fresh = common::load(&train("fresh", false).join("model.safetensors"));
+    let (fresh_run, fresh_out, fresh_err) = train("fresh", false);
+    assert!(!fresh_out.contains("Epoch 0"), "{fresh_out}");
+    assert!(fresh_err.contains("best epoch 1 saved"), "{fresh_err}");
+    let fresh = common::load(&fresh_run.join("model.safetensors"));
     assert!(!common::same(
         &fresh["classifier.weight"],
         &original["classifier.weight"]

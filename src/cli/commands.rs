@@ -12,7 +12,7 @@ use crate::infer::output::Format;
 use crate::infer::predict::{EmbedArgs, PredictArgs};
 use crate::infer::BatchLimits;
 use crate::tokenize::Truncation;
-use crate::train::observe::{Embedding, MemberRestored, MemberStart, Resumed};
+use crate::train::observe::{Embedding, MemberRestored, MemberStart, Resumed, StartingPoint};
 use crate::train::{EpochMetrics, TrainObserver, TrainOptions};
 
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
@@ -426,6 +426,10 @@ impl TrainObserver for PrintObserver {
         }
     }
 
+    fn on_start(&mut self, start: &StartingPoint) {
+        println!("{start}");
+    }
+
     fn on_resume(&mut self, resumed: &Resumed<'_>) {
         eprintln!("{resumed}");
     }
@@ -468,9 +472,9 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
         }
         crate::train::plot_curves(&run_dir, &summary)?;
         eprintln!(
-            "finished {} steps; best epoch {} in {}",
+            "finished {} steps; {} saved in {}",
             summary.steps,
-            summary.best_epoch,
+            saved_epoch(summary.best_epoch),
             run_dir.display()
         );
         return Ok(());
@@ -490,16 +494,26 @@ fn train_on(c: TrainCmd, comm: &dyn crate::dist::Collective) -> Result<()> {
         return Ok(());
     }
     eprintln!(
-        "trained {} of {} parameters for {} steps on {} proteins ({} validation); best epoch {} saved to {}",
+        "trained {} of {} parameters for {} steps on {} proteins ({} validation); {} saved to {}",
         summary.trainable_parameters,
         summary.total_parameters,
         summary.steps,
         summary.train_records,
         summary.val_records,
-        summary.best_epoch,
+        saved_epoch(summary.best_epoch),
         args.output.display()
     );
     Ok(())
+}
+
+/// What a finished run saved: its best epoch, or the starting model (`--init-head`, epoch 0)
+/// when no epoch validated better.
+fn saved_epoch(best_epoch: usize) -> String {
+    if best_epoch == 0 {
+        "no epoch beat the starting model on validation, so it was".into()
+    } else {
+        format!("best epoch {best_epoch}")
+    }
 }
 
 /// One line per ensemble member (its own validation split, never the test set), then the

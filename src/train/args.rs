@@ -114,7 +114,8 @@ pub struct TrainArgs {
     pub train_top_layers: usize,
     /// Continue training the classifier head `model` already has (a protloc run directory
     /// or a transformers *ForSequenceClassification directory) instead of a fresh one; its
-    /// labels, head and tokenization come with it.
+    /// labels, head and tokenization come with it. The starting model is validated first and
+    /// is the saved model (best epoch 0) unless an epoch validates better.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub init_head: bool,
     /// Where to train (not saved: a resumed run picks its own).
@@ -482,7 +483,8 @@ pub struct TrainOptions {
     /// instead of a fresh one. Its labels (every training label must be one of them), head
     /// architecture, membrane output and tokenization come with it; --head and --membrane
     /// are ignored. With --train-top-layers (or --frozen) the head a --frozen run trained
-    /// continues on cached states: fine-tune the top layers from the frozen optimum.
+    /// continues on cached states: fine-tune the top layers from the frozen optimum. The
+    /// starting model is validated first (epoch 0) and saved unless an epoch beats it.
     #[arg(long)]
     pub init_head: bool,
     /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its

@@ -19,7 +19,8 @@ use rand_chacha::ChaCha8Rng;
 
 use super::members::{self, MemberRecord};
 use super::metrics::{
-    record_epoch, save_best, validation_metrics, EpochMetrics, TrainSummary, ValidationMetrics,
+    record_epoch, record_start, save_best, validation_metrics, EpochMetrics, TrainSummary,
+    ValidationMetrics,
 };
 use super::objective::{LocationTarget, Objective, Target};
 use super::observe::{Embedding, LogObserver, MemberRestored, MemberStart, TrainObserver};
@@ -402,6 +403,26 @@ fn train_member(
     let mut best_thresholds = None;
     let mut best_weights: Option<Vec<candle_core::Tensor>> = None;
     let mut step = 0usize;
+    if args.init_head {
+        // The checkpoint's head (a single model: --init-head refuses ensembles) is the
+        // first candidate; an epoch is saved only if it validates better.
+        let (val, thresholds) = validate_member(
+            model,
+            k,
+            cache,
+            &val_recs,
+            &val_targets,
+            &labels,
+            args.multi_label,
+        )?;
+        if let Some(v) = val {
+            if thresholds.is_some() {
+                model.task.thresholds = thresholds.clone();
+            }
+            record_start(Some(&mut *observer), model, &args.output, v, &mut best)?;
+            best_thresholds = thresholds;
+        }
+    }
     'epochs: for epoch in 1..=args.epochs {
         let mut order: Vec<usize> = (0..train_recs.len()).collect();
         order.shuffle(&mut shuffle_rng);

@@ -174,6 +174,29 @@ pub(super) fn record_epoch(
     Ok(improved)
 }
 
+/// `--init-head`: the starting model, validated before any step, is the first candidate for
+/// the best model (epoch 0), so a run whose epochs all validate worse keeps it unchanged
+/// rather than the least bad epoch. The root rank (the one passing `observer`) reports it and
+/// saves it to `dir`; every rank records it in `best`.
+pub(super) fn record_start(
+    observer: Option<&mut (dyn TrainObserver + '_)>,
+    model: &SequenceClassifier,
+    dir: &std::path::Path,
+    validation: ValidationMetrics,
+    best: &mut Option<(f64, f64, usize)>,
+) -> Result<()> {
+    if !validation.loss.is_finite() {
+        // A start that already gives non-finite losses is nobody's best.
+        return Ok(());
+    }
+    *best = Some((validation.accuracy, -validation.loss, 0));
+    if let Some(observer) = observer {
+        observer.on_start(&super::observe::StartingPoint { validation });
+        save_best(model, dir, 0)?;
+    }
+    Ok(())
+}
+
 /// Writes the best model so far into the run directory.
 pub(super) fn save_best(
     model: &SequenceClassifier,

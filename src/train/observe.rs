@@ -7,6 +7,7 @@
 use std::fmt;
 use std::path::Path;
 
+use super::metrics::ValidationMetrics;
 use super::EpochMetrics;
 
 /// Receives a training run's events. Every method has a default that logs the event through
@@ -25,6 +26,12 @@ pub trait TrainObserver {
             "{}",
             metrics.reference_lines().join("; ")
         );
+    }
+
+    /// `--init-head`: the starting model's validation metrics, before any step. It is the
+    /// first candidate for the saved model: an epoch replaces it only by beating it.
+    fn on_start(&mut self, start: &StartingPoint) {
+        tracing::info!("{start}");
     }
 
     /// The run continues from a checkpoint (`protloc train --resume`).
@@ -80,6 +87,27 @@ impl EpochMetrics {
             lines.push(format!("Validation membrane accuracy (Q2): {q2}"));
         }
         lines
+    }
+}
+
+/// The model a `--init-head` run starts from, on the validation set (epoch 0).
+#[derive(Debug, Clone, Copy)]
+pub struct StartingPoint {
+    pub validation: ValidationMetrics,
+}
+
+impl fmt::Display for StartingPoint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let v = &self.validation;
+        write!(
+            f,
+            "Epoch 0 (the starting model): Validation Accuracy: {}, Validation loss: {}",
+            v.accuracy, v.loss
+        )?;
+        if let Some(q2) = v.membrane_accuracy {
+            write!(f, ", Validation membrane accuracy (Q2): {q2}")?;
+        }
+        write!(f, "; an epoch is saved only if it beats this")
     }
 }
 

@@ -336,6 +336,9 @@ fn top_layers_continue_a_frozen_head() {
         "validation loss {a} on cached layer-5 states vs the frozen run's {b}"
     );
     assert_eq!(summary.epochs[0].val_accuracy, frozen_best.val_accuracy);
+    // The frozen head, validated before any step, ties with the epoch and stays the saved
+    // model: an epoch replaces the start only by beating it.
+    assert_eq!(summary.best_epoch, 0);
 
     let load = |p: &std::path::Path| {
         candle_core::safetensors::load(p.join("model.safetensors"), &Device::Cpu).unwrap()

@@ -13,7 +13,7 @@ use crate::infer::BatchLimits;
 use crate::model::SequenceClassifier;
 use crate::tokenize::{bucketed_groups, Encoded, TokenBatch};
 use crate::train::checkpoint::{self, gather_word_pos, rank_dropout_rng, LoopState, RngState};
-use crate::train::metrics::{record_epoch, save_best};
+use crate::train::metrics::{record_epoch, record_start, save_best, ValidationMetrics};
 use crate::train::objective::{Objective, Target};
 use crate::train::observe::TrainObserver;
 use crate::train::optim::{self, LinearSchedule, Optimizer};
@@ -67,6 +67,32 @@ impl Loop<'_> {
         let val_shard = (self.world > 1).then(|| val_set.shard(self.rank, self.world));
         let val_local = val_shard.as_ref().unwrap_or(val_set);
         let mut dropout_rng = rank_dropout_rng(&st, self.rank, self.world)?;
+        let fresh = st.epoch == 1 && st.next_batch == 0 && st.step == 0 && st.best.is_none();
+        if args.init_head && fresh {
+            // The checkpoint's classifier is the first candidate; an epoch is saved only if
+            // it validates better.
+            let m = finish_epoch(
+                model,
+                self.comm,
+                val_local,
+                val_set.len(),
+                limits,
+                0,
+                0,
+                0.0,
+                0.0,
+                t0,
+            )?;
+            if let (Some(accuracy), Some(loss)) = (m.val_accuracy, m.val_loss) {
+                let validation = ValidationMetrics {
+                    loss,
+                    accuracy,
+                    membrane_accuracy: m.val_membrane_accuracy,
+                };
+                let observer = self.root.then_some(&mut *observer);
+                record_start(observer, model, &args.output, validation, &mut st.best)?;
+            }
+        }
         while st.epoch <= args.epochs {
             let epoch = st.epoch;
             let mut shuffle_rng = st.epoch_rng.restore()?;
