@@ -403,10 +403,9 @@ fn train_member(
     let mut best_thresholds = None;
     let mut best_weights: Option<Vec<candle_core::Tensor>> = None;
     let mut step = 0usize;
-    if args.init_head {
-        // The checkpoint's head (a single model: --init-head refuses ensembles) is the
-        // first candidate; an epoch is saved only if it validates better.
-        let (val, thresholds) = validate_member(
+    // Member k's validation metrics (and tuned multi-label thresholds) as the model stands.
+    let validate = |model: &SequenceClassifier, cache: &mut EmbeddingCache| {
+        validate_member(
             model,
             k,
             cache,
@@ -414,7 +413,12 @@ fn train_member(
             &val_targets,
             &labels,
             args.multi_label,
-        )?;
+        )
+    };
+    if args.init_head {
+        // The checkpoint's head (a single model: --init-head refuses ensembles) is the
+        // first candidate; an epoch is saved only if it validates better.
+        let (val, thresholds) = validate(model, cache)?;
         if let Some(v) = val {
             if thresholds.is_some() {
                 model.task.thresholds = thresholds.clone();
@@ -450,15 +454,7 @@ fn train_member(
             epoch,
         )?;
         pb.finish_and_clear();
-        let (val, thresholds) = validate_member(
-            model,
-            k,
-            cache,
-            &val_recs,
-            &val_targets,
-            &labels,
-            args.multi_label,
-        )?;
+        let (val, thresholds) = validate(model, cache)?;
         let mut m = EpochMetrics::new(
             epoch,
             step,

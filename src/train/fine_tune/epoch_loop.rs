@@ -67,22 +67,27 @@ impl Loop<'_> {
         let val_shard = (self.world > 1).then(|| val_set.shard(self.rank, self.world));
         let val_local = val_shard.as_ref().unwrap_or(val_set);
         let mut dropout_rng = rank_dropout_rng(&st, self.rank, self.world)?;
+        let comm = self.comm;
+        // The epoch's metrics line, validated on the whole set (this rank's share of it).
+        let validate = |model: &mut SequenceClassifier, epoch, step, train_loss, lr| {
+            finish_epoch(
+                model,
+                comm,
+                val_local,
+                val_set.len(),
+                limits,
+                epoch,
+                step,
+                train_loss,
+                lr,
+                t0,
+            )
+        };
         let fresh = st.epoch == 1 && st.next_batch == 0 && st.step == 0 && st.best.is_none();
         if args.init_head && fresh {
             // The checkpoint's classifier is the first candidate; an epoch is saved only if
             // it validates better.
-            let m = finish_epoch(
-                model,
-                self.comm,
-                val_local,
-                val_set.len(),
-                limits,
-                0,
-                0,
-                0.0,
-                0.0,
-                t0,
-            )?;
+            let m = validate(model, 0, 0, 0.0, 0.0)?;
             if let (Some(accuracy), Some(loss)) = (m.val_accuracy, m.val_loss) {
                 let validation = ValidationMetrics {
                     loss,
@@ -104,17 +109,12 @@ impl Loop<'_> {
             let next_epoch_rng = RngState::of(&shuffle_rng);
             let stop =
                 self.epoch_batches(model, opt, train_set, &batches, &mut st, &mut dropout_rng)?;
-            let m = finish_epoch(
+            let m = validate(
                 model,
-                self.comm,
-                val_local,
-                val_set.len(),
-                limits,
                 epoch,
                 st.step,
                 st.loss_sum / st.loss_n.max(1) as f64,
                 self.schedule.lr(st.step.saturating_sub(1)),
-                t0,
             )?;
             let epoch_done = m.epoch;
             let observer = self.root.then_some(&mut *observer);
