@@ -1,30 +1,24 @@
-//! Per-epoch validation of a fine-tuning run (on one rank or shared across ranks).
-
-use std::time::Instant;
+//! Validation of a fine-tuning run, its starting model and each epoch (on one rank or
+//! shared across ranks).
 
 use anyhow::Result;
 
-use super::metrics::{validation_metrics, EpochMetrics, ValidationMetrics};
+use super::metrics::{validation_metrics, ValidationMetrics};
 use super::setup::Examples;
 use crate::dist::Collective;
 use crate::infer::BatchLimits;
 use crate::model::SequenceClassifier;
 
-/// Validation metrics over the whole validation set (`val_total` proteins) from this rank's
-/// share `val` of it: sums of loss, hits and count are added up across ranks.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn finish_epoch(
+/// Validation metrics over the whole validation set (`val_total` proteins; `None` without
+/// one) from this rank's share `val` of it: sums of loss, hits and count are added up across
+/// ranks.
+pub(super) fn validate(
     model: &mut SequenceClassifier,
     comm: &dyn Collective,
     val: &Examples,
     val_total: usize,
     limits: BatchLimits,
-    epoch: usize,
-    step: usize,
-    train_loss: f64,
-    lr: f64,
-    t0: &Instant,
-) -> Result<EpochMetrics> {
+) -> Result<Option<ValidationMetrics>> {
     let metrics = if val_total == 0 {
         None
     } else {
@@ -76,5 +70,5 @@ pub(super) fn finish_epoch(
             })
         }
     };
-    Ok(EpochMetrics::new(epoch, step, train_loss, metrics, lr, t0))
+    Ok(metrics)
 }

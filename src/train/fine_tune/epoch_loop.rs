@@ -13,12 +13,12 @@ use crate::infer::BatchLimits;
 use crate::model::SequenceClassifier;
 use crate::tokenize::{bucketed_groups, Encoded, TokenBatch};
 use crate::train::checkpoint::{self, gather_word_pos, rank_dropout_rng, LoopState, RngState};
-use crate::train::metrics::{record_epoch, record_start, save_best, ValidationMetrics};
+use crate::train::metrics::{record_epoch, record_start, save_best, EpochMetrics};
 use crate::train::objective::{Objective, Target};
 use crate::train::observe::TrainObserver;
 use crate::train::optim::{self, LinearSchedule, Optimizer};
 use crate::train::setup::Examples;
-use crate::train::validation::finish_epoch;
+use crate::train::validation::validate;
 use crate::train::TrainArgs;
 
 /// The fine-tuning loop's settings, fixed for the run, and its timers.
@@ -68,32 +68,15 @@ impl Loop<'_> {
         let val_local = val_shard.as_ref().unwrap_or(val_set);
         let mut dropout_rng = rank_dropout_rng(&st, self.rank, self.world)?;
         let comm = self.comm;
-        // The epoch's metrics line, validated on the whole set (this rank's share of it).
-        let validate = |model: &mut SequenceClassifier, epoch, step, train_loss, lr| {
-            finish_epoch(
-                model,
-                comm,
-                val_local,
-                val_set.len(),
-                limits,
-                epoch,
-                step,
-                train_loss,
-                lr,
-                t0,
-            )
+        // The whole validation set's metrics (from this rank's share of it).
+        let val_metrics = |model: &mut SequenceClassifier| {
+            validate(model, comm, val_local, val_set.len(), limits)
         };
         let fresh = st.epoch == 1 && st.next_batch == 0 && st.step == 0 && st.best.is_none();
         if args.init_head && fresh {
             // The checkpoint's classifier is the first candidate; an epoch is saved only if
             // it validates better.
-            let m = validate(model, 0, 0, 0.0, 0.0)?;
-            if let (Some(accuracy), Some(loss)) = (m.val_accuracy, m.val_loss) {
-                let validation = ValidationMetrics {
-                    loss,
-                    accuracy,
-                    membrane_accuracy: m.val_membrane_accuracy,
-                };
+            if let Some(validation) = val_metrics(model)? {
                 let observer = self.root.then_some(&mut *observer);
                 record_start(observer, model, &args.output, validation, &mut st.best)?;
             }
@@ -109,13 +92,14 @@ impl Loop<'_> {
             let next_epoch_rng = RngState::of(&shuffle_rng);
             let stop =
                 self.epoch_batches(model, opt, train_set, &batches, &mut st, &mut dropout_rng)?;
-            let m = validate(
-                model,
+            let m = EpochMetrics::new(
                 epoch,
                 st.step,
                 st.loss_sum / st.loss_n.max(1) as f64,
+                val_metrics(model)?,
                 self.schedule.lr(st.step.saturating_sub(1)),
-            )?;
+                t0,
+            );
             let epoch_done = m.epoch;
             let observer = self.root.then_some(&mut *observer);
             if record_epoch(observer, metrics_path, m, &mut st.history, &mut st.best)? && self.root
