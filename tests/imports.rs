@@ -306,6 +306,11 @@ fn init_head_continues_the_checkpoint_classifier() {
     let model = SequenceClassifier::load(&run, &Device::Cpu).unwrap();
     assert_eq!(model.task.labels, locations);
     assert_eq!(model.task.head, HeadKind::Pooler);
+    // Its training_args.json records that head, not the --head default it was not given.
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(run.join("training_args.json")).unwrap()).unwrap();
+    assert_eq!(recorded["head"], "pooler", "{recorded}");
+    assert_eq!(recorded["pool"], "cls", "{recorded}");
     let (seqs, want) = fixture_rows("hf_bert_classifier", "logits");
     let (single, _) = classifier_logits(&model, &seqs);
     assert_rows_close("continued run", &single, &want, 1e-5);
@@ -343,4 +348,29 @@ fn init_head_continues_the_checkpoint_classifier() {
         err.contains("--init-head") && err.contains("Lysosome/Vacuole"),
         "{err}"
     );
+
+    // The head comes with the checkpoint: asking for another one is an error, not ignored.
+    for flag in [["--head", "mlp"], ["--membrane", "on"], ["--pool", "mean"]] {
+        let o = protloc()
+            .args([
+                "train",
+                "--init-head",
+                "--model",
+                hf.path().to_str().unwrap(),
+            ])
+            .args(flag)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(tmp.path().join("conflict"))
+            .output()
+            .unwrap();
+        assert!(!o.status.success(), "{flag:?} was accepted");
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(
+            err.contains("--init-head") && err.contains(flag[0]),
+            "{flag:?}: {err}"
+        );
+        assert!(!tmp.path().join("conflict").exists());
+    }
 }

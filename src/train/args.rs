@@ -114,8 +114,10 @@ pub struct TrainArgs {
     pub train_top_layers: usize,
     /// Continue training the classifier head `model` already has (a protloc run directory
     /// or a transformers *ForSequenceClassification directory) instead of a fresh one; its
-    /// labels, head and tokenization come with it. The starting model is validated first and
-    /// is the saved model (best epoch 0) unless an epoch validates better.
+    /// labels, head and tokenization come with it (the fields here that would choose them
+    /// are ignored; `training_args.json` records the checkpoint's, see `as_run`). The
+    /// starting model is validated first and is the saved model (best epoch 0) unless an
+    /// epoch validates better.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub init_head: bool,
     /// Where to train (not saved: a resumed run picks its own).
@@ -180,6 +182,27 @@ impl TrainArgs {
             multi_label: self.multi_label,
             ..model::TaskConfig::new(labels, &self.model)
         }
+    }
+
+    /// These arguments as the run applies them, for its `training_args.json`: with
+    /// `--init-head` (`start`, the checkpoint's task) the head, its sizes, pooling,
+    /// truncation and membrane output are the checkpoint's, not the defaults the run was
+    /// given.
+    pub(crate) fn as_run(&self, start: Option<&model::TaskConfig>) -> TrainArgs {
+        let mut run = self.clone();
+        if let Some(t) = start {
+            run.head = t.head;
+            run.head_hidden = t.head_hidden;
+            run.la_kernel = t.la_kernel;
+            run.pool = t.pool;
+            run.truncate = t.truncate;
+            run.membrane = if t.membrane {
+                MembraneMode::On
+            } else {
+                MembraneMode::Off
+            };
+        }
+        run
     }
 
     /// Defaults that match the reference workflow where it makes sense on a CPU.
@@ -481,11 +504,16 @@ pub struct TrainOptions {
     /// Start from the classifier head --model already has (a protloc run directory, or a
     /// transformers BertForSequenceClassification / EsmForSequenceClassification directory)
     /// instead of a fresh one. Its labels (every training label must be one of them), head
-    /// architecture, membrane output and tokenization come with it; --head and --membrane
-    /// are ignored. With --train-top-layers (or --frozen) the head a --frozen run trained
-    /// continues on cached states: fine-tune the top layers from the frozen optimum. The
-    /// starting model is validated first (epoch 0) and saved unless an epoch beats it.
-    #[arg(long)]
+    /// architecture, membrane output and tokenization come with it, so --head,
+    /// --head-hidden, --la-kernel, --membrane, --pool and --truncate are refused with it
+    /// (--max-residues still applies). With --train-top-layers (or --frozen) the head a
+    /// --frozen run trained continues on cached states: fine-tune the top layers from the
+    /// frozen optimum. The starting model is validated first (epoch 0) and saved unless an
+    /// epoch beats it.
+    #[arg(
+        long,
+        conflicts_with_all = ["head", "head_hidden", "la_kernel", "membrane", "pool", "truncate"]
+    )]
     pub init_head: bool,
     /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its
     /// own weights stay frozen; saving merges them into the weights, so the run directory

@@ -115,9 +115,11 @@ pub fn train_observed(args: &TrainArgs, observer: &mut dyn TrainObserver) -> Res
     let total_params = model.base.store.num_parameters();
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
+    // --init-head: recorded with the checkpoint's head (a single model).
+    let recorded = args.as_run(args.init_head.then_some(&model.task));
     crate::artifacts::write_atomic(
         &args.output.join("training_args.json"),
-        serde_json::to_string_pretty(args)?.as_bytes(),
+        serde_json::to_string_pretty(&recorded)?.as_bytes(),
     )?;
     let splits: Vec<(&[usize], &[usize])> = plans
         .iter()

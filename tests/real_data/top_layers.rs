@@ -367,6 +367,17 @@ fn top_layers_continue_a_frozen_head() {
     assert_eq!(model.task.labels, first.task.labels);
     assert_eq!(model.task.head, HeadKind::LightAttention);
     assert_eq!(model.task.membrane, first.task.membrane);
+    // training_args.json records the head that trained, not the defaults `cont` held.
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(out.join("training_args.json")).unwrap()).unwrap();
+    assert_eq!(cont.head, HeadKind::Linear);
+    assert_eq!(recorded["head"], "light-attention", "{recorded}");
+    assert_eq!(recorded["pool"], "mean", "{recorded}");
+    assert_eq!(
+        recorded["membrane"],
+        if first.task.membrane { "on" } else { "off" },
+        "{recorded}"
+    );
 
     cont.ensemble = 2;
     let err = train(&cont).unwrap_err().to_string();

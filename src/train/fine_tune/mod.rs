@@ -12,7 +12,7 @@ use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
 use crate::dist::Collective;
-use crate::model::{self, Precision, SequenceClassifier};
+use crate::model::{self, Precision, SequenceClassifier, TaskConfig};
 use crate::train::checkpoint::{self, LoopState, RngState};
 use crate::train::metrics::TrainSummary;
 use crate::train::objective::Objective;
@@ -99,7 +99,7 @@ pub(super) fn run(
     );
 
     if root {
-        write_args(args, world)?;
+        write_args(args, args.init_head.then_some(&model.task), world)?;
         crate::artifacts::write_atomic(
             &args.output.join(crate::data::split::SPLIT_FILE),
             &split_table,
@@ -324,11 +324,12 @@ fn build_optimizer(
     Ok((opt, trainable, total_params))
 }
 
-/// Creates the run directory and saves `training_args.json` (root rank only).
-fn write_args(args: &TrainArgs, world: usize) -> Result<()> {
+/// Creates the run directory and saves `training_args.json` (root rank only), with the
+/// checkpoint's head settings when `--init-head` continued `start`.
+fn write_args(args: &TrainArgs, start: Option<&TaskConfig>, world: usize) -> Result<()> {
     std::fs::create_dir_all(&args.output)
         .with_context(|| format!("cannot create {}", args.output.display()))?;
-    let mut saved = args.clone();
+    let mut saved = args.as_run(start);
     saved.world_size = world;
     crate::artifacts::write_atomic(
         &args.output.join("training_args.json"),
