@@ -87,6 +87,12 @@ pub fn write(run_dir: &Path, eval: Option<&EvalOutput>, out_dir: &Path) -> Resul
             escape(&eval.data),
             eval.split
         ));
+        if let Some(ci) = &eval.ci95 {
+            html.push_str(&format!(
+                "<p>{}</p>",
+                escape(&ci.describe(&eval.accuracy_name()))
+            ));
+        }
         if let Some(q2) = eval.membrane_accuracy {
             html.push_str(&format!(
                 "<p>Membrane/soluble accuracy (Q2): <b>{:.1}%</b> on {} proteins with a known flag.</p>",

@@ -498,3 +498,118 @@ fn bf16_is_refused_on_the_cpu_and_with_frozen() {
     .unwrap();
     assert_eq!(saved["precision"], "fp32");
 }
+
+/// `eval --output` keeps every protein's outcome and 95% bootstrap intervals; `compare`
+/// pairs two such reports: a model against itself differs on no protein (p = 1, a zero
+/// interval), two models' counts add up to their accuracies and MCCs, and reports of other
+/// proteins (or from before per-protein outcomes) are refused.
+#[test]
+fn compare_pairs_two_eval_reports_on_the_same_proteins() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("d.fasta");
+    protloc::demo::write_dataset(&data, 3, 4).unwrap(); // 30 proteins
+    let eval = |seed: &str, extra: &[&str]| {
+        let run = dir.path().join(format!("run{seed}"));
+        if !run.exists() {
+            protloc()
+                .args(["train", "--model", "scratch:tiny", "--epochs", "1"])
+                .args(["--max-steps", "3", "--seed", seed, "--data"])
+                .arg(&data)
+                .arg("--output")
+                .arg(&run)
+                .assert()
+                .success();
+        }
+        let out = dir.path().join(format!("eval{seed}{}.json", extra.len()));
+        protloc()
+            .args(["eval", "--split", "all", "--model"])
+            .arg(&run)
+            .arg("--data")
+            .arg(&data)
+            .arg("--output")
+            .arg(&out)
+            .args(extra)
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("95% interval over proteins"));
+        let json: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        (out, json)
+    };
+    let (a, ja) = eval("1", &[]);
+    let (b, jb) = eval("2", &[]);
+    let proteins = ja["proteins"].as_array().unwrap();
+    assert_eq!(proteins.len(), 30);
+    let fasta = std::fs::read_to_string(&data).unwrap();
+    let ids: Vec<&str> = fasta
+        .lines()
+        .filter_map(|l| l.strip_prefix('>'))
+        .map(|h| h.split_whitespace().next().unwrap())
+        .collect();
+    let right = proteins
+        .iter()
+        .zip(&ids)
+        .filter(|(p, id)| {
+            assert_eq!(p["id"], **id);
+            p["label"] == p["predicted"]
+        })
+        .count();
+    let acc = ja["report"]["accuracy"].as_f64().unwrap();
+    assert_eq!(right as f64 / 30.0, acc);
+    let ci = &ja["ci95"]["accuracy"];
+    let (lo, hi) = (ci[0].as_f64().unwrap(), ci[1].as_f64().unwrap());
+    assert!(lo <= acc && acc <= hi && lo < hi, "{ci} around {acc}");
+
+    let compare = |x: &Path, y: &Path| {
+        let out = dir.path().join("cmp.json");
+        protloc()
+            .arg("compare")
+            .args([x, y])
+            .arg("--output")
+            .arg(&out)
+            .assert()
+            .success()
+            .stdout(predicate::str::contains("McNemar's exact test"));
+        serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out).unwrap()).unwrap()
+    };
+    let same = compare(&a, &a);
+    assert_eq!(
+        (same["only_a_right"].as_u64(), same["only_b_right"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(same["mcnemar_p"], 1.0);
+    assert_eq!(
+        same["accuracy_difference_ci95"],
+        serde_json::json!([0.0, 0.0])
+    );
+
+    let c = compare(&a, &b);
+    let n = |k: &str| c[k].as_u64().unwrap() as f64;
+    assert_eq!(
+        n("both_right") + n("only_a_right") + n("only_b_right") + n("both_wrong"),
+        30.0
+    );
+    assert_eq!((n("both_right") + n("only_a_right")) / 30.0, acc);
+    assert_eq!(c["accuracy"][1], jb["report"]["accuracy"]);
+    for (i, j) in [&ja, &jb].into_iter().enumerate() {
+        let (got, want) = (
+            c["mcc"][i].as_f64().unwrap(),
+            j["report"]["mcc"].as_f64().unwrap(),
+        );
+        assert!(
+            (got - want).abs() < 1e-12,
+            "MCC {got} vs the report's {want}"
+        );
+    }
+
+    let (short, _) = eval("1", &["--limit", "10"]);
+    let args = |x: &Path, y: &Path| -> Vec<std::ffi::OsString> {
+        vec!["compare".into(), x.into(), y.into()]
+    };
+    fails_with(&args(&a, &short), &["A scored 30 proteins", "B 10"]);
+    let mut old = ja.clone();
+    old.as_object_mut().unwrap().remove("proteins");
+    let old_path = dir.path().join("old.json");
+    std::fs::write(&old_path, old.to_string()).unwrap();
+    fails_with(&args(&old_path, &b), &["has no per-protein outcomes"]);
+}

@@ -47,6 +47,9 @@ pub enum Command {
     Train(Box<TrainCmd>),
     /// Score a trained model: accuracy (Q10), MCC, per-class P/R/F1, confusion matrix.
     Eval(EvalCmd),
+    /// Compare two models scored by `eval --output` on the same proteins: the difference in
+    /// accuracy and MCC with a 95% paired-bootstrap interval, and McNemar's exact test.
+    Compare(CompareCmd),
     /// Predict the location of every protein in a FASTA/CSV/TSV file (streams; any size).
     Predict(PredictCmd),
     /// Write per-protein mean embeddings of an encoder as JSON Lines.
@@ -165,6 +168,19 @@ pub struct EvalCmd {
     /// A cache built with another encoder is refused (rebuilt) by its fingerprint.
     #[arg(long, value_name = "DIR")]
     pub cache: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+pub struct CompareCmd {
+    /// The `eval --output` report of model A (the baseline).
+    #[arg(value_name = "A_JSON")]
+    pub a: PathBuf,
+    /// The `eval --output` report of model B, scored on the same data and split.
+    #[arg(value_name = "B_JSON")]
+    pub b: PathBuf,
+    /// Also write the comparison as JSON.
+    #[arg(long, value_name = "JSON")]
+    pub output: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -358,6 +374,7 @@ pub fn run(cli: Cli) -> Result<()> {
         Command::Data(DataCommand::Stats(c)) => data_stats(c),
         Command::Train(c) => train(*c),
         Command::Eval(c) => eval(c),
+        Command::Compare(c) => compare(c),
         Command::Report(c) => report(c),
         Command::Predict(c) => predict(c),
         Command::Embed(c) => embed(c),
@@ -628,6 +645,9 @@ fn eval(c: EvalCmd) -> Result<()> {
             );
         }
     }
+    if let Some(ci) = &out.ci95 {
+        println!("{}", ci.describe(&out.accuracy_name()));
+    }
     if let (Some(q2), Some(n)) = (out.membrane_accuracy, out.membrane_records) {
         println!("membrane/soluble accuracy (Q2): {q2:.4} on {n} proteins with a known flag");
     }
@@ -639,6 +659,26 @@ fn eval(c: EvalCmd) -> Result<()> {
         crate::eval::plot::plot_confusion(report, png, true)
             .with_context(|| format!("cannot write {}", png.display()))?;
         eprintln!("wrote {}", png.display());
+    }
+    Ok(())
+}
+
+fn compare(c: CompareCmd) -> Result<()> {
+    let read = |path: &PathBuf| -> Result<crate::eval::run::EvalOutput> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| {
+            format!(
+                "{}: not a report of `protloc eval --output`",
+                path.display()
+            )
+        })
+    };
+    let cmp = crate::eval::compare::compare(&read(&c.a)?, &read(&c.b)?)?;
+    println!("{cmp}");
+    if let Some(path) = &c.output {
+        crate::artifacts::write_atomic(path, serde_json::to_string_pretty(&cmp)?.as_bytes())?;
+        eprintln!("wrote {}", path.display());
     }
     Ok(())
 }

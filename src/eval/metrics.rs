@@ -198,6 +198,19 @@ fn mcc_from_confusion(t_sum: &[usize], p_sum: &[usize], correct: usize, n: usize
     (cov_ytyp / (cov_ytyt.sqrt() * cov_ypyp.sqrt())).clamp(-1.0, 1.0)
 }
 
+/// Multiclass MCC (as [`ClassificationReport::mcc`]) of the pairs `(y_true[i], y_pred[i])`
+/// for the row indices `rows` (repeats count again: a bootstrap resample). Classes are
+/// indices below `k`.
+pub fn mcc_of_rows(y_true: &[usize], y_pred: &[usize], k: usize, rows: &[usize]) -> f64 {
+    let (mut t_sum, mut p_sum, mut correct) = (vec![0usize; k], vec![0usize; k], 0usize);
+    for &i in rows {
+        t_sum[y_true[i]] += 1;
+        p_sum[y_pred[i]] += 1;
+        correct += usize::from(y_true[i] == y_pred[i]);
+    }
+    mcc_from_confusion(&t_sum, &p_sum, correct, rows.len())
+}
+
 /// Accuracy of binary predictions over the entries whose truth is known
 /// (`Some`), e.g. membrane-bound vs soluble "Q2" where some proteins are unannotated.
 /// Returns `None` when no entry has a known truth, or when the lengths differ.
@@ -350,6 +363,20 @@ mod tests {
 
     fn labels(names: &[&str]) -> Vec<String> {
         names.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn mcc_of_rows_is_the_report_mcc_and_counts_repeated_rows() {
+        let y_true = [0, 1, 2, 2, 1, 0, 2, 1];
+        let y_pred = [0, 2, 2, 1, 1, 0, 2, 0];
+        let report =
+            ClassificationReport::compute(&y_true, &y_pred, &labels(&["a", "b", "c"])).unwrap();
+        let all: Vec<usize> = (0..y_true.len()).collect();
+        assert_eq!(mcc_of_rows(&y_true, &y_pred, 3, &all), report.mcc);
+        // Row 0 three times is the data set with two more copies of it.
+        let (t, p) = ([0, 0, 0, 1, 2], [0, 0, 0, 2, 2]);
+        let r = ClassificationReport::compute(&t, &p, &labels(&["a", "b", "c"])).unwrap();
+        assert_eq!(mcc_of_rows(&y_true, &y_pred, 3, &[0, 0, 0, 1, 2]), r.mcc);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Evaluation: classification metrics (accuracy / Q10, MCC, per-class F1, confusion
 //! matrix; numbers match scikit-learn), their PNG plots, and the `eval` command.
 
+pub mod compare;
 pub mod metrics;
 pub mod multilabel;
 pub mod plot;

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
+use super::compare::{self, Interval95, ProteinOutcome};
 use super::metrics::ClassificationReport;
 use super::multilabel::{self, MultiLabelReport};
 use super::target::{LocationTarget, Target};
@@ -66,6 +67,23 @@ pub struct EvalOutput {
     /// Records with a known membrane flag (the Q2 denominator).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub membrane_records: Option<usize>,
+    /// 95% bootstrap intervals of the accuracy (and MCC) over the scored proteins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ci95: Option<Interval95>,
+    /// Every scored protein's true and predicted location(s), in file order: what
+    /// `protloc compare` pairs with another model's.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub proteins: Vec<ProteinOutcome>,
+}
+
+impl EvalOutput {
+    /// What its accuracy is called: Q10 for ten locations, exact-match accuracy for a
+    /// multi-label model.
+    pub fn accuracy_name(&self) -> String {
+        self.report
+            .as_ref()
+            .map_or("exact-match accuracy".into(), |r| r.accuracy_name().into())
+    }
 }
 
 /// Picks the records of `split`. `validated`: the model's validation records (id, line and
@@ -147,7 +165,17 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
     // The same answers `predict` and `serve` give (see `crate::model::answer`).
     let rule = model.answer_rule();
     let answers = preds.into_answers(&rule);
-    let (report, multi_label) = match &rule.thresholds {
+    let proteins: Vec<ProteinOutcome> = chosen
+        .iter()
+        .zip(&targets)
+        .zip(&answers)
+        .map(|((r, t), a)| ProteinOutcome {
+            id: r.id.clone(),
+            label: t.location.names(labels),
+            predicted: a.prediction.clone(),
+        })
+        .collect();
+    let (report, multi_label, ci95) = match &rule.thresholds {
         Some(thresholds) => {
             let y_true: Vec<Vec<bool>> = targets
                 .iter()
@@ -157,9 +185,11 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
                 })
                 .collect();
             let y_pred: Vec<Vec<bool>> = answers.iter().map(|a| a.chosen()).collect();
+            let exact: Vec<bool> = proteins.iter().map(|p| p.correct()).collect();
             (
                 None,
                 Some(multilabel::report(&y_true, &y_pred, labels, thresholds)),
+                compare::accuracy_ci95(&exact),
             )
         }
         None => {
@@ -174,6 +204,7 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
             (
                 Some(ClassificationReport::compute(&y_true, &y_pred, labels)?),
                 None,
+                compare::single_label_ci95(&y_true, &y_pred, labels.len()),
             )
         }
     };
@@ -197,6 +228,8 @@ pub fn evaluate(args: &EvalArgs) -> Result<EvalOutput> {
         multi_label,
         membrane_records: membrane_accuracy.map(|_| truth.iter().filter(|t| t.is_some()).count()),
         membrane_accuracy,
+        ci95: Some(ci95),
+        proteins,
     })
 }
 

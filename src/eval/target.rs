@@ -20,6 +20,23 @@ pub enum LocationTarget {
     Multi(Vec<f32>),
 }
 
+impl LocationTarget {
+    /// The location name(s) over `labels`, joined by `|` in label order: how
+    /// [`crate::model::Answer::prediction`] names a prediction.
+    pub fn names(&self, labels: &[String]) -> String {
+        match self {
+            LocationTarget::Single(k) => labels[*k as usize].clone(),
+            LocationTarget::Multi(v) => v
+                .iter()
+                .zip(labels)
+                .filter(|(&y, _)| y > 0.5)
+                .map(|(_, l)| l.as_str())
+                .collect::<Vec<_>>()
+                .join("|"),
+        }
+    }
+}
+
 impl Target {
     /// Reads the targets of `record` over `labels`. Multi-label records list locations
     /// separated by `|`; in single-label mode such a record is an error.
