@@ -119,11 +119,7 @@ fn train(case: Case, run: &Path) {
     a.max_residues = Some(MAX_RESIDUES);
     a.head = case.head;
     a.multi_label = case.multi_label;
-    a.membrane = if case.membrane {
-        MembraneMode::On
-    } else {
-        MembraneMode::Off
-    };
+    a.membrane = MembraneMode::fixed(case.membrane);
     a.seed = 7;
     a.val_fraction = 0.2;
     if case.frozen {

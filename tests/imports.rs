@@ -7,7 +7,7 @@
 mod common;
 mod serve_support;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use candle_core::Device;
 use common::{
@@ -329,19 +329,24 @@ fn init_head_continues_the_checkpoint_classifier() {
         "other.fa",
         &fasta.replace("Nucleus-S", "Lysosome/Vacuole-S"),
     );
-    let o = protloc()
-        .args([
-            "train",
-            "--init-head",
-            "--model",
-            hf.path().to_str().unwrap(),
-            "--data",
-        ])
-        .arg(&other)
-        .arg("--output")
-        .arg(tmp.path().join("bad"))
-        .output()
-        .unwrap();
+    // `train --init-head` from the fixture with `extra` options on `data`.
+    let init = |extra: &[&str], data: &Path, out: &str| {
+        protloc()
+            .args([
+                "train",
+                "--init-head",
+                "--model",
+                hf.path().to_str().unwrap(),
+            ])
+            .args(extra)
+            .arg("--data")
+            .arg(data)
+            .arg("--output")
+            .arg(tmp.path().join(out))
+            .output()
+            .unwrap()
+    };
+    let o = init(&[], &other, "bad");
     assert!(!o.status.success());
     let err = String::from_utf8_lossy(&o.stderr);
     assert!(
@@ -351,20 +356,7 @@ fn init_head_continues_the_checkpoint_classifier() {
 
     // The head comes with the checkpoint: asking for another one is an error, not ignored.
     for flag in [["--head", "mlp"], ["--membrane", "on"], ["--pool", "mean"]] {
-        let o = protloc()
-            .args([
-                "train",
-                "--init-head",
-                "--model",
-                hf.path().to_str().unwrap(),
-            ])
-            .args(flag)
-            .arg("--data")
-            .arg(&data)
-            .arg("--output")
-            .arg(tmp.path().join("conflict"))
-            .output()
-            .unwrap();
+        let o = init(&flag, &data, "conflict");
         assert!(!o.status.success(), "{flag:?} was accepted");
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(

@@ -196,11 +196,7 @@ impl TrainArgs {
             run.la_kernel = t.la_kernel;
             run.pool = t.pool;
             run.truncate = t.truncate;
-            run.membrane = if t.membrane {
-                MembraneMode::On
-            } else {
-                MembraneMode::Off
-            };
+            run.membrane = MembraneMode::fixed(t.membrane);
         }
         run
     }

@@ -34,6 +34,17 @@ pub enum MembraneMode {
     Off,
 }
 
+impl MembraneMode {
+    /// `On` or `Off`: the output decided (e.g. by a checkpoint that has it or not).
+    pub fn fixed(on: bool) -> Self {
+        if on {
+            MembraneMode::On
+        } else {
+            MembraneMode::Off
+        }
+    }
+}
+
 /// The training loss.
 #[derive(Debug, Clone)]
 pub struct Objective {
