@@ -591,6 +591,14 @@ fn compare_pairs_two_eval_reports_on_the_same_proteins() {
     );
     assert_eq!((n("both_right") + n("only_a_right")) / 30.0, acc);
     assert_eq!(c["accuracy"][1], jb["report"]["accuracy"]);
+    // Per true location: every protein once, the discordant ones adding up to the totals.
+    let rows = c["by_location"].as_array().unwrap();
+    let sum = |k: &str| rows.iter().map(|r| r[k].as_u64().unwrap()).sum::<u64>() as f64;
+    assert_eq!(sum("proteins"), 30.0);
+    assert_eq!(
+        (sum("only_a_right"), sum("only_b_right")),
+        (n("only_a_right"), n("only_b_right"))
+    );
     for (i, j) in [&ja, &jb].into_iter().enumerate() {
         let (got, want) = (
             c["mcc"][i].as_f64().unwrap(),

@@ -154,6 +154,43 @@ pub struct Comparison {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcc_difference_ci95: Option<[f64; 2]>,
     pub resamples: usize,
+    /// Where the two differ, by true location (every location, in order of first
+    /// appearance in the reports).
+    pub by_location: Vec<LocationDifference>,
+}
+
+/// The proteins of one true location (multi-label: one combination) that exactly one model
+/// gets right.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LocationDifference {
+    pub label: String,
+    pub proteins: usize,
+    pub only_a_right: usize,
+    pub only_b_right: usize,
+}
+
+/// [`LocationDifference`]s of the paired outcomes (`ra[i]`, `rb[i]` right or not).
+fn by_location(a: &EvalOutput, ra: &[bool], rb: &[bool]) -> Vec<LocationDifference> {
+    let mut rows: Vec<LocationDifference> = Vec::new();
+    for (i, p) in a.proteins.iter().enumerate() {
+        let k = match rows.iter().position(|r| r.label == p.label) {
+            Some(k) => k,
+            None => {
+                rows.push(LocationDifference {
+                    label: p.label.clone(),
+                    proteins: 0,
+                    only_a_right: 0,
+                    only_b_right: 0,
+                });
+                rows.len() - 1
+            }
+        };
+        let row = &mut rows[k];
+        row.proteins += 1;
+        row.only_a_right += usize::from(ra[i] && !rb[i]);
+        row.only_b_right += usize::from(rb[i] && !ra[i]);
+    }
+    rows
 }
 
 /// Pairs the per-protein outcomes of two `eval` reports. They must score the same proteins
@@ -264,6 +301,7 @@ pub fn compare(a: &EvalOutput, b: &EvalOutput) -> Result<Comparison> {
         accuracy_difference_ci95,
         mcc_difference_ci95,
         resamples: RESAMPLES,
+        by_location: by_location(a, &ra, &rb),
     })
 }
 
@@ -301,6 +339,18 @@ impl fmt::Display for Comparison {
             "\nboth right {}, only A right {}, only B right {}, both wrong {}",
             self.both_right, self.only_a_right, self.only_b_right, self.both_wrong
         )?;
+        writeln!(
+            f,
+            "{:<24} {:>8} {:>12} {:>12}",
+            "true location", "proteins", "only A right", "only B right"
+        )?;
+        for r in &self.by_location {
+            writeln!(
+                f,
+                "{:<24} {:>8} {:>12} {:>12}",
+                r.label, r.proteins, r.only_a_right, r.only_b_right
+            )?;
+        }
         write!(
             f,
             "McNemar's exact test: p = {:.3} (of the {} proteins exactly one model gets right, \
