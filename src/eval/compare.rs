@@ -154,8 +154,8 @@ pub struct Comparison {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcc_difference_ci95: Option<[f64; 2]>,
     pub resamples: usize,
-    /// Where the two differ, by true location (every location, in order of first
-    /// appearance in the reports).
+    /// Where the two differ, by true location (every location: in A's label order for
+    /// single-label reports, else in order of first appearance).
     pub by_location: Vec<LocationDifference>,
 }
 
@@ -189,6 +189,15 @@ fn by_location(a: &EvalOutput, ra: &[bool], rb: &[bool]) -> Vec<LocationDifferen
         row.proteins += 1;
         row.only_a_right += usize::from(ra[i] && !rb[i]);
         row.only_b_right += usize::from(rb[i] && !ra[i]);
+    }
+    if let Some(r) = &a.report {
+        // Labels outside the report (none, for a report protloc wrote) go last.
+        rows.sort_by_key(|row| {
+            r.labels
+                .iter()
+                .position(|l| *l == row.label)
+                .unwrap_or(usize::MAX)
+        });
     }
     rows
 }
