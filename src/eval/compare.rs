@@ -362,9 +362,13 @@ impl fmt::Display for Comparison {
         }
         write!(
             f,
-            "McNemar's exact test: p = {:.3} (of the {} proteins exactly one model gets right, \
+            "McNemar's exact test: p = {} (of the {} proteins exactly one model gets right, \
              A gets {})",
-            self.mcnemar_p,
+            if self.mcnemar_p >= 1e-3 {
+                format!("{:.3}", self.mcnemar_p)
+            } else {
+                format!("{:.1e}", self.mcnemar_p)
+            },
             self.only_a_right + self.only_b_right,
             self.only_a_right
         )
