@@ -154,8 +154,8 @@ pub struct Comparison {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mcc_difference_ci95: Option<[f64; 2]>,
     pub resamples: usize,
-    /// Where the two differ, by true location (every location: in A's label order for
-    /// single-label reports, else in order of first appearance).
+    /// Where the two differ, by true location (each one among the scored proteins: in A's
+    /// label order for single-label reports, else in order of first appearance).
     pub by_location: Vec<LocationDifference>,
 }
 
