@@ -569,10 +569,19 @@ fn compare_pairs_two_eval_reports_on_the_same_proteins() {
             .arg(&out)
             .assert()
             .success()
-            .stdout(predicate::str::contains("McNemar's exact test"));
+            .stdout(predicate::str::contains("McNemar's exact test"))
+            .stdout(predicate::str::contains(
+                " on accuracy (the 95% paired interval",
+            ));
         serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(out).unwrap()).unwrap()
     };
     let same = compare(&a, &a);
+    protloc()
+        .arg("compare")
+        .args([&a, &a])
+        .assert()
+        .success()
+        .stdout(predicate::str::contains("A and B are level on accuracy"));
     assert_eq!(
         (same["only_a_right"].as_u64(), same["only_b_right"].as_u64()),
         (Some(0), Some(0))

@@ -127,6 +127,20 @@ pub fn mcnemar_exact(only_a: usize, only_b: usize) -> f64 {
     (2.0 * tail).min(1.0)
 }
 
+/// What a paired interval of B − A says, in words: one model is ahead only when the whole
+/// 95% interval lies on its side of zero.
+pub fn verdict(difference_ci95: [f64; 2]) -> &'static str {
+    match difference_ci95 {
+        [lo, _] if lo > 0.0 => {
+            "B is ahead on accuracy (the 95% paired interval of B - A lies above 0)"
+        }
+        [_, hi] if hi < 0.0 => {
+            "A is ahead on accuracy (the 95% paired interval of B - A lies below 0)"
+        }
+        _ => "A and B are level on accuracy (the 95% paired interval of B - A includes 0)",
+    }
+}
+
 /// Two models scored by `eval` on the same proteins.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Comparison {
@@ -371,13 +385,23 @@ impl fmt::Display for Comparison {
             },
             self.only_a_right + self.only_b_right,
             self.only_a_right
-        )
+        )?;
+        write!(f, "\n{}", verdict(self.accuracy_difference_ci95))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn verdict_needs_the_whole_interval_on_one_side() {
+        assert!(verdict([0.001, 0.02]).starts_with("B is ahead"));
+        assert!(verdict([-0.02, -0.001]).starts_with("A is ahead"));
+        for level in [[-0.0079, 0.0112], [0.0, 0.0], [0.0, 0.01], [-0.01, 0.0]] {
+            assert!(verdict(level).starts_with("A and B are level"), "{level:?}");
+        }
+    }
 
     #[test]
     fn mcnemar_matches_the_binomial_tail() {
