@@ -406,6 +406,52 @@ fn ensemble_flags_are_documented_and_checked() {
     assert!(!out.join("config.json").exists());
 }
 
+/// `--probe-epochs` (linear probing, then fine-tuning in one run) is documented and refused
+/// where it means nothing: without `--train-top-layers`, beside `--init-head`, and
+/// `--probe-cache` without it.
+#[test]
+fn probe_epochs_are_documented_and_checked() {
+    let help = protloc().args(["train", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    for needle in ["--probe-epochs <N>", "--probe-cache <DIR>", "RUN_DIR/probe"] {
+        assert!(
+            help.contains(needle),
+            "train --help lacks {needle:?}:\n{help}"
+        );
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("train.fasta");
+    protloc::demo::write_dataset(&data, 2, 1).unwrap();
+    let out = dir.path().join("run");
+    let args = |extra: &[&str]| {
+        let mut v: Vec<std::ffi::OsString> = ["train", "--model", "scratch:tiny", "--data"]
+            .iter()
+            .map(Into::into)
+            .collect();
+        v.push(data.clone().into());
+        v.push("--output".into());
+        v.push(out.clone().into());
+        v.extend(extra.iter().map(Into::into));
+        v
+    };
+    fails_with(
+        &args(&["--probe-epochs", "2"]),
+        &["add --train-top-layers K"],
+    );
+    fails_with(
+        &args(&[
+            "--train-top-layers",
+            "1",
+            "--probe-epochs",
+            "2",
+            "--init-head",
+        ]),
+        &["--init-head", "drop one of them"],
+    );
+    fails_with(&args(&["--probe-cache", "c"]), &["add --probe-epochs N"]);
+    assert!(!out.exists());
+}
+
 /// `--optimizer lamb` trains with LAMB end to end: recorded in training_args.json, resumable
 /// settings included, and it moves the weights elsewhere than AdamW from the same start.
 #[test]

@@ -12,7 +12,9 @@ use crate::infer::output::Format;
 use crate::infer::predict::{EmbedArgs, PredictArgs};
 use crate::infer::BatchLimits;
 use crate::tokenize::Truncation;
-use crate::train::observe::{Embedding, MemberRestored, MemberStart, Resumed, StartingPoint};
+use crate::train::observe::{
+    Embedding, MemberRestored, MemberStart, Phase, Resumed, StartingPoint,
+};
 use crate::train::{EpochMetrics, TrainObserver, TrainOptions};
 
 /// Fine-tune protein language models (ProtBERT, ESM-2) to predict where in the cell a
@@ -453,6 +455,10 @@ impl TrainObserver for PrintObserver {
 
     fn on_embedding(&mut self, embedding: &Embedding<'_>) {
         eprintln!("{embedding}");
+    }
+
+    fn on_phase(&mut self, phase: &Phase<'_>) {
+        println!("{phase}");
     }
 
     fn on_member(&mut self, member: &MemberStart) {

@@ -120,6 +120,16 @@ pub struct TrainArgs {
     /// epoch validates better.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub init_head: bool,
+    /// With `train_top_layers`: first train a fresh head for this many epochs on the frozen
+    /// encoder's output (the probe, saved in `RUN/probe`), then fine-tune the top layers
+    /// from it as `init_head` would (linear probing, then fine-tuning; see [`super::probe`]).
+    /// 0 = off.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub probe_epochs: usize,
+    /// Embedding cache of the probe (the frozen encoder's output); default: `encoder-output`
+    /// inside the top layers' cache directory.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probe_cache: Option<PathBuf>,
     /// Where to train (not saved: a resumed run picks its own).
     #[serde(skip)]
     pub device: crate::device::DeviceSpec,
@@ -159,6 +169,10 @@ fn default_ensemble() -> usize {
 
 fn is_default_ensemble(n: &usize) -> bool {
     *n == 1
+}
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
 }
 
 impl TrainArgs {
@@ -248,6 +262,8 @@ impl TrainArgs {
             lora: default_lora(),
             train_top_layers: 0,
             init_head: false,
+            probe_epochs: 0,
+            probe_cache: None,
             device: Default::default(),
             resume_from: None,
             resume_members: false,
@@ -288,6 +304,16 @@ impl TrainArgs {
         }
         if self.frozen && self.train_top_layers > 0 {
             bail!("--frozen keeps every encoder layer fixed and --train-top-layers trains some: drop one of them");
+        }
+        if self.probe_epochs > 0 {
+            if self.train_top_layers == 0 {
+                bail!("--probe-epochs trains a head on the frozen encoder before fine-tuning the top layers: add --train-top-layers K (for a head alone use --frozen --epochs N)");
+            }
+            if self.init_head {
+                bail!("--probe-epochs trains the head the top layers start from, and --init-head takes it from --model: drop one of them");
+            }
+        } else if self.probe_cache.is_some() {
+            bail!("--probe-cache is the cache of --probe-epochs' head: add --probe-epochs N or drop it");
         }
         if self.lora.rank > 0 {
             if self.frozen {
@@ -340,6 +366,13 @@ impl TrainArgs {
         } else {
             self.dropout.unwrap_or(default_head_dropout(self.head))
         }
+    }
+
+    /// The embedding cache directory: `cache`, else RUN_DIR/embedding_cache.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.cache
+            .clone()
+            .unwrap_or_else(|| self.output.join("embedding_cache"))
     }
 
     /// Models the run trains: `folds`, else `ensemble`.
@@ -511,6 +544,18 @@ pub struct TrainOptions {
         conflicts_with_all = ["head", "head_hidden", "la_kernel", "membrane", "pool", "truncate"]
     )]
     pub init_head: bool,
+    /// With --train-top-layers: linear probing, then fine-tuning, in one run. First train a
+    /// fresh head for N epochs on the frozen encoder's output (with --head-lr; saved as a
+    /// complete model in RUN_DIR/probe), then fine-tune the top layers and that head for
+    /// --epochs, as `--init-head --model RUN_DIR/probe` would. A briefly trained head is the
+    /// better start: one fitted to convergence overfits once its layers train.
+    #[arg(long, value_name = "N")]
+    pub probe_epochs: Option<usize>,
+    /// Embedding cache of the --probe-epochs head (the frozen encoder's output; e.g. the
+    /// --cache of earlier --frozen runs) [default: encoder-output inside the --cache
+    /// directory].
+    #[arg(long, value_name = "DIR")]
+    pub probe_cache: Option<PathBuf>,
     /// LoRA: train rank-R adapters on the encoder's linear layers (and the head) while its
     /// own weights stay frozen; saving merges them into the weights, so the run directory
     /// is an ordinary model. 0 = off. Adapters skip the first --freeze-layers layers.
@@ -588,6 +633,7 @@ impl TrainOptions {
             from_layer: 0,
         };
         args.head_lr = c.head_lr.or((top > 0 && !lora).then_some(1e-3));
+        args.probe_epochs = c.probe_epochs.unwrap_or(0);
         args.head_hidden = c.head_hidden.unwrap_or(c.head.default_hidden());
         args.pool = c
             .pool
@@ -599,7 +645,7 @@ impl TrainOptions {
             scale_lr_by_world, dropout, val_fraction, seed, limit, max_steps,
             skip_invalid, eval_batch_tokens, frozen, cache, head,
             la_kernel, membrane, class_weighting, multi_label, partition, train_sample,
-            ensemble, folds
+            ensemble, folds, probe_cache
         );
         args
     }

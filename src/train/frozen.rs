@@ -250,10 +250,7 @@ fn fill_cache(
     all: &[&str],
     observer: &mut dyn TrainObserver,
 ) -> Result<EmbeddingCache> {
-    let cache_dir = args
-        .cache
-        .clone()
-        .unwrap_or_else(|| args.output.join("embedding_cache"));
+    let cache_dir = args.cache_dir();
     let (max_res, truncate) = tokenization;
     let mut spec = CacheSpec::for_model(base, max_res, truncate)?;
     if let Some(n) = from_layer {

@@ -1,7 +1,8 @@
 //! Training: `TrainOptions` -> `TrainArgs` (args), data reading and splitting (plan), model
 //! and example setup (setup), the fine-tuning loop (fine_tune) with its optimizer (optim),
 //! loss (objective), validation (validation), checkpoints (checkpoint) and metrics
-//! (metrics); heads on cached encoder states take the faster path in `frozen`.
+//! (metrics); heads on cached encoder states take the faster path in `frozen`, and `probe`
+//! chains two such runs (a head on the frozen encoder, then its top layers fine-tuned).
 
 pub mod args;
 pub mod checkpoint;
@@ -14,6 +15,7 @@ pub mod objective;
 pub mod observe;
 pub mod optim;
 mod plan;
+pub mod probe;
 mod setup;
 mod validation;
 
@@ -121,6 +123,9 @@ pub fn train_observed(
                 "--frozen and --train-top-layers train on cached embeddings (minutes per epoch): \
                  run them as one process, not under a launcher ({world} ranks here)"
             );
+        }
+        if args.probe_epochs > 0 {
+            return probe::train_observed(args, observer);
         }
         return frozen::train_observed(args, observer);
     }

@@ -45,6 +45,11 @@ pub trait TrainObserver {
         tracing::info!("{embedding}");
     }
 
+    /// A step of a two-step run starts (`--probe-epochs`: the probe, then fine-tuning).
+    fn on_phase(&mut self, phase: &Phase<'_>) {
+        tracing::info!("{phase}");
+    }
+
     /// An ensemble member starts training (ensembles only).
     fn on_member(&mut self, member: &MemberStart) {
         tracing::info!("{member}");
@@ -157,6 +162,41 @@ impl fmt::Display for Embedding<'_> {
                 self.cached,
                 self.cache.display()
             )
+        }
+    }
+}
+
+/// A step of `train --train-top-layers K --probe-epochs N` about to start.
+#[derive(Debug, Clone, Copy)]
+pub enum Phase<'a> {
+    /// Step 1: a fresh head on the frozen encoder's output, saved in `output`.
+    Probe { epochs: usize, output: &'a Path },
+    /// Step 2: the top `layers` layers and the probe's head, saved in `output`.
+    FineTune {
+        layers: usize,
+        epochs: usize,
+        output: &'a Path,
+    },
+}
+
+impl fmt::Display for Phase<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Phase::Probe { epochs, output } => write!(
+                f,
+                "Step 1 of 2 (probe): a head on the frozen encoder for {epochs} epoch(s), saved in {}",
+                output.display()
+            ),
+            Phase::FineTune {
+                layers,
+                epochs,
+                output,
+            } => write!(
+                f,
+                "Step 2 of 2 (fine-tuning): the top {layers} layer(s) and the probe's head for \
+                 {epochs} epoch(s), saved in {}",
+                output.display()
+            ),
         }
     }
 }

@@ -386,3 +386,84 @@ fn top_layers_continue_a_frozen_head() {
         "{err}"
     );
 }
+
+/// `train --train-top-layers 1 --probe-epochs 2` is the two commands in one: its probe
+/// (`RUN/probe`) is the `--frozen` run of 2 epochs at the head's learning rate, and the run
+/// is `--train-top-layers 1 --init-head --model <that run>`, weight for weight. The probe's
+/// cache sits inside the top layers' cache directory unless `--probe-cache` says otherwise.
+#[test]
+fn probe_epochs_equal_the_two_commands() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("synthetic.fasta");
+    protloc::demo::write_dataset(&data, 12, 3).unwrap();
+    let setup = |model: &str, out: &str, cache: &str| {
+        let mut args = TrainArgs::new(model, data.clone(), dir.path().join(out));
+        args.head = HeadKind::LightAttention;
+        args.pool = Pool::Mean;
+        args.batch_size = 16;
+        args.max_residues = Some(120);
+        args.val_fraction = 0.2;
+        args.seed = 5;
+        args.cache = Some(dir.path().join(cache));
+        args
+    };
+    let esm = common::esm_dir();
+    let mut one = setup(&esm, "one", "c1");
+    one.train_top_layers = 1;
+    one.probe_epochs = 2;
+    one.epochs = 1;
+    one.lr = 1e-3;
+    one.head_lr = Some(5e-3);
+    let lpft = train(&one).unwrap();
+    assert!(dir.path().join("c1/encoder-output/manifest.json").exists());
+
+    let mut frozen = setup(&esm, "frozen", "c2");
+    frozen.frozen = true;
+    frozen.epochs = 2;
+    frozen.lr = 5e-3;
+    let probe = train(&frozen).unwrap();
+    let frozen_dir = dir.path().join("frozen");
+    let mut cont = setup(frozen_dir.to_str().unwrap(), "two", "c3");
+    cont.train_top_layers = 1;
+    cont.init_head = true;
+    cont.epochs = 1;
+    cont.lr = 1e-3;
+    cont.head_lr = Some(5e-3);
+    let two = train(&cont).unwrap();
+
+    let loss = |s: &protloc::train::TrainSummary| -> Vec<(f64, Option<f64>)> {
+        s.epochs
+            .iter()
+            .map(|e| (e.train_loss, e.val_loss))
+            .collect()
+    };
+    assert_eq!(loss(&lpft), loss(&two));
+    assert_eq!(lpft.best_epoch, two.best_epoch);
+    let load = |p: std::path::PathBuf| {
+        candle_core::safetensors::load(p.join("model.safetensors"), &Device::Cpu).unwrap()
+    };
+    for (a, b) in [
+        (dir.path().join("one/probe"), frozen_dir.clone()),
+        (dir.path().join("one"), dir.path().join("two")),
+    ] {
+        let (x, y) = (load(a.clone()), load(b));
+        assert_eq!(x.len(), y.len());
+        for (name, t) in &x {
+            assert!(
+                common::vec_of(t) == common::vec_of(&y[name]),
+                "{}: {name} differs from the two-command run's",
+                a.display()
+            );
+        }
+    }
+    // The probe trained; the run's head moved on from it.
+    assert!(probe.epochs.len() == 2 && lpft.epochs.len() == 1);
+    let recorded: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(dir.path().join("one/training_args.json")).unwrap())
+            .unwrap();
+    assert_eq!(recorded["init_head"], true, "{recorded}");
+    assert!(
+        recorded["model"].as_str().unwrap().ends_with("probe"),
+        "{recorded}"
+    );
+}
