@@ -365,31 +365,43 @@ fn sharded_predictions_merge_into_exactly_the_unsharded_output() {
 
 /// `train --help` documents the ensemble flags, and the CLI passes them on: bad combinations
 /// fail with the library's messages before any model is loaded.
-#[test]
-fn ensemble_flags_are_documented_and_checked() {
+/// Asserts `protloc train --help` shows every one of `needles`.
+fn train_help_has(needles: &[&str]) {
     let help = protloc().args(["train", "--help"]).output().unwrap();
     let help = String::from_utf8_lossy(&help.stdout);
-    for needle in ["--ensemble <N>", "--folds <N>", "SEED+k", "partition k"] {
+    for needle in needles {
         assert!(
             help.contains(needle),
             "train --help lacks {needle:?}:\n{help}"
         );
     }
+}
+
+/// `train --model scratch:tiny --data DATA --output OUT` followed by `extra`.
+fn tiny_train_args(
+    data: &std::path::Path,
+    out: &std::path::Path,
+    extra: &[&str],
+) -> Vec<std::ffi::OsString> {
+    let mut v: Vec<std::ffi::OsString> = ["train", "--model", "scratch:tiny", "--data"]
+        .iter()
+        .map(Into::into)
+        .collect();
+    v.push(data.into());
+    v.push("--output".into());
+    v.push(out.into());
+    v.extend(extra.iter().map(Into::into));
+    v
+}
+
+#[test]
+fn ensemble_flags_are_documented_and_checked() {
+    train_help_has(&["--ensemble <N>", "--folds <N>", "SEED+k", "partition k"]);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("train.fasta");
     protloc::demo::write_dataset(&data, 2, 1).unwrap();
     let out = dir.path().join("run");
-    let base = |extra: &[&str]| {
-        let mut v: Vec<std::ffi::OsString> = ["train", "--model", "scratch:tiny", "--data"]
-            .iter()
-            .map(Into::into)
-            .collect();
-        v.push(data.clone().into());
-        v.push("--output".into());
-        v.push(out.clone().into());
-        v.extend(extra.iter().map(Into::into));
-        v
-    };
+    let base = |extra: &[&str]| tiny_train_args(&data, &out, extra);
     fails_with(&base(&["--ensemble", "2"]), &["add --frozen"]);
     fails_with(
         &base(&["--frozen", "--ensemble", "0"]),
@@ -411,29 +423,12 @@ fn ensemble_flags_are_documented_and_checked() {
 /// `--probe-cache` without it.
 #[test]
 fn probe_epochs_are_documented_and_checked() {
-    let help = protloc().args(["train", "--help"]).output().unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    for needle in ["--probe-epochs <N>", "--probe-cache <DIR>", "RUN_DIR/probe"] {
-        assert!(
-            help.contains(needle),
-            "train --help lacks {needle:?}:\n{help}"
-        );
-    }
+    train_help_has(&["--probe-epochs <N>", "--probe-cache <DIR>", "RUN_DIR/probe"]);
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("train.fasta");
     protloc::demo::write_dataset(&data, 2, 1).unwrap();
     let out = dir.path().join("run");
-    let args = |extra: &[&str]| {
-        let mut v: Vec<std::ffi::OsString> = ["train", "--model", "scratch:tiny", "--data"]
-            .iter()
-            .map(Into::into)
-            .collect();
-        v.push(data.clone().into());
-        v.push("--output".into());
-        v.push(out.clone().into());
-        v.extend(extra.iter().map(Into::into));
-        v
-    };
+    let args = |extra: &[&str]| tiny_train_args(&data, &out, extra);
     fails_with(
         &args(&["--probe-epochs", "2"]),
         &["add --train-top-layers K"],
