@@ -363,8 +363,6 @@ fn sharded_predictions_merge_into_exactly_the_unsharded_output() {
     assert!(String::from_utf8_lossy(&bad.stderr).contains("0 <= I < N"));
 }
 
-/// `train --help` documents the ensemble flags, and the CLI passes them on: bad combinations
-/// fail with the library's messages before any model is loaded.
 /// Asserts `protloc train --help` shows every one of `needles`.
 fn train_help_has(needles: &[&str]) {
     let help = protloc().args(["train", "--help"]).output().unwrap();
@@ -394,6 +392,8 @@ fn tiny_train_args(
     v
 }
 
+/// `train --help` documents the ensemble flags, and the CLI passes them on: bad combinations
+/// fail with the library's messages before any model is loaded.
 #[test]
 fn ensemble_flags_are_documented_and_checked() {
     train_help_has(&["--ensemble <N>", "--folds <N>", "SEED+k", "partition k"]);

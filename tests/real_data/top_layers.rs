@@ -456,7 +456,7 @@ fn probe_epochs_equal_the_two_commands() {
             );
         }
     }
-    // The probe trained; the run's head moved on from it.
+    // The probe's two epochs ran as step 1, the run's one as step 2.
     assert!(probe.epochs.len() == 2 && lpft.epochs.len() == 1);
     let recorded: serde_json::Value =
         serde_json::from_slice(&std::fs::read(dir.path().join("one/training_args.json")).unwrap())
