@@ -8,6 +8,7 @@ import json
 
 import numpy as np
 from safetensors.numpy import load_file
+from sklearn.model_selection import train_test_split
 
 
 def sequence_key(seq):
@@ -49,3 +50,8 @@ def mean_embeddings(cache, sequences):
         rows = shards[e["shard"]][e["row"] : e["row"] + e["len"]].astype(np.float32)
         out.append((rows[1:-1] if specials else rows).mean(0))
     return np.stack(out)
+
+
+def validation_split(y):
+    """Indices (fit, validation): the stratified 10% split (seed 0) every bench script uses."""
+    return train_test_split(np.arange(len(y)), test_size=0.1, stratify=y, random_state=0)

@@ -13,10 +13,9 @@ import sys
 
 import numpy as np
 from sklearn.linear_model import LogisticRegression
-from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import StandardScaler
 
-from deeploc_cache import deeploc_records, mean_embeddings
+from deeploc_cache import deeploc_records, mean_embeddings, validation_split
 
 
 def main(data, output_cache, layer_cache):
@@ -25,7 +24,7 @@ def main(data, output_cache, layer_cache):
     y = np.array([labels.index(loc) for loc, _ in records])
     sequences = [seq for _, seq in records]
     last, earlier = mean_embeddings(output_cache, sequences), mean_embeddings(layer_cache, sequences)
-    train, val = train_test_split(np.arange(len(y)), test_size=0.1, stratify=y, random_state=0)
+    train, val = validation_split(y)
     features = {
         "output layer": last,
         "earlier layer": earlier,

@@ -3,11 +3,11 @@
 Mean-pools every DeepLoc 1.0 record's residue embeddings from a protloc cache (filled by
 `protloc embed --per-residue`) and fits scikit-learn's logistic regression with C = 0.01,
 as the issue states it. The issue does not say whether the features were standardised, so
-both are compared on a stratified 10% validation split of the training records (the split
-of bench/layers_validation.py); the better one is refitted on all training records and
-scores the test-tagged records once: Q10 and MCC, the numbers the issue quotes (69.3% /
-0.628) and bench/ACCURACY.md compares every row with. Needs numpy, safetensors,
-scikit-learn.
+both are compared on a stratified 10% validation split of the training records
+(`deeploc_cache.validation_split`, as in bench/layers_validation.py); the better one is
+refitted on all training records and scores the test-tagged records once: Q10 and MCC,
+the numbers the issue quotes (69.3% / 0.628) and bench/ACCURACY.md compares every row
+with. Needs numpy, safetensors, scikit-learn.
 
     python bench/logreg_baseline.py ../shared/data/deeploc_data.fasta cache/esm8m
 """
@@ -16,11 +16,10 @@ import sys
 import numpy as np
 from sklearn.linear_model import LogisticRegression
 from sklearn.metrics import matthews_corrcoef
-from sklearn.model_selection import train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 
-from deeploc_cache import deeploc_records, mean_embeddings
+from deeploc_cache import deeploc_records, mean_embeddings, validation_split
 
 
 def main(data, cache):
@@ -38,9 +37,7 @@ def main(data, cache):
         return make_pipeline(StandardScaler(), clf) if standardised else clf
 
     x_train, y_train = xy(train)
-    fit, val = train_test_split(
-        np.arange(len(y_train)), test_size=0.1, stratify=y_train, random_state=0
-    )
+    fit, val = validation_split(y_train)
     scores = {}
     for standardised in (False, True):
         m = model(standardised).fit(x_train[fit], y_train[fit])
